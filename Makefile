@@ -1,0 +1,40 @@
+# The two commands: `make demo` and `make test`. Both set themselves up (idempotent, quick once done).
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+# CPU torch build on machines without an NVIDIA GPU; a bare `torch` requirement would pull a 5 GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?=
+
+.PHONY: setup test test-fast demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -m pip install -q --upgrade pip
+	@if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then \
+	  echo "[setup] GPU found: installing the default torch build"; \
+	else \
+	  echo "[setup] no GPU: installing the CPU torch build first ($(TORCH_SPEC))"; \
+	  $(PY) -m pip install -q "$(TORCH_SPEC)"; \
+	fi
+	@$(PY) -m pip install -q -e ".[dev,text-metrics]"
+	@touch $(STAMP)
+
+test: setup
+	@bash tests/setup_clusters.sh
+	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: setup
+	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu and not slow and not cluster" $(PYTEST_ARGS)
+
+demo: setup
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo
+
+bench: setup
+	$(PY) benchmarks/loss_bench.py
+
+clean:
+	rm -rf $(VENV) results

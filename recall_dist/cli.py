@@ -1,0 +1,41 @@
+"""Command-line entry point: ``recall-dist {train,plan,sweep,demo} ...`` (also ``python -m recall_dist``).
+
+Each sub-command lives with its component and is imported lazily, so ``recall-dist --help`` is fast
+and a missing optional dependency only affects the command that needs it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+COMMANDS = {
+    "train": ("recall_dist.train.cli", "Train a causal LM with a recall loss (DeepSpeed ZeRO or FSDP2)."),
+    "plan": ("recall_dist.train.plan", "Per-GPU memory plan of a training config for N nodes x G GPUs."),
+    "sweep": ("recall_dist.eval.cli", "Temperature sweep: Precision/Recall table and PR-curve plot."),
+    "demo": ("recall_dist.demo", "Train NLL and recall losses on a sparse task, sweep, write the PR curves."),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: recall-dist COMMAND [ARGS...]", "", "commands:"]
+    lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run 'recall-dist COMMAND --help' for the options of a command."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"recall-dist: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    return int(module.main(rest) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
