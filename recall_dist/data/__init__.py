@@ -1,6 +1,10 @@
 """Data: synthetic tasks with a known target distribution, tokenizers, datasets with
 prompt/completion masking, and the distributed batch iterator."""
 
+from recall_dist.data.dataset import (
+    IGNORE_INDEX, DataConfig, build_dataset, encode_text, load_records, tokenize_example,
+)
+from recall_dist.data.loader import DistributedBatchIterator
 from recall_dist.data.synthetic import (
     KnownSupportTask, ProductConditionalTask, ProductTask, build_task, known_tasks,
 )
@@ -9,4 +13,6 @@ from recall_dist.data.tokenizer import CharTokenizer, load_tokenizer
 __all__ = [
     "KnownSupportTask", "ProductTask", "ProductConditionalTask", "build_task", "known_tasks",
     "CharTokenizer", "load_tokenizer",
+    "DataConfig", "build_dataset", "load_records", "tokenize_example", "encode_text", "IGNORE_INDEX",
+    "DistributedBatchIterator",
 ]
