@@ -1,0 +1,8 @@
+"""The loss math: weight rules (one place per formula), their registry, and ``build_loss``."""
+
+from recall_dist.losses.base import RecallLoss, TokenBatch, WeightRule, build_loss, known_rules, register_rule
+from recall_dist.losses.rules import NLL, CDiv, LambdaPR
+from recall_dist.losses.truncation import TruncP, TruncR
+
+__all__ = ["RecallLoss", "TokenBatch", "WeightRule", "build_loss", "known_rules", "register_rule",
+           "NLL", "CDiv", "LambdaPR", "TruncR", "TruncP"]

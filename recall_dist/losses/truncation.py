@@ -1,0 +1,127 @@
+"""Truncation rules: ``truncr`` (train on the hardest samples, Recall) and ``truncp`` (loss
+truncation of Kang & Hashimoto 2020, Precision), with a distributed rolling quantile threshold.
+
+Exact semantics of one call of ``weights`` (one training step):
+
+1. s = per-sample NLL of the local batch: the mean NLL of each sequence's valid tokens
+   (``granularity="sequence"``; sequences ordered by id) or each token's NLL (``"token"``).
+2. s of every data-parallel rank is all-gathered in rank order and pushed into the ring buffer
+   (``RollingQuantileBuffer``), identical on every rank.  **The current step's values enter the
+   buffer before tau is computed.**
+3. While the buffer holds fewer than ``min_count`` values: w = 1 (plain NLL warm-up), tau unset.
+4. Otherwise tau is recomputed when it is unset or ``recompute_every`` steps have passed since it
+   was last computed: truncr: tau = drop-quantile, w = 1[s >= tau];
+   truncp: tau = (1 - drop)-quantile, w = 1[s <= tau].  A token takes its sequence's weight.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recall_dist.distributed.buffer import RollingQuantileBuffer
+from recall_dist.losses.base import TokenBatch, WeightRule, register_rule
+
+
+def sequence_means(nll: torch.Tensor, sequence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean of ``nll`` per sequence id (ids sorted ascending) and each token's sequence index."""
+    uniq, inverse = torch.unique(sequence_ids, sorted=True, return_inverse=True)
+    sums = torch.zeros(uniq.numel(), dtype=nll.dtype, device=nll.device).index_add_(0, inverse, nll)
+    counts = torch.bincount(inverse, minlength=uniq.numel()).to(nll.dtype)
+    return sums / counts, inverse
+
+
+class _Truncation(WeightRule):
+    per_token = False  # needs every token of a sequence and the gathered buffer before weighting
+    keep_high: bool
+
+    def __init__(self, drop: float = 0.5, granularity: str = "sequence", buffer_size: int = 1024,
+                 min_count: int | None = None, recompute_every: int = 1):
+        name = type(self).name or type(self).__name__.lower()
+        if not (isinstance(drop, (int, float)) and 0.0 < drop < 1.0):
+            raise ValueError(f"{name}: drop must be a fraction in (0, 1), got {drop!r}")
+        if granularity not in ("sequence", "token"):
+            raise ValueError(f"{name}: granularity must be 'sequence' or 'token', got {granularity!r}")
+        if not (isinstance(buffer_size, int) and buffer_size >= 1):
+            raise ValueError(f"{name}: buffer_size must be an integer >= 1, got {buffer_size!r}")
+        min_count = min(128, buffer_size) if min_count is None else min_count
+        if not (isinstance(min_count, int) and 1 <= min_count <= buffer_size):
+            raise ValueError(f"{name}: min_count must be an integer in [1, buffer_size={buffer_size}], got {min_count!r}")
+        if not (isinstance(recompute_every, int) and recompute_every >= 1):
+            raise ValueError(f"{name}: recompute_every must be an integer >= 1, got {recompute_every!r}")
+        self.drop = float(drop)
+        self.granularity = granularity
+        self.buffer_size = buffer_size
+        self.min_count = min_count
+        self.recompute_every = recompute_every
+        self._buffer: RollingQuantileBuffer | None = None
+        self._pending_state: dict | None = None
+        self.step = 0
+        self.tau: float | None = None
+        self._tau_step = 0
+
+    def _buffer_for(self, group) -> RollingQuantileBuffer:
+        if self._buffer is None:
+            self._buffer = RollingQuantileBuffer(self.buffer_size, group)
+            if self._pending_state is not None:
+                self._buffer.load_state_dict(self._pending_state)
+                self._pending_state = None
+        elif self._buffer.group is not group:
+            self._buffer.group = group
+        return self._buffer
+
+    def _per_sample(self, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.granularity == "token":
+            return batch.nll, None
+        if batch.sequence_ids is None:
+            raise ValueError(
+                f"{self.name}(granularity='sequence') needs sequence boundaries: pass a target shaped "
+                "[batch, seq] or sequence_ids=..., or use granularity='token'")
+        return sequence_means(batch.nll, batch.sequence_ids)
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        s, token_to_sample = self._per_sample(batch)
+        buffer = self._buffer_for(batch.dp_group)
+        buffer.push(s)
+        self.step += 1
+        if len(buffer) < self.min_count:
+            self.tau = None
+            return torch.ones_like(batch.nll)
+        if self.tau is None or self.step - self._tau_step >= self.recompute_every:
+            q = self.drop if self.keep_high else 1.0 - self.drop
+            self.tau = buffer.quantile(q)
+            self._tau_step = self.step
+        keep = s >= self.tau if self.keep_high else s <= self.tau
+        w = keep.to(batch.nll.dtype)
+        return w if token_to_sample is None else w[token_to_sample]
+
+    def extra_stats(self) -> dict[str, float]:
+        return {"tau": float("nan") if self.tau is None else self.tau}
+
+    def state_dict(self) -> dict:
+        buf = self._buffer.state_dict() if self._buffer is not None else self._pending_state
+        return {"buffer": buf, "step": self.step, "tau": self.tau, "tau_step": self._tau_step}
+
+    def load_state_dict(self, sd: dict) -> None:
+        self.step, self.tau, self._tau_step = int(sd["step"]), sd["tau"], int(sd["tau_step"])
+        if sd["buffer"] is None:
+            self._buffer, self._pending_state = None, None
+        elif self._buffer is not None:
+            self._buffer.load_state_dict(sd["buffer"])
+        else:
+            self._pending_state = sd["buffer"]
+
+
+@register_rule("truncr")
+class TruncR(_Truncation):
+    """TruncR: w = 1[s >= tau], tau the drop-quantile of recent s; trains on the hardest samples
+    (those the model covers least), which pushes towards Recall."""
+
+    keep_high = True
+
+
+@register_rule("truncp")
+class TruncP(_Truncation):
+    """TruncP (loss truncation, Kang & Hashimoto 2020): w = 1[s <= tau], tau the (1 - drop)-quantile;
+    drops the highest-loss samples, which pushes towards Precision."""
+
+    keep_high = False

@@ -1,0 +1,8 @@
+"""The parallel kernels: the recall loss from a vocab-parallel logits shard, or fused with the
+output projection from hidden states, normalised over the data-parallel group."""
+
+from recall_dist.parallel.common import LossOutput
+from recall_dist.parallel.fused_linear import fused_linear_loss
+from recall_dist.parallel.vocab_parallel import vocab_parallel_loss
+
+__all__ = ["LossOutput", "fused_linear_loss", "vocab_parallel_loss"]

@@ -1,0 +1,180 @@
+"""Shared pieces of the two loss kernels: target preparation (ignore_index, shard ranges, padded
+vocabulary), the O(1)-per-token TP reduction of the log-sum-exp, and the global (DP) statistics
+that turn rule weights into per-token coefficients.
+
+Statistics are fp32 per element and float64 per token: bf16 inputs never meet a bf16 reduction.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from recall_dist.distributed.collectives import all_reduce_, group_rank, group_size
+from recall_dist.losses.base import RecallLoss, TokenBatch
+
+# One fp32 chunk of logits holds about this many elements (16 MiB): small next to an N x V tensor,
+# large enough that the chunk's matmul runs at full speed.
+DEFAULT_CHUNK_ELEMENTS = 1 << 22
+
+STAT_NAMES = ("loss", "nll", "weight_mean", "weight_max", "ess", "kept_fraction", "tokens",
+              "divergence", "nonfinite_tokens")
+
+
+@dataclass
+class Tokens:
+    """The valid (non-ignored) tokens of a flattened batch, as this vocab shard sees them."""
+
+    index: torch.Tensor          # [n] long: row of each valid token in the flattened batch
+    local_target: torch.Tensor   # [n] long: target column within this shard (0 where not in shard)
+    in_shard: torch.Tensor       # [n] bool: the target lies in this shard
+    sequence_ids: torch.Tensor | None  # [n] long or None
+    n_cols: int                  # real (unpadded) vocabulary columns held by this shard
+
+    def __len__(self) -> int:
+        return self.index.numel()
+
+
+def prepare_tokens(target: torch.Tensor, sequence_ids: torch.Tensor | None, *, ignore_index: int,
+                   vocab_size: int | None, local_vocab: int, tp_group) -> Tokens:
+    """Validate targets and locate them in this rank's contiguous vocab slice [r*V/tp, (r+1)*V/tp)."""
+    tp, rank = group_size(tp_group), group_rank(tp_group)
+    padded_vocab = local_vocab * tp
+    vocab_size = padded_vocab if vocab_size is None else int(vocab_size)
+    if not 0 < vocab_size <= padded_vocab:
+        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded_vocab}] (local shard {local_vocab} x tp {tp})")
+    if sequence_ids is None and target.dim() >= 2:  # rows of a [batch, seq] target are sequences
+        rows = torch.arange(target[..., 0].numel(), device=target.device)
+        sequence_ids = rows.view(target.shape[:-1]).unsqueeze(-1).expand(target.shape)
+    flat = target.reshape(-1)
+    if sequence_ids is not None and sequence_ids.numel() != flat.numel():
+        raise ValueError(f"sequence_ids has {sequence_ids.numel()} elements, target {flat.numel()}")
+    # ignore_index (-100) lies outside every shard: test it before any range test.
+    valid = flat != ignore_index
+    bad = valid & ((flat < 0) | (flat >= vocab_size))
+    if bool(bad.any()):
+        pos = int(bad.nonzero()[0, 0])
+        raise ValueError(f"target id {int(flat[pos])} at position {pos} is outside the vocabulary "
+                         f"[0, {vocab_size}) (ignore_index={ignore_index})")
+    index = valid.nonzero().squeeze(1)
+    local = flat[index] - rank * local_vocab
+    in_shard = (local >= 0) & (local < local_vocab)
+    n_cols = max(0, min(local_vocab, vocab_size - rank * local_vocab))
+    seq = sequence_ids.reshape(-1)[index].long() if sequence_ids is not None else None
+    return Tokens(index, torch.where(in_shard, local, torch.zeros_like(local)), in_shard, seq, n_cols)
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation/statistics dtype: fp32 for bf16/fp16/fp32 inputs, fp64 stays fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def check_shapes(lead: torch.Size, target: torch.Size, what: str) -> None:
+    if tuple(lead) != tuple(target):
+        raise ValueError(f"{what} leading shape {tuple(lead)} does not match target shape {tuple(target)}")
+
+
+def chunk_rows(chunk_size: int | None, n_cols: int, n_tokens: int) -> int:
+    if chunk_size is not None:
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        return chunk_size
+    return max(16, min(max(n_tokens, 1), DEFAULT_CHUNK_ELEMENTS // max(n_cols, 1)))
+
+
+def chunk_partials(logits: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor):
+    """Per-row local max, sum of exp(x - max) and target logit (0 where not in shard), in fp32.
+
+    ``logits`` [c, n_cols] is any dtype; it is read into one fp32 temporary.
+    """
+    if logits.shape[1] == 0:  # a shard made only of vocabulary padding
+        zeros = torch.zeros(logits.shape[0], dtype=acc_dtype(logits.dtype), device=logits.device)
+        return torch.full_like(zeros, -math.inf), zeros, zeros
+    x = logits.to(acc_dtype(logits.dtype))
+    m = x.max(dim=1).values
+    s = torch.exp(x - m.unsqueeze(1)).sum(dim=1)
+    zt = x.gather(1, local_target.unsqueeze(1)).squeeze(1)
+    return m, s, torch.where(in_shard, zt, torch.zeros_like(zt))
+
+
+def reduce_max(m_local: torch.Tensor, tp_group) -> torch.Tensor:
+    return all_reduce_(m_local.clone(), "max", tp_group)
+
+
+def reduce_lse(m_global: torch.Tensor, m_local: torch.Tensor, s_local: torch.Tensor,
+               target_logit: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+    """Global log-sum-exp and target logit: one SUM of 2 numbers per token over the TP group."""
+    rescale = torch.where(torch.isneginf(m_local), torch.zeros_like(m_local), torch.exp(m_local - m_global))
+    packed = torch.stack([s_local * rescale, target_logit])
+    all_reduce_(packed, "sum", tp_group)
+    return m_global + torch.log(packed[0]), packed[1]
+
+
+def finalize(loss: RecallLoss, nll: torch.Tensor, weights: torch.Tensor, finite: torch.Tensor,
+             dp_group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Global sums over the DP group -> (A, B, stats) with objective = sum_n (A w_n + B) l_n.
+
+    ``nll``/``weights`` are float64 [n] with non-finite tokens already zeroed (``finite`` False).
+    Any non-finite token anywhere skips the step on every rank: A = B = 0, and ``nonfinite_tokens``
+    reports the global count (documented skip; raising on one rank would deadlock the others).
+    """
+    div = loss.rule.divergence(nll)
+    div = torch.zeros_like(nll) if div is None else torch.where(finite, div, torch.zeros_like(div))
+    sums = torch.stack([
+        weights.sum(), finite.sum().to(torch.float64), (weights * nll).sum(), nll.sum(),
+        (weights * weights).sum(), (weights > 0).sum().to(torch.float64), div.sum(),
+        (~finite).sum().to(torch.float64),
+    ])
+    all_reduce_(sums, "sum", dp_group)
+    wmax = all_reduce_(weights.max().reshape(1) if weights.numel() else
+                       torch.zeros(1, dtype=torch.float64, device=nll.device), "max", dp_group)[0]
+    sum_w, count, sum_wl, sum_l, sum_w2, kept, sum_div, nonfinite = sums
+    a, b = loss.coefficients(sum_w, count)
+    skip = nonfinite > 0
+    a, b = torch.where(skip, torch.zeros_like(a), a), torch.where(skip, torch.zeros_like(b), b)
+    safe_n = count.clamp_min(1.0)
+    stats = torch.stack([
+        a * sum_wl + b * sum_l, sum_l / safe_n, sum_w / safe_n, wmax,
+        torch.where(sum_w2 > 0, sum_w * sum_w / sum_w2.clamp_min(1e-300), torch.zeros_like(sum_w)),
+        kept / safe_n, count, sum_div / safe_n, nonfinite,
+    ])
+    return a, b, stats
+
+
+def token_weights(loss: RecallLoss, nll: torch.Tensor, tokens: Tokens, dp_group,
+                  sequence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 (nll, weights, finite) for a set of tokens; non-finite tokens get weight 0."""
+    nll = nll.to(torch.float64)
+    finite = torch.isfinite(nll)
+    nll = torch.where(finite, nll, torch.zeros_like(nll))
+    w = loss.token_weights(TokenBatch(nll, sequence_ids, dp_group))
+    return nll, torch.where(finite, w, torch.zeros_like(w)), finite
+
+
+class LossOutput:
+    """Result of a loss call: ``.loss`` (scalar tensor for ``backward``) and ``.stats``.
+
+    ``.stats`` is a dict of floats for the *global* step (all DP ranks): loss (objective value),
+    nll (mean token NLL), weight_mean, weight_max, ess ((sum w)^2 / sum w^2), kept_fraction
+    (tokens with w > 0), tokens (global valid count), divergence (mean per-token divergence of the
+    rule, = nll for nll), nonfinite_tokens (> 0: the step was skipped, loss 0, zero gradients),
+    and rule extras such as tau.  It is read from the device lazily, on first access.
+    """
+
+    def __init__(self, loss: torch.Tensor, stats: torch.Tensor, extra: dict[str, float]):
+        self.loss = loss
+        self._stats_tensor = stats
+        self._extra = extra
+        self._stats: dict[str, float] | None = None
+
+    @property
+    def stats(self) -> dict[str, float]:
+        if self._stats is None:
+            values = self._stats_tensor.detach().cpu().tolist()
+            self._stats = dict(zip(STAT_NAMES, values)) | self._extra
+        return self._stats
+
+    def __repr__(self) -> str:
+        return f"LossOutput(loss={self.loss!r}, stats={self.stats})"

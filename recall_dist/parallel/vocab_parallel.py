@@ -1,0 +1,97 @@
+"""``vocab_parallel_loss``: the recall loss from a local logits shard (Megatron's output layer with
+``parallel_output=True``), vocabulary-parallel over ``tp_group`` and normalised over ``dp_group``.
+
+Forward reads the logits chunk by chunk (never an fp32 copy of the whole shard), reduces three
+numbers per token over the TP group, weights the tokens and all-reduces the normaliser over DP.
+Backward recomputes softmax chunk by chunk from the saved logits and the global log-sum-exp: no
+communication.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from recall_dist.distributed.collectives import group_size
+from recall_dist.losses.base import RecallLoss
+from recall_dist.parallel.common import (LossOutput, acc_dtype, check_shapes, chunk_partials, chunk_rows, finalize, prepare_tokens,
+                                         reduce_lse, reduce_max, token_weights)
+
+
+class _VocabParallelLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, target, loss: RecallLoss, tp_group, dp_group, ignore_index, vocab_size,
+                sequence_ids, chunk_size):
+        local_vocab = logits.shape[-1]
+        x = logits.reshape(-1, local_vocab)
+        tokens = prepare_tokens(target, sequence_ids, ignore_index=ignore_index, vocab_size=vocab_size,
+                                local_vocab=local_vocab, tp_group=tp_group)
+        rows = chunk_rows(chunk_size, tokens.n_cols, len(tokens))
+        parts = [chunk_partials(x.index_select(0, tokens.index[i:i + rows])[:, :tokens.n_cols],
+                                tokens.local_target[i:i + rows], tokens.in_shard[i:i + rows])
+                 for i in range(0, len(tokens), rows)]
+        empty = torch.zeros(0, dtype=acc_dtype(x.dtype), device=x.device)
+        m, s, zt = (torch.cat(p) for p in zip(*parts)) if parts else (empty, empty, empty)
+        lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
+        nll, w, finite = token_weights(loss, lse - zt, tokens, dp_group, tokens.sequence_ids)
+        a, b, stats = finalize(loss, nll, w, finite, dp_group)
+        # Each rank's loss is scaled by the DP size so that averaging over ranks (DDP/ZeRO/FSDP)
+        # yields the gradient of the global objective.
+        coef = (a * w + b) * group_size(dp_group)
+        local_loss = (coef * nll).sum().to(acc_dtype(x.dtype))
+        ctx.save_for_backward(logits, tokens.index, tokens.local_target, tokens.in_shard, lse, coef.to(lse.dtype))
+        ctx.meta = (tokens.n_cols, rows)
+        ctx.mark_non_differentiable(stats)
+        return local_loss, stats
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        logits, index, local_target, in_shard, lse, coef = ctx.saved_tensors
+        n_cols, rows = ctx.meta
+        x = logits.reshape(-1, logits.shape[-1])
+        grad = torch.zeros_like(x)
+        keep = coef != 0  # truncated or skipped tokens have exactly zero gradient: skip their rows
+        index, local_target, in_shard, lse, coef = (t[keep] for t in (index, local_target, in_shard, lse, coef))
+        scale = coef * grad_loss.to(coef.dtype)
+        for i in range(0, index.numel(), rows):
+            sl = slice(i, i + rows)
+            p = torch.exp(x.index_select(0, index[sl])[:, :n_cols].to(lse.dtype) - lse[sl].unsqueeze(1))
+            hit = in_shard[sl].nonzero().squeeze(1)
+            p[hit, local_target[sl][hit]] -= 1.0
+            p.mul_(scale[sl].unsqueeze(1))
+            grad[index[sl], :n_cols] = p.to(grad.dtype)
+        return grad.view_as(logits), None, None, None, None, None, None, None, None
+
+
+def vocab_parallel_loss(logits: torch.Tensor, target: torch.Tensor, loss: RecallLoss, *, tp_group=None,
+                        dp_group=None, ignore_index: int = -100, vocab_size: int | None = None,
+                        sequence_ids: torch.Tensor | None = None, chunk_size: int | None = None) -> LossOutput:
+    """Recall loss from vocabulary-parallel logits.
+
+    Args:
+        logits: ``[..., V/tp]`` (e.g. ``[B, T, V/tp]`` or ``[N, V/tp]``), any float dtype; this rank's
+            contiguous vocabulary slice ``[r*V/tp, (r+1)*V/tp)`` of the (possibly padded) vocabulary,
+            sharded over ``tp_group``.
+        target: ``[...]`` global token ids (not shard-local), same leading shape as ``logits``;
+            ``ignore_index`` marks tokens excluded from everything (weights, quantiles, counts).
+        loss: a ``RecallLoss`` from ``build_loss``.
+        tp_group: tensor-parallel group the vocabulary is sharded over (``None``: full vocabulary).
+        dp_group: data-parallel group; the normaliser Z, the statistics and the truncation buffer
+            are global over it, and each rank's ``.loss`` is scaled by its size so that the mean over
+            ranks of losses and gradients equals the global objective (``None``: not distributed).
+        vocab_size: real vocabulary size when the vocabulary is padded to ``V/tp * tp``; padded
+            columns are masked (zero probability, zero gradient). Default: no padding.
+        sequence_ids: ``[...]`` like ``target``; tokens with equal id form one sequence (packing).
+            Default: each row of a ``[B, T]`` target is a sequence; a 1-D target has none (sequence-level
+            truncation then raises).
+        chunk_size: tokens per fp32 chunk (default: ~4M logits per chunk).
+
+    Returns:
+        ``LossOutput`` with ``.loss`` (scalar; call ``backward``) and ``.stats`` (global step statistics).
+
+    Raises ``ValueError`` when a target id lies outside ``[0, vocab_size)``.  Non-finite logits of a
+    valid token skip the step on every rank (loss 0, zero gradients, ``stats["nonfinite_tokens"]``).
+    """
+    check_shapes(logits.shape[:-1], target.shape, "logits")
+    out, stats = _VocabParallelLoss.apply(logits, target, loss, tp_group, dp_group, ignore_index, vocab_size,
+                                          sequence_ids, chunk_size)
+    return LossOutput(out, stats, loss.rule.extra_stats())
