@@ -57,7 +57,7 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
         e = z.sub_(m.unsqueeze(1)).exp_()  # in place: the chunk holds one fp32 buffer
         lse, zt = reduce_lse(m, m, e.sum(dim=1), zt, tp_group)
         nll, wt, finite = token_weights(loss, lse - zt, tokens, dp_group)
-        p = e.div_(torch.exp(lse - m).unsqueeze(1)).nan_to_num_(0.0, 0.0, 0.0)  # softmax; NaN rows -> 0
+        p = e.div_(torch.exp(lse - m).unsqueeze(1))  # softmax
         hit = in_shard.nonzero().squeeze(1)
         p[hit, target[hit]] -= 1.0
         p.mul_(wt.to(p.dtype).unsqueeze(1))
@@ -69,9 +69,10 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
     finite = torch.cat(finites) if finites else empty.bool()
     a, b, stats = finalize(loss, nll, wt, finite, dp_group)
     scale = a * group_size(dp_group)  # b == 0 in this schedule
+    skipped = bool(stats[-1] > 0)  # a non-finite token anywhere: its NaN already reached the sums
     for g in (grad_h, grad_w):
         if g is not None:
-            g.mul_(scale.to(g.dtype))
+            g.zero_() if skipped else g.mul_(scale.to(g.dtype))
     return (scale * (wt * nll).sum()).to(acc_dtype(h.dtype)), stats
 
 
