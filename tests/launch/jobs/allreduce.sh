@@ -1,0 +1,19 @@
+#!/bin/bash
+#SBATCH --job-name=rd-allreduce
+#SBATCH --nodes=1
+#SBATCH --ntasks-per-node=2
+#SBATCH --cpus-per-task=1
+#SBATCH --time=00:05:00
+#SBATCH --output=%x-%j.out
+# Test job: slurm/common.sh's rendezvous + srun/torchrun launch on a 2-rank all-reduce.
+#   sbatch tests/launch/jobs/allreduce.sh OUT_DIR
+source "${RECALL_DIST_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
+rd_setup_env
+rd_setup_rendezvous
+if [ "$LAUNCHER" = srun ]; then  # the srun launcher gives SLURM_* only; torch's env:// wants these
+  rd_python_step -c 'import os,runpy,sys; os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"]); sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' tests/launch/jobs/allreduce.py "$1"
+else
+  rd_python_step tests/launch/jobs/allreduce.py "$1"
+fi
+rd_log "step exited $RD_RC"
+exit "$RD_RC"
