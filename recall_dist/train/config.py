@@ -1,0 +1,242 @@
+"""The training config tree: ``TrainConfig`` and its sections, validated when built.
+
+YAML lives at the edge (``load_train_config``); ``model:`` may name a file of ``configs/models/``
+(``model: llama2-7b`` or ``model: path/to/model.yaml``).  Checks that need the tokenizer or the
+model's config (vocabulary sizes, dataset files) run in ``validate_resources``, still before anything
+is written.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from recall_dist.configtree import ConfigError, apply_overrides, check, from_dict, load_yaml
+from recall_dist.data.dataset import DataConfig
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
+MODEL_PRESET_DIR = CONFIG_DIR / "models"
+DEEPSPEED_CONFIG_DIR = CONFIG_DIR / "deepspeed"
+
+
+@dataclass
+class ModelConfig:
+    """A Hugging Face causal LM: pretrained (``name_or_path``: hub name or local directory) or randomly
+    initialised from ``config`` (a ``transformers`` config dict with ``model_type``)."""
+
+    name_or_path: str | None = None
+    config: dict[str, Any] | None = None
+    tokenizer: str | None = None  # defaults to name_or_path; "char:<task>" for the synthetic tasks
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+
+    def __post_init__(self):
+        if (self.name_or_path is None) == (self.config is None):
+            raise ConfigError("name_or_path", "give exactly one of model.name_or_path (pretrained) and "
+                                              "model.config (random init from a config dict)")
+        if self.config is not None:
+            check("model_type" in self.config, "config", self.config,
+                  "a transformers config dict with a 'model_type' key (e.g. llama, olmo)")
+        if self.tokenizer is None and self.name_or_path is None:
+            raise ConfigError("tokenizer", "is required when the model is built from model.config")
+
+    @property
+    def tokenizer_name(self) -> str:
+        return self.tokenizer or self.name_or_path
+
+
+@dataclass
+class LossConfig:
+    """A weight rule of ``recall_dist.build_loss`` and its parameters (SPEC section 1)."""
+
+    name: str = "nll"
+    params: dict[str, Any] = field(default_factory=dict)
+    chunk_size: int | None = None  # tokens per chunk of the fused head; None: the loss's default
+
+    def __post_init__(self):
+        from recall_dist import build_loss, known_rules
+
+        known = list(known_rules())
+        check(self.name in known, "name", self.name, f"allowed: {', '.join(known)}")
+        check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1 or null")
+        try:
+            build_loss(self.name, **self.params)
+        except (ValueError, TypeError) as e:
+            bad = [p for p in self.params if re.search(rf"\b{re.escape(p)}\b", str(e))]
+            key = f"params.{bad[0]}" if bad else "params"
+            raise ConfigError(key, f"{self.params.get(bad[0]) if bad else self.params!r}: {e}") from None
+
+    def build(self):
+        from recall_dist import build_loss
+
+        return build_loss(self.name, **self.params)
+
+
+@dataclass
+class OptimConfig:
+    """Adam(W) with a warm-up then a constant, linear or cosine schedule (stepped once per optimizer step)."""
+
+    name: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    schedule: Literal["constant", "linear", "cosine"] = "constant"
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+
+    def __post_init__(self):
+        check(self.lr > 0, "lr", self.lr, "a learning rate > 0")
+        check(all(0 <= b < 1 for b in self.betas), "betas", self.betas, "two numbers in [0, 1)")
+        check(self.eps > 0, "eps", self.eps, "a number > 0")
+        check(self.weight_decay >= 0, "weight_decay", self.weight_decay, "a number >= 0")
+        check(self.warmup_steps >= 0, "warmup_steps", self.warmup_steps, "an integer >= 0")
+        check(self.grad_clip >= 0, "grad_clip", self.grad_clip, "a number >= 0 (0 disables clipping)")
+
+
+@dataclass
+class BackendConfig:
+    """DeepSpeed ZeRO (stage 2 or 3, JSON in ``configs/deepspeed/``) or PyTorch FSDP2 (``fully_shard``
+    per decoder layer, then the root)."""
+
+    name: Literal["deepspeed", "fsdp2"] = "deepspeed"
+    zero_stage: int = 2
+    deepspeed_config: str | None = None  # JSON path; None: configs/deepspeed/zero{stage}[_offload].json
+    bf16: bool = False
+    cpu_offload: bool = False  # DeepSpeed: optimizer (and at stage 3 parameter) offload; FSDP2: CPUOffloadPolicy
+    fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    fsdp_reshard_after_forward: bool = True
+
+    def __post_init__(self):
+        check(self.zero_stage in (2, 3), "zero_stage", self.zero_stage, "allowed: 2, 3")
+        if self.name == "deepspeed":
+            path = Path(self.resolved_deepspeed_config())
+            check(path.is_file(), "deepspeed_config", str(path), "an existing DeepSpeed JSON file")
+
+    def resolved_deepspeed_config(self) -> str:
+        if self.deepspeed_config is not None:
+            return self.deepspeed_config
+        suffix = "_offload" if self.cpu_offload and self.zero_stage == 3 else ""
+        return str(DEEPSPEED_CONFIG_DIR / f"zero{self.zero_stage}{suffix}.json")
+
+
+@dataclass
+class TrainSection:
+    """Batching, length of the run, logging, checkpoints and resumption."""
+
+    output_dir: str = "runs/default"
+    micro_batch_size: int = 1
+    global_batch_size: int | None = None  # None: micro_batch_size * dp * gradient_accumulation_steps
+    gradient_accumulation_steps: int = 1  # ignored when global_batch_size is set
+    epochs: int = 1
+    max_steps: int | None = None  # optimizer steps; stops before the end of the epochs
+    seed: int = 0
+    log_every: int = 1
+    checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end / on preemption
+    keep_checkpoints: int = 2
+    resume: str = "auto"  # auto | none | a checkpoint directory
+    gradient_checkpointing: bool = False
+    progress_bar: bool = True
+    tensorboard: bool = False
+    wandb: bool = False
+    export_final: bool = True
+
+    def __post_init__(self):
+        check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "an integer >= 1")
+        check(self.global_batch_size is None or self.global_batch_size >= 1, "global_batch_size",
+              self.global_batch_size, "an integer >= 1 or null")
+        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
+              self.gradient_accumulation_steps, "an integer >= 1")
+        check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
+        check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1 or null")
+        check(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
+        check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
+        check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        check(self.resume in ("auto", "none") or Path(self.resume).is_dir(), "resume", self.resume,
+              "allowed: auto, none, or an existing checkpoint directory")
+        check(self.output_dir.strip() != "", "output_dir", self.output_dir, "a directory path")
+
+    def accumulation_steps(self, dp_size: int) -> int:
+        """Micro-batches per optimizer step on each rank."""
+        if self.global_batch_size is None:
+            return self.gradient_accumulation_steps
+        per_step = self.micro_batch_size * dp_size
+        if self.global_batch_size % per_step:
+            raise ConfigError("train.global_batch_size", f"{self.global_batch_size} is not a multiple of "
+                              f"micro_batch_size ({self.micro_batch_size}) x data-parallel size ({dp_size})")
+        return self.global_batch_size // per_step
+
+
+@dataclass
+class TrainConfig:
+    """The whole run: ``recall-dist train CONFIG.yaml key=value ...`` builds one of these."""
+
+    model: ModelConfig
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    backend: BackendConfig = field(default_factory=BackendConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+
+
+def _resolve_model_file(value: str, base: Path | None) -> dict:
+    candidates = [Path(value)]
+    if base is not None:
+        candidates.append(base / value)
+    candidates.append(MODEL_PRESET_DIR / f"{value}.yaml")
+    for path in candidates:
+        if path.is_file():
+            return load_yaml(path)
+    presets = sorted(p.stem for p in MODEL_PRESET_DIR.glob("*.yaml"))
+    raise ConfigError("model", f"{value!r} is neither a model YAML file nor a preset; presets: {', '.join(presets)}")
+
+
+def train_config_from_dict(data: dict, base: Path | None = None) -> TrainConfig:
+    """Build a ``TrainConfig`` from a plain dict (a string ``model`` names a model YAML or preset)."""
+    data = dict(data)
+    if isinstance(data.get("model"), str):
+        data["model"] = _resolve_model_file(data["model"], base)
+    return from_dict(TrainConfig, data)
+
+
+def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+    """Read YAML ``path``, apply ``key=value`` overrides (``model=olmo-1b`` picks a preset), validate."""
+    data = load_yaml(path) if path is not None else {}
+    model_override = [o for o in overrides if o.startswith("model=")]
+    rest = [o for o in overrides if not o.startswith("model=")]
+    for item in model_override:
+        data["model"] = item.split("=", 1)[1]
+    base = Path(path).parent if path is not None else None
+    if isinstance(data.get("model"), str):
+        data["model"] = _resolve_model_file(data["model"], base)
+    apply_overrides(data, rest)
+    return train_config_from_dict(data, base)
+
+
+def _looks_like_local_file(source: str) -> bool:
+    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in (".jsonl", ".json", ".parquet")
+
+
+def validate_resources(cfg: TrainConfig):
+    """Checks that need files: the dataset path exists, the tokenizer loads, and the model's vocabulary
+    covers the tokenizer's.  Returns the tokenizer.  Raises ``ConfigError`` before anything is written."""
+    from recall_dist.data import load_tokenizer
+    from recall_dist.train.models import model_config
+
+    if not cfg.data.is_synthetic and _looks_like_local_file(cfg.data.source):
+        path = Path(cfg.data.source).expanduser()
+        check(path.exists(), "data.source", cfg.data.source, "an existing .jsonl/.json/.parquet file "
+              "(file not found), a hub dataset name or 'synthetic:<task>'")
+    try:
+        tokenizer = load_tokenizer(cfg.model.tokenizer_name)
+    except (OSError, ValueError) as e:
+        raise ConfigError("model.tokenizer", f"{cfg.model.tokenizer_name!r}: {e}") from None
+    model_vocab = model_config(cfg.model).vocab_size
+    if model_vocab < len(tokenizer):
+        key = "model.config.vocab_size" if cfg.model.config is not None else "model.name_or_path"
+        raise ConfigError(key, f"vocabulary mismatch: the model has {model_vocab} output tokens but tokenizer "
+                               f"{cfg.model.tokenizer_name!r} has {len(tokenizer)}; the model vocabulary must be "
+                               f">= the tokenizer's (set model.config.vocab_size: {len(tokenizer)})")
+    return tokenizer

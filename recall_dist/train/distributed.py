@@ -1,0 +1,87 @@
+"""Process-group set-up for the trainer, whoever launched it.
+
+- A group that already exists is used as is (Ray Train workers, tests).
+- Otherwise ranks come from the launcher's env vars: torchrun / the ``deepspeed`` launcher
+  (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) or ``srun`` (``SLURM_PROCID``, ``SLURM_NTASKS``,
+  ``SLURM_LOCALID``), with ``MASTER_ADDR``/``MASTER_PORT`` as the rendezvous.
+- With none of those, a one-process group on a free local port (so DeepSpeed and FSDP2 run unchanged).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistContext:
+    """Where this process sits: ``dp_group`` is None for a single process (not distributed)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    created_group: bool  # True when we initialised the group (and so must destroy it)
+
+    @property
+    def dp_group(self):
+        return dist.group.WORLD if self.world_size > 1 else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _ranks_from_env() -> tuple[int, int, int] | None:
+    env = os.environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
+        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
+    return None
+
+
+def _device(local_rank: int) -> torch.device:
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed() -> DistContext:
+    """Join (or create) the default process group and return this process's ``DistContext``."""
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        return DistContext(rank, world, local, _device(local), created_group=False)
+    ranks = _ranks_from_env()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if ranks is None:
+        from recall_dist.distributed.testing import free_port
+
+        rank, world, local = 0, 1, 0
+        init_method = f"tcp://127.0.0.1:{free_port()}"
+    else:
+        rank, world, local = ranks
+        if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+            if world > 1:
+                raise RuntimeError(f"rank {rank} of {world}: MASTER_ADDR and MASTER_PORT must be set "
+                                   "(the launcher's rendezvous); refusing to guess localhost")
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            from recall_dist.distributed.testing import free_port
+
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
+        init_method = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
+    device = _device(local)
+    # DeepSpeed reads these even when the group exists; srun does not set them.
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
+    dist.init_process_group(backend, rank=rank, world_size=world, init_method=init_method)
+    return DistContext(rank, world, local, device, created_group=True)
+
+
+def shutdown(ctx: DistContext) -> None:
+    if ctx.created_group and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,82 @@
+"""The loss owns the output layer: ``CausalLMWithLossHead`` runs the decoder to hidden states and
+``LossHead`` does the lm_head matmul inside the fused loss, so no N x V logits exist in training.
+
+Why a module and not a function call after ``model(...)``:
+- FSDP2 reshards parameters after a module's forward; a head that reads ``lm_head.weight`` outside
+  a forward sees a DTensor shard (torchtune #2800).  Here the whole loss runs inside the root
+  module's forward, where the root's parameters (embeddings, final norm, lm_head) are unsharded,
+  and the backward re-gathers them through FSDP's pre-backward hook on the returned loss.
+- ZeRO-3 gathers a module's own parameters around its forward; the head weight belongs to
+  ``lm_head`` (or, tied, to ``embed_tokens``), whose forward never runs, so it would be numel-0
+  (TRL #3368).  ``register_zero3_head`` registers it as an external parameter of ``LossHead``, which
+  makes ZeRO-3 gather it for ``LossHead``'s forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recall_dist import fused_linear_loss
+from recall_dist.train.models import decoder_of
+
+IGNORE_INDEX = -100
+
+
+class LossHead(nn.Module):
+    """``forward(hidden [B, T, H], labels [B, T], sequence_ids [B, T] | None) -> (loss, stats)``.
+
+    ``labels`` are aligned with the input ids (-100 where no loss); the shift happens here:
+    ``hidden[:, :-1]`` predicts ``labels[:, 1:]``.  ``loss`` is this rank's share of the global
+    objective (``dp_group`` all-reduces the normaliser Z, SPEC section 2), so DDP-style gradient
+    averaging gives the gradient of the global objective.  The head weight is looked up through
+    ``weight_owner`` at call time (it is not registered here: one parameter, one owner).
+    """
+
+    def __init__(self, weight_owner: nn.Module, loss, dp_group=None, vocab_size: int | None = None,
+                 chunk_size: int | None = None):
+        super().__init__()
+        self._weight_owner = [weight_owner]  # a list hides it from nn.Module registration
+        self.loss = loss
+        self.dp_group = dp_group
+        self.vocab_size = vocab_size
+        self.chunk_size = chunk_size
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self._weight_owner[0].weight
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None):
+        target = labels[:, 1:]
+        seq = sequence_ids[:, 1:] if sequence_ids is not None else None
+        out = fused_linear_loss(hidden[:, :-1], self.weight, target, self.loss, dp_group=self.dp_group,
+                                ignore_index=IGNORE_INDEX, vocab_size=self.vocab_size,
+                                chunk_size=self.chunk_size, sequence_ids=seq)
+        return out.loss, out.stats
+
+
+class CausalLMWithLossHead(nn.Module):
+    """A Hugging Face causal LM whose forward returns ``(loss, stats)`` from hidden states.
+
+    ``self.model`` is the untouched ``*ForCausalLM`` (its state dict is what gets exported);
+    ``self.loss_head`` has no parameters of its own.
+    """
+
+    def __init__(self, model: nn.Module, loss, dp_group=None, chunk_size: int | None = None):
+        super().__init__()
+        self.model = model
+        self.loss_head = LossHead(model.get_output_embeddings(), loss, dp_group,
+                                  vocab_size=model.config.vocab_size, chunk_size=chunk_size)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                sequence_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
+        hidden = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
+                                        position_ids=position_ids, use_cache=False).last_hidden_state
+        return self.loss_head(hidden, labels, sequence_ids)
+
+
+def register_zero3_head(wrapper: CausalLMWithLossHead) -> None:
+    """Under ZeRO-3, make ``LossHead``'s forward gather the (possibly tied) head weight."""
+    import deepspeed
+
+    deepspeed.zero.register_external_parameter(wrapper.loss_head, wrapper.loss_head.weight)
