@@ -1,0 +1,84 @@
+"""``recall-dist sweep CONFIG.yaml [key=value ...]``: run the temperature sweep in this process, or
+as one rank of torchrun / srun (every rank runs the same command; rank 0 writes the tables).
+
+    recall-dist sweep configs/sweep.yaml output_dir=runs/sweep1 temperatures=[0.5,1,2]
+    torchrun --nproc-per-node 2 -m recall_dist sweep configs/sweep.yaml
+    recall-dist sweep configs/sweep.yaml --shard 3 --num-shards 8   # one shard only (e.g. a job array)
+    recall-dist sweep configs/sweep.yaml --aggregate-only --num-shards 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+from recall_dist.configtree import ConfigError, load_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="recall-dist sweep", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("config", help="sweep YAML (see configs/sweep.yaml)")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_samples=500")
+    p.add_argument("--shard", type=int, default=None, help="compute only this shard, then exit")
+    p.add_argument("--num-shards", type=int, default=None, help="number of shards (default: config or world size)")
+    p.add_argument("--aggregate-only", action="store_true", help="only aggregate existing shard files")
+    return p
+
+
+def _print_table(result: dict) -> None:
+    keys = [k for k in ("precision", "recall", "precision_sampled", "recall_sampled", "density", "coverage")
+            if k in result["rows"][0]]
+    print(f"{'model':<16}{'T':>6}" + "".join(f"{k:>19}" for k in keys))
+    for r in result["rows"]:
+        print(f"{r['model']:<16}{r['temperature']:>6g}" + "".join(f"{r[k]:>19.4f}" for k in keys))
+    for model, s in result["summary"].items():
+        print(f"{model}: max recall {s['max_recall']:.4f} (T={s['temperature_at_max_recall']:g}), "
+              f"recall at precision>={s['min_precision']:g}: {s['recall_at_precision']:.4f}, "
+              f"PR AUC {s['pr_auc']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from recall_dist.eval.config import SweepConfig
+
+    try:
+        cfg = load_config(SweepConfig, args.config, args.overrides)
+    except ConfigError as e:
+        print(f"recall-dist sweep: config error: {e}", file=sys.stderr)
+        return 2
+    if args.num_shards is not None:
+        cfg.num_shards = args.num_shards
+    from recall_dist.eval.aggregate import aggregate
+    from recall_dist.eval.sweep import compute_shard, run_sweep
+
+    if args.shard is not None:
+        if not cfg.num_shards:
+            print("recall-dist sweep: --shard needs --num-shards (or num_shards in the config)", file=sys.stderr)
+            return 2
+        print(compute_shard(cfg, args.shard, cfg.num_shards))
+        return 0
+    if args.aggregate_only:
+        result = aggregate(cfg)
+    else:
+        import torch.distributed as dist
+
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        started = world > 1 and not dist.is_initialized()
+        if started:  # torchrun: a CPU group is enough, it only carries one barrier
+            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+        try:
+            result = run_sweep(cfg)
+        finally:
+            if started:
+                dist.destroy_process_group()
+    if result is not None:
+        _print_table(result)
+        print(f"wrote {cfg.output_dir}/sweep.csv, sweep.json, pr_curve.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Known-support evaluation of a causal LM on one prompt: exact metrics by teacher forcing on the
+support of P, and sampled estimates with Hugging Face ``generate``.
+
+A sequence is ``[bos] + prompt + completion + [eos]``.  Q_T is the per-token-tempered sequence
+distribution Q_T(x | prompt) = prod_t softmax(z_t / T)[x_t] over the completion's tokens *and* the
+final eos, so a completion the model would continue past counts as not generated.  The pure maths
+lives in ``metrics.py``; this module only turns a model into ``log Q_T`` and samples.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from recall_dist.eval import metrics
+
+
+def derive_seed(*parts) -> int:
+    """A 63-bit seed that is a pure function of ``parts`` (model name, T, prompt, sample index, ...)."""
+    digest = hashlib.sha256(repr(parts).encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+@dataclass
+class EncodedPrompt:
+    """A prompt and its support, tokenized.  ``completions[i]`` ends with eos; ``p[i]`` = P(x_i | prompt)."""
+
+    prompt_ids: list[int]
+    completions: list[tuple[int, ...]]
+    p: np.ndarray
+    texts: list[str]
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of ``text`` without specials (our ``CharTokenizer`` or a Hugging Face tokenizer)."""
+    try:
+        return list(tokenizer.encode(text, add_bos=False, add_eos=False))
+    except TypeError:  # a Hugging Face tokenizer
+        return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def encode_prompt(tokenizer, prompt: str, target: dict[str, float]) -> EncodedPrompt:
+    """Tokenize ``[bos] + prompt`` and every ``completion + [eos]`` of the support ``target``."""
+    texts = list(target)
+    return EncodedPrompt(
+        prompt_ids=[tokenizer.bos_token_id] + encode_text(tokenizer, prompt),
+        completions=[tuple(encode_text(tokenizer, t)) + (tokenizer.eos_token_id,) for t in texts],
+        p=np.array([target[t] for t in texts], dtype=np.float64),
+        texts=texts,
+    )
+
+
+@torch.no_grad()
+def support_log_probs(model, encoded: EncodedPrompt, temperatures: Sequence[float], batch_size: int = 256,
+                      pad_id: int = 0) -> np.ndarray:
+    """log Q_T(x_i | prompt) for every completion of the support and every T: float64 [num_T, S].
+
+    Teacher forcing in right-padded batches of ``batch_size`` completions; the log-softmax runs in
+    fp32 on the model's logits divided by T, the sum over tokens in float64.
+    """
+    device = next(model.parameters()).device
+    n_prompt = len(encoded.prompt_ids)
+    temps = torch.tensor(list(temperatures), dtype=torch.float32, device=device)
+    out = np.empty((len(temps), len(encoded.completions)), dtype=np.float64)
+    for start in range(0, len(encoded.completions), batch_size):
+        rows = [encoded.prompt_ids + list(c) for c in encoded.completions[start:start + batch_size]]
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        ids, mask = ids.to(device), mask.to(device)
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # predicts ids[:, 1:]
+        targets = ids[:, 1:]
+        # Only completion and eos tokens are scored: position j predicts token j+1.
+        scored = mask[:, 1:].bool()
+        scored[:, : n_prompt - 1] = False
+        for k, t in enumerate(temps):
+            logp = torch.log_softmax(logits / t, dim=-1).gather(-1, targets[..., None])[..., 0]
+            out[k, start:start + len(rows)] = (logp.double() * scored).sum(dim=1).cpu().numpy()
+    return out
+
+
+@torch.no_grad()
+def sample_completions(model, encoded: EncodedPrompt, temperature: float, num_samples: int, seed: int,
+                       batch_size: int, pad_id: int, eos_id: int) -> list[tuple[int, ...]]:
+    """``num_samples`` completions of Q_T (ids up to and including the first eos; a sample that hit
+    ``max_new_tokens`` without eos is returned as is, without eos, and is never valid).
+
+    ``generate`` with KV cache, ``do_sample=True, temperature=T, top_k=0, top_p=1`` (pure tempered
+    sampling).  The batch of samples [start, start + batch_size) is seeded with
+    ``derive_seed(seed, start)``, so a sample depends on (seed, its index, batch_size) only — never
+    on which rank runs it.
+    """
+    device = next(model.parameters()).device
+    max_new = max(map(len, encoded.completions))  # one more token than any valid completion can use
+    samples = []
+    for start in range(0, num_samples, batch_size):
+        n = min(batch_size, num_samples - start)
+        ids = torch.tensor([encoded.prompt_ids] * n, dtype=torch.long, device=device)
+        torch.manual_seed(derive_seed(seed, start))
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
+                             temperature=float(temperature), top_k=0, top_p=1.0, max_new_tokens=max_new,
+                             min_new_tokens=0, pad_token_id=pad_id, eos_token_id=eos_id)
+        for row in out[:, len(encoded.prompt_ids):].tolist():
+            cut = row.index(eos_id) + 1 if eos_id in row else len(row)
+            samples.append(tuple(row[:cut]))
+    return samples
+
+
+def sampled_estimates(encoded: EncodedPrompt, samples: list[tuple[int, ...]]) -> tuple[float, float]:
+    """(valid fraction, P-mass of the distinct valid samples) of one prompt's samples."""
+    index = {c: i for i, c in enumerate(encoded.completions)}
+    hits = [index[s] for s in samples if s in index]
+    distinct = sorted(set(hits))
+    return len(hits) / len(samples), float(encoded.p[distinct].sum())
+
+
+def evaluate_prompt(model, encoded: EncodedPrompt, temperature: float, *, recall_at_n: int, num_samples: int,
+                    lambdas: np.ndarray, seed: int, score_batch_size: int, generate_batch_size: int,
+                    pad_id: int, eos_id: int) -> dict:
+    """All known-support numbers of one (model, temperature, prompt) work item, as plain floats.
+
+    Exact: precision, recall (@``recall_at_n``), alpha/beta over ``lambdas``.  With ``num_samples`` > 0
+    also the sampled precision/recall and the exact variances of those estimators under Q_T
+    (binomial for precision, ``recall_at_n_variance`` for recall), so the table can report standard errors.
+    """
+    log_q = support_log_probs(model, encoded, [temperature], score_batch_size, pad_id)[0]
+    alpha, _ = metrics.pr_curve(log_q, encoded.p, lambdas)
+    prec = metrics.precision(log_q, encoded.p)
+    record = {
+        "precision": prec,
+        "recall": metrics.recall_at_n(log_q, encoded.p, recall_at_n),
+        "alpha": alpha.tolist(),
+    }
+    if num_samples > 0:
+        samples = sample_completions(model, encoded, temperature, num_samples, seed, generate_batch_size,
+                                     pad_id, eos_id)
+        prec_s, rec_s = sampled_estimates(encoded, samples)
+        record.update(
+            precision_sampled=prec_s,
+            recall_sampled=rec_s,
+            precision_sampled_var=min(prec, 1.0) * max(1.0 - prec, 0.0) / num_samples,
+            recall_sampled_var=metrics.recall_at_n_variance(log_q, encoded.p, num_samples),
+            recall_at_num_samples=metrics.recall_at_n(log_q, encoded.p, num_samples),
+        )
+    return record

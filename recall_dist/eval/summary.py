@@ -1,0 +1,63 @@
+"""Summary numbers of one model's temperature sweep, for comparing models in a single line:
+max Recall over T, Recall at Precision >= p, and the area under the (Recall, Precision) curve.
+
+Input is the sweep's points ordered by temperature; pure Python, no model code.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+
+def _check(precision: Sequence[float], recall: Sequence[float]) -> None:
+    if len(precision) != len(recall) or not precision:
+        raise ValueError(f"precision ({len(precision)}) and recall ({len(recall)}) must be equal-length, non-empty")
+
+
+def max_recall(precision: Sequence[float], recall: Sequence[float]) -> float:
+    """The best Recall any temperature of the grid reaches."""
+    _check(precision, recall)
+    return max(recall)
+
+
+def recall_at_precision(precision: Sequence[float], recall: Sequence[float], min_precision: float) -> float:
+    """Largest Recall with Precision >= ``min_precision`` along the piecewise-linear curve joining
+    consecutive temperatures (points in temperature order).  On a segment whose ends straddle the
+    threshold, the crossing is interpolated linearly.  NaN when no point of the curve qualifies."""
+    _check(precision, recall)
+    best = -math.inf
+    for i, (p, r) in enumerate(zip(precision, recall)):
+        if p >= min_precision:
+            best = max(best, r)
+        if i + 1 < len(precision):
+            p2, r2 = precision[i + 1], recall[i + 1]
+            if (p - min_precision) * (p2 - min_precision) < 0:  # strictly straddles the threshold
+                t = (min_precision - p) / (p2 - p)
+                best = max(best, r + t * (r2 - r))
+    return best if best > -math.inf else math.nan
+
+
+def pr_auc(precision: Sequence[float], recall: Sequence[float]) -> float:
+    """Area under the curve Precision(Recall) through the grid's points, sorted by Recall, by the
+    trapezoid rule between the smallest and the largest Recall reached (no extrapolation beyond the
+    grid, so a model whose temperatures span a wider Recall range gets credit for it)."""
+    _check(precision, recall)
+    pts = sorted(zip(recall, precision))
+    return sum((r2 - r1) * (p1 + p2) / 2 for (r1, p1), (r2, p2) in zip(pts, pts[1:]))
+
+
+def summarize(temperatures: Sequence[float], precision: Sequence[float], recall: Sequence[float],
+              min_precision: float) -> dict:
+    """All summary numbers of one curve (points given in any order; sorted by temperature here)."""
+    order = sorted(range(len(temperatures)), key=lambda i: temperatures[i])
+    prec = [precision[i] for i in order]
+    rec = [recall[i] for i in order]
+    best = max(order, key=lambda i: recall[i])
+    return {
+        "max_recall": max_recall(prec, rec),
+        "temperature_at_max_recall": temperatures[best],
+        "min_precision": min_precision,
+        "recall_at_precision": recall_at_precision(prec, rec, min_precision),
+        "pr_auc": pr_auc(prec, rec),
+    }
