@@ -21,7 +21,7 @@ import torch
 
 from recall_dist.distributed.collectives import group_size
 from recall_dist.losses.base import RecallLoss
-from recall_dist.parallel.common import (LossOutput, Tokens, acc_dtype, check_shapes, chunk_partials, chunk_rows, finalize,
+from recall_dist.parallel.common import (LossOutput, Tokens, acc_dtype, check_shapes, chunk_rows, finalize,
                                          prepare_tokens, reduce_lse, reduce_max, token_weights)
 
 
@@ -29,39 +29,82 @@ def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (h @ w.t()).to(acc_dtype(h.dtype))
 
 
-def _accumulate(p: torch.Tensor, hc: torch.Tensor, idx: torch.Tensor, w: torch.Tensor,
-                grad_h: torch.Tensor | None, grad_w: torch.Tensor | None) -> None:
-    """dL/dh rows and dL/dW rows from the chunk's logit gradient ``p`` [c, n_cols] (fp32)."""
-    g = p.to(hc.dtype)
-    if grad_h is not None:
-        grad_h.index_copy_(0, idx, (g @ w).to(grad_h.dtype))
-    if grad_w is not None:
-        n_cols = p.shape[1]
-        if g.dtype == grad_w.dtype:
-            grad_w[:n_cols].addmm_(g.t(), hc)
-        else:
-            grad_w[:n_cols] += (g.t() @ hc).to(grad_w.dtype)
+class _Grads:
+    """Gradient accumulators: dL/dh rows written once per token, dL/dW summed over chunks in fp32.
+
+    The first chunk writes dL/dW directly (no zero-fill of a V/tp x H buffer)."""
+
+    def __init__(self, h: torch.Tensor, weight: torch.Tensor, n_cols: int, need_h: bool, need_w: bool):
+        acc = acc_dtype(h.dtype)
+        self.h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
+        self.w = torch.empty(weight.shape, dtype=acc, device=h.device) if need_w else None
+        self.n_cols, self.w_started = n_cols, False
+
+    @property
+    def needed(self) -> bool:
+        return self.h is not None or self.w is not None
+
+    def add(self, p: torch.Tensor, hc: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> None:
+        """Add the chunk's logit gradient ``p`` [c, n_cols] (acc dtype) for hidden rows ``hc``."""
+        g = p.to(hc.dtype)
+        if self.h is not None:
+            self.h.index_copy_(0, idx, (g @ w).to(self.h.dtype))
+        if self.w is not None:
+            rows = self.w[:self.n_cols]
+            same = g.dtype == rows.dtype
+            if not self.w_started:
+                self.w[self.n_cols:].zero_()
+                torch.mm(g.t(), hc, out=rows) if same else rows.copy_(g.t() @ hc)
+                self.w_started = True
+            elif same:
+                rows.addmm_(g.t(), hc)
+            else:
+                rows += (g.t() @ hc).to(rows.dtype)
+
+    def finish(self, scale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Scale both gradients (``None``: the step is skipped, gradients are zero)."""
+        if self.w is not None and not self.w_started:
+            self.w.zero_()
+        for g in (self.h, self.w):
+            if g is not None:
+                g.zero_() if scale is None else g.mul_(scale.to(g.dtype))
+        return self.h, self.w
 
 
-def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, grad_h, grad_w):
+def _partials_(z: torch.Tensor, target: torch.Tensor, in_shard: torch.Tensor):
+    """Row max, target logit and sum of exp(z - max); overwrites ``z`` with exp(z - max)."""
+    if z.shape[1] == 0:  # a shard made only of vocabulary padding
+        zeros = z.new_zeros(z.shape[0])
+        return torch.full_like(zeros, -float("inf")), zeros, zeros
+    m = z.max(dim=1).values
+    zt = torch.where(in_shard, z.gather(1, target.unsqueeze(1)).squeeze(1), 0.0)
+    s = z.sub_(m.unsqueeze(1)).exp_().sum(dim=1)
+    return m, zt, s
+
+
+def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, grads: _Grads):
     nlls, weights, finites = [], [], []
     for i in range(0, len(tokens), rows):
         sl = slice(i, i + rows)
         idx, target, in_shard = tokens.index[sl], tokens.local_target[sl], tokens.in_shard[sl]
         hc = h.index_select(0, idx)
         z = _logits(hc, w)
-        local_max = z.max(dim=1).values if z.shape[1] else torch.full_like(z[:, 0], -float("inf"))
-        zt = torch.where(in_shard, z.gather(1, target.unsqueeze(1)).squeeze(1), 0.0) if z.shape[1] \
-            else torch.zeros_like(local_max)
-        m = reduce_max(local_max, tp_group)
-        e = z.sub_(m.unsqueeze(1)).exp_()  # in place: the chunk holds one fp32 buffer
-        lse, zt = reduce_lse(m, m, e.sum(dim=1), zt, tp_group)
+        if tp_group is None:
+            m, zt, s = _partials_(z, target, in_shard)  # z now holds exp(z - m)
+            lse = m + torch.log(s)
+        else:  # shift by the global max before exponentiating: one exp pass, no rescaling
+            local_max = z.max(dim=1).values if z.shape[1] else z.new_full((z.shape[0],), -float("inf"))
+            zt = (torch.where(in_shard, z.gather(1, target.unsqueeze(1)).squeeze(1), 0.0) if z.shape[1]
+                  else z.new_zeros(z.shape[0]))
+            m = reduce_max(local_max, tp_group)
+            lse, zt = reduce_lse(m, m, z.sub_(m.unsqueeze(1)).exp_().sum(dim=1), zt, tp_group)
         nll, wt, finite = token_weights(loss, lse - zt, tokens, dp_group)
-        p = e.div_(torch.exp(lse - m).unsqueeze(1))  # softmax
+        # w * softmax in one pass: exp(z - m) * w * exp(m - lse); then -w at the target
+        w_chunk = wt.to(z.dtype)
+        p = z.mul_((w_chunk * torch.exp(m - lse)).unsqueeze(1))
         hit = in_shard.nonzero().squeeze(1)
-        p[hit, target[hit]] -= 1.0
-        p.mul_(wt.to(p.dtype).unsqueeze(1))
-        _accumulate(p, hc, idx, w, grad_h, grad_w)
+        p[hit, target[hit]] -= w_chunk[hit]
+        grads.add(p, hc, idx, w)
         nlls.append(nll), weights.append(wt), finites.append(finite)
     empty = torch.zeros(0, dtype=torch.float64, device=h.device)
     nll = torch.cat(nlls) if nlls else empty
@@ -70,34 +113,32 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
     a, b, stats = finalize(loss, nll, wt, finite, dp_group)
     scale = a * group_size(dp_group)  # b == 0 in this schedule
     skipped = bool(stats[-1] > 0)  # a non-finite token anywhere: its NaN already reached the sums
-    for g in (grad_h, grad_w):
-        if g is not None:
-            g.zero_() if skipped else g.mul_(scale.to(g.dtype))
-    return (scale * (wt * nll).sum()).to(acc_dtype(h.dtype)), stats
+    return (scale * (wt * nll).sum()).to(acc_dtype(h.dtype)), stats, grads.finish(None if skipped else scale)
 
 
-def _two_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, grad_h, grad_w):
-    parts = [chunk_partials(_logits(h.index_select(0, tokens.index[i:i + rows]), w),
-                            tokens.local_target[i:i + rows], tokens.in_shard[i:i + rows])
+def _two_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, grads: _Grads):
+    parts = [_partials_(_logits(h.index_select(0, tokens.index[i:i + rows]), w),
+                        tokens.local_target[i:i + rows], tokens.in_shard[i:i + rows])
              for i in range(0, len(tokens), rows)]
     empty = torch.zeros(0, dtype=acc_dtype(h.dtype), device=h.device)
-    m, s, zt = (torch.cat(p) for p in zip(*parts)) if parts else (empty, empty, empty)
+    m, zt, s = (torch.cat(p) for p in zip(*parts)) if parts else (empty, empty, empty)
     lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
     nll, wt, finite = token_weights(loss, lse - zt, tokens, dp_group, tokens.sequence_ids)
     a, b, stats = finalize(loss, nll, wt, finite, dp_group)
     coef = (a * wt + b) * group_size(dp_group)
-    if grad_h is not None or grad_w is not None:
-        keep = (coef != 0).nonzero().squeeze(1)  # truncated tokens cost no second pass
+    if grads.needed:
+        keep = (coef > 0).nonzero().squeeze(1)  # truncated tokens cost no second pass
+        shift = lse.to(torch.float64) - torch.log(coef.clamp_min(1e-300))
         for i in range(0, keep.numel(), rows):
             k = keep[i:i + rows]
             idx, target, in_shard = tokens.index[k], tokens.local_target[k], tokens.in_shard[k]
             hc = h.index_select(0, idx)
-            p = _logits(hc, w).sub_(lse[k].unsqueeze(1)).exp_()
+            # coef * softmax in one pass: exp(z - (lse - log coef)); then -coef at the target
+            p = _logits(hc, w).sub_(shift[k].to(lse.dtype).unsqueeze(1)).exp_()
             hit = in_shard.nonzero().squeeze(1)
-            p[hit, target[hit]] -= 1.0
-            p.mul_(coef[k].to(p.dtype).unsqueeze(1))
-            _accumulate(p, hc, idx, w, grad_h, grad_w)
-    return (coef * nll).sum().to(acc_dtype(h.dtype)), stats
+            p[hit, target[hit]] -= coef[k][hit].to(p.dtype)
+            grads.add(p, hc, idx, w)
+    return (coef * nll).sum().to(acc_dtype(h.dtype)), stats, grads.finish(torch.ones((), dtype=torch.float64))
 
 
 class _FusedLinearLoss(torch.autograd.Function):
@@ -108,14 +149,11 @@ class _FusedLinearLoss(torch.autograd.Function):
         tokens = prepare_tokens(target, sequence_ids, ignore_index=ignore_index, vocab_size=vocab_size,
                                 local_vocab=weight.shape[0], tp_group=tp_group)
         w = weight[:tokens.n_cols]  # padded vocabulary rows never enter the softmax
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        acc = acc_dtype(h.dtype)
-        grad_h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+        grads = _Grads(h, weight, tokens.n_cols, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         rows = chunk_rows(chunk_size, tokens.n_cols, len(tokens))
         # fp16 cannot hold unnormalised c-Div weights (e^{(alpha-1) l}) before the global 1/Z.
         schedule = _single_pass if loss.single_pass and h.dtype != torch.float16 else _two_pass
-        local_loss, stats = schedule(h, w, tokens, loss, tp_group, dp_group, rows, grad_h, grad_w)
+        local_loss, stats, (grad_h, grad_w) = schedule(h, w, tokens, loss, tp_group, dp_group, rows, grads)
         ctx.grad_h = None if grad_h is None else grad_h.to(hidden.dtype).view(hidden.shape)
         ctx.grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         ctx.mark_non_differentiable(stats)
