@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from recall_dist.configtree import ConfigError
@@ -40,9 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if summary.get("preempted"):
         print(f"preempted at step {summary['step']}: checkpoint saved; resume with resume=auto", file=sys.stderr)
-    import torch.distributed as dist
-
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
         print(json.dumps({k: v for k, v in summary.items() if k != "last"}))
     return 0
 
