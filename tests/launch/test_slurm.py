@@ -1,0 +1,124 @@
+"""The Slurm launchers (slurm/*.sh) on a real one-node Slurm cluster on 127.0.0.1: real munged,
+slurmctld, slurmd, `sbatch`, job steps, signals and requeue (tests/launch/slurm_cluster.py)."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.launch.slurm_cluster import SlurmCluster, free_port
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+# A tiny run: 2 CPU ranks; epochs high enough that max_steps is what ends it.
+TINY = ["configs/tiny_cpu.yaml", "train.epochs=100", "train.log_every=1", "train.progress_bar=false"]
+
+
+def sbatch(cluster: SlurmCluster, tmp_path: Path, *args: str, **env: str) -> str:
+    """Submit from the repo root (as a user does) with 2 ranks on one node; returns the job id."""
+    extra = {"MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo", **env}
+    out = cluster.run("sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00",
+                      f"--output={tmp_path}/%x-%j.out", *args, cwd=str(REPO), env=cluster.env(**extra))
+    return out.strip().split(";")[0]
+
+
+def job_log(tmp_path: Path, job_id: str) -> str:
+    logs = list(tmp_path.glob(f"*-{job_id}.out"))
+    return logs[0].read_text(errors="replace") if logs else "(no job log)"
+
+
+def read_metrics(output_dir: Path) -> list[dict]:
+    path = output_dir / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def checkpoint_steps(output_dir: Path) -> list[int]:
+    return sorted(int(p.name.split("_")[-1]) for p in (output_dir / "checkpoints").glob("step_*"))
+
+
+def assert_completed(cluster: SlurmCluster, tmp_path: Path, job_id: str, timeout: float) -> dict:
+    info = cluster.wait_job(job_id, timeout)
+    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), \
+        f"job {job_id}: {info}\n--- job log\n{job_log(tmp_path, job_id)}\n{cluster.logs()}"
+    return info
+
+
+def test_allreduce_job_through_both_launchers(slurm_cluster, tmp_path):
+    """slurm/common.sh's rendezvous and launch path, without the trainer: srun -> torchrun -> 2 ranks,
+    and srun -> 2 ranks directly; the head comes from the allocation (localhost here)."""
+    for launcher in ("torchrun", "srun"):
+        out = tmp_path / launcher
+        out.mkdir()
+        job_id = sbatch(slurm_cluster, tmp_path, "tests/launch/jobs/allreduce.sh", str(out), LAUNCHER=launcher)
+        assert_completed(slurm_cluster, tmp_path, job_id, timeout=120)
+        ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+        assert [r["rank"] for r in ranks] == [0, 1], job_log(tmp_path, job_id)
+        assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in ranks)
+        assert all(r["master_addr"] == "localhost" and r["slurm_job_id"] == job_id for r in ranks)
+
+
+def test_sbatch_train_cdiv(slurm_cluster, tmp_path):
+    """`sbatch slurm/train_cdiv.sh configs/tiny_cpu.yaml`: 2 ranks train c-Div to max_steps, then the
+    checkpoint, metrics and HF export are where the trainer promises."""
+    run = tmp_path / "run"
+    job_id = sbatch(slurm_cluster, tmp_path, "slurm/train_cdiv.sh", *TINY, "train.max_steps=6",
+                    OUTPUT_DIR=str(run))
+    info = assert_completed(slurm_cluster, tmp_path, job_id, timeout=240)
+    print(f"job {job_id}: JobState={info['JobState']} ExitCode={info['ExitCode']} Restarts={info.get('Restarts')}")
+    log = job_log(tmp_path, job_id)
+    assert "2 rank(s)" in log and "loss.name=cdiv" in log, log
+    metrics = read_metrics(run)
+    assert [m["step"] for m in metrics] == list(range(1, 7)), log
+    assert all("divergence" in m for m in metrics), "c-Div reports its divergence value"
+    assert checkpoint_steps(run) == [6], log
+    assert (run / "checkpoints" / "step_00000006" / "COMPLETE").exists()
+    assert (run / "final" / "config.json").exists(), log
+    assert not (run / "PREEMPTED").exists()
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """USR1 to the batch shell mid-run (what `--signal=B:USR1@N` sends before the time limit): the
+    script touches the stop file, the ranks checkpoint at a step boundary and exit 0, the script
+    requeues the job, and the requeued job (same id, Restarts=1) resumes from that checkpoint."""
+    run, max_steps = tmp_path / "run", 150
+    job_id = sbatch(slurm_cluster, tmp_path, "slurm/train_cdiv.sh", *TINY, f"train.max_steps={max_steps}",
+                    "train.checkpoint_every=0", "train.export_final=false", OUTPUT_DIR=str(run))
+    deadline = time.monotonic() + 180
+    while not any(m["step"] >= 3 for m in read_metrics(run)):
+        assert slurm_cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
+            f"{slurm_cluster.job(job_id)}\n{job_log(tmp_path, job_id)}"
+        assert time.monotonic() < deadline, f"no training progress\n{job_log(tmp_path, job_id)}"
+        time.sleep(0.3)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
+
+    # Requeued: Restarts=1.  Its first run's metrics are kept up to the preempted step, byte for byte
+    # (tokens_per_s is a wall-clock measurement: a run from scratch would not reproduce it).
+    deadline = time.monotonic() + 120
+    while int(slurm_cluster.job(job_id).get("Restarts", 0)) < 1:
+        assert time.monotonic() < deadline, f"not requeued: {slurm_cluster.job(job_id)}\n{job_log(tmp_path, job_id)}"
+        time.sleep(0.3)
+    first_run_lines = (run / "metrics.jsonl").read_text().splitlines()
+    log = job_log(tmp_path, job_id)
+    match = re.search(r"workers checkpointed at step (\d+); requeueing", log)
+    assert match, log
+    preempted_at = int(match.group(1))
+    assert 3 <= preempted_at < max_steps
+    assert [json.loads(line)["step"] for line in first_run_lines] == list(range(1, preempted_at + 1))
+    assert checkpoint_steps(run) == [preempted_at]
+
+    info = assert_completed(slurm_cluster, tmp_path, job_id, timeout=300)
+    print(f"job {job_id}: preempted at step {preempted_at}; JobState={info['JobState']} "
+          f"ExitCode={info['ExitCode']} Restarts={info.get('Restarts')}")
+    log = job_log(tmp_path, job_id)  # --open-mode=append: both runs
+    assert "caught SIGUSR1" in log and "restart 1:" in log, log
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert lines[:preempted_at] == first_run_lines, "the resumed run kept the first run's metrics"
+    assert [json.loads(line)["step"] for line in lines] == list(range(1, max_steps + 1)), log
+    assert checkpoint_steps(run) == [preempted_at, max_steps]
+    assert not (run / "PREEMPTED").exists() and not (run / "STOP").exists()
