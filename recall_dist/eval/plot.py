@@ -9,31 +9,62 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: ranks and CI have no display
+import matplotlib.cm  # noqa: E402
+import matplotlib.colors  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def _sweep_panel(ax, result: dict) -> None:
-    models = list(dict.fromkeys(r["model"] for r in result["rows"]))
+MARKERS = "osD^vP*X"
+
+
+def _limits(values: list[float]) -> tuple[float, float]:
+    """Zoom on the data (SPEC plots are often crowded near Precision or Recall 1), within [0, 1]."""
+    lo, hi = min(values), max(values)
+    pad = max(0.08 * (hi - lo), 0.02)
+    lo, hi = max(lo - pad, 0.0), min(hi + pad, 1.0)
+    if hi - lo < 0.1:  # never zoom so far that noise looks like a trend
+        mid = (lo + hi) / 2
+        lo, hi = max(min(mid - 0.05, 0.9), 0.0), min(max(mid + 0.05, 0.1), 1.0)
+    return lo - 0.01, hi + 0.01
+
+
+def _sweep_panel(fig, ax, result: dict) -> None:
+    rows_all = result["rows"]
+    models = list(dict.fromkeys(r["model"] for r in rows_all))
+    temps = sorted({r["temperature"] for r in rows_all})
+    norm = matplotlib.colors.Normalize(min(temps), max(temps) if len(temps) > 1 else min(temps) + 1)
+    cmap = plt.get_cmap("plasma")
+    xlim, ylim = _limits([r["recall"] for r in rows_all]), _limits([r["precision"] for r in rows_all])
+    ax.set_xlim(*xlim)
+    ax.set_ylim(*ylim)
+    placed: list[tuple[float, float]] = []
     for i, model in enumerate(models):
-        rows = sorted((r for r in result["rows"] if r["model"] == model), key=lambda r: r["temperature"])
-        color = f"C{i}"
+        rows = sorted((r for r in rows_all if r["model"] == model), key=lambda r: r["temperature"])
         s = result["summary"][model]
-        ax.plot([r["recall"] for r in rows], [r["precision"] for r in rows], "o-", color=color, lw=1.8, ms=5,
-                label=f"{model}  (max R {s['max_recall']:.2f}, AUC {s['pr_auc']:.3f})")
-        for j, r in enumerate(rows):
-            # Alternate label sides so neighbouring temperatures do not overwrite each other.
-            dy = 7 if (i + j) % 2 == 0 else -13
-            ax.annotate(f"T={r['temperature']:g}", (r["recall"], r["precision"]), textcoords="offset points",
-                        xytext=(5, dy), fontsize=8, color=color)
-    recall_name = "k-NN Recall" if result["metric"] == "text" else "Recall@N"
-    precision_name = "k-NN Precision" if result["metric"] == "text" else "Precision  Q_T(supp P)"
-    ax.set_xlabel(recall_name)
-    ax.set_ylabel(precision_name)
-    ax.set_xlim(-0.02, 1.02)
-    ax.set_ylim(-0.02, 1.05)
+        xs, ys = [r["recall"] for r in rows], [r["precision"] for r in rows]
+        ax.plot(xs, ys, "-", color=f"C{i}", lw=1.8, zorder=1,
+                label=f"{model}  (max R {s['max_recall']:.3f}, AUC {s['pr_auc']:.3f})")
+        ax.scatter(xs, ys, c=[r["temperature"] for r in rows], cmap=cmap, norm=norm, s=55,
+                   marker=MARKERS[i % len(MARKERS)], edgecolors=f"C{i}", linewidths=1.5, zorder=2)
+        for r in rows:
+            # Label a point unless another label already sits within ~4% of the axes (crowded curves
+            # stay readable; the colour bar still gives every point's T).
+            fx = (r["recall"] - xlim[0]) / (xlim[1] - xlim[0])
+            fy = (r["precision"] - ylim[0]) / (ylim[1] - ylim[0])
+            if all((fx - px) ** 2 + (fy - py) ** 2 > 0.045 ** 2 for px, py in placed):
+                placed.append((fx, fy))
+                ax.annotate(f"T={r['temperature']:g}", (r["recall"], r["precision"]), textcoords="offset points",
+                            xytext=(6, 4), fontsize=8, color=f"C{i}")
+    fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="temperature T", pad=0.02)
+    if result["metric"] == "text":
+        ax.set_xlabel("k-NN Recall")
+        ax.set_ylabel("k-NN Precision")
+    else:
+        ax.set_xlabel(f"Recall@{rows_all[0]['recall_at_n']}  (expected P-mass covered by N samples)")
+        ax.set_ylabel("Precision  Q_T(supp P)")
     ax.grid(alpha=0.3)
     ax.set_title(f"Temperature sweep ({result['task']})")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.85)
 
 
 def _pr_curve_panel(ax, result: dict) -> None:
@@ -49,14 +80,14 @@ def _pr_curve_panel(ax, result: dict) -> None:
     ax.set_ylim(-0.02, 1.05)
     ax.grid(alpha=0.3)
     ax.set_title(f"PR curve of Q_T vs P at T={t_ref:g}")
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="best", fontsize=8, framealpha=0.85)
 
 
 def plot_sweep(result: dict, path: str | Path) -> Path:
     """Write the figure of a ``sweep.json``-shaped ``result`` to ``path`` (PNG) and return the path."""
     panels = 2 if result.get("pr_curves") else 1
-    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5.5), squeeze=False)
-    _sweep_panel(axes[0, 0], result)
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 5.5), squeeze=False)
+    _sweep_panel(fig, axes[0, 0], result)
     if panels == 2:
         _pr_curve_panel(axes[0, 1], result)
     fig.tight_layout()

@@ -39,12 +39,17 @@ def recall_at_precision(precision: Sequence[float], recall: Sequence[float], min
 
 
 def pr_auc(precision: Sequence[float], recall: Sequence[float]) -> float:
-    """Area under the curve Precision(Recall) through the grid's points, sorted by Recall, by the
-    trapezoid rule between the smallest and the largest Recall reached (no extrapolation beyond the
-    grid, so a model whose temperatures span a wider Recall range gets credit for it)."""
+    """Area under the interpolated PR curve of the grid's points: at recall r the precision is the
+    best one reached at any recall >= r (the information-retrieval convention: a curve that turns
+    back at high T, losing both Precision and Recall, is not penalised for the dominated points),
+    integrated from Recall 0 to the largest Recall reached.  Between 0 and max-Recall x max-Precision."""
     _check(precision, recall)
-    pts = sorted(zip(recall, precision))
-    return sum((r2 - r1) * (p1 + p2) / 2 for (r1, p1), (r2, p2) in zip(pts, pts[1:]))
+    area, previous = 0.0, 0.0
+    for r in sorted(set(recall)):
+        best = max(p for p, rr in zip(precision, recall) if rr >= r)
+        area += (r - previous) * best
+        previous = r
+    return area
 
 
 def summarize(temperatures: Sequence[float], precision: Sequence[float], recall: Sequence[float],

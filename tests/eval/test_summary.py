@@ -20,11 +20,11 @@ def test_max_recall_and_recall_at_precision():
     assert math.isnan(summary.recall_at_precision(PREC, REC, 0.995))
 
 
-def test_pr_auc_trapezoid_over_recall():
-    # sorted by recall: (0.1, .99), (0.3, .9), (0.4, .2), (0.5, .6)
-    expected = 0.2 * (0.99 + 0.9) / 2 + 0.1 * (0.9 + 0.2) / 2 + 0.1 * (0.2 + 0.6) / 2
-    assert summary.pr_auc(PREC, REC) == pytest.approx(expected)
-    assert summary.pr_auc([0.5], [0.5]) == 0.0
+def test_pr_auc_interpolated_precision():
+    # p_interp = .99 on (0, .1], .9 on (.1, .3], .6 on (.3, .4] and (.4, .5]: the (.4, .2) point is dominated
+    assert summary.pr_auc(PREC, REC) == pytest.approx(0.1 * 0.99 + 0.2 * 0.9 + 0.1 * 0.6 + 0.1 * 0.6)
+    assert summary.pr_auc([0.8], [0.5]) == pytest.approx(0.4)
+    assert summary.pr_auc([1.0, 1.0], [1.0, 0.3]) == pytest.approx(1.0)
 
 
 def test_summarize_sorts_by_temperature():
