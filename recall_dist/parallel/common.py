@@ -76,12 +76,16 @@ def check_shapes(lead: torch.Size, target: torch.Size, what: str) -> None:
         raise ValueError(f"{what} leading shape {tuple(lead)} does not match target shape {tuple(target)}")
 
 
-def chunk_rows(chunk_size: int | None, n_cols: int, n_tokens: int) -> int:
+def chunk_rows(chunk_size: int | None, n_cols: int, n_tokens: int, hidden_size: int = 0) -> int:
+    """Tokens per chunk.  Default (Liger's rule): a logits chunk about as large as the hidden
+    states (N x H elements), and at least ``DEFAULT_CHUNK_ELEMENTS``; so ~V/H chunks, each a
+    full-speed matmul, and never an N x V tensor."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    return max(16, min(max(n_tokens, 1), DEFAULT_CHUNK_ELEMENTS // max(n_cols, 1)))
+    budget = max(DEFAULT_CHUNK_ELEMENTS, n_tokens * hidden_size)
+    return max(16, min(max(n_tokens, 1), budget // max(n_cols, 1)))
 
 
 def chunk_partials(logits: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor):

@@ -25,8 +25,27 @@ from recall_dist.parallel.common import (LossOutput, Tokens, acc_dtype, check_sh
                                          prepare_tokens, reduce_lse, reduce_max, token_weights)
 
 
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) exists for CUDA in recent PyTorch
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """a @ b with the result in ``dtype`` (bf16 inputs -> fp32 output without a bf16 round trip on CUDA)."""
+    global _MM_OUT_DTYPE
+    if a.dtype != dtype and a.is_cuda and _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except (RuntimeError, TypeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    return (a @ b).to(dtype)
+
+
 def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return (h @ w.t()).to(acc_dtype(h.dtype))
+    return _mm(h, w.t(), acc_dtype(h.dtype))
+
+
+def _subtract_at_target(p: torch.Tensor, target: torch.Tensor, in_shard: torch.Tensor, value: torch.Tensor) -> None:
+    """p[n, target_n] -= value_n where the target is in this shard (a scatter: no host sync)."""
+    p.scatter_add_(1, target.unsqueeze(1), torch.where(in_shard, -value.to(p.dtype), 0.0).unsqueeze(1))
 
 
 class _Grads:
@@ -48,7 +67,7 @@ class _Grads:
         """Add the chunk's logit gradient ``p`` [c, n_cols] (acc dtype) for hidden rows ``hc``."""
         g = p.to(hc.dtype)
         if self.h is not None:
-            self.h.index_copy_(0, idx, (g @ w).to(self.h.dtype))
+            self.h.index_copy_(0, idx, _mm(g, w, self.h.dtype))
         if self.w is not None:
             rows = self.w[:self.n_cols]
             same = g.dtype == rows.dtype
@@ -59,7 +78,7 @@ class _Grads:
             elif same:
                 rows.addmm_(g.t(), hc)
             else:
-                rows += (g.t() @ hc).to(rows.dtype)
+                rows += _mm(g.t(), hc, rows.dtype)
 
     def finish(self, scale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Scale both gradients (``None``: the step is skipped, gradients are zero)."""
@@ -102,8 +121,7 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
         # w * softmax in one pass: exp(z - m) * w * exp(m - lse); then -w at the target
         w_chunk = wt.to(z.dtype)
         p = z.mul_((w_chunk * torch.exp(m - lse)).unsqueeze(1))
-        hit = in_shard.nonzero().squeeze(1)
-        p[hit, target[hit]] -= w_chunk[hit]
+        _subtract_at_target(p, target, in_shard, w_chunk)
         grads.add(p, hc, idx, w)
         nlls.append(nll), weights.append(wt), finites.append(finite)
     empty = torch.zeros(0, dtype=torch.float64, device=h.device)
@@ -135,8 +153,7 @@ def _two_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, 
             hc = h.index_select(0, idx)
             # coef * softmax in one pass: exp(z - (lse - log coef)); then -coef at the target
             p = _logits(hc, w).sub_(shift[k].to(lse.dtype).unsqueeze(1)).exp_()
-            hit = in_shard.nonzero().squeeze(1)
-            p[hit, target[hit]] -= coef[k][hit].to(p.dtype)
+            _subtract_at_target(p, target, in_shard, coef[k])
             grads.add(p, hc, idx, w)
     return (coef * nll).sum().to(acc_dtype(h.dtype)), stats, grads.finish(torch.ones((), dtype=torch.float64))
 
@@ -150,7 +167,7 @@ class _FusedLinearLoss(torch.autograd.Function):
                                 local_vocab=weight.shape[0], tp_group=tp_group)
         w = weight[:tokens.n_cols]  # padded vocabulary rows never enter the softmax
         grads = _Grads(h, weight, tokens.n_cols, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        rows = chunk_rows(chunk_size, tokens.n_cols, len(tokens))
+        rows = chunk_rows(chunk_size, tokens.n_cols, len(tokens), h.shape[1])
         # fp16 cannot hold unnormalised c-Div weights (e^{(alpha-1) l}) before the global 1/Z.
         schedule = _single_pass if loss.single_pass and h.dtype != torch.float16 else _two_pass
         local_loss, stats, (grad_h, grad_w) = schedule(h, w, tokens, loss, tp_group, dp_group, rows, grads)

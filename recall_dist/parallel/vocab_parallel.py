@@ -55,8 +55,7 @@ class _VocabParallelLoss(torch.autograd.Function):
         for i in range(0, index.numel(), rows):
             sl = slice(i, i + rows)
             p = torch.exp(x.index_select(0, index[sl])[:, :n_cols].to(lse.dtype) - lse[sl].unsqueeze(1))
-            hit = in_shard[sl].nonzero().squeeze(1)
-            p[hit, local_target[sl][hit]] -= 1.0
+            p.scatter_add_(1, local_target[sl].unsqueeze(1), -in_shard[sl].to(p.dtype).unsqueeze(1))
             p.mul_(scale[sl].unsqueeze(1))
             grad[index[sl], :n_cols] = p.to(grad.dtype)
         return grad.view_as(logits), None, None, None, None, None, None, None, None
