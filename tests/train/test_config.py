@@ -1,0 +1,74 @@
+"""Config errors stop ``recall-dist train`` before anything is written: unknown loss, bad alpha,
+missing dataset file, tokenizer/model vocabulary mismatch -- each names the key, exits non-zero,
+and leaves an existing output directory byte-for-byte as it was."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from recall_dist.configtree import ConfigError
+from recall_dist.train import cli
+from recall_dist.train.config import load_train_config
+from tests.train.helpers import tiny_config_dict
+
+CASES = [
+    (["loss.name=cdvi"], ["loss.name", "'cdvi'", "cdiv", "lambda_pr", "nll", "truncr"]),
+    (["loss.params.alpha=-1"], ["loss.params.alpha", "alpha"]),
+    (["data.source=/nonexistent/train.jsonl", "data.task_params={}"], ["data.source", "/nonexistent/train.jsonl", "not found"]),
+    (["model.config.vocab_size=8"], ["model.config.vocab_size", "vocabulary mismatch", "13"]),
+]
+
+
+def _snapshot(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("overrides,expected", CASES, ids=["unknown-loss", "bad-alpha", "missing-data", "vocab"])
+def test_config_error_exits_nonzero_names_key_and_writes_nothing(tmp_path, capsys, overrides, expected):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0}\n')
+    (out / "checkpoints").mkdir()
+    before = _snapshot(out)
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(out)))
+    code = cli.main([str(config), *overrides])
+    err = capsys.readouterr().err
+    assert code != 0
+    assert "config error" in err
+    for fragment in expected:
+        assert fragment in err, f"{fragment!r} not in {err!r}"
+    assert _snapshot(out) == before
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "metrics.jsonl"]
+
+
+def test_shipped_configs_load_with_the_paper_setting():
+    for name, rule in [("nll", "nll"), ("cdiv", "cdiv"), ("truncr", "truncr"), ("lambda_pr", "lambda_pr")]:
+        cfg = load_train_config(f"configs/{name}.yaml")
+        assert cfg.loss.name == rule
+        assert (cfg.optim.name, cfg.optim.lr, cfg.train.global_batch_size, cfg.train.epochs) == ("adam", 1e-6, 8, 3)
+        assert cfg.model.config["hidden_size"] == 4096  # llama2-7b by default
+    assert load_train_config("configs/cdiv.yaml").loss.params["alpha"] == 1.4
+    assert load_train_config("configs/cdiv.yaml", ["model=llama2-13b"]).model.config["hidden_size"] == 5120
+    assert load_train_config("configs/tiny_cpu.yaml").backend.name == "deepspeed"
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["backend.name=megatron"], "backend.name"),
+    (["backend.zero_stage=1"], "backend.zero_stage"),
+    (["optim.lr=0"], "optim.lr"),
+    (["train.resume=/no/such/checkpoint"], "train.resume"),
+    (["model=llama3"], "model"),
+])
+def test_other_bad_values_name_their_key(overrides, key):
+    with pytest.raises(ConfigError) as err:
+        load_train_config("configs/tiny_cpu.yaml", overrides)
+    assert str(err.value).startswith(key), str(err.value)
+
+
+def test_global_batch_must_split_over_ranks():
+    cfg = load_train_config("configs/cdiv.yaml", ["train.global_batch_size=8", "train.micro_batch_size=1"])
+    assert cfg.train.accumulation_steps(8) == 1 and cfg.train.accumulation_steps(2) == 4
+    with pytest.raises(ConfigError, match="train.global_batch_size"):
+        cfg.train.accumulation_steps(3)
