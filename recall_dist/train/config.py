@@ -9,6 +9,8 @@ is written.
 from __future__ import annotations
 
 import re
+
+import yaml
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -206,8 +208,8 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     data = load_yaml(path) if path is not None else {}
     model_override = [o for o in overrides if o.startswith("model=")]
     rest = [o for o in overrides if not o.startswith("model=")]
-    for item in model_override:
-        data["model"] = item.split("=", 1)[1]
+    for item in model_override:  # a preset name / model YAML path, or a whole {name_or_path: ...} mapping
+        data["model"] = yaml.safe_load(item.split("=", 1)[1])
     base = Path(path).parent if path is not None else None
     if isinstance(data.get("model"), str):
         data["model"] = _resolve_model_file(data["model"], base)
