@@ -9,11 +9,11 @@ is written.
 from __future__ import annotations
 
 import re
-
-import yaml
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
+
+import yaml
 
 from recall_dist.configtree import ConfigError, apply_overrides, check, from_dict, load_yaml
 from recall_dist.data.dataset import DataConfig
