@@ -61,7 +61,11 @@ def main(argv: list[str] | None = None) -> int:
         print(compute_shard(cfg, args.shard, cfg.num_shards))
         return 0
     if args.aggregate_only:
-        result = aggregate(cfg)
+        try:
+            result = aggregate(cfg)
+        except (FileNotFoundError, ValueError) as e:
+            print(f"recall-dist sweep: cannot aggregate: {e}", file=sys.stderr)
+            return 1
     else:
         import torch.distributed as dist
 

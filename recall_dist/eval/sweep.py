@@ -109,7 +109,8 @@ def load_model(spec: ModelSpec, cache_dir: Path):
             export_hf(path, exported)
         path = exported
     if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % torch.cuda.device_count())
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -54,9 +55,20 @@ def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 4, explain
         raise ValueError(f"need more than k = {k} points per set; got {len(real)}")
     if explained_variance is not None:
         real, fake = pca_project(real, fake, explained_variance, seed)
+    # prdc tests "distance < k-NN radius" strictly: a reference repeated more than k times has radius 0
+    # and can never be matched (discrete outputs, e.g. the synthetic tasks: use known_support there).
+    duplicated = _zero_radius_fraction(real, k)
+    if duplicated > 0.05:
+        warnings.warn(f"{duplicated:.0%} of the references have a zero k-NN radius (more than k = {k} exact "
+                      "duplicates): k-NN precision/recall are degenerate on such discrete data", stacklevel=2)
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
         out = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
     return {name: float(value) for name, value in out.items()}
+
+
+def _zero_radius_fraction(points: np.ndarray, k: int) -> float:
+    _, counts = np.unique(points, axis=0, return_counts=True)
+    return float(counts[counts > k].sum() / len(points))
 
 
 class Encoder(Protocol):

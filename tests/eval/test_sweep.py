@@ -90,6 +90,21 @@ def test_cli_writes_table_and_plot(checkpoints, tmp_path, capsys):
     assert set(summary) == {"nll", "cdiv"} and all(s["max_recall"] >= 0 for s in summary.values())
 
 
+def test_cli_single_shards_then_aggregate(checkpoints, tmp_path, capsys):
+    import yaml
+
+    cfg_path = tmp_path / "sweep.yaml"
+    cfg_path.write_text(yaml.safe_dump(_config(checkpoints, tmp_path / "out", num_samples=0, recall_at_n=5,
+                                               temperatures=[1.0, 2.0])))
+    assert main([str(cfg_path), "--aggregate-only", "--num-shards", "3"]) == 1
+    assert "3 of 3 shards missing" in capsys.readouterr().err
+    for shard in (2, 0, 1):  # any order, e.g. a Slurm job array
+        assert main([str(cfg_path), "--shard", str(shard), "--num-shards", "3"]) == 0
+    assert main([str(cfg_path), "--aggregate-only", "--num-shards", "3"]) == 0
+    assert len((tmp_path / "out" / "sweep.csv").read_text().splitlines()) == 1 + 2 * 2
+    assert main([str(cfg_path), "--shard", "0"]) == 2 and "--num-shards" in capsys.readouterr().err
+
+
 def test_config_errors_name_the_key(checkpoints, tmp_path, capsys):
     good = _config(checkpoints, tmp_path)
     cases = [

@@ -55,6 +55,14 @@ def test_pca_keeps_the_requested_variance():
     assert text.pca_project(base[:150], base[150:], explained_variance=1.0)[0].shape[1] >= 5
 
 
+def test_duplicated_references_warn():
+    rng = np.random.default_rng(4)
+    real = np.repeat(_cluster(rng, 10, 0, spread=3.0), 10, axis=0)  # 10 distinct points, 10 copies each
+    with pytest.warns(UserWarning, match="zero k-NN radius"):
+        out = text.knn_precision_recall(real, real.copy(), k=4)
+    assert out["precision"] == 0.0  # the degeneracy the warning is about
+
+
 def test_bad_inputs():
     x = np.zeros((10, 3))
     with pytest.raises(ValueError, match="equal-sized"):
