@@ -20,3 +20,17 @@ def slurm_cluster():
     finally:
         cluster.stop()
         cluster.cleanup()
+
+
+@pytest.fixture(scope="session")
+def ray_head():
+    """A running Ray head on 127.0.0.1 (2 CPUs, dashboard/job server on), stopped by PID at the end."""
+    from tests.launch.ray_cluster import RayHead
+
+    head = RayHead(num_cpus=2, env={"DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"})
+    try:
+        head.start()
+        yield head
+    finally:
+        head.stop()
+        head.cleanup()

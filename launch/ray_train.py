@@ -1,0 +1,124 @@
+"""The recall_dist trainer under Ray Train (V2): a ``TorchTrainer`` whose workers call ``run_training``.
+
+    ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
+        python launch/ray_train.py configs/tiny_cpu.yaml train.output_dir=/shared/runs/tiny [ray.num_workers=2 ...]
+
+Arguments are those of ``recall-dist train`` (a config and ``key=value`` overrides) plus ``ray.*`` keys
+(``RayConfig`` below: workers, GPUs, failure handling, Ray's storage).  Ray sets up the process group
+(gloo on CPU, NCCL on GPU); the trainer joins it.
+
+Failure handling: when a worker or its node dies, Ray restarts the worker group (up to
+``ray.max_failures`` times) and each worker calls ``run_training`` again; ``train.resume: auto`` makes
+it continue from the latest checkpoint in ``train.output_dir`` (our own checkpoint, not a Ray one: it
+holds the optimizer, data position, RNG and truncation buffer).  So ``train.output_dir`` must be on
+storage every node sees, and it must not be relative to the job's working dir (a temporary copy): a
+relative ``train.output_dir`` is placed under ``$RECALL_DIST_OUTPUT_ROOT`` (default ``~/recall_dist``).
+Re-submitting with the same output dir (and ``ray.storage_path``/``ray.name``) also resumes.
+
+Every rank calls ``ray.train.report`` exactly once, after training, with the run's summary.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+try:
+    import recall_dist  # noqa: F401
+except ImportError:  # run from a checkout without `pip install -e .`
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from recall_dist.configtree import ConfigError, apply_overrides, check, from_dict  # noqa: E402
+
+
+@dataclass
+class RayConfig:
+    """How the run is laid out on the Ray cluster (``ray.key=value`` on the command line)."""
+
+    num_workers: int = 2  # training ranks (one per GPU with use_gpu)
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has any
+    cpus_per_worker: float = 1.0
+    max_failures: int = 2  # worker-group restarts; each resumes from the latest checkpoint
+    storage_path: str | None = None  # Ray Train's run state; None: <train.output_dir>/ray
+    name: str | None = None  # Ray Train run name; None: the basename of train.output_dir
+
+    def __post_init__(self):
+        check(self.num_workers >= 1, "num_workers", self.num_workers, "an integer >= 1")
+        check(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        check(self.max_failures >= -1, "max_failures", self.max_failures, "an integer >= 0, or -1 (unlimited)")
+
+
+def parse_args(argv: list[str]):
+    """``CONFIG.yaml [key=value ...]`` -> (TrainConfig, RayConfig); ``ray.*`` keys go to RayConfig."""
+    from recall_dist.train.config import load_train_config
+
+    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
+        raise SystemExit(__doc__)
+    config, overrides = argv[0], argv[1:]
+    ray_overrides = [o[len("ray."):] for o in overrides if o.startswith("ray.")]
+    cfg = load_train_config(config, [o for o in overrides if not o.startswith("ray.")])
+    ray_cfg = from_dict(RayConfig, apply_overrides({}, ray_overrides), "ray")
+    output_dir = Path(cfg.train.output_dir).expanduser()
+    if not output_dir.is_absolute():
+        root = Path(os.environ.get("RECALL_DIST_OUTPUT_ROOT", "~/recall_dist")).expanduser()
+        output_dir = root / output_dir
+    cfg.train.output_dir = str(output_dir.resolve())
+    return cfg, ray_cfg
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: the process group exists (Ray made it); train, then report once."""
+    import ray.train
+
+    from recall_dist.train.trainer import run_training
+
+    summary = run_training(loop_config["cfg"])
+    last = summary.get("last") or {}
+    ray.train.report({"step": summary["step"], "total_steps": summary["total_steps"],
+                      "preempted": summary["preempted"], "skipped_steps": summary["skipped_steps"],
+                      "loss": last.get("loss"), "nll": last.get("nll"), "output_dir": summary["output_dir"]})
+
+
+def build_trainer(cfg, ray_cfg: RayConfig):
+    import ray
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    use_gpu = ray_cfg.use_gpu
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    output_dir = Path(cfg.train.output_dir)
+    storage = Path(ray_cfg.storage_path).expanduser().resolve() if ray_cfg.storage_path else output_dir / "ray"
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg": cfg},
+        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
+        run_config=RunConfig(storage_path=str(storage), name=ray_cfg.name or output_dir.name,
+                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cfg, ray_cfg = parse_args(argv)
+    except ConfigError as e:
+        print(f"ray_train: config error: {e}", file=sys.stderr)
+        return 2
+    import ray
+
+    ray.init()  # inside `ray job submit`: the job's cluster; otherwise RAY_ADDRESS or a local one
+    print(f"ray_train: {ray_cfg} -> {cfg.train.output_dir}", flush=True)
+    result = build_trainer(cfg, ray_cfg).fit()
+    if result.error is not None:
+        print(f"ray_train: failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"ray_train: done: {cfg.train.output_dir}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
