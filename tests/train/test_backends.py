@@ -7,13 +7,23 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recall_dist.configtree import load_yaml
 from recall_dist.distributed.testing import run_distributed_test
+from recall_dist.train.config import MODEL_PRESET_DIR
 from tests.train.helpers import build, reference_loss, tiny_config_dict
 
 WORLD = 2
-CASES = [({"name": "deepspeed", "zero_stage": 2}, "zero2"),
-         ({"name": "deepspeed", "zero_stage": 3}, "zero3"),
-         ({"name": "fsdp2"}, "fsdp2")]
+CASES = [({"name": "deepspeed", "zero_stage": 2}, False, "zero2"),
+         ({"name": "deepspeed", "zero_stage": 3}, False, "zero3"),
+         ({"name": "fsdp2"}, False, "fsdp2"),
+         # Tied embeddings: the head weight is embed_tokens.weight, used outside lm_head's forward.
+         ({"name": "deepspeed", "zero_stage": 3}, True, "zero3-tied")]
+
+
+def _model(tied: bool) -> dict:
+    model = load_yaml(MODEL_PRESET_DIR / "tiny-llama.yaml")
+    model["config"]["tie_word_embeddings"] = tied
+    return model
 
 
 def _worker(data: dict, result_path: str, steps: int) -> None:
@@ -55,14 +65,15 @@ def _reference_grads(data: dict) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("backend,label", CASES, ids=[c[1] for c in CASES])
-def test_two_process_engine_matches_single_process_and_learns(tmp_path, backend, label):
-    data = tiny_config_dict(tmp_path / "run", backend=backend)
+@pytest.mark.parametrize("backend,tied,label", CASES, ids=[c[2] for c in CASES])
+def test_two_process_engine_matches_single_process_and_learns(tmp_path, backend, tied, label):
+    data = tiny_config_dict(tmp_path / "run", backend=backend, model=_model(tied))
     result = tmp_path / "result.pt"
     run_distributed_test(_worker, WORLD, data, str(result), 25)
     got = torch.load(result)
     expected = _reference_grads(data)
     assert set(got["grads"]) == set(expected)
+    assert ("model.lm_head.weight" in expected) is not tied
     for name, ref in expected.items():
         torch.testing.assert_close(got["grads"][name], ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{label} {name}: {m}")
     nll = got["nll"]

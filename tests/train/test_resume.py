@@ -14,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 import yaml
 
 from recall_dist.train.checkpoint import latest_checkpoint
@@ -28,7 +29,8 @@ def _write_config(tmp_path: Path, backend: dict) -> Path:
     data = tiny_config_dict("unused", backend=backend,
                             data={"num_samples": 1024},
                             loss={"name": "truncr", "params": {"drop": 0.5, "buffer_size": 64, "min_count": 16}},
-                            train={"max_steps": STEPS, "checkpoint_every": 4, "keep_checkpoints": 2})
+                            train={"max_steps": STEPS, "checkpoint_every": 4, "keep_checkpoints": 2,
+                                   "export_final": True})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -70,6 +72,22 @@ def _worker_of_rank(proc: subprocess.Popen, rank: str) -> psutil.Process:
     raise AssertionError(f"no worker with RANK={rank}")
 
 
+def _check_exports(out: Path, tmp_path: Path) -> None:
+    """``final/`` (written from the live engine) loads with transformers and equals ``export_hf`` of
+    the last checkpoint (read offline, one process)."""
+    from transformers import AutoModelForCausalLM
+
+    from recall_dist.data import load_tokenizer
+    from recall_dist.train.export import export_hf
+
+    final = AutoModelForCausalLM.from_pretrained(out / "final")
+    assert len(load_tokenizer(str(out / "final"))) == final.config.vocab_size
+    offline = AutoModelForCausalLM.from_pretrained(
+        export_hf(latest_checkpoint(out / "checkpoints"), tmp_path / "exported"))
+    for (name, a), (_, b) in zip(final.state_dict().items(), offline.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def _baseline(config: Path, tmp_path: Path) -> dict[int, float]:
     out = tmp_path / "baseline"
     _finish(_launch(config, out))
@@ -95,6 +113,7 @@ def test_sigterm_on_one_worker_checkpoints_exits_zero_and_resume_reproduces(tmp_
     _finish(_launch(config, out))
     assert not (out / "PREEMPTED").exists()
     assert _losses(out) == expected
+    _check_exports(out, tmp_path)
 
 
 @pytest.mark.slow
@@ -110,3 +129,4 @@ def test_hard_kill_after_checkpoint_then_resume_reproduces_fsdp2(tmp_path):
     assert resumed_from is not None and resumed_from.name >= "step_00000008"
     _finish(_launch(config, out))
     assert _losses(out) == expected
+    _check_exports(out, tmp_path)
