@@ -74,8 +74,14 @@ rd_srun_argv() {
 }
 
 RD_SIGNALLED=""
+RD_SIGNAL_ACTION=checkpoint  # checkpoint (training) | requeue (the sweep: finished shards are kept)
 rd_on_signal() {
   RD_SIGNALLED=$1
+  if [ "$RD_SIGNAL_ACTION" = requeue ]; then
+    rd_log "caught SIG$1: requeueing job $SLURM_JOB_ID now (finished shards are kept; the rest are recomputed)"
+    scontrol requeue "$SLURM_JOB_ID" || rd_die "scontrol requeue $SLURM_JOB_ID failed"
+    exit 0
+  fi
   rd_log "caught SIG$1: asking the workers to checkpoint and stop (touching $RECALL_DIST_STOP_FILE)"
   touch "$RECALL_DIST_STOP_FILE"
 }
@@ -159,4 +165,34 @@ rd_finish() {
   fi
   rd_log "signalled, but the run finished before it had to stop (no $OUTPUT_DIR/PREEMPTED): not requeueing"
   exit 0
+}
+
+# The temperature sweep: every rank runs `recall-dist sweep`, computes its shards, rank 0 aggregates.
+#   rd_sweep DEFAULT_CONFIG [CONFIG.yaml] [key=value ...]
+rd_sweep() {
+  CONFIG=$1; shift
+  if [ $# -gt 0 ] && [[ "$1" != *=* ]]; then CONFIG=$1; shift; fi
+  OVERRIDES=()
+  [ -n "${OUTPUT_DIR:-}" ] && OVERRIDES+=("output_dir=$OUTPUT_DIR")
+  OVERRIDES+=("$@")
+
+  rd_setup_env
+  rd_setup_rendezvous
+  [ -f "$CONFIG" ] || rd_die "config not found: $CONFIG (relative to $RECALL_DIST_HOME)"
+  OUTPUT_DIR=$("$PY" - "$CONFIG" "${OVERRIDES[@]}" <<'PYEOF'
+import sys
+from recall_dist.configtree import load_config
+from recall_dist.eval.config import SweepConfig
+print(load_config(SweepConfig, sys.argv[1], sys.argv[2:]).output_dir)
+PYEOF
+) || rd_die "invalid sweep config $CONFIG ${OVERRIDES[*]}"
+  OUTPUT_DIR=$(tail -n1 <<<"$OUTPUT_DIR")
+  rd_log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: sweep on $NNODES node(s) x $NPROC_PER_NODE rank(s), launcher $LAUNCHER"
+  rd_log "config $CONFIG ${OVERRIDES[*]} -> $OUTPUT_DIR (python $PY)"
+  RD_SIGNAL_ACTION=requeue
+  local started
+  started=$(date +%s)
+  rd_python_step -m recall_dist sweep "$CONFIG" "${OVERRIDES[@]}"
+  rd_log "step exited $RD_RC after $(( $(date +%s) - started ))s"
+  exit "$RD_RC"
 }

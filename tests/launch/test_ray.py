@@ -33,19 +33,45 @@ def assert_succeeded(head, job_id: str, timeout: float) -> str:
     return head.job_logs(job_id)
 
 
-def test_ray_job_submit_trains(ray_head, tmp_path):
-    """`ray job submit -- python launch/ray_train.py configs/tiny_cpu.yaml`: Ray Train runs 2 workers
-    of our trainer; the job SUCCEEDS and leaves the checkpoint, metrics and HF export."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def ray_trained_run(ray_head, tmp_path_factory):
+    """`ray job submit -- python launch/ray_train.py configs/tiny_cpu.yaml` (c-Div, 6 steps, 2 workers)."""
+    run = tmp_path_factory.mktemp("ray_train") / "run"
     job_id = submit(ray_head, *TINY, "loss.name=cdiv", "train.max_steps=6", f"train.output_dir={run}",
                     "ray.num_workers=2")
     logs = assert_succeeded(ray_head, job_id, timeout=300)
-    print(f"{ray_head.last_status_line}")
+    return run, logs, ray_head.last_status_line
+
+
+def test_ray_job_submit_trains(ray_trained_run):
+    """Ray Train runs 2 workers of our trainer on 127.0.0.1; the job SUCCEEDS and leaves the
+    checkpoint, metrics and HF export."""
+    run, logs, status_line = ray_trained_run
+    print(status_line)
     assert "world_rank=1" in logs and "ip=127.0.0.1" in logs, logs
     assert [m["step"] for m in read_metrics(run)] == list(range(1, 7)), logs
     assert checkpoint_steps(run) == [6]
     assert (run / "final" / "config.json").exists(), logs
     assert (run / "ray").is_dir(), "Ray Train's run state under <output_dir>/ray"
+
+
+def test_ray_sweep(ray_head, ray_trained_run, tmp_path):
+    """`launch/ray_sweep.py`: one Ray task per shard, then the aggregate table and plot."""
+    run, _, _ = ray_trained_run
+    out = tmp_path / "sweep"
+    out_text = ray_head.ray("job", "submit", "--address", ray_head.address, "--no-wait", "--working-dir", ".",
+                            "--", "python", "launch/ray_sweep.py", "configs/sweep.yaml",
+                            f"models=[{{name: cdiv, path: {run}/final}}]", "temperatures=[0.5,1.0]",
+                            "num_samples=20", f"output_dir={out}", "ray.num_shards=2", cwd=str(REPO))
+    job_id = re.search(r"raysubmit_\w+", out_text).group(0)
+    logs = assert_succeeded(ray_head, job_id, timeout=300)
+    print(ray_head.last_status_line)
+    assert sorted(p.name for p in (out / "shards").glob("*.json")) == \
+        ["shard-00000-of-00002.json", "shard-00001-of-00002.json"], logs
+    table = json.loads((out / "sweep.json").read_text())
+    assert sorted({(r["model"], r["temperature"]) for r in table["rows"]}) == [("cdiv", 0.5), ("cdiv", 1.0)]
+    assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in table["rows"])
+    assert (out / "pr_curve.png").stat().st_size > 0 and (out / "sweep.csv").exists()
 
 
 def test_ray_worker_failure_restarts_group_from_our_checkpoint(ray_head, tmp_path):

@@ -63,15 +63,21 @@ def test_allreduce_job_through_both_launchers(slurm_cluster, tmp_path):
         assert all(r["master_addr"] == "localhost" and r["slurm_job_id"] == job_id for r in ranks)
 
 
-def test_sbatch_train_cdiv(slurm_cluster, tmp_path):
-    """`sbatch slurm/train_cdiv.sh configs/tiny_cpu.yaml`: 2 ranks train c-Div to max_steps, then the
-    checkpoint, metrics and HF export are where the trainer promises."""
-    run = tmp_path / "run"
-    job_id = sbatch(slurm_cluster, tmp_path, "slurm/train_cdiv.sh", *TINY, "train.max_steps=6",
-                    OUTPUT_DIR=str(run))
-    info = assert_completed(slurm_cluster, tmp_path, job_id, timeout=240)
+@pytest.fixture(scope="module")
+def slurm_trained_run(slurm_cluster, tmp_path_factory):
+    """`sbatch slurm/train_cdiv.sh configs/tiny_cpu.yaml ...`: 2 ranks, 6 steps of c-Div."""
+    tmp = tmp_path_factory.mktemp("sbatch_train")
+    run = tmp / "run"
+    job_id = sbatch(slurm_cluster, tmp, "slurm/train_cdiv.sh", *TINY, "train.max_steps=6", OUTPUT_DIR=str(run))
+    info = assert_completed(slurm_cluster, tmp, job_id, timeout=240)
+    return run, job_id, info, job_log(tmp, job_id)
+
+
+def test_sbatch_train_cdiv(slurm_trained_run):
+    """The job trains c-Div on 2 ranks to max_steps; the checkpoint, metrics and HF export are where
+    the trainer promises."""
+    run, job_id, info, log = slurm_trained_run
     print(f"job {job_id}: JobState={info['JobState']} ExitCode={info['ExitCode']} Restarts={info.get('Restarts')}")
-    log = job_log(tmp_path, job_id)
     assert "2 rank(s)" in log and "loss.name=cdiv" in log, log
     metrics = read_metrics(run)
     assert [m["step"] for m in metrics] == list(range(1, 7)), log
@@ -80,6 +86,23 @@ def test_sbatch_train_cdiv(slurm_cluster, tmp_path):
     assert (run / "checkpoints" / "step_00000006" / "COMPLETE").exists()
     assert (run / "final" / "config.json").exists(), log
     assert not (run / "PREEMPTED").exists()
+
+
+def test_sbatch_sweep(slurm_cluster, slurm_trained_run, tmp_path):
+    """`sbatch slurm/sweep.sh configs/sweep.yaml ...`: 2 ranks compute a shard each, rank 0 aggregates."""
+    run = slurm_trained_run[0]
+    out = tmp_path / "sweep"
+    job_id = sbatch(slurm_cluster, tmp_path, "slurm/sweep.sh", "configs/sweep.yaml",
+                    f"models=[{{name: cdiv, path: {run}/final}}]", "temperatures=[0.5,1.0]", "num_samples=20",
+                    OUTPUT_DIR=str(out))
+    info = assert_completed(slurm_cluster, tmp_path, job_id, timeout=240)
+    print(f"job {job_id}: JobState={info['JobState']} ExitCode={info['ExitCode']}")
+    log = job_log(tmp_path, job_id)
+    assert sorted(p.name for p in (out / "shards").glob("*.json")) == \
+        ["shard-00000-of-00002.json", "shard-00001-of-00002.json"], log
+    table = json.loads((out / "sweep.json").read_text())
+    assert sorted({(r["model"], r["temperature"]) for r in table["rows"]}) == [("cdiv", 0.5), ("cdiv", 1.0)], log
+    assert (out / "pr_curve.png").stat().st_size > 0 and (out / "sweep.csv").exists()
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
