@@ -26,6 +26,7 @@ from recall_dist.parallel.common import (LossOutput, Tokens, acc_dtype, check_sh
 
 
 _MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) exists for CUDA in recent PyTorch
+_ADDMM_OUT_DTYPE = True
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -48,16 +49,29 @@ def _subtract_at_target(p: torch.Tensor, target: torch.Tensor, in_shard: torch.T
     p.scatter_add_(1, target.unsqueeze(1), torch.where(in_shard, -value.to(p.dtype), 0.0).unsqueeze(1))
 
 
-class _Grads:
-    """Gradient accumulators: dL/dh rows written once per token, dL/dW summed over chunks in fp32.
+def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc += a @ b with ``acc`` in fp32 and a, b possibly bf16: on CUDA one GEMM writing fp32 in place."""
+    global _ADDMM_OUT_DTYPE
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda and _ADDMM_OUT_DTYPE:
+        try:
+            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            return
+        except (RuntimeError, TypeError, NotImplementedError):
+            _ADDMM_OUT_DTYPE = False
+    acc.add_(_mm(a, b, acc.dtype))
 
-    The first chunk writes dL/dW directly (no zero-fill of a V/tp x H buffer)."""
+
+class _Grads:
+    """Gradient accumulators: dL/dh rows written once per token, dL/dW summed over chunks in fp32."""
 
     def __init__(self, h: torch.Tensor, weight: torch.Tensor, n_cols: int, need_h: bool, need_w: bool):
         acc = acc_dtype(h.dtype)
         self.h = torch.zeros(h.shape, dtype=acc, device=h.device) if need_h else None
-        self.w = torch.empty(weight.shape, dtype=acc, device=h.device) if need_w else None
-        self.n_cols, self.w_started = n_cols, False
+        self.w = torch.zeros(weight.shape, dtype=acc, device=h.device) if need_w else None
+        self.n_cols = n_cols
 
     @property
     def needed(self) -> bool:
@@ -69,21 +83,10 @@ class _Grads:
         if self.h is not None:
             self.h.index_copy_(0, idx, _mm(g, w, self.h.dtype))
         if self.w is not None:
-            rows = self.w[:self.n_cols]
-            same = g.dtype == rows.dtype
-            if not self.w_started:
-                self.w[self.n_cols:].zero_()
-                torch.mm(g.t(), hc, out=rows) if same else rows.copy_(g.t() @ hc)
-                self.w_started = True
-            elif same:
-                rows.addmm_(g.t(), hc)
-            else:
-                rows += _mm(g.t(), hc, rows.dtype)
+            _addmm_(self.w[:self.n_cols], g.t(), hc)
 
     def finish(self, scale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Scale both gradients (``None``: the step is skipped, gradients are zero)."""
-        if self.w is not None and not self.w_started:
-            self.w.zero_()
         for g in (self.h, self.w):
             if g is not None:
                 g.zero_() if scale is None else g.mul_(scale.to(g.dtype))
