@@ -116,6 +116,11 @@ def main(argv: list[str] | None = None) -> int:
     if result.error is not None:
         print(f"ray_train: failed: {result.error}", file=sys.stderr)
         return 1
+    preempted = Path(cfg.train.output_dir) / "PREEMPTED"
+    if preempted.exists():  # the stop file (RECALL_DIST_STOP_FILE) was touched: checkpointed, not finished
+        print(f"ray_train: stopped at step {preempted.read_text().strip()} (checkpoint saved); "
+              "submit the same command again to resume", flush=True)
+        return 0
     print(f"ray_train: done: {cfg.train.output_dir}", flush=True)
     return 0
 

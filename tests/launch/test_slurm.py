@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.launch.slurm_cluster import SlurmCluster, free_port
 
@@ -20,10 +21,10 @@ REPO = Path(__file__).resolve().parents[2]
 TINY = ["configs/tiny_cpu.yaml", "train.epochs=100", "train.log_every=1", "train.progress_bar=false"]
 
 
-def sbatch(cluster: SlurmCluster, tmp_path: Path, *args: str, **env: str) -> str:
-    """Submit from the repo root (as a user does) with 2 ranks on one node; returns the job id."""
+def sbatch(cluster: SlurmCluster, tmp_path: Path, *args: str, ranks: int = 2, **env: str) -> str:
+    """Submit from the repo root (as a user does) with ``ranks`` ranks on one node; returns the job id."""
     extra = {"MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo", **env}
-    out = cluster.run("sbatch", "--parsable", "--ntasks-per-node=2", "--cpus-per-task=1", "--time=00:10:00",
+    out = cluster.run("sbatch", "--parsable", f"--ntasks-per-node={ranks}", "--cpus-per-task=1", "--time=00:10:00",
                       f"--output={tmp_path}/%x-%j.out", *args, cwd=str(REPO), env=cluster.env(**extra))
     return out.strip().split(";")[0]
 
@@ -103,6 +104,21 @@ def test_sbatch_sweep(slurm_cluster, slurm_trained_run, tmp_path):
     table = json.loads((out / "sweep.json").read_text())
     assert sorted({(r["model"], r["temperature"]) for r in table["rows"]}) == [("cdiv", 0.5), ("cdiv", 1.0)], log
     assert (out / "pr_curve.png").stat().st_size > 0 and (out / "sweep.csv").exists()
+
+
+def test_grid_cdiv_job_array(slurm_cluster, tmp_path):
+    """`sbatch slurm/grid_cdiv.sh`: one array task per alpha, each into its own output dir."""
+    grid = tmp_path / "grid"
+    array_id = sbatch(slurm_cluster, tmp_path, "--array=0-1", f"--output={tmp_path}/%x-%A_%a.out", "slurm/grid_cdiv.sh", *TINY, "train.max_steps=2",
+                      "train.export_final=false", ranks=1, ALPHAS="1.2 2.0", GRID_DIR=str(grid),
+                      MASTER_PORT="")  # "": each task takes its own port (from its job id)
+    for task, alpha in enumerate(("1.2", "2.0")):
+        info = assert_completed(slurm_cluster, tmp_path, f"{array_id}_{task}", timeout=240)
+        print(f"job {array_id}_{task} (JobId={info['JobId']}): JobState={info['JobState']} ExitCode={info['ExitCode']}")
+        run = grid / f"alpha_{alpha}"
+        assert [m["step"] for m in read_metrics(run)] == [1, 2]
+        saved = yaml.safe_load((run / "checkpoints" / "step_00000002" / "config.yaml").read_text())
+        assert saved["loss"]["name"] == "cdiv" and saved["loss"]["params"]["alpha"] == float(alpha), saved["loss"]
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
