@@ -75,11 +75,15 @@ class DeepSpeedEngine:
         """Make the ZeRO optimizer's inner torch step a no-op: the fp32 master weights and Adam
         moments stay as they were, and ZeRO copies the unchanged masters back."""
         inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
+        shadowed = inner.__dict__.get("step")
         inner.step = lambda *args, **kwargs: None
         try:
             yield
         finally:
-            del inner.step
+            if shadowed is None:
+                del inner.step
+            else:
+                inner.step = shadowed
 
     def step(self, skip: bool = False) -> float | None:
         with self._frozen_update() if skip else contextlib.nullcontext():
