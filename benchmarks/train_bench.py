@@ -42,10 +42,9 @@ def config(backend: dict, loss: dict, args, out: str):
                   "export_final": False, "max_steps": 10 ** 6}})
 
 
-def measure(run, steps: int, warmup: int) -> float:
+def measure(run, data, steps: int, warmup: int) -> float:
     from recall_dist.train.trainer import train_step
 
-    data = run.data
     for _ in range(warmup):
         train_step(run, data)
     tokens, start = 0.0, time.perf_counter()
@@ -77,11 +76,10 @@ def main() -> int:
             for l_name, loss in LOSSES.items():
                 cfg = config(backend, loss, args, tmp)
                 run = setup(cfg, validate_resources(cfg), ctx)
-                run.data = endless(run.batches)
-                runs[b_name, l_name], results[b_name, l_name] = run, []
+                runs[b_name, l_name], results[b_name, l_name] = (run, endless(run.batches)), []
         for _ in range(args.rounds):
-            for key, run in runs.items():
-                results[key].append(measure(run, args.steps, args.warmup))
+            for key, (run, data) in runs.items():
+                results[key].append(measure(run, data, args.steps, args.warmup))
     print(f"tiny Llama hidden={args.hidden} layers={args.layers}, micro-batch {args.micro_batch_size}, 1 CPU "
           f"process, 1 thread, {args.steps} steps x {args.rounds} rounds (best)")
     print(f"{'backend':<8}{'nll tok/s':>12}{'cdiv tok/s':>12}{'cdiv/nll':>10}")

@@ -55,7 +55,8 @@ class FSDP2Engine:
     loss by the accumulation steps and skip the optimizer update on a non-finite step."""
 
     def __init__(self, cfg: TrainConfig, wrapper: nn.Module, ctx, accumulation_steps: int, total_steps: int):
-        wrapper.to(ctx.device)
+        # fully_shard moves each rank's shards (and the buffers) to the mesh's device: the full
+        # model never has to fit on one GPU.
         self.module = apply_fsdp2(wrapper, cfg)
         self.accumulation_steps = accumulation_steps
         self.grad_clip = cfg.optim.grad_clip
