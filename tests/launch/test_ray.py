@@ -81,14 +81,20 @@ def test_ray_worker_failure_restarts_group_from_our_checkpoint(ray_head, tmp_pat
     job_id = submit(ray_head, *TINY, "loss.name=cdiv", f"train.max_steps={max_steps}",
                     "train.checkpoint_every=10", "train.export_final=false", f"train.output_dir={run}",
                     "ray.max_failures=1")
-    deadline = time.monotonic() + 240
-    while not (checkpoint_steps(run) and any(m["step"] >= checkpoint_steps(run)[0] + 2 for m in read_metrics(run))):
-        assert ray_head.job_status(job_id) in ("PENDING", "RUNNING"), ray_head.job_logs(job_id)
+
+    def complete_checkpoints() -> list[int]:
+        return [s for s in checkpoint_steps(run) if (run / "checkpoints" / f"step_{s:08d}" / "COMPLETE").exists()]
+
+    deadline, next_status = time.monotonic() + 240, 0.0
+    while not complete_checkpoints():  # kill as soon as there is one: the run must not end first
+        if time.monotonic() > next_status:  # `ray job status` takes a second or two: not every poll
+            assert ray_head.job_status(job_id) in ("PENDING", "RUNNING"), ray_head.job_logs(job_id)
+            next_status = time.monotonic() + 5
         assert time.monotonic() < deadline, f"no checkpoint yet\n{ray_head.job_logs(job_id)}"
-        time.sleep(0.5)
+        time.sleep(0.1)
     workers = [p for p in ray_head.our_processes() if "RayTrainWorker" in " ".join(p.cmdline())]
     assert len(workers) == 2, [p.cmdline() for p in workers]
-    saved = [s for s in checkpoint_steps(run) if (run / "checkpoints" / f"step_{s:08d}" / "COMPLETE").exists()]
+    saved = complete_checkpoints()
     snapshot = (run / "metrics.jsonl").read_text().splitlines()
     workers[1].send_signal(signal.SIGKILL)  # a worker (or its node) dies
 
