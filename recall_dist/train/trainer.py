@@ -141,7 +141,8 @@ def _train(cfg: TrainConfig, tokenizer, ctx) -> dict:
     watcher = PreemptionWatcher(ctx.dp_group, ctx.device)
     bar = tqdm(total=run.total_steps, initial=run.step, disable=not (ctx.is_main and cfg.train.progress_bar),
                desc=f"train {cfg.loss.name}", dynamic_ncols=True)
-    data, stats, saved_at, preempted = endless(run.batches), {}, None, False
+    # A resumed run already has a checkpoint at its starting step.
+    data, stats, saved_at, preempted = endless(run.batches), {}, (run.step or None), False
     try:
         while run.step < run.total_steps:
             start = time.perf_counter()
