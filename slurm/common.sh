@@ -7,7 +7,7 @@
 #   RECALL_DIST_VENV   virtualenv to activate            [$RECALL_DIST_HOME/.venv]; "none": use the
 #                      python already on PATH (modules, conda)
 #   NPROC_PER_NODE     ranks per node                    [GPUs on the node (--gpus-per-node), else
-#                      $SLURM_NTASKS_PER_NODE (--ntasks-per-node), else 1]
+#                      --ntasks-per-node, else --ntasks / nodes, else 1]
 #   MASTER_PORT        rendezvous port on the head node  [20000 + job id mod 20000]
 #   LAUNCHER           torchrun (one torchrun per node)  [torchrun] | srun (one Slurm task per rank)
 #   OUTPUT_DIR         overrides train.output_dir        [the config's]
@@ -51,7 +51,9 @@ rd_setup_rendezvous() {
   gpus=${gpus%%(*}  # "4(IDX:0-3)" on some versions
   if [ -n "${NPROC_PER_NODE:-}" ]; then :
   elif [ "${gpus:-0}" -gt 0 ] 2>/dev/null; then NPROC_PER_NODE=$gpus
-  else NPROC_PER_NODE=${SLURM_NTASKS_PER_NODE:-1}; NPROC_PER_NODE=${NPROC_PER_NODE%%(*}
+  elif [ -n "${SLURM_NTASKS_PER_NODE:-}" ]; then NPROC_PER_NODE=${SLURM_NTASKS_PER_NODE%%(*}
+  elif [ -n "${SLURM_NTASKS:-}" ]; then NPROC_PER_NODE=$(( (SLURM_NTASKS + NNODES - 1) / NNODES ))  # --ntasks only
+  else NPROC_PER_NODE=1
   fi
   WORLD_SIZE=$((NNODES * NPROC_PER_NODE))
   LAUNCHER=${LAUNCHER:-torchrun}
