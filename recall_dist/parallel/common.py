@@ -88,19 +88,22 @@ def chunk_rows(chunk_size: int | None, n_cols: int, n_tokens: int, hidden_size: 
     return max(16, min(max(n_tokens, 1), budget // max(n_cols, 1)))
 
 
-def chunk_partials(logits: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor):
-    """Per-row local max, sum of exp(x - max) and target logit (0 where not in shard), in fp32.
+def chunk_partials(logits: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor, *,
+                   inplace: bool = False):
+    """Per-row (local max, sum of exp(x - max), target logit or 0 where not in this shard).
 
-    ``logits`` [c, n_cols] is any dtype; it is read into one fp32 temporary.
+    ``logits`` [c, n_cols] is any dtype, read into the accumulation dtype.  ``inplace=True`` lets a
+    freshly computed fp32 chunk be overwritten with exp(x - max) instead of allocating a copy.
     """
+    acc = acc_dtype(logits.dtype)
     if logits.shape[1] == 0:  # a shard made only of vocabulary padding
-        zeros = torch.zeros(logits.shape[0], dtype=acc_dtype(logits.dtype), device=logits.device)
+        zeros = torch.zeros(logits.shape[0], dtype=acc, device=logits.device)
         return torch.full_like(zeros, -math.inf), zeros, zeros
-    x = logits.to(acc_dtype(logits.dtype))
+    x = logits.to(acc)
     m = x.max(dim=1).values
-    s = torch.exp(x - m.unsqueeze(1)).sum(dim=1)
-    zt = x.gather(1, local_target.unsqueeze(1)).squeeze(1)
-    return m, s, torch.where(in_shard, zt, torch.zeros_like(zt))
+    zt = torch.where(in_shard, x.gather(1, local_target.unsqueeze(1)).squeeze(1), 0.0)
+    shifted = x.sub_(m.unsqueeze(1)).exp_() if inplace and x is logits else torch.exp(x - m.unsqueeze(1))
+    return m, shifted.sum(dim=1), zt
 
 
 def reduce_max(m_local: torch.Tensor, tp_group) -> torch.Tensor:
@@ -155,6 +158,20 @@ def token_weights(loss: RecallLoss, nll: torch.Tensor, tokens: Tokens, dp_group,
     nll = torch.where(finite, nll, torch.zeros_like(nll))
     w = loss.token_weights(TokenBatch(nll, sequence_ids, dp_group))
     return nll, torch.where(finite, w, torch.zeros_like(w)), finite
+
+
+def global_coefficients(loss: RecallLoss, tokens: Tokens, parts: list, tp_group, dp_group, dtype: torch.dtype,
+                        device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """From per-chunk ``chunk_partials`` of every valid token: the global log-sum-exp (TP), the rule's
+    weights of the whole local batch, the DP-global normaliser.  Returns (lse, nll, coef, stats) with
+    objective = sum_n coef_n nll_n / dp_size; ``coef`` is scaled by the DP size so that averaging the
+    ranks' gradients (DDP/ZeRO/FSDP) yields the gradient of the global objective."""
+    empty = torch.zeros(0, dtype=dtype, device=device)
+    m, s, zt = (torch.cat(p) for p in zip(*parts)) if parts else (empty, empty, empty)
+    lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
+    nll, w, finite = token_weights(loss, lse - zt, tokens, dp_group, tokens.sequence_ids)
+    a, b, stats = finalize(loss, nll, w, finite, dp_group)
+    return lse, nll, (a * w + b) * group_size(dp_group), stats
 
 
 class LossOutput:

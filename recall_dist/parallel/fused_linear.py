@@ -21,8 +21,9 @@ import torch
 
 from recall_dist.distributed.collectives import group_size
 from recall_dist.losses.base import RecallLoss
-from recall_dist.parallel.common import (LossOutput, Tokens, acc_dtype, check_shapes, chunk_rows, finalize,
-                                         prepare_tokens, reduce_lse, reduce_max, token_weights)
+from recall_dist.parallel.common import (LossOutput, Tokens, acc_dtype, check_shapes, chunk_partials, chunk_rows,
+                                         finalize, global_coefficients, prepare_tokens, reduce_lse, reduce_max,
+                                         token_weights)
 
 
 _MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) exists for CUDA in recent PyTorch
@@ -93,17 +94,6 @@ class _Grads:
         return self.h, self.w
 
 
-def _partials_(z: torch.Tensor, target: torch.Tensor, in_shard: torch.Tensor):
-    """Row max, target logit and sum of exp(z - max); overwrites ``z`` with exp(z - max)."""
-    if z.shape[1] == 0:  # a shard made only of vocabulary padding
-        zeros = z.new_zeros(z.shape[0])
-        return torch.full_like(zeros, -float("inf")), zeros, zeros
-    m = z.max(dim=1).values
-    zt = torch.where(in_shard, z.gather(1, target.unsqueeze(1)).squeeze(1), 0.0)
-    s = z.sub_(m.unsqueeze(1)).exp_().sum(dim=1)
-    return m, zt, s
-
-
 def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, grads: _Grads):
     nlls, weights, finites = [], [], []
     for i in range(0, len(tokens), rows):
@@ -112,7 +102,7 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
         hc = h.index_select(0, idx)
         z = _logits(hc, w)
         if tp_group is None:
-            m, zt, s = _partials_(z, target, in_shard)  # z now holds exp(z - m)
+            m, s, zt = chunk_partials(z, target, in_shard, inplace=True)  # z now holds exp(z - m)
             lse = m + torch.log(s)
         else:  # shift by the global max before exponentiating: one exp pass, no rescaling
             local_max = z.max(dim=1).values if z.shape[1] else z.new_full((z.shape[0],), -float("inf"))
@@ -138,15 +128,10 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
 
 
 def _two_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, grads: _Grads):
-    parts = [_partials_(_logits(h.index_select(0, tokens.index[i:i + rows]), w),
-                        tokens.local_target[i:i + rows], tokens.in_shard[i:i + rows])
+    parts = [chunk_partials(_logits(h.index_select(0, tokens.index[i:i + rows]), w),
+                            tokens.local_target[i:i + rows], tokens.in_shard[i:i + rows], inplace=True)
              for i in range(0, len(tokens), rows)]
-    empty = torch.zeros(0, dtype=acc_dtype(h.dtype), device=h.device)
-    m, zt, s = (torch.cat(p) for p in zip(*parts)) if parts else (empty, empty, empty)
-    lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
-    nll, wt, finite = token_weights(loss, lse - zt, tokens, dp_group, tokens.sequence_ids)
-    a, b, stats = finalize(loss, nll, wt, finite, dp_group)
-    coef = (a * wt + b) * group_size(dp_group)
+    lse, nll, coef, stats = global_coefficients(loss, tokens, parts, tp_group, dp_group, acc_dtype(h.dtype), h.device)
     if grads.needed:
         keep = (coef > 0).nonzero().squeeze(1)  # truncated tokens cost no second pass
         shift = lse.to(torch.float64) - torch.log(coef.clamp_min(1e-300))

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import torch
 
-from recall_dist.distributed.collectives import group_size
 from recall_dist.losses.base import RecallLoss
-from recall_dist.parallel.common import (LossOutput, acc_dtype, check_shapes, chunk_partials, chunk_rows, finalize, prepare_tokens,
-                                         reduce_lse, reduce_max, token_weights)
+from recall_dist.parallel.common import (LossOutput, acc_dtype, check_shapes, chunk_partials, chunk_rows,
+                                         global_coefficients, prepare_tokens)
 
 
 class _VocabParallelLoss(torch.autograd.Function):
@@ -29,14 +28,8 @@ class _VocabParallelLoss(torch.autograd.Function):
         parts = [chunk_partials(x.index_select(0, tokens.index[i:i + rows])[:, :tokens.n_cols],
                                 tokens.local_target[i:i + rows], tokens.in_shard[i:i + rows])
                  for i in range(0, len(tokens), rows)]
-        empty = torch.zeros(0, dtype=acc_dtype(x.dtype), device=x.device)
-        m, s, zt = (torch.cat(p) for p in zip(*parts)) if parts else (empty, empty, empty)
-        lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
-        nll, w, finite = token_weights(loss, lse - zt, tokens, dp_group, tokens.sequence_ids)
-        a, b, stats = finalize(loss, nll, w, finite, dp_group)
-        # Each rank's loss is scaled by the DP size so that averaging over ranks (DDP/ZeRO/FSDP)
-        # yields the gradient of the global objective.
-        coef = (a * w + b) * group_size(dp_group)
+        lse, nll, coef, stats = global_coefficients(loss, tokens, parts, tp_group, dp_group,
+                                                    acc_dtype(x.dtype), x.device)
         local_loss = (coef * nll).sum().to(acc_dtype(x.dtype))
         ctx.save_for_backward(logits, tokens.index, tokens.local_target, tokens.in_shard, lse, coef.to(lse.dtype))
         ctx.meta = (tokens.n_cols, rows)
