@@ -8,7 +8,9 @@ cross-entropy when importable).  Prints a table of ratios measured in this one r
 
 Every (vocab, method) runs in a fresh subprocess, so peak memory is clean: on CUDA it is
 ``max_memory_allocated`` minus what the inputs hold; on CPU it is the process's peak RSS (VmHWM)
-minus its RSS once the inputs exist (large tensors are mmap-ed and returned to the OS on free).
+minus its RSS once the inputs exist.  The CPU workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
+every tensor is mmap-ed and returned to the OS when freed (glibc's dynamic threshold would otherwise keep
+freed memory in the process and make RSS differences meaningless).
 """
 
 from __future__ import annotations
@@ -66,7 +68,8 @@ def worker(args) -> dict:
         loss = build_loss(args.method, **LOSS_PARAMS[args.method])
 
         def step():
-            fused_linear_loss(hidden.view(n // seq, seq, hdim), weight, target, loss).loss.backward()
+            fused_linear_loss(hidden.view(n // seq, seq, hdim), weight, target, loss,
+                              chunk_size=args.chunk_size).loss.backward()
 
     def sync():
         if dev.type == "cuda":
@@ -97,7 +100,9 @@ def run_one(args, vocab: int, method: str) -> dict | None:
     cmd = [sys.executable, __file__, "--worker", "--method", method, "--vocab", str(vocab)]
     for k in ("device", "dtype", "tokens", "hidden", "seq_len", "repeats", "threads"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
+    if args.chunk_size:
+        cmd += ["--chunk-size", str(args.chunk_size)]
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -117,6 +122,7 @@ def main() -> None:
     p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of our loss (default: its heuristic)")
     p.add_argument("--quick", action="store_true", help="N=512, H=256, V=8000: a smoke run in seconds")
     p.add_argument("--json", help="also write the results to this JSON file")
     # worker mode

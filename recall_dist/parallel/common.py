@@ -76,15 +76,21 @@ def check_shapes(lead: torch.Size, target: torch.Size, what: str) -> None:
         raise ValueError(f"{what} leading shape {tuple(lead)} does not match target shape {tuple(target)}")
 
 
+# Upper bound of the default chunk: 64M logits (256 MiB in fp32).
+MAX_CHUNK_ELEMENTS = 1 << 26
+
+
 def chunk_rows(chunk_size: int | None, n_cols: int, n_tokens: int, hidden_size: int = 0) -> int:
-    """Tokens per chunk.  Default (Liger's rule): a logits chunk about as large as the hidden
-    states (N x H elements), and at least ``DEFAULT_CHUNK_ELEMENTS``; so ~V/H chunks, each a
-    full-speed matmul, and never an N x V tensor."""
+    """Tokens per chunk.  Default: a logits chunk of 1/8 of the whole N x V/tp logits, capped at
+    ``MAX_CHUNK_ELEMENTS`` and at least max(N x H, ``DEFAULT_CHUNK_ELEMENTS``).  Fewer, larger chunks
+    matter: every chunk re-reads the whole weight shard and updates the whole fp32 weight gradient
+    (memory-bound on CPUs), while 1/8 of the logits stays far below what materialised logits cost."""
     if chunk_size is not None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    budget = max(DEFAULT_CHUNK_ELEMENTS, n_tokens * hidden_size)
+    budget = max(DEFAULT_CHUNK_ELEMENTS, n_tokens * hidden_size,
+                 min(n_tokens * n_cols // 8, MAX_CHUNK_ELEMENTS))
     return max(16, min(max(n_tokens, 1), budget // max(n_cols, 1)))
 
 
