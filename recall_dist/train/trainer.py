@@ -8,6 +8,7 @@ one ``train_step``, the loop, the end (final checkpoint and Hugging Face export)
 from __future__ import annotations
 
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,6 +118,8 @@ def resume(run: Run, checkpointer: Checkpointer) -> None:
     run.batches.load_state_dict(state["data"])
     run.loss.load_state_dict(state["loss"])
     set_rng_state(state["rng"])
+    if run.ctx.rank == 0:  # visible in job logs: a requeued/restarted job says where it picked up
+        print(f"recall-dist train: resumed from {path} at step {run.step}", file=sys.stderr, flush=True)
 
 
 def run_training(cfg: TrainConfig) -> dict:
