@@ -171,6 +171,11 @@ def _train(cfg: TrainConfig, tokenizer, ctx) -> dict:
                 mark_preempted(out, run.step)
         elif cfg.train.export_final:
             export_from_engine(run.engine, tokenizer, out / "final", ctx.rank)
+        # Leave together: a rank that tears down its gloo group while another still writes the
+        # export was seen to abort at exit ("terminate called without an active exception").
+        # Success path only: after an exception a barrier could wait forever on a dead peer.
+        if torch.distributed.is_initialized():
+            torch.distributed.barrier()
     finally:
         bar.close()
         watcher.close()
