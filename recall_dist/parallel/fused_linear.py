@@ -36,7 +36,7 @@ def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if a.dtype != dtype and a.is_cuda and _MM_OUT_DTYPE:
         try:
             return torch.mm(a, b, out_dtype=dtype)
-        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+        except (RuntimeError, TypeError):  # also an op missing for this backend
             _MM_OUT_DTYPE = False
     return (a @ b).to(dtype)
 
@@ -60,7 +60,7 @@ def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except (RuntimeError, TypeError):  # NotImplementedError is a RuntimeError
+        except (RuntimeError, TypeError):  # also an op missing for this backend
             _ADDMM_OUT_DTYPE = False
     acc.add_(_mm(a, b, acc.dtype))
 
