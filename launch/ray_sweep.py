@@ -26,6 +26,7 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ray_cli import split_args, under_output_root  # noqa: E402  (launch/ray_cli.py, beside this script)
 from recall_dist.configtree import ConfigError, apply_overrides, check, from_dict, load_yaml  # noqa: E402
 
 
@@ -45,26 +46,16 @@ class RaySweepConfig:
         check(self.max_retries >= 0, "max_retries", self.max_retries, "an integer >= 0")
 
 
-def _absolute(path: str, root: Path) -> str:
-    p = Path(path).expanduser()
-    return str(p if p.is_absolute() else root / p)
-
-
 def parse_args(argv: list[str]):
     """``CONFIG.yaml [key=value ...]`` -> (SweepConfig, RaySweepConfig)."""
     from recall_dist.eval.config import SweepConfig
 
-    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
-        raise SystemExit(__doc__)
-    config, overrides = argv[0], argv[1:]
-    ray_cfg = from_dict(RaySweepConfig, apply_overrides({}, [o[len("ray."):] for o in overrides if o.startswith("ray.")]),
-                        "ray")
-    data = apply_overrides(load_yaml(config), [o for o in overrides if not o.startswith("ray.")])
-    root = Path(os.environ.get("RECALL_DIST_OUTPUT_ROOT", "~/recall_dist")).expanduser()
-    data["output_dir"] = _absolute(data.get("output_dir", "runs/sweep"), root)
+    config, overrides, ray_cfg = split_args(argv, RaySweepConfig, __doc__)
+    data = apply_overrides(load_yaml(config), overrides)
+    data["output_dir"] = under_output_root(data.get("output_dir", "runs/sweep"))
     for model in data.get("models") or []:
         if isinstance(model, dict) and isinstance(model.get("path"), str):
-            model["path"] = _absolute(model["path"], root)
+            model["path"] = under_output_root(model["path"])
     return from_dict(SweepConfig, data), ray_cfg
 
 

@@ -20,7 +20,6 @@ Every rank calls ``ray.train.report`` exactly once, after training, with the run
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,8 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recall_dist.configtree import ConfigError, apply_overrides, check, from_dict  # noqa: E402
+from ray_cli import split_args, under_output_root  # noqa: E402  (launch/ray_cli.py, beside this script)
+from recall_dist.configtree import ConfigError, check  # noqa: E402
 
 
 @dataclass
@@ -54,17 +54,9 @@ def parse_args(argv: list[str]):
     """``CONFIG.yaml [key=value ...]`` -> (TrainConfig, RayConfig); ``ray.*`` keys go to RayConfig."""
     from recall_dist.train.config import load_train_config
 
-    if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
-        raise SystemExit(__doc__)
-    config, overrides = argv[0], argv[1:]
-    ray_overrides = [o[len("ray."):] for o in overrides if o.startswith("ray.")]
-    cfg = load_train_config(config, [o for o in overrides if not o.startswith("ray.")])
-    ray_cfg = from_dict(RayConfig, apply_overrides({}, ray_overrides), "ray")
-    output_dir = Path(cfg.train.output_dir).expanduser()
-    if not output_dir.is_absolute():
-        root = Path(os.environ.get("RECALL_DIST_OUTPUT_ROOT", "~/recall_dist")).expanduser()
-        output_dir = root / output_dir
-    cfg.train.output_dir = str(output_dir.resolve())
+    config, overrides, ray_cfg = split_args(argv, RayConfig, __doc__)
+    cfg = load_train_config(config, overrides)
+    cfg.train.output_dir = under_output_root(cfg.train.output_dir)
     return cfg, ray_cfg
 
 

@@ -7,10 +7,7 @@ Every collective of the loss goes through here: that is what makes the communica
 
 from __future__ import annotations
 
-import contextlib
 from collections import defaultdict
-from typing import Iterator
-
 import torch
 import torch.distributed as dist
 
@@ -83,9 +80,3 @@ def all_gather_varlen(values: torch.Tensor, group) -> torch.Tensor:
     _record(group, padded)
     dist.all_gather(parts, padded, group=group)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
-
-
-@contextlib.contextmanager
-def count_communication() -> Iterator[CommCounter]:
-    with CommCounter() as c:
-        yield c
