@@ -156,7 +156,7 @@ def finalize(loss: RecallLoss, nll: torch.Tensor, weights: torch.Tensor, finite:
     return a, b, stats
 
 
-def token_weights(loss: RecallLoss, nll: torch.Tensor, tokens: Tokens, dp_group,
+def token_weights(loss: RecallLoss, nll: torch.Tensor, dp_group,
                   sequence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float64 (nll, weights, finite) for a set of tokens; non-finite tokens get weight 0."""
     nll = nll.to(torch.float64)
@@ -175,7 +175,7 @@ def global_coefficients(loss: RecallLoss, tokens: Tokens, parts: list, tp_group,
     empty = torch.zeros(0, dtype=dtype, device=device)
     m, s, zt = (torch.cat(p) for p in zip(*parts)) if parts else (empty, empty, empty)
     lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
-    nll, w, finite = token_weights(loss, lse - zt, tokens, dp_group, tokens.sequence_ids)
+    nll, w, finite = token_weights(loss, lse - zt, dp_group, tokens.sequence_ids)
     a, b, stats = finalize(loss, nll, w, finite, dp_group)
     return lse, nll, (a * w + b) * group_size(dp_group), stats
 

@@ -101,16 +101,9 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
         idx, target, in_shard = tokens.index[sl], tokens.local_target[sl], tokens.in_shard[sl]
         hc = h.index_select(0, idx)
         z = _logits(hc, w)
-        if tp_group is None:
-            m, s, zt = chunk_partials(z, target, in_shard, inplace=True)  # z now holds exp(z - m)
-            lse = m + torch.log(s)
-        else:  # shift by the global max before exponentiating: one exp pass, no rescaling
-            local_max = z.max(dim=1).values if z.shape[1] else z.new_full((z.shape[0],), -float("inf"))
-            zt = (torch.where(in_shard, z.gather(1, target.unsqueeze(1)).squeeze(1), 0.0) if z.shape[1]
-                  else z.new_zeros(z.shape[0]))
-            m = reduce_max(local_max, tp_group)
-            lse, zt = reduce_lse(m, m, z.sub_(m.unsqueeze(1)).exp_().sum(dim=1), zt, tp_group)
-        nll, wt, finite = token_weights(loss, lse - zt, tokens, dp_group)
+        m, s, zt = chunk_partials(z, target, in_shard, inplace=True)  # z now holds exp(z - local max)
+        lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
+        nll, wt, finite = token_weights(loss, lse - zt, dp_group)
         # w * softmax in one pass: exp(z - m) * w * exp(m - lse); then -w at the target
         w_chunk = wt.to(z.dtype)
         p = z.mul_((w_chunk * torch.exp(m - lse)).unsqueeze(1))
