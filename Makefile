@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo bench clean
 
 setup: $(STAMP)
 
@@ -23,7 +23,12 @@ $(STAMP): pyproject.toml
 	@$(PY) -m pip install -q -e ".[dev,text-metrics]"
 	@touch $(STAMP)
 
-test: setup
+# ruff (pinned in the dev extra, settings in pyproject.toml): lint and format check, before any test.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: setup lint
 	@bash tests/setup_clusters.sh
 	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 

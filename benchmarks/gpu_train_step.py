@@ -22,9 +22,16 @@ import torch
 def llama_1b(layers: int, hidden: int, vocab: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=int(hidden * 2.75), num_hidden_layers=layers,
-                      num_attention_heads=hidden // 64, num_key_value_heads=4, vocab_size=vocab,
-                      max_position_embeddings=4096, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=int(hidden * 2.75),
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=4,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
+        tie_word_embeddings=False,
+    )
     cfg._attn_implementation = "sdpa"
     return LlamaForCausalLM(cfg)
 
@@ -59,6 +66,7 @@ def plain(args) -> None:
     rows = {}
     for variant in ("hf_logits", "nll", "cdiv"):
         if variant == "hf_logits":
+
             def step():
                 model(input_ids=ids, labels=labels).loss.backward()
                 opt.step()
@@ -71,17 +79,26 @@ def plain(args) -> None:
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
+
         torch.cuda.empty_cache()
         t, mem = timed(step, args.steps, args.warmup)
         rows[variant] = {"step_s": t, "tokens_per_s": args.batch * args.seq / t, "peak_gib": mem}
-        print(f"  {variant:<10} {t * 1e3:8.1f} ms/step  {args.batch * args.seq / t:9.0f} tok/s  {mem:6.2f} GiB peak", flush=True)
+        print(
+            f"  {variant:<10} {t * 1e3:8.1f} ms/step  {args.batch * args.seq / t:9.0f} tok/s  {mem:6.2f} GiB peak",
+            flush=True,
+        )
     base, ours = rows["hf_logits"], rows["nll"]
-    print("\n| variant | ms/step | tokens/s | peak GiB | time / HF | mem / HF | time / our nll |\n|---|---|---|---|---|---|---|")
+    print("\n| variant | ms/step | tokens/s | peak GiB | time / HF | mem / HF | time / our nll |")
+    print("|---|---|---|---|---|---|---|")
     for k, r in rows.items():
-        print(f"| {k} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | "
-              f"{r['step_s'] / base['step_s']:.3f} | {r['peak_gib'] / base['peak_gib']:.3f} | {r['step_s'] / ours['step_s']:.3f} |")
+        print(
+            f"| {k} | {r['step_s'] * 1e3:.1f} | {r['tokens_per_s']:.0f} | {r['peak_gib']:.2f} | "
+            f"{r['step_s'] / base['step_s']:.3f} | {r['peak_gib'] / base['peak_gib']:.3f} | "
+            f"{r['step_s'] / ours['step_s']:.3f} |"
+        )
     if args.json:
-        json.dump(rows, open(args.json, "w"), indent=1)
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
 
 
 def zero3(args) -> None:
@@ -97,12 +114,17 @@ def zero3(args) -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     os.environ.setdefault("LOCAL_RANK", "0")
     deepspeed.init_distributed()
-    ds = json.load(open(args.ds_config))
-    ds.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
-              optimizer={"type": "AdamW", "params": {"lr": 1e-6}})
+    with open(args.ds_config) as f:
+        ds = json.load(f)
+    ds.update(
+        train_micro_batch_size_per_gpu=1,
+        gradient_accumulation_steps=1,
+        optimizer={"type": "AdamW", "params": {"lr": 1e-6}},
+    )
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    spec = yaml.safe_load(open(args.model))
+    with open(args.model) as f:
+        spec = yaml.safe_load(f)
     params = dict(spec.get("config") or spec.get("model", {}).get("config"))
     cfg = AutoConfig.for_model(params.pop("model_type"), **params)
     t0 = time.perf_counter()
@@ -113,8 +135,11 @@ def zero3(args) -> None:
     wrapper = CausalLMWithLossHead(model, build_loss("cdiv", alpha=1.4), chunk_size=None)
     register_zero3_head(wrapper)
     engine, *_ = deepspeed.initialize(model=wrapper, model_parameters=wrapper.parameters(), config=ds)
-    print(f"# {args.model}: {n / 1e9:.2f}B params, ZeRO-3 + CPU offload (params+optimizer), built in "
-          f"{time.perf_counter() - t0:.0f} s", flush=True)
+    print(
+        f"# {args.model}: {n / 1e9:.2f}B params, ZeRO-3 + CPU offload (params+optimizer), built in "
+        f"{time.perf_counter() - t0:.0f} s",
+        flush=True,
+    )
     ids = torch.randint(0, cfg.vocab_size, (1, args.seq), device="cuda")
     for i in range(args.steps):
         torch.cuda.synchronize()
@@ -123,8 +148,11 @@ def zero3(args) -> None:
         engine.backward(loss)
         engine.step()
         torch.cuda.synchronize()
-        print(f"  step {i}: loss {stats['loss']:.4f} nll {stats['nll']:.4f} ess {stats['ess']:.1f} "
-              f"{time.perf_counter() - t0:.1f} s, peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB", flush=True)
+        print(
+            f"  step {i}: loss {stats['loss']:.4f} nll {stats['nll']:.4f} ess {stats['ess']:.1f} "
+            f"{time.perf_counter() - t0:.1f} s, peak GPU {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB",
+            flush=True,
+        )
 
 
 def main() -> None:

@@ -25,7 +25,9 @@ import time
 
 METHODS = ["naive", "liger", "nll", "cdiv", "lambda_pr", "truncr"]
 LOSS_PARAMS = {
-    "nll": {}, "cdiv": {"alpha": 1.4}, "lambda_pr": {"lam": 0.5},
+    "nll": {},
+    "cdiv": {"alpha": 1.4},
+    "lambda_pr": {"lam": 0.5},
     # warm buffer from the first step so truncation really drops half the sequences
     "truncr": {"drop": 0.5, "granularity": "sequence", "buffer_size": 1024, "min_count": 1},
 }
@@ -54,6 +56,7 @@ def worker(args) -> dict:
     target = torch.randint(0, vocab, (n // seq, seq), device=dev)
 
     if args.method == "naive":
+
         def step():
             logits = hidden @ weight.t()
             F.cross_entropy(logits.float().view(-1, vocab), target.view(-1)).backward()
@@ -68,8 +71,9 @@ def worker(args) -> dict:
         loss = build_loss(args.method, **LOSS_PARAMS[args.method])
 
         def step():
-            fused_linear_loss(hidden.view(n // seq, seq, hdim), weight, target, loss,
-                              chunk_size=args.chunk_size).loss.backward()
+            fused_linear_loss(
+                hidden.view(n // seq, seq, hdim), weight, target, loss, chunk_size=args.chunk_size
+            ).loss.backward()
 
     def sync():
         if dev.type == "cuda":
@@ -103,7 +107,7 @@ def run_one(args, vocab: int, method: str) -> dict | None:
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
         tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
         print(f"  [{method} V={vocab}] unavailable: {tail}", file=sys.stderr)
@@ -138,23 +142,30 @@ def main() -> None:
         return
     if args.quick:
         args.tokens, args.hidden, args.vocabs, args.seq_len = 512, 256, [8000], 128
-    print(f"# loss_bench: device={args.device} dtype={args.dtype} N={args.tokens} H={args.hidden} "
-          f"seq_len={args.seq_len} repeats={args.repeats} threads={args.threads}")
+    print(
+        f"# loss_bench: device={args.device} dtype={args.dtype} N={args.tokens} H={args.hidden} "
+        f"seq_len={args.seq_len} repeats={args.repeats} threads={args.threads}"
+    )
     results = {}
     for vocab in args.vocabs:
         for method in args.methods:
             r = run_one(args, vocab, method)
             if r is not None:
                 results[(vocab, method)] = r
-                print(f"  V={vocab:>6} {method:<10} {r['time_ms']:9.1f} ms  {r['peak_extra_mib']:8.1f} MiB",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  V={vocab:>6} {method:<10} {r['time_ms']:9.1f} ms  {r['peak_extra_mib']:8.1f} MiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
     header = "| V | method | fwd+bwd ms | peak extra MiB | time / naive | mem / naive | time / our nll |"
     print("\n" + header + "\n|" + "---|" * 7)
     for (vocab, method), r in results.items():
         naive, ours = results.get((vocab, "naive")), results.get((vocab, "nll"))
         ratio = lambda a, b, k: f"{a[k] / b[k]:.3f}" if b and b[k] > 0 else "-"  # noqa: E731
-        print(f"| {vocab} | {method} | {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} | "
-              f"{ratio(r, naive, 'time_ms')} | {ratio(r, naive, 'peak_extra_mib')} | {ratio(r, ours, 'time_ms')} |")
+        print(
+            f"| {vocab} | {method} | {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} | "
+            f"{ratio(r, naive, 'time_ms')} | {ratio(r, naive, 'peak_extra_mib')} | {ratio(r, ours, 'time_ms')} |"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({f"{v}/{m}": r for (v, m), r in results.items()} | {"args": vars(args)}, f, indent=1)

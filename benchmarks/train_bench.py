@@ -23,8 +23,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 warnings.filterwarnings("ignore", category=FutureWarning)  # DeepSpeed's deprecated c10d calls, every step
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-BACKENDS = {"zero2": {"name": "deepspeed", "zero_stage": 2}, "zero3": {"name": "deepspeed", "zero_stage": 3},
-            "fsdp2": {"name": "fsdp2"}}
+BACKENDS = {
+    "zero2": {"name": "deepspeed", "zero_stage": 2},
+    "zero3": {"name": "deepspeed", "zero_stage": 3},
+    "fsdp2": {"name": "fsdp2"},
+}
 LOSSES = {"nll": {"name": "nll", "params": {}}, "cdiv": {"name": "cdiv", "params": {"alpha": 1.4}}}
 
 
@@ -34,12 +37,22 @@ def config(backend: dict, loss: dict, args, out: str):
 
     model = load_yaml(MODEL_PRESET_DIR / "tiny-llama.yaml")
     model["config"].update(hidden_size=args.hidden, intermediate_size=4 * args.hidden, num_hidden_layers=args.layers)
-    return train_config_from_dict({
-        "model": model, "loss": copy.deepcopy(loss), "backend": backend,
-        "data": {"source": "synthetic:product", "task_params": {"max_factor": 30}, "num_samples": 20000},
-        "optim": {"lr": 1e-3},
-        "train": {"micro_batch_size": args.micro_batch_size, "output_dir": out, "progress_bar": False,
-                  "export_final": False, "max_steps": 10 ** 6}})
+    return train_config_from_dict(
+        {
+            "model": model,
+            "loss": copy.deepcopy(loss),
+            "backend": backend,
+            "data": {"source": "synthetic:product", "task_params": {"max_factor": 30}, "num_samples": 20000},
+            "optim": {"lr": 1e-3},
+            "train": {
+                "micro_batch_size": args.micro_batch_size,
+                "output_dir": out,
+                "progress_bar": False,
+                "export_final": False,
+                "max_steps": 10**6,
+            },
+        }
+    )
 
 
 def measure(run, data, steps: int, warmup: int) -> float:
@@ -80,11 +93,13 @@ def main() -> int:
         for _ in range(args.rounds):
             for key, (run, data) in runs.items():
                 results[key].append(measure(run, data, args.steps, args.warmup))
-    print(f"tiny Llama hidden={args.hidden} layers={args.layers}, micro-batch {args.micro_batch_size}, 1 CPU "
-          f"process, 1 thread, {args.steps} steps x {args.rounds} rounds (best)")
+    print(
+        f"tiny Llama hidden={args.hidden} layers={args.layers}, micro-batch {args.micro_batch_size}, 1 CPU "
+        f"process, 1 thread, {args.steps} steps x {args.rounds} rounds (best)"
+    )
     print(f"{'backend':<8}{'nll tok/s':>12}{'cdiv tok/s':>12}{'cdiv/nll':>10}")
     for b_name in BACKENDS:
-        nll, cdiv = (max(results[b_name, l]) for l in LOSSES)
+        nll, cdiv = (max(results[b_name, loss]) for loss in LOSSES)
         print(f"{b_name:<8}{nll:>12.0f}{cdiv:>12.0f}{cdiv / nll:>10.3f}")
     return 0
 

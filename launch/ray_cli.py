@@ -18,7 +18,7 @@ def split_args(argv: list[str], ray_config_cls: type[T], usage: str) -> tuple[st
     if not argv or argv[0] in ("-h", "--help") or "=" in argv[0]:
         raise SystemExit(usage)
     config, overrides = argv[0], argv[1:]
-    ray_overrides = [o[len("ray."):] for o in overrides if o.startswith("ray.")]
+    ray_overrides = [o[len("ray.") :] for o in overrides if o.startswith("ray.")]
     ray_cfg = from_dict(ray_config_cls, apply_overrides({}, ray_overrides), "ray")
     return config, [o for o in overrides if not o.startswith("ray.")], ray_cfg
 

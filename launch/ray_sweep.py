@@ -26,8 +26,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ray_cli import split_args, under_output_root  # noqa: E402  (launch/ray_cli.py, beside this script)
-from recall_dist.configtree import ConfigError, apply_overrides, check, from_dict, load_yaml  # noqa: E402
+from ray_cli import split_args, under_output_root
+
+from recall_dist.configtree import ConfigError, apply_overrides, check, from_dict, load_yaml
 
 
 @dataclass
@@ -64,10 +65,14 @@ def run(cfg, ray_cfg: RaySweepConfig) -> dict:
 
     from recall_dist.eval.aggregate import aggregate
 
-    num_shards = ray_cfg.num_shards or cfg.num_shards or max(
-        1, int(ray.cluster_resources().get("CPU", 1) // ray_cfg.cpus_per_task))
-    shard_task = ray.remote(num_cpus=ray_cfg.cpus_per_task, num_gpus=ray_cfg.num_gpus_per_task,
-                            max_retries=ray_cfg.max_retries)(_compute_shard)
+    num_shards = (
+        ray_cfg.num_shards
+        or cfg.num_shards
+        or max(1, int(ray.cluster_resources().get("CPU", 1) // ray_cfg.cpus_per_task))
+    )
+    shard_task = ray.remote(
+        num_cpus=ray_cfg.cpus_per_task, num_gpus=ray_cfg.num_gpus_per_task, max_retries=ray_cfg.max_retries
+    )(_compute_shard)
     paths = ray.get([shard_task.remote(cfg, i, num_shards) for i in range(num_shards)])
     print(f"ray_sweep: {num_shards} shard(s) written: {paths}", flush=True)
     return aggregate(cfg, num_shards)

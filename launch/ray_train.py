@@ -29,8 +29,9 @@ try:
 except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ray_cli import split_args, under_output_root  # noqa: E402  (launch/ray_cli.py, beside this script)
-from recall_dist.configtree import ConfigError, check  # noqa: E402
+from ray_cli import split_args, under_output_root
+
+from recall_dist.configtree import ConfigError, check
 
 
 @dataclass
@@ -68,9 +69,17 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     summary = run_training(loop_config["cfg"])
     last = summary.get("last") or {}
-    ray.train.report({"step": summary["step"], "total_steps": summary["total_steps"],
-                      "preempted": summary["preempted"], "skipped_steps": summary["skipped_steps"],
-                      "loss": last.get("loss"), "nll": last.get("nll"), "output_dir": summary["output_dir"]})
+    ray.train.report(
+        {
+            "step": summary["step"],
+            "total_steps": summary["total_steps"],
+            "preempted": summary["preempted"],
+            "skipped_steps": summary["skipped_steps"],
+            "loss": last.get("loss"),
+            "nll": last.get("nll"),
+            "output_dir": summary["output_dir"],
+        }
+    )
 
 
 def build_trainer(cfg, ray_cfg: RayConfig):
@@ -86,10 +95,14 @@ def build_trainer(cfg, ray_cfg: RayConfig):
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
-        scaling_config=ScalingConfig(num_workers=ray_cfg.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker={"CPU": ray_cfg.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str(storage), name=ray_cfg.name or output_dir.name,
-                             failure_config=FailureConfig(max_failures=ray_cfg.max_failures)),
+        scaling_config=ScalingConfig(
+            num_workers=ray_cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": ray_cfg.cpus_per_worker}
+        ),
+        run_config=RunConfig(
+            storage_path=str(storage),
+            name=ray_cfg.name or output_dir.name,
+            failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+        ),
     )
 
 
@@ -110,8 +123,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     preempted = Path(cfg.train.output_dir) / "PREEMPTED"
     if preempted.exists():  # the stop file (RECALL_DIST_STOP_FILE) was touched: checkpointed, not finished
-        print(f"ray_train: stopped at step {preempted.read_text().strip()} (checkpoint saved); "
-              "submit the same command again to resume", flush=True)
+        print(
+            f"ray_train: stopped at step {preempted.read_text().strip()} (checkpoint saved); "
+            "submit the same command again to resume",
+            flush=True,
+        )
         return 0
     print(f"ray_train: done: {cfg.train.output_dir}", flush=True)
     return 0

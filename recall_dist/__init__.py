@@ -11,7 +11,14 @@ from recall_dist.losses import RecallLoss, WeightRule, build_loss, known_rules, 
 from recall_dist.parallel import LossOutput, fused_linear_loss, vocab_parallel_loss
 
 __all__ = [
-    "build_loss", "vocab_parallel_loss", "fused_linear_loss", "RollingQuantileBuffer",
-    "RecallLoss", "WeightRule", "register_rule", "known_rules", "LossOutput",
+    "LossOutput",
+    "RecallLoss",
+    "RollingQuantileBuffer",
+    "WeightRule",
+    "build_loss",
+    "fused_linear_loss",
+    "known_rules",
+    "register_rule",
+    "vocab_parallel_loss",
 ]
 __version__ = "0.1.0"

@@ -67,15 +67,21 @@ class Recipe:
     max_factor: int = 30
     recall_at_n: int = 500
     num_samples: int = 500
-    temperatures: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1,
-                                                              1.25, 1.5, 2.0])
+    temperatures: list[float] = field(default_factory=lambda: [0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0])
     losses: list[tuple] = field(default_factory=lambda: list(LOSSES))
     global_batch: int = 64
 
     @classmethod
-    def quick(cls) -> "Recipe":
-        return cls(pretrain_steps=60, finetune_steps=10, max_factor=9, recall_at_n=50, num_samples=0,
-                   temperatures=[0.5, 1.0, 1.5, 2.0], losses=[LOSSES[0], LOSSES[1]])
+    def quick(cls) -> Recipe:
+        return cls(
+            pretrain_steps=60,
+            finetune_steps=10,
+            max_factor=9,
+            recall_at_n=50,
+            num_samples=0,
+            temperatures=[0.5, 1.0, 1.5, 2.0],
+            losses=[LOSSES[0], LOSSES[1]],
+        )
 
 
 class DemoError(RuntimeError):
@@ -84,6 +90,7 @@ class DemoError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------
 # Running the stages: torchrun subprocesses of the real CLI, with a progress line per stage.
+
 
 def _fmt_time(seconds: float) -> str:
     m, s = divmod(int(seconds), 60)
@@ -105,10 +112,23 @@ def _tqdm_progress(log: Path) -> str:
 def _run_once(label: str, what: str, args: list[str], log: Path, demo_start: float) -> tuple[int, float]:
     """Run ``torchrun --nproc-per-node 2 -m recall_dist ARGS`` with its output in ``log``, printing
     progress; return (exit code, seconds)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "recall_dist", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "recall_dist",
+        *args,
+    ]
+    env = dict(
+        os.environ,
+        OMP_NUM_THREADS="1",
+        DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    )
     log.parent.mkdir(parents=True, exist_ok=True)
     start, last_print, tty = time.monotonic(), 0.0, sys.stdout.isatty()
     with open(log, "w") as out:
@@ -121,8 +141,10 @@ def _run_once(label: str, what: str, args: list[str], log: Path, demo_start: flo
                 now = time.monotonic()
                 if tty or now - last_print >= 15:
                     step = _tqdm_progress(log)
-                    line = (f"{label} {what}: {step or 'starting'}  ({_fmt_time(now - start)}, "
-                            f"demo {_fmt_time(now - demo_start)})")
+                    line = (
+                        f"{label} {what}: {step or 'starting'}  ({_fmt_time(now - start)}, "
+                        f"demo {_fmt_time(now - demo_start)})"
+                    )
                     print(f"\r{line:<90}" if tty else line, end="" if tty else "\n", flush=True)
                     last_print = now
         except BaseException:
@@ -142,16 +164,19 @@ def _run_stage(label: str, what: str, args: list[str], log: Path, demo_start: fl
     for attempt in range(1, attempts + 1):
         code, seconds = _run_once(label, what, args, log, demo_start)
         if code == 0:
-            print(f"{label} {what}: done in {_fmt_time(seconds)}  (demo {_fmt_time(time.monotonic() - demo_start)})",
-                  flush=True)
+            print(
+                f"{label} {what}: done in {_fmt_time(seconds)}  (demo {_fmt_time(time.monotonic() - demo_start)})",
+                flush=True,
+            )
             return seconds
         tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
         if attempt < attempts:
             kept = log.with_suffix(f".attempt{attempt}.log")
             log.replace(kept)
             print(f"{label} {what}: FAILED (exit code {code}, log {kept}); retrying once", flush=True)
-    raise DemoError(f"{what} failed (exit code {code}, {attempts} attempts); full log: {log}\n"
-                    f"--- last lines ---\n{tail}")
+    raise DemoError(
+        f"{what} failed (exit code {code}, {attempts} attempts); full log: {log}\n--- last lines ---\n{tail}"
+    )
 
 
 def _yaml_flow(params: dict) -> str:
@@ -166,39 +191,77 @@ def run_pipeline(out: Path, recipe: Recipe) -> Path:
         shutil.rmtree(stale, ignore_errors=True)
     task = f"data.task_params={{max_factor: {recipe.max_factor}}}"
     stages = 2 + len(recipe.losses)
-    print(f"recall-dist demo: {len(recipe.losses)} losses on products of integers in [1, {recipe.max_factor}], "
-          f"2 processes; pre-train {recipe.pretrain_steps} steps, fine-tune {recipe.finetune_steps} steps each; "
-          f"output in {out}", flush=True)
+    print(
+        f"recall-dist demo: {len(recipe.losses)} losses on products of integers in [1, {recipe.max_factor}], "
+        f"2 processes; pre-train {recipe.pretrain_steps} steps, fine-tune {recipe.finetune_steps} steps each; "
+        f"output in {out}",
+        flush=True,
+    )
     pretrain = runs / "pretrain"
-    _run_stage(f"[1/{stages}]", f"pre-train NLL ({recipe.pretrain_steps} steps)",
-               ["train", str(CONFIG_DIR / "pretrain.yaml"), task, f"train.output_dir={pretrain}",
-                f"train.max_steps={recipe.pretrain_steps}",
-                f"data.num_samples={recipe.pretrain_steps * recipe.global_batch}"],
-               logs / "pretrain.log", demo_start)
+    _run_stage(
+        f"[1/{stages}]",
+        f"pre-train NLL ({recipe.pretrain_steps} steps)",
+        [
+            "train",
+            str(CONFIG_DIR / "pretrain.yaml"),
+            task,
+            f"train.output_dir={pretrain}",
+            f"train.max_steps={recipe.pretrain_steps}",
+            f"data.num_samples={recipe.pretrain_steps * recipe.global_batch}",
+        ],
+        logs / "pretrain.log",
+        demo_start,
+    )
     for i, (name, loss, params) in enumerate(recipe.losses):
-        _run_stage(f"[{i + 2}/{stages}]", f"fine-tune {name} ({recipe.finetune_steps} steps)",
-                   ["train", str(CONFIG_DIR / "finetune.yaml"), task,
-                    f"model={{name_or_path: {pretrain / 'final'}, attn_implementation: sdpa}}",
-                    f"loss.name={loss}", f"loss.params={_yaml_flow(params)}", f"train.output_dir={runs / name}",
-                    f"train.max_steps={recipe.finetune_steps}",
-                    f"data.num_samples={recipe.finetune_steps * recipe.global_batch}"],
-                   logs / f"{name}.log", demo_start)
+        _run_stage(
+            f"[{i + 2}/{stages}]",
+            f"fine-tune {name} ({recipe.finetune_steps} steps)",
+            [
+                "train",
+                str(CONFIG_DIR / "finetune.yaml"),
+                task,
+                f"model={{name_or_path: {pretrain / 'final'}, attn_implementation: sdpa}}",
+                f"loss.name={loss}",
+                f"loss.params={_yaml_flow(params)}",
+                f"train.output_dir={runs / name}",
+                f"train.max_steps={recipe.finetune_steps}",
+                f"data.num_samples={recipe.finetune_steps * recipe.global_batch}",
+            ],
+            logs / f"{name}.log",
+            demo_start,
+        )
     models = "[" + ", ".join(f"{{name: {name}, path: {runs / name / 'final'}}}" for name, *_ in recipe.losses) + "]"
-    _run_stage(f"[{stages}/{stages}]", f"sweep {len(recipe.losses)} models x {len(recipe.temperatures)} temperatures",
-               ["sweep", str(CONFIG_DIR / "sweep.yaml"), f"models={models}", f"output_dir={out}", task[5:],
-                f"temperatures=[{', '.join(f'{t:g}' for t in recipe.temperatures)}]",
-                f"recall_at_n={recipe.recall_at_n}", f"num_samples={recipe.num_samples}"],
-               logs / "sweep.log", demo_start)
+    _run_stage(
+        f"[{stages}/{stages}]",
+        f"sweep {len(recipe.losses)} models x {len(recipe.temperatures)} temperatures",
+        [
+            "sweep",
+            str(CONFIG_DIR / "sweep.yaml"),
+            f"models={models}",
+            f"output_dir={out}",
+            task[5:],
+            f"temperatures=[{', '.join(f'{t:g}' for t in recipe.temperatures)}]",
+            f"recall_at_n={recipe.recall_at_n}",
+            f"num_samples={recipe.num_samples}",
+        ],
+        logs / "sweep.log",
+        demo_start,
+    )
     plot_zoom(out / "sweep.csv", out / "pr_curve_zoom.png")
-    summary = write_summary(out / "sweep.csv", out / "summary.md", recipe=recipe,
-                            wall_seconds=time.monotonic() - demo_start)
-    print(f"demo done in {_fmt_time(time.monotonic() - demo_start)}: {out / 'pr_curve.png'}, {out / 'sweep.csv'}, "
-          f"{summary}", flush=True)
+    summary = write_summary(
+        out / "sweep.csv", out / "summary.md", recipe=recipe, wall_seconds=time.monotonic() - demo_start
+    )
+    print(
+        f"demo done in {_fmt_time(time.monotonic() - demo_start)}: {out / 'pr_curve.png'}, {out / 'sweep.csv'}, "
+        f"{summary}",
+        flush=True,
+    )
     return summary
 
 
 # ---------------------------------------------------------------------------------------------
 # The summary: statements computed from sweep.csv.
+
 
 def read_curves(csv_path: Path) -> dict[str, list[tuple[float, float, float]]]:
     """model -> [(T, precision, recall), ...] sorted by T, from a sweep's ``sweep.csv``."""
@@ -206,7 +269,8 @@ def read_curves(csv_path: Path) -> dict[str, list[tuple[float, float, float]]]:
     with open(csv_path, newline="") as f:
         for row in csv.DictReader(f):
             curves.setdefault(row["model"], []).append(
-                (float(row["temperature"]), float(row["precision"]), float(row["recall"])))
+                (float(row["temperature"]), float(row["precision"]), float(row["recall"]))
+            )
     return {m: sorted(points) for m, points in curves.items()}
 
 
@@ -222,10 +286,17 @@ def temperature_effect(points: list[tuple[float, float, float]], tol: float = TO
     above = [(t, r) for t, r in by_t.items() if t > t_ref]
     t_best_above, r_best_above = max(above, key=lambda x: x[1]) if above else (math.nan, math.nan)
     t_max = max(by_t)
-    return {"t_ref": t_ref, "recall_ref": by_t[t_ref], "t_max": t_max, "recall_t_max": by_t[t_max],
-            "argmax_t": max(by_t, key=by_t.get), "max_recall": max(by_t.values()),
-            "t_best_above": t_best_above, "recall_best_above": r_best_above,
-            "rose": bool(above) and r_best_above > by_t[t_ref] + tol}
+    return {
+        "t_ref": t_ref,
+        "recall_ref": by_t[t_ref],
+        "t_max": t_max,
+        "recall_t_max": by_t[t_max],
+        "argmax_t": max(by_t, key=by_t.get),
+        "max_recall": max(by_t.values()),
+        "t_best_above": t_best_above,
+        "recall_best_above": r_best_above,
+        "rose": bool(above) and r_best_above > by_t[t_ref] + tol,
+    }
 
 
 def dominance(loss: list, reference: list, tol: float = TOLERANCE, precision_tol: float = PRECISION_TOLERANCE) -> dict:
@@ -264,17 +335,25 @@ def _scale_sentence(recipe: Recipe) -> str:
         q = p ** (1.0 / a)
         flattened[float(a)] = recall_at_n(np.log(q / q.sum()), p, n)
     best_a = max(flattened, key=flattened.get)
-    return (f"For scale: a model equal to the target P has Precision 1 and Recall@{n} = {flattened[1.0]:.3f}; "
-            f"the best flattening of P on its support, P^(1/a), reaches {flattened[best_a]:.3f} (a = {best_a:g}). "
-            f"The room above a perfect NLL model is small here, so differences of a few thousandths matter.")
+    return (
+        f"For scale: a model equal to the target P has Precision 1 and Recall@{n} = {flattened[1.0]:.3f}; "
+        f"the best flattening of P on its support, P^(1/a), reaches {flattened[best_a]:.3f} (a = {best_a:g}). "
+        f"The room above a perfect NLL model is small here, so differences of a few thousandths matter."
+    )
 
 
 def _num(x: float) -> str:
     return "n/a" if math.isnan(x) else f"{x:.3f}"
 
 
-def summary_markdown(curves: dict, reference: str = "nll", levels=PRECISION_LEVELS, recipe: Recipe | None = None,
-                     wall_seconds: float | None = None, tol: float = TOLERANCE) -> str:
+def summary_markdown(
+    curves: dict,
+    reference: str = "nll",
+    levels=PRECISION_LEVELS,
+    recipe: Recipe | None = None,
+    wall_seconds: float | None = None,
+    tol: float = TOLERANCE,
+) -> str:
     """The text of summary.md from the curves of ``read_curves``."""
     if reference not in curves:
         raise ValueError(f"the sweep has no {reference!r} model to compare with; models: {', '.join(curves)}")
@@ -283,31 +362,47 @@ def summary_markdown(curves: dict, reference: str = "nll", levels=PRECISION_LEVE
     n = recipe.recall_at_n if recipe else None
     lines = ["# recall-dist demo: NLL + temperature vs recall-oriented losses", ""]
     if recipe is not None:
-        lines += [f"Task: products a*b of a, b ~ U{{1..{recipe.max_factor}}} (known sparse target). A tiny Llama is "
-                  f"pre-trained with NLL for {recipe.pretrain_steps} steps, then fine-tuned from that checkpoint "
-                  f"with each loss for {recipe.finetune_steps} steps (same data, seed, learning rate; 2 processes, "
-                  f"FSDP2 on CPU). Precision = Q_T(supp P); Recall = Recall@{n}, the expected P-mass covered by "
-                  f"{n} samples; both exact (enumeration of the support). Every number below is computed from "
-                  f"`sweep.csv` by `recall_dist/demo.py`."
-                  + (f" Wall time of the run: {_fmt_time(wall_seconds)}." if wall_seconds is not None else ""), "",
-                  _scale_sentence(recipe), ""]
+        lines += [
+            f"Task: products a*b of a, b ~ U{{1..{recipe.max_factor}}} (known sparse target). A tiny Llama is "
+            f"pre-trained with NLL for {recipe.pretrain_steps} steps, then fine-tuned from that checkpoint "
+            f"with each loss for {recipe.finetune_steps} steps (same data, seed, learning rate; 2 processes, "
+            f"FSDP2 on CPU). Precision = Q_T(supp P); Recall = Recall@{n}, the expected P-mass covered by "
+            f"{n} samples; both exact (enumeration of the support). Every number below is computed from "
+            f"`sweep.csv` by `recall_dist/demo.py`."
+            + (f" Wall time of the run: {_fmt_time(wall_seconds)}." if wall_seconds is not None else ""),
+            "",
+            _scale_sentence(recipe),
+            "",
+        ]
     lines += ["## Does raising the temperature buy NLL more Recall?", ""]
     delta = eff["recall_best_above"] - eff["recall_ref"]
     if eff["rose"]:
-        lines.append(f"**Yes, by {delta:+.3f}**{' (slightly)' if delta < 5 * tol else ''}: NLL's Recall is {eff['recall_ref']:.3f} at T={eff['t_ref']:g} and "
-                     f"reaches {eff['recall_best_above']:.3f} at T={eff['t_best_above']:g} (best T > {eff['t_ref']:g}).")
+        lines.append(
+            f"**Yes, by {delta:+.3f}**{' (slightly)' if delta < 5 * tol else ''}: "
+            f"NLL's Recall is {eff['recall_ref']:.3f} at T={eff['t_ref']:g} and "
+            f"reaches {eff['recall_best_above']:.3f} at T={eff['t_best_above']:g} (best T > {eff['t_ref']:g})."
+        )
     else:
-        lines.append(f"**No**: NLL's Recall is {eff['recall_ref']:.3f} at T={eff['t_ref']:g} and no T above it "
-                     f"raises it by more than {tol:g} (best above: {_num(eff['recall_best_above'])} at "
-                     f"T={eff['t_best_above']:g}).")
+        lines.append(
+            f"**No**: NLL's Recall is {eff['recall_ref']:.3f} at T={eff['t_ref']:g} and no T above it "
+            f"raises it by more than {tol:g} (best above: {_num(eff['recall_best_above'])} at "
+            f"T={eff['t_best_above']:g})."
+        )
     precision_of = {t: p for t, p, _ in ref}
-    lines.append(f"Over the grid its Recall peaks at T={eff['argmax_t']:g} ({eff['max_recall']:.3f}); at the largest "
-                 f"T={eff['t_max']:g} it is {eff['recall_t_max']:.3f}, and Precision has gone from "
-                 f"{precision_of[eff['t_ref']]:.3f} (T={eff['t_ref']:g}) to {precision_of[eff['t_max']]:.3f}: "
-                 f"1 - Precision is the mass the tempered model puts on invalid outputs.")
-    lines += ["", "## Does a recall loss dominate NLL + temperature?", "",
-              "Recall at matched Precision: the best Recall of each model's temperature curve (interpolated "
-              "between grid points) among points with Precision >= p. n/a: the curve never reaches p.", ""]
+    lines.append(
+        f"Over the grid its Recall peaks at T={eff['argmax_t']:g} ({eff['max_recall']:.3f}); at the largest "
+        f"T={eff['t_max']:g} it is {eff['recall_t_max']:.3f}, and Precision has gone from "
+        f"{precision_of[eff['t_ref']]:.3f} (T={eff['t_ref']:g}) to {precision_of[eff['t_max']]:.3f}: "
+        f"1 - Precision is the mass the tempered model puts on invalid outputs."
+    )
+    lines += [
+        "",
+        "## Does a recall loss dominate NLL + temperature?",
+        "",
+        "Recall at matched Precision: the best Recall of each model's temperature curve (interpolated "
+        "between grid points) among points with Precision >= p. n/a: the curve never reaches p.",
+        "",
+    ]
     header = ["model"] + [f"R @ P>={p:g}" for p in levels] + ["max R (T)", "verdict vs nll"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     verdicts = {}
@@ -321,18 +416,27 @@ def summary_markdown(curves: dict, reference: str = "nll", levels=PRECISION_LEVE
             verdicts[model] = d
             cells.append(f"{d['verdict']} ({d['above']} above, {d['below']} below of {d['points']})")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"Verdict: at the Precision P_i of each of NLL's {len(ref)} temperature points, the model's best "
-              f"Recall at Precision >= P_i - {PRECISION_TOLERANCE:g} is compared with NLL's at Precision >= P_i "
-              f"(ties within {tol:g}). *dominates*: never below and "
-              f"sometimes above; *does not dominate*: never above; *mixed*: both.", ""]
+    lines += [
+        "",
+        f"Verdict: at the Precision P_i of each of NLL's {len(ref)} temperature points, the model's best "
+        f"Recall at Precision >= P_i - {PRECISION_TOLERANCE:g} is compared with NLL's at Precision >= P_i "
+        f"(ties within {tol:g}). *dominates*: never below and "
+        f"sometimes above; *does not dominate*: never above; *mixed*: both.",
+        "",
+    ]
     for model, d in verdicts.items():
         diffs = [recall_at(curves[model], p) - recall_at(ref, p) for p in levels]
-        shown = ", ".join(f"P>={p:g}: {'n/a' if math.isnan(x) else f'{x:+.3f}'}" for p, x in zip(levels, diffs))
+        shown = ", ".join(
+            f"P>={p:g}: {'n/a' if math.isnan(x) else f'{x:+.3f}'}" for p, x in zip(levels, diffs, strict=False)
+        )
         lines.append(f"- **{model}** vs NLL + temperature: **{d['verdict']}** (Recall minus NLL's at {shown}).")
     if "lambda_pr" in curves:
-        lines += ["", "Note: token-level `lambda_pr` with a one-hot target is not strictly proper (it stops pushing "
-                      "a token once q >= lambda), so it is expected to lose Precision or Recall here; the demo "
-                      "reports what it measures (`nll_mix` restores a proper component)."]
+        lines += [
+            "",
+            "Note: token-level `lambda_pr` with a one-hot target is not strictly proper (it stops pushing "
+            "a token once q >= lambda), so it is expected to lose Precision or Recall here; the demo "
+            "reports what it measures (`nll_mix` restores a proper component).",
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -355,8 +459,14 @@ def plot_zoom(csv_path: Path, out_path: Path, reference: str = "nll") -> Path:
         ax.plot(xs, ys, "-o", color=f"C{i}", lw=1.8, ms=5, label=model)
         for t, p, r in points:
             if r >= lo:
-                ax.annotate(f"{t:g}", (r, max(1.0 - p, 1e-7)), textcoords="offset points", xytext=(4, 3),
-                            fontsize=7, color=f"C{i}")
+                ax.annotate(
+                    f"{t:g}",
+                    (r, max(1.0 - p, 1e-7)),
+                    textcoords="offset points",
+                    xytext=(4, 3),
+                    fontsize=7,
+                    color=f"C{i}",
+                )
     ax.set_xlim(lo, top + 0.1 * (top - lo))
     ax.set_yscale("log")
     shown = [max(1.0 - p, 1e-7) for points in curves.values() for _, p, r in points if r >= lo]
@@ -385,9 +495,11 @@ def write_summary(csv_path: Path, out_path: Path, **kwargs) -> Path:
 
 # ---------------------------------------------------------------------------------------------
 
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recall-dist demo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="recall-dist demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="results/demo", help="output directory (default: results/demo)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per loss (default: 500; quick: 10)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="NLL pre-training steps (default: 3000)")
@@ -399,9 +511,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     recipe = Recipe.quick() if args.quick else Recipe()
-    for key, flag, value in (("finetune_steps", "--steps", args.steps),
-                             ("pretrain_steps", "--pretrain-steps", args.pretrain_steps),
-                             ("max_factor", "--max-factor", args.max_factor)):
+    for key, flag, value in (
+        ("finetune_steps", "--steps", args.steps),
+        ("pretrain_steps", "--pretrain-steps", args.pretrain_steps),
+        ("max_factor", "--max-factor", args.max_factor),
+    ):
         if value is not None:
             if value < 1:
                 print(f"recall-dist demo: {flag} = {value}: must be >= 1", file=sys.stderr)

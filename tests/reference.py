@@ -17,13 +17,21 @@ class NaiveTruncState:
         self.history: list[float] = []
 
     def push(self, values: list[float]) -> np.ndarray:
-        self.history = (self.history + list(values))[-self.capacity:]
+        self.history = (self.history + list(values))[-self.capacity :]
         return np.asarray(self.history)
 
 
-def naive_loss(logits: torch.Tensor, target: torch.Tensor, name: str, params: dict, *,
-               vocab_size: int | None = None, seq_ids: torch.Tensor | None = None,
-               state: NaiveTruncState | None = None, ignore_index: int = -100) -> torch.Tensor:
+def naive_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    name: str,
+    params: dict,
+    *,
+    vocab_size: int | None = None,
+    seq_ids: torch.Tensor | None = None,
+    state: NaiveTruncState | None = None,
+    ignore_index: int = -100,
+) -> torch.Tensor:
     """Objective of one step on the *global* batch.  ``logits`` [N, V_pad] (differentiable), ``target`` [N]."""
     params = dict(params)
     mix = params.pop("nll_mix", 0.0)

@@ -31,7 +31,7 @@ def _dense_recall_at_precision(points, min_precision: float) -> float:
     """Reference for the interpolated Recall at Precision >= p: walk every segment of the T-ordered
     curve on a fine grid (no crossing formula), keep the best Recall whose Precision qualifies."""
     best = -math.inf
-    for (p0, r0), (p1, r1) in zip(points, points[1:] or points):
+    for (p0, r0), (p1, r1) in zip(points, points[1:] or points, strict=False):
         s = np.linspace(0.0, 1.0, 200001)
         p, r = p0 + s * (p1 - p0), r0 + s * (r1 - r0)
         ok = p >= min_precision - 1e-12
@@ -43,8 +43,14 @@ def _dense_recall_at_precision(points, min_precision: float) -> float:
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("demo")
-    proc = subprocess.run([sys.executable, "-m", "recall_dist", "demo", "--quick", "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "recall_dist", "demo", "--quick", "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pre-train NLL" in proc.stdout and "fine-tune cdiv-1.4" in proc.stdout  # progress is shown
     return out
@@ -57,8 +63,9 @@ def test_quick_demo_writes_the_three_files(quick_demo: Path):
         assert (quick_demo / name).is_file(), name
     rows = _rows(quick_demo / "sweep.csv")
     models = [name for name, *_ in recipe.losses]
-    assert sorted((r["model"], float(r["temperature"])) for r in rows) == \
-        sorted((m, t) for m in models for t in recipe.temperatures)
+    assert sorted((r["model"], float(r["temperature"])) for r in rows) == sorted(
+        (m, t) for m in models for t in recipe.temperatures
+    )
     for r in rows:
         assert 0.0 <= float(r["precision"]) <= 1.0 + 1e-9 and 0.0 <= float(r["recall"]) <= 1.0 + 1e-9
     with Image.open(quick_demo / "pr_curve.png") as image:
@@ -99,8 +106,9 @@ def test_summary_statements_follow_from_the_csv(quick_demo: Path):
     # The verdict of cdiv-1.4, recomputed from NLL's points with the dense reference.
     gaps = []
     for _, p_i, _ in nll:
-        best = _dense_recall_at_precision([(p, r) for _, p, r in sorted(curves["cdiv-1.4"])],
-                                          p_i - demo.PRECISION_TOLERANCE)
+        best = _dense_recall_at_precision(
+            [(p, r) for _, p, r in sorted(curves["cdiv-1.4"])], p_i - demo.PRECISION_TOLERANCE
+        )
         gaps.append((0.0 if math.isnan(best) else best) - _dense_recall_at_precision([(p, r) for _, p, r in nll], p_i))
     above = sum(g > demo.TOLERANCE + 1e-6 for g in gaps)
     below = sum(g < -demo.TOLERANCE - 1e-6 for g in gaps)

@@ -2,17 +2,36 @@
 prompt/completion masking, and the distributed batch iterator."""
 
 from recall_dist.data.dataset import (
-    IGNORE_INDEX, DataConfig, build_dataset, encode_text, load_records, tokenize_example,
+    IGNORE_INDEX,
+    DataConfig,
+    build_dataset,
+    encode_text,
+    load_records,
+    tokenize_example,
 )
 from recall_dist.data.loader import DistributedBatchIterator
 from recall_dist.data.synthetic import (
-    KnownSupportTask, ProductConditionalTask, ProductTask, build_task, known_tasks,
+    KnownSupportTask,
+    ProductConditionalTask,
+    ProductTask,
+    build_task,
+    known_tasks,
 )
 from recall_dist.data.tokenizer import CharTokenizer, load_tokenizer
 
 __all__ = [
-    "KnownSupportTask", "ProductTask", "ProductConditionalTask", "build_task", "known_tasks",
-    "CharTokenizer", "load_tokenizer",
-    "DataConfig", "build_dataset", "load_records", "tokenize_example", "encode_text", "IGNORE_INDEX",
+    "IGNORE_INDEX",
+    "CharTokenizer",
+    "DataConfig",
     "DistributedBatchIterator",
+    "KnownSupportTask",
+    "ProductConditionalTask",
+    "ProductTask",
+    "build_dataset",
+    "build_task",
+    "encode_text",
+    "known_tasks",
+    "load_records",
+    "load_tokenizer",
+    "tokenize_example",
 ]

@@ -10,12 +10,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 from recall_dist.configtree import ConfigError, check
+from recall_dist.constants import IGNORE_INDEX
 from recall_dist.data.synthetic import KnownSupportTask, build_task, known_tasks
 from recall_dist.data.tokenizer import CharTokenizer
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 SYNTHETIC_PREFIX = "synthetic:"
 DEFAULT_SYNTHETIC_SAMPLES = 10_000
 _LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -52,27 +52,51 @@ class DataConfig:
     split: str = "train"
 
     def __post_init__(self):
-        check(isinstance(self.source, str) and self.source.strip() != "", "source", self.source,
-              "a 'synthetic:<task>' name, a .jsonl/.json/.parquet path or a hub dataset name")
+        check(
+            isinstance(self.source, str) and self.source.strip() != "",
+            "source",
+            self.source,
+            "a 'synthetic:<task>' name, a .jsonl/.json/.parquet path or a hub dataset name",
+        )
         if self.is_synthetic:
-            name = self.source[len(SYNTHETIC_PREFIX):]
-            check(name in known_tasks(), "source", self.source,
-                  f"synthetic tasks: {', '.join(SYNTHETIC_PREFIX + t for t in known_tasks())}")
+            name = self.source[len(SYNTHETIC_PREFIX) :]
+            check(
+                name in known_tasks(),
+                "source",
+                self.source,
+                f"synthetic tasks: {', '.join(SYNTHETIC_PREFIX + t for t in known_tasks())}",
+            )
             try:
                 build_task(name, **self.task_params)
             except (ValueError, TypeError) as e:
                 raise ConfigError("task_params", f"{self.task_params!r}: {e}") from None
         else:
-            check(not self.task_params, "task_params", self.task_params,
-                  "task_params only apply to 'synthetic:<task>' sources")
-        check(self.num_samples is None or self.num_samples >= 1, "num_samples", self.num_samples,
-              "an integer >= 1, or null")
+            check(
+                not self.task_params,
+                "task_params",
+                self.task_params,
+                "task_params only apply to 'synthetic:<task>' sources",
+            )
+        check(
+            self.num_samples is None or self.num_samples >= 1,
+            "num_samples",
+            self.num_samples,
+            "an integer >= 1, or null",
+        )
         check(self.completion_field != "", "completion_field", self.completion_field, "a column name")
-        check(self.max_length is None or self.max_length >= 2, "max_length", self.max_length,
-              "an integer >= 2 (bos and eos included), or null")
+        check(
+            self.max_length is None or self.max_length >= 2,
+            "max_length",
+            self.max_length,
+            "an integer >= 2 (bos and eos included), or null",
+        )
         check(self.truncation in ("right", "drop"), "truncation", self.truncation, "allowed: right, drop")
-        check(not self.packing or self.max_length is not None, "packing", self.packing,
-              "packing needs max_length (the length of a packed row)")
+        check(
+            not self.packing or self.max_length is not None,
+            "packing",
+            self.packing,
+            "packing needs max_length (the length of a packed row)",
+        )
         check(self.split != "", "split", self.split, "a split name such as 'train'")
 
     @property
@@ -83,7 +107,7 @@ class DataConfig:
         """The synthetic task with its known target distribution, or None for file/hub data."""
         if not self.is_synthetic:
             return None
-        return build_task(self.source[len(SYNTHETIC_PREFIX):], **self.task_params)
+        return build_task(self.source[len(SYNTHETIC_PREFIX) :], **self.task_params)
 
 
 def _open_hf_dataset(cfg: DataConfig):
@@ -91,17 +115,18 @@ def _open_hf_dataset(cfg: DataConfig):
 
     path = Path(cfg.source).expanduser()
     builder = _LOCAL_BUILDERS.get(path.suffix.lower())
-    if builder is not None or cfg.source.startswith((".", "/", "~")):
-        if not path.is_file() and not path.is_dir():
-            raise FileNotFoundError(f"data.source: file not found: {path}")
+    if (builder is not None or cfg.source.startswith((".", "/", "~"))) and not path.is_file() and not path.is_dir():
+        raise FileNotFoundError(f"data.source: file not found: {path}")
     if builder is not None:
         return datasets.load_dataset(builder, data_files={cfg.split: str(path)}, split=cfg.split)
     try:
         return datasets.load_dataset(str(path) if path.exists() else cfg.source, split=cfg.split)
     except Exception as e:  # the hub client raises many types; all mean "cannot get it here"
-        raise OSError(f"data.source = {cfg.source!r}: cannot load split {cfg.split!r} as a Hugging Face "
-                      f"dataset (not a local .jsonl/.json/.parquet file; offline or unknown hub name?): "
-                      f"{type(e).__name__}: {e}") from e
+        raise OSError(
+            f"data.source = {cfg.source!r}: cannot load split {cfg.split!r} as a Hugging Face "
+            f"dataset (not a local .jsonl/.json/.parquet file; offline or unknown hub name?): "
+            f"{type(e).__name__}: {e}"
+        ) from e
 
 
 def load_records(cfg: DataConfig) -> list[dict[str, str]]:
@@ -111,14 +136,16 @@ def load_records(cfg: DataConfig) -> list[dict[str, str]]:
     ds = _open_hf_dataset(cfg)
     for key, column in (("prompt_field", cfg.prompt_field), ("completion_field", cfg.completion_field)):
         if column and column not in ds.column_names:
-            raise ConfigError(f"data.{key}", f"{column!r} is not a column of {cfg.source!r}; "
-                                             f"available columns: {', '.join(ds.column_names)}")
+            raise ConfigError(
+                f"data.{key}",
+                f"{column!r} is not a column of {cfg.source!r}; available columns: {', '.join(ds.column_names)}",
+            )
     if cfg.num_samples is not None:
         ds = ds.select(range(min(cfg.num_samples, len(ds))))
     prompts = ds[cfg.prompt_field] if cfg.prompt_field else [""] * len(ds)
     completions = ds[cfg.completion_field]
     records = []
-    for row, (prompt, completion) in enumerate(zip(prompts, completions)):
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=False)):
         for column, value in ((cfg.prompt_field, prompt), (cfg.completion_field, completion)):
             if not isinstance(value, str):
                 raise ValueError(f"{cfg.source}: row {row}, column {column!r} = {value!r}: expected a string")
@@ -135,8 +162,9 @@ def encode_text(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def tokenize_example(prompt: str, completion: str, tokenizer, max_length: int | None = None,
-                     truncation: str = "right") -> dict[str, list[int]] | None:
+def tokenize_example(
+    prompt: str, completion: str, tokenizer, max_length: int | None = None, truncation: str = "right"
+) -> dict[str, list[int]] | None:
     """``input_ids = [bos] + prompt + completion + [eos]`` and ``labels`` aligned with it (the
     trainer shifts): the id on completion tokens and eos, -100 on bos and prompt tokens.
 
@@ -149,7 +177,7 @@ def tokenize_example(prompt: str, completion: str, tokenizer, max_length: int | 
     if eos is None:
         raise ValueError(f"tokenizer {type(tokenizer).__name__} has no eos token: completions need an end")
     prompt_ids = ([bos] if bos is not None else []) + encode_text(tokenizer, prompt)
-    completion_ids = encode_text(tokenizer, completion) + [eos]
+    completion_ids = [*encode_text(tokenizer, completion), eos]
     input_ids = prompt_ids + completion_ids
     labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
     if max_length is not None and len(input_ids) > max_length:
@@ -166,16 +194,23 @@ def build_dataset(cfg: DataConfig, tokenizer) -> list[dict[str, list[int]]]:
     order (the batch iterator shuffles).  Examples dropped by truncation are counted in a warning."""
     examples, dropped = [], 0
     for record in load_records(cfg):
-        example = tokenize_example(record["prompt"], record["completion"], tokenizer, cfg.max_length,
-                                   cfg.truncation)
+        example = tokenize_example(record["prompt"], record["completion"], tokenizer, cfg.max_length, cfg.truncation)
         if example is None:
             dropped += 1
         else:
             examples.append(example)
     if dropped:
-        logger.warning("%s: dropped %d of %d examples longer than max_length=%d (truncation=%s)",
-                       cfg.source, dropped, dropped + len(examples), cfg.max_length, cfg.truncation)
+        logger.warning(
+            "%s: dropped %d of %d examples longer than max_length=%d (truncation=%s)",
+            cfg.source,
+            dropped,
+            dropped + len(examples),
+            cfg.max_length,
+            cfg.truncation,
+        )
     if not examples:
-        raise ValueError(f"data.source = {cfg.source!r}: no example left (max_length={cfg.max_length}, "
-                         f"truncation={cfg.truncation!r})")
+        raise ValueError(
+            f"data.source = {cfg.source!r}: no example left (max_length={cfg.max_length}, "
+            f"truncation={cfg.truncation!r})"
+        )
     return examples

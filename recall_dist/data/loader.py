@@ -4,12 +4,12 @@ ranks, each rank collating its own disjoint slice (optionally packed), resumable
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
 
-IGNORE_INDEX = -100
+from recall_dist.constants import IGNORE_INDEX
 
 
 def _check_int(value, name: str, minimum: int) -> int:
@@ -45,9 +45,18 @@ class DistributedBatchIterator:
     ``state_dict()`` taken after ``k`` batches resumes with batch ``k + 1``.
     """
 
-    def __init__(self, dataset: Sequence[dict], micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1,
-                 seed: int = 0, shuffle: bool = True, packing: bool = False, max_length: int | None = None,
-                 pad_token_id: int = 0):
+    def __init__(
+        self,
+        dataset: Sequence[dict],
+        micro_batch_size: int,
+        dp_rank: int = 0,
+        dp_size: int = 1,
+        seed: int = 0,
+        shuffle: bool = True,
+        packing: bool = False,
+        max_length: int | None = None,
+        pad_token_id: int = 0,
+    ):
         self.micro_batch_size = _check_int(micro_batch_size, "micro_batch_size", 1)
         self.dp_size = _check_int(dp_size, "dp_size", 1)
         self.dp_rank = _check_int(dp_rank, "dp_rank", 0)
@@ -59,8 +68,10 @@ class DistributedBatchIterator:
         if packing and max_length is None:
             raise ValueError("packing = True needs max_length (the length of a packed row)")
         if len(dataset) < self.global_batch_size:
-            raise ValueError(f"dataset has {len(dataset)} examples, fewer than one global batch "
-                             f"(micro_batch_size {micro_batch_size} x dp_size {dp_size}); no step is possible")
+            raise ValueError(
+                f"dataset has {len(dataset)} examples, fewer than one global batch "
+                f"(micro_batch_size {micro_batch_size} x dp_size {dp_size}); no step is possible"
+            )
         self.dataset, self.shuffle, self.packing = dataset, shuffle, packing
         self.max_length, self.pad_token_id = max_length, pad_token_id
         self.epoch, self.step = 0, 0
@@ -82,12 +93,12 @@ class DistributedBatchIterator:
     def global_batch_indices(self, epoch: int, step: int) -> list[int]:
         """Dataset indices of the global batch of ``(epoch, step)``, rank 0's slice first."""
         g = self.global_batch_size
-        return self.epoch_order(epoch)[step * g:(step + 1) * g]
+        return self.epoch_order(epoch)[step * g : (step + 1) * g]
 
     def local_indices(self, epoch: int, step: int) -> list[int]:
         """Dataset indices of this rank's micro-batch at ``(epoch, step)``."""
         start = self.dp_rank * self.micro_batch_size
-        return self.global_batch_indices(epoch, step)[start:start + self.micro_batch_size]
+        return self.global_batch_indices(epoch, step)[start : start + self.micro_batch_size]
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.step >= len(self):  # resumed exactly at an epoch's end
@@ -97,7 +108,7 @@ class DistributedBatchIterator:
         start = self.dp_rank * self.micro_batch_size
         while self.epoch == epoch and self.step < len(self):
             base = self.step * self.global_batch_size + start
-            batch = self.collate([self.dataset[i] for i in order[base:base + self.micro_batch_size]])
+            batch = self.collate([self.dataset[i] for i in order[base : base + self.micro_batch_size]])
             # Count the batch as consumed before handing it out: a checkpoint taken while the
             # trainer holds batch k resumes with batch k + 1.
             self.step += 1
@@ -124,13 +135,17 @@ class DistributedBatchIterator:
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Pad (or pack) ``examples`` into the ``[B, T]`` tensors described in the class docstring."""
         lengths = [len(e["input_ids"]) for e in examples]
-        for i, (e, n) in enumerate(zip(examples, lengths)):
+        for i, (e, n) in enumerate(zip(examples, lengths, strict=False)):
             if len(e["labels"]) != n or n == 0:
-                raise ValueError(f"example {i} of the micro-batch: input_ids ({n}) and labels "
-                                 f"({len(e['labels'])}) must have the same, non-zero length")
+                raise ValueError(
+                    f"example {i} of the micro-batch: input_ids ({n}) and labels "
+                    f"({len(e['labels'])}) must have the same, non-zero length"
+                )
             if self.max_length is not None and n > self.max_length:
-                raise ValueError(f"example {i} of the micro-batch has {n} tokens > max_length "
-                                 f"{self.max_length} (truncate it when building the dataset)")
+                raise ValueError(
+                    f"example {i} of the micro-batch has {n} tokens > max_length "
+                    f"{self.max_length} (truncate it when building the dataset)"
+                )
         rows = self._rows(lengths)
         width = max(sum(lengths[i] for i in row) for row in rows)
         shape = (len(rows), width)
@@ -142,21 +157,32 @@ class DistributedBatchIterator:
             t = 0
             for i in row:
                 n = lengths[i]
-                input_ids[r, t:t + n] = torch.tensor(examples[i]["input_ids"])
-                labels[r, t:t + n] = torch.tensor(examples[i]["labels"])
+                input_ids[r, t : t + n] = torch.tensor(examples[i]["input_ids"])
+                labels[r, t : t + n] = torch.tensor(examples[i]["labels"])
                 # Nothing precedes an example's first token inside the example: after the shift it
                 # would be predicted from the previous packed example, so it is never a target.
                 labels[r, t] = IGNORE_INDEX
-                sequence_ids[r, t:t + n] = i
-                position_ids[r, t:t + n] = torch.arange(n)
+                sequence_ids[r, t : t + n] = i
+                position_ids[r, t : t + n] = torch.arange(n)
                 t += n
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": (sequence_ids >= 0).long(),
-                "sequence_ids": sequence_ids, "position_ids": position_ids}
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": (sequence_ids >= 0).long(),
+            "sequence_ids": sequence_ids,
+            "position_ids": position_ids,
+        }
 
     def state_dict(self) -> dict:
         """Position (epoch, batches consumed in it) plus what fixes the batch order."""
-        return {"epoch": self.epoch, "step": self.step, "seed": self.seed, "shuffle": self.shuffle,
-                "global_batch_size": self.global_batch_size, "dataset_size": len(self.dataset)}
+        return {
+            "epoch": self.epoch,
+            "step": self.step,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "global_batch_size": self.global_batch_size,
+            "dataset_size": len(self.dataset),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state``'s position.  The order must be the same (seed, shuffle, dataset size,
@@ -166,9 +192,13 @@ class DistributedBatchIterator:
             if key not in state:
                 raise ValueError(f"data loader state has no {key!r}; keys: {sorted(state)}")
             if state[key] != mine[key]:
-                raise ValueError(f"data loader state {key} = {state[key]!r} differs from this iterator's "
-                                 f"{mine[key]!r}: the batch order would not continue")
+                raise ValueError(
+                    f"data loader state {key} = {state[key]!r} differs from this iterator's "
+                    f"{mine[key]!r}: the batch order would not continue"
+                )
         if not 0 <= state["step"] <= len(self) or state["epoch"] < 0:
-            raise ValueError(f"data loader state (epoch {state['epoch']}, step {state['step']}) is out of "
-                             f"range for {len(self)} steps per epoch")
+            raise ValueError(
+                f"data loader state (epoch {state['epoch']}, step {state['step']}) is out of "
+                f"range for {len(self)} steps per epoch"
+            )
         self.epoch, self.step = int(state["epoch"]), int(state["step"])

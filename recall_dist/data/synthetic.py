@@ -1,5 +1,5 @@
 """Built-in sparse tasks whose target distribution P is known exactly, so the temperature sweep
-can compute Precision = Q_T(supp P) and Recall against the true P (SPEC section 5).
+can compute Precision = Q_T(supp P) and Recall against the true P (README, "Temperature sweep").
 
 Registry: ``build_task("product", max_factor=30)``, ``build_task("product_conditional", ...)``.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from abc import ABC, abstractmethod
 from collections import Counter
-from typing import Callable
+from collections.abc import Callable
 
 DIGITS = "0123456789"
 
@@ -112,8 +112,12 @@ class ProductConditionalTask(KnownSupportTask):
     def _factor(self, prompt: str) -> int:
         head = prompt[:-1]
         # Canonical decimal only ("07*" is not a prompt of the task: its support is empty).
-        if not prompt.endswith("*") or not head.isdigit() or head != str(int(head)) \
-                or not 1 <= int(head) <= self.max_factor:
+        if (
+            not prompt.endswith("*")
+            or not head.isdigit()
+            or head != str(int(head))
+            or not 1 <= int(head) <= self.max_factor
+        ):
             raise ValueError(f"prompt = {prompt!r}: task {self.name!r} expects '<a>*' with a in 1..{self.max_factor}")
         return int(head)
 
@@ -148,6 +152,7 @@ def build_task(name: str, **params) -> KnownSupportTask:
         raise ValueError(f"task = {name!r}: unknown synthetic task; known tasks: {', '.join(known_tasks())}")
     unknown = sorted(set(params) - _TASK_PARAMS[name])
     if unknown:
-        raise ValueError(f"{unknown[0]}: unknown parameter of task {name!r}; "
-                         f"allowed: {', '.join(sorted(_TASK_PARAMS[name]))}")
+        raise ValueError(
+            f"{unknown[0]}: unknown parameter of task {name!r}; allowed: {', '.join(sorted(_TASK_PARAMS[name]))}"
+        )
     return _TASKS[name](**params)

@@ -44,8 +44,10 @@ class CharTokenizer:
         for position, char in enumerate(text):
             token = self._char_to_id.get(char)
             if token is None:
-                raise ValueError(f"character {char!r} (position {position} of {text!r}) is not in the "
-                                 f"tokenizer alphabet {self.alphabet!r}")
+                raise ValueError(
+                    f"character {char!r} (position {position} of {text!r}) is not in the "
+                    f"tokenizer alphabet {self.alphabet!r}"
+                )
             ids.append(token)
         if add_eos:
             ids.append(self.eos_token_id)
@@ -79,15 +81,17 @@ class CharTokenizer:
         return path
 
     @classmethod
-    def from_pretrained(cls, directory: str | os.PathLike) -> "CharTokenizer":
+    def from_pretrained(cls, directory: str | os.PathLike) -> CharTokenizer:
         path = Path(directory) / TOKENIZER_FILE
         if not path.is_file():
             raise FileNotFoundError(f"no {TOKENIZER_FILE} in {directory}")
         with open(path) as f:
             data = json.load(f)
         if data.get("type") != "char" or data.get("special_tokens") != list(SPECIAL_TOKENS):
-            raise ValueError(f"{path}: not a recall_dist character tokenizer (type={data.get('type')!r}, "
-                             f"special_tokens={data.get('special_tokens')!r})")
+            raise ValueError(
+                f"{path}: not a recall_dist character tokenizer (type={data.get('type')!r}, "
+                f"special_tokens={data.get('special_tokens')!r})"
+            )
         return cls(data["alphabet"])
 
     def __repr__(self) -> str:
@@ -105,7 +109,7 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     if name.startswith("char:"):
         from recall_dist.data.synthetic import build_task
 
-        return CharTokenizer(build_task(name[len("char:"):]).alphabet)
+        return CharTokenizer(build_task(name[len("char:") :]).alphabet)
     if (Path(name) / TOKENIZER_FILE).is_file():
         return CharTokenizer.from_pretrained(name)
     # Hub ids are "name" or "org/name": anything else that is path-like must exist locally, so a
@@ -118,6 +122,8 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     try:
         return AutoTokenizer.from_pretrained(os.path.expanduser(name))
     except (OSError, ValueError) as e:
-        raise OSError(f"cannot load tokenizer {name!r}: not a directory with {TOKENIZER_FILE}, not "
-                      f"'char:<task>', and transformers.AutoTokenizer failed (offline, or no such local "
-                      f"path / hub repo): {e}") from e
+        raise OSError(
+            f"cannot load tokenizer {name!r}: not a directory with {TOKENIZER_FILE}, not "
+            f"'char:<task>', and transformers.AutoTokenizer failed (offline, or no such local "
+            f"path / hub repo): {e}"
+        ) from e

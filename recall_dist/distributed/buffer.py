@@ -27,8 +27,8 @@ class RollingQuantileBuffer:
         self.capacity = capacity
         self.group = group
         self._data = torch.zeros(capacity, dtype=torch.float64)
-        self._next = 0          # slot the next value goes to
-        self.total_pushed = 0   # values ever pushed (all ranks)
+        self._next = 0  # slot the next value goes to
+        self.total_pushed = 0  # values ever pushed (all ranks)
 
     def __len__(self) -> int:
         return min(self.total_pushed, self.capacity)
@@ -39,15 +39,15 @@ class RollingQuantileBuffer:
         gathered = all_gather_varlen(values, self.group).to("cpu", torch.float64)
         k = gathered.numel()
         if k >= self.capacity:  # only the newest `capacity` values survive
-            self._data.copy_(gathered[-self.capacity:])
+            self._data.copy_(gathered[-self.capacity :])
             self._next = 0
         elif k:
             end = self._next + k
             if end <= self.capacity:
-                self._data[self._next:end] = gathered
+                self._data[self._next : end] = gathered
             else:
                 split = self.capacity - self._next
-                self._data[self._next:] = gathered[:split]
+                self._data[self._next :] = gathered[:split]
                 self._data[: k - split] = gathered[split:]
             self._next = end % self.capacity
         self.total_pushed += k
@@ -57,7 +57,7 @@ class RollingQuantileBuffer:
         """The buffered values, oldest first (float64, CPU)."""
         if self.total_pushed < self.capacity:
             return self._data[: self.total_pushed].clone()
-        return torch.cat([self._data[self._next:], self._data[: self._next]])
+        return torch.cat([self._data[self._next :], self._data[: self._next]])
 
     def quantile(self, q: float) -> float:
         if not 0.0 <= q <= 1.0:

@@ -8,10 +8,11 @@ Every collective of the loss goes through here: that is what makes the communica
 from __future__ import annotations
 
 from collections import defaultdict
+
 import torch
 import torch.distributed as dist
 
-_COUNTERS: list["CommCounter"] = []
+_COUNTERS: list[CommCounter] = []
 
 
 class CommCounter:
@@ -30,7 +31,7 @@ class CommCounter:
         self.bytes[group] += nbytes
         self.calls[group] += 1
 
-    def __enter__(self) -> "CommCounter":
+    def __enter__(self) -> CommCounter:
         _COUNTERS.append(self)
         return self
 
@@ -79,4 +80,4 @@ def all_gather_varlen(values: torch.Tensor, group) -> torch.Tensor:
     parts = [torch.empty_like(padded) for _ in range(world)]
     _record(group, padded)
     dist.all_gather(parts, padded, group=group)
-    return torch.cat([p[:s] for p, s in zip(parts, sizes)])
+    return torch.cat([p[:s] for p, s in zip(parts, sizes, strict=False)])

@@ -8,33 +8,35 @@ the parent with that rank's traceback.
 from __future__ import annotations
 
 import os
-import socket
 import sys
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from recall_dist.distributed.net import free_port
 
 
-def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict,
-            backend: str, errors) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
+def _worker(
+    rank: int, world_size: int, port: int, fn: Callable, args: tuple, kwargs: dict, backend: str, errors
+) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+    )
     torch.set_num_threads(1)
     try:
-        dist.init_process_group(backend, rank=rank, world_size=world_size,
-                                init_method=f"tcp://127.0.0.1:{port}")
+        dist.init_process_group(backend, rank=rank, world_size=world_size, init_method=f"tcp://127.0.0.1:{port}")
         fn(*args, **kwargs)
         dist.barrier()
-    except BaseException:  # noqa: BLE001 - forwarded to the parent verbatim
+    except BaseException:
         errors.put((rank, traceback.format_exc()))
         raise
     finally:
@@ -48,8 +50,9 @@ def _worker(rank: int, world_size: int, port: int, fn: Callable, args: tuple, kw
     os._exit(0)
 
 
-def run_distributed_test(fn: Callable, world_size: int, *args: Any, backend: str = "gloo",
-                         timeout: float = 300.0, **kwargs: Any) -> None:
+def run_distributed_test(
+    fn: Callable, world_size: int, *args: Any, backend: str = "gloo", timeout: float = 300.0, **kwargs: Any
+) -> None:
     """Run ``fn(*args, **kwargs)`` on ``world_size`` spawned ranks of one gloo process group.
 
     ``fn`` must be importable (module level) so ``spawn`` can pickle it.  Inside, use
@@ -58,8 +61,10 @@ def run_distributed_test(fn: Callable, world_size: int, *args: Any, backend: str
     ctx = mp.get_context("spawn")
     errors = ctx.SimpleQueue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, backend, errors))
-             for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(r, world_size, port, fn, args, kwargs, backend, errors))
+        for r in range(world_size)
+    ]
     try:
         for p in procs:
             p.start()

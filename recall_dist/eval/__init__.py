@@ -1,4 +1,4 @@
-"""Temperature-sweep evaluation (SPEC section 5): exact and sampled known-support Precision/Recall,
+"""Temperature-sweep evaluation (README, "Temperature sweep"): exact and sampled known-support Precision/Recall,
 k-NN text Precision/Recall, summary numbers, and the sharded sweep that writes the table and plot.
 
 Entry points for drivers: ``sweep.compute_shard(cfg, shard_index, num_shards)`` and

@@ -18,9 +18,20 @@ import numpy as np
 from recall_dist.eval import metrics, summary
 from recall_dist.eval.config import SweepConfig
 
-KNOWN_SUPPORT_COLUMNS = ["model", "temperature", "precision", "recall", "recall_at_n", "precision_sampled",
-                         "precision_sampled_se", "recall_sampled", "recall_sampled_se", "recall_at_num_samples",
-                         "num_samples", "num_prompts"]
+KNOWN_SUPPORT_COLUMNS = [
+    "model",
+    "temperature",
+    "precision",
+    "recall",
+    "recall_at_n",
+    "precision_sampled",
+    "precision_sampled_se",
+    "recall_sampled",
+    "recall_sampled_se",
+    "recall_at_num_samples",
+    "num_samples",
+    "num_prompts",
+]
 TEXT_COLUMNS = ["model", "temperature", "precision", "recall", "density", "coverage", "num_texts"]
 
 
@@ -35,8 +46,10 @@ def _load_records(cfg: SweepConfig, num_shards: int) -> list[dict]:
         else:
             records += data["records"]
     if missing:
-        raise FileNotFoundError(f"{len(missing)} of {num_shards} shards missing or computed with another "
-                                f"config under {Path(cfg.output_dir) / 'shards'}: {missing[:10]}")
+        raise FileNotFoundError(
+            f"{len(missing)} of {num_shards} shards missing or computed with another "
+            f"config under {Path(cfg.output_dir) / 'shards'}: {missing[:10]}"
+        )
     records.sort(key=lambda r: r["item"])
     expected = len(work_items(cfg))
     if [r["item"] for r in records] != list(range(expected)):
@@ -53,19 +66,30 @@ def _known_support_rows(cfg: SweepConfig, records: list[dict], lambdas: np.ndarr
         w = np.array([r["weight"] for r in recs])
         total = w.sum()
 
-        def mean(key):
-            return float(sum(wi * r[key] for wi, r in zip(w, recs)) / total)
+        def mean(key, w=w, recs=recs, total=total):
+            return float(sum(wi * r[key] for wi, r in zip(w, recs, strict=True)) / total)
 
-        def se(key):
-            return float(np.sqrt(sum(wi * wi * r[key] for wi, r in zip(w, recs))) / total)
+        def se(key, w=w, recs=recs, total=total):
+            return float(np.sqrt(sum(wi * wi * r[key] for wi, r in zip(w, recs, strict=True))) / total)
 
-        row = {"model": model, "temperature": t, "precision": mean("precision"), "recall": mean("recall"),
-               "recall_at_n": cfg.recall_at_n, "num_samples": cfg.num_samples, "num_prompts": len(recs)}
+        row = {
+            "model": model,
+            "temperature": t,
+            "precision": mean("precision"),
+            "recall": mean("recall"),
+            "recall_at_n": cfg.recall_at_n,
+            "num_samples": cfg.num_samples,
+            "num_prompts": len(recs),
+        }
         if cfg.num_samples > 0:
-            row.update(precision_sampled=mean("precision_sampled"), precision_sampled_se=se("precision_sampled_var"),
-                       recall_sampled=mean("recall_sampled"), recall_sampled_se=se("recall_sampled_var"),
-                       recall_at_num_samples=mean("recall_at_num_samples"))
-        alpha = np.sum([wi * np.asarray(r["alpha"]) for wi, r in zip(w, recs)], axis=0) / total
+            row.update(
+                precision_sampled=mean("precision_sampled"),
+                precision_sampled_se=se("precision_sampled_var"),
+                recall_sampled=mean("recall_sampled"),
+                recall_sampled_se=se("recall_sampled_var"),
+                recall_at_num_samples=mean("recall_at_num_samples"),
+            )
+        alpha = np.sum([wi * np.asarray(r["alpha"]) for wi, r in zip(w, recs, strict=False)], axis=0) / total
         curves[(model, t)] = {"alpha": alpha.tolist(), "beta": (alpha / lambdas).tolist()}
         rows.append(row)
     return rows, curves
@@ -89,8 +113,9 @@ def _text_rows(cfg: SweepConfig, records: list[dict]) -> list[dict]:
         elif cfg.text.encoder == "lm" and encoded_for != model:  # the evaluated LM's own hidden states
             encoder = text.HiddenStateEncoder(*load_model(specs[model], Path(cfg.output_dir) / "exported"))
             encoded_for, ref_emb = model, encoder.encode(references)
-        scores = text.knn_precision_recall(ref_emb, encoder.encode(texts), k=cfg.text.k,
-                                           explained_variance=cfg.text.explained_variance, seed=cfg.seed)
+        scores = text.knn_precision_recall(
+            ref_emb, encoder.encode(texts), k=cfg.text.k, explained_variance=cfg.text.explained_variance, seed=cfg.seed
+        )
         rows.append({"model": model, "temperature": t, **scores, "num_texts": len(texts)})
     return rows
 
@@ -115,17 +140,27 @@ def aggregate(cfg: SweepConfig, num_shards: int | None = None) -> dict:
     summaries = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        summaries[model] = summary.summarize([r["temperature"] for r in mine], [r["precision"] for r in mine],
-                                             [r["recall"] for r in mine], cfg.min_precision)
+        summaries[model] = summary.summarize(
+            [r["temperature"] for r in mine],
+            [r["precision"] for r in mine],
+            [r["recall"] for r in mine],
+            cfg.min_precision,
+        )
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "sweep.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    result = {"metric": cfg.metric, "task": cfg.task, "task_params": cfg.task_params, "rows": rows,
-              "summary": summaries, "lambdas": lambdas.tolist(),
-              "pr_curves": [{"model": m, "temperature": t, **c} for (m, t), c in curves.items()]}
+    result = {
+        "metric": cfg.metric,
+        "task": cfg.task,
+        "task_params": cfg.task_params,
+        "rows": rows,
+        "summary": summaries,
+        "lambdas": lambdas.tolist(),
+        "pr_curves": [{"model": m, "temperature": t, **c} for (m, t), c in curves.items()],
+    }
     with open(out / "sweep.json", "w") as f:
         json.dump(result, f, indent=1)
     plot.plot_sweep(result, out / "pr_curve.png")

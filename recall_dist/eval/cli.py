@@ -18,8 +18,9 @@ from recall_dist.configtree import ConfigError, load_config
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recall-dist sweep", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="recall-dist sweep", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config", help="sweep YAML (see configs/sweep.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. num_samples=500")
     p.add_argument("--shard", type=int, default=None, help="compute only this shard, then exit")
@@ -29,15 +30,20 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _print_table(result: dict) -> None:
-    keys = [k for k in ("precision", "recall", "precision_sampled", "recall_sampled", "density", "coverage")
-            if k in result["rows"][0]]
+    keys = [
+        k
+        for k in ("precision", "recall", "precision_sampled", "recall_sampled", "density", "coverage")
+        if k in result["rows"][0]
+    ]
     print(f"{'model':<16}{'T':>6}" + "".join(f"{k:>19}" for k in keys))
     for r in result["rows"]:
         print(f"{r['model']:<16}{r['temperature']:>6g}" + "".join(f"{r[k]:>19.4f}" for k in keys))
     for model, s in result["summary"].items():
-        print(f"{model}: max recall {s['max_recall']:.4f} (T={s['temperature_at_max_recall']:g}), "
-              f"recall at precision>={s['min_precision']:g}: {s['recall_at_precision']:.4f}, "
-              f"PR AUC {s['pr_auc']:.4f}")
+        print(
+            f"{model}: max recall {s['max_recall']:.4f} (T={s['temperature_at_max_recall']:g}), "
+            f"recall at precision>={s['min_precision']:g}: {s['recall_at_precision']:.4f}, "
+            f"PR AUC {s['pr_auc']:.4f}"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

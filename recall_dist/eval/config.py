@@ -46,8 +46,12 @@ class TextSpec:
         check(self.k >= 1, "k", self.k, "must be >= 1")
         check(0 < self.explained_variance <= 1, "explained_variance", self.explained_variance, "must be in (0, 1]")
         check(self.chunk_size >= 1, "chunk_size", self.chunk_size, "must be >= 1")
-        check(self.max_new_tokens is None or self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens,
-              "must be >= 1")
+        check(
+            self.max_new_tokens is None or self.max_new_tokens >= 1,
+            "max_new_tokens",
+            self.max_new_tokens,
+            "must be >= 1",
+        )
         if self.references is not None and not Path(self.references).is_file():
             raise ConfigError("references", f"file {self.references!r} does not exist")
 
@@ -80,8 +84,12 @@ class SweepConfig:
             raise ConfigError("temperatures", "the temperature grid is empty; give at least one T > 0")
         for i, t in enumerate(self.temperatures):
             check(t > 0, f"temperatures[{i}]", t, "temperatures must be > 0")
-        check(len(set(self.temperatures)) == len(self.temperatures), "temperatures", self.temperatures,
-              "temperatures must be distinct")
+        check(
+            len(set(self.temperatures)) == len(self.temperatures),
+            "temperatures",
+            self.temperatures,
+            "temperatures must be distinct",
+        )
         check(self.num_samples >= 0, "num_samples", self.num_samples, "must be >= 0")
         if self.recall_at_n is None:
             if self.num_samples == 0:
@@ -89,8 +97,12 @@ class SweepConfig:
             self.recall_at_n = self.num_samples
         check(self.recall_at_n >= 1, "recall_at_n", self.recall_at_n, "must be >= 1")
         if self.lambdas is not None:
-            check(len(self.lambdas) > 0 and all(lam > 0 for lam in self.lambdas), "lambdas", self.lambdas,
-                  "a non-empty list of numbers > 0")
+            check(
+                len(self.lambdas) > 0 and all(lam > 0 for lam in self.lambdas),
+                "lambdas",
+                self.lambdas,
+                "a non-empty list of numbers > 0",
+            )
         check(0 <= self.min_precision <= 1, "min_precision", self.min_precision, "must be in [0, 1]")
         for key in ("score_batch_size", "generate_batch_size"):
             check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")

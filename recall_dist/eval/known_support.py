@@ -10,8 +10,8 @@ lives in ``metrics.py``; this module only turns a model into ``log Q_T`` and sam
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -47,16 +47,17 @@ def encode_prompt(tokenizer, prompt: str, target: dict[str, float]) -> EncodedPr
     """Tokenize ``[bos] + prompt`` and every ``completion + [eos]`` of the support ``target``."""
     texts = list(target)
     return EncodedPrompt(
-        prompt_ids=[tokenizer.bos_token_id] + encode_text(tokenizer, prompt),
-        completions=[tuple(encode_text(tokenizer, t)) + (tokenizer.eos_token_id,) for t in texts],
+        prompt_ids=[tokenizer.bos_token_id, *encode_text(tokenizer, prompt)],
+        completions=[(*tuple(encode_text(tokenizer, t)), tokenizer.eos_token_id) for t in texts],
         p=np.array([target[t] for t in texts], dtype=np.float64),
         texts=texts,
     )
 
 
 @torch.no_grad()
-def support_log_probs(model, encoded: EncodedPrompt, temperatures: Sequence[float], batch_size: int = 256,
-                      pad_id: int = 0) -> np.ndarray:
+def support_log_probs(
+    model, encoded: EncodedPrompt, temperatures: Sequence[float], batch_size: int = 256, pad_id: int = 0
+) -> np.ndarray:
     """log Q_T(x_i | prompt) for every completion of the support and every T: float64 [num_T, S].
 
     Teacher forcing in right-padded batches of ``batch_size`` completions; the log-softmax runs in
@@ -67,13 +68,13 @@ def support_log_probs(model, encoded: EncodedPrompt, temperatures: Sequence[floa
     temps = torch.tensor(list(temperatures), dtype=torch.float32, device=device)
     out = np.empty((len(temps), len(encoded.completions)), dtype=np.float64)
     for start in range(0, len(encoded.completions), batch_size):
-        rows = [encoded.prompt_ids + list(c) for c in encoded.completions[start:start + batch_size]]
+        rows = [encoded.prompt_ids + list(c) for c in encoded.completions[start : start + batch_size]]
         width = max(map(len, rows))
         ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, r in enumerate(rows):
-            ids[i, :len(r)] = torch.tensor(r)
-            mask[i, :len(r)] = 1
+            ids[i, : len(r)] = torch.tensor(r)
+            mask[i, : len(r)] = 1
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # predicts ids[:, 1:]
         targets = ids[:, 1:]
@@ -82,13 +83,21 @@ def support_log_probs(model, encoded: EncodedPrompt, temperatures: Sequence[floa
         scored[:, : n_prompt - 1] = False
         for k, t in enumerate(temps):
             logp = torch.log_softmax(logits / t, dim=-1).gather(-1, targets[..., None])[..., 0]
-            out[k, start:start + len(rows)] = (logp.double() * scored).sum(dim=1).cpu().numpy()
+            out[k, start : start + len(rows)] = (logp.double() * scored).sum(dim=1).cpu().numpy()
     return out
 
 
 @torch.no_grad()
-def sample_completions(model, encoded: EncodedPrompt, temperature: float, num_samples: int, seed: int,
-                       batch_size: int, pad_id: int, eos_id: int) -> list[tuple[int, ...]]:
+def sample_completions(
+    model,
+    encoded: EncodedPrompt,
+    temperature: float,
+    num_samples: int,
+    seed: int,
+    batch_size: int,
+    pad_id: int,
+    eos_id: int,
+) -> list[tuple[int, ...]]:
     """``num_samples`` completions of Q_T (ids up to and including the first eos; a sample that hit
     ``max_new_tokens`` without eos is returned as is, without eos, and is never valid).
 
@@ -104,10 +113,19 @@ def sample_completions(model, encoded: EncodedPrompt, temperature: float, num_sa
         n = min(batch_size, num_samples - start)
         ids = torch.tensor([encoded.prompt_ids] * n, dtype=torch.long, device=device)
         torch.manual_seed(derive_seed(seed, start))
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True,
-                             temperature=float(temperature), top_k=0, top_p=1.0, max_new_tokens=max_new,
-                             min_new_tokens=0, pad_token_id=pad_id, eos_token_id=eos_id)
-        for row in out[:, len(encoded.prompt_ids):].tolist():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=True,
+            temperature=float(temperature),
+            top_k=0,
+            top_p=1.0,
+            max_new_tokens=max_new,
+            min_new_tokens=0,
+            pad_token_id=pad_id,
+            eos_token_id=eos_id,
+        )
+        for row in out[:, len(encoded.prompt_ids) :].tolist():
             cut = row.index(eos_id) + 1 if eos_id in row else len(row)
             samples.append(tuple(row[:cut]))
     return samples
@@ -121,9 +139,20 @@ def sampled_estimates(encoded: EncodedPrompt, samples: list[tuple[int, ...]]) ->
     return len(hits) / len(samples), float(encoded.p[distinct].sum())
 
 
-def evaluate_prompt(model, encoded: EncodedPrompt, temperature: float, *, recall_at_n: int, num_samples: int,
-                    lambdas: np.ndarray, seed: int, score_batch_size: int, generate_batch_size: int,
-                    pad_id: int, eos_id: int) -> dict:
+def evaluate_prompt(
+    model,
+    encoded: EncodedPrompt,
+    temperature: float,
+    *,
+    recall_at_n: int,
+    num_samples: int,
+    lambdas: np.ndarray,
+    seed: int,
+    score_batch_size: int,
+    generate_batch_size: int,
+    pad_id: int,
+    eos_id: int,
+) -> dict:
     """All known-support numbers of one (model, temperature, prompt) work item, as plain floats.
 
     Exact: precision, recall (@``recall_at_n``), alpha/beta over ``lambdas``.  With ``num_samples`` > 0
@@ -139,8 +168,9 @@ def evaluate_prompt(model, encoded: EncodedPrompt, temperature: float, *, recall
         "alpha": alpha.tolist(),
     }
     if num_samples > 0:
-        samples = sample_completions(model, encoded, temperature, num_samples, seed, generate_batch_size,
-                                     pad_id, eos_id)
+        samples = sample_completions(
+            model, encoded, temperature, num_samples, seed, generate_batch_size, pad_id, eos_id
+        )
         prec_s, rec_s = sampled_estimates(encoded, samples)
         record.update(
             precision_sampled=prec_s,

@@ -1,7 +1,8 @@
 """Known-support Precision/Recall as pure functions of (log Q_T over the support of P, P).
 
 No model code here: the sweep computes ``log_q[i] = log Q_T(x_i)`` for every x_i in supp P
-(teacher forcing, ``known_support.py``) and these functions turn it into the numbers of SPEC section 5.
+(teacher forcing, ``known_support.py``) and these functions turn it into the numbers the sweep
+reports (README, "Temperature sweep").
 Mass of Q_T outside the support never enters except through ``1 - precision``.  Everything runs in
 float64 and in log space where a probability can underflow (``(1 - q)^N`` for q ~ 1e-30, N ~ 1e4).
 """

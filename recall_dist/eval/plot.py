@@ -9,16 +9,15 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # headless: ranks and CI have no display
-import matplotlib.cm  # noqa: E402
-import matplotlib.colors  # noqa: E402
-import matplotlib.pyplot as plt  # noqa: E402
-
+import matplotlib.cm
+import matplotlib.colors
+import matplotlib.pyplot as plt
 
 MARKERS = "osD^vP*X"
 
 
 def _limits(values: list[float]) -> tuple[float, float]:
-    """Zoom on the data (SPEC plots are often crowded near Precision or Recall 1), within [0, 1]."""
+    """Zoom on the data (PR plots are often crowded near Precision or Recall 1), within [0, 1]."""
     lo, hi = min(values), max(values)
     pad = max(0.08 * (hi - lo), 0.02)
     lo, hi = max(lo - pad, 0.0), min(hi + pad, 1.0)
@@ -42,19 +41,42 @@ def _sweep_panel(fig, ax, result: dict) -> None:
         rows = sorted((r for r in rows_all if r["model"] == model), key=lambda r: r["temperature"])
         s = result["summary"][model]
         xs, ys = [r["recall"] for r in rows], [r["precision"] for r in rows]
-        ax.plot(xs, ys, "-", color=f"C{i}", lw=1.8, zorder=1,
-                label=f"{model}  (max R {s['max_recall']:.3f}, AUC {s['pr_auc']:.3f})")
-        ax.scatter(xs, ys, c=[r["temperature"] for r in rows], cmap=cmap, norm=norm, s=55,
-                   marker=MARKERS[i % len(MARKERS)], edgecolors=f"C{i}", linewidths=1.5, zorder=2)
+        ax.plot(
+            xs,
+            ys,
+            "-",
+            color=f"C{i}",
+            lw=1.8,
+            zorder=1,
+            label=f"{model}  (max R {s['max_recall']:.3f}, AUC {s['pr_auc']:.3f})",
+        )
+        ax.scatter(
+            xs,
+            ys,
+            c=[r["temperature"] for r in rows],
+            cmap=cmap,
+            norm=norm,
+            s=55,
+            marker=MARKERS[i % len(MARKERS)],
+            edgecolors=f"C{i}",
+            linewidths=1.5,
+            zorder=2,
+        )
         for r in rows:
             # Label a point unless another label already sits within ~4% of the axes (crowded curves
             # stay readable; the colour bar still gives every point's T).
             fx = (r["recall"] - xlim[0]) / (xlim[1] - xlim[0])
             fy = (r["precision"] - ylim[0]) / (ylim[1] - ylim[0])
-            if all((fx - px) ** 2 + (fy - py) ** 2 > 0.045 ** 2 for px, py in placed):
+            if all((fx - px) ** 2 + (fy - py) ** 2 > 0.045**2 for px, py in placed):
                 placed.append((fx, fy))
-                ax.annotate(f"T={r['temperature']:g}", (r["recall"], r["precision"]), textcoords="offset points",
-                            xytext=(6, 4), fontsize=8, color=f"C{i}")
+                ax.annotate(
+                    f"T={r['temperature']:g}",
+                    (r["recall"], r["precision"]),
+                    textcoords="offset points",
+                    xytext=(6, 4),
+                    fontsize=8,
+                    color=f"C{i}",
+                )
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="temperature T", pad=0.02)
     if result["metric"] == "text":
         ax.set_xlabel("k-NN Recall")

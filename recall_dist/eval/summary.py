@@ -7,7 +7,7 @@ Input is the sweep's points ordered by temperature; pure Python, no model code.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def _check(precision: Sequence[float], recall: Sequence[float]) -> None:
@@ -27,7 +27,7 @@ def recall_at_precision(precision: Sequence[float], recall: Sequence[float], min
     threshold, the crossing is interpolated linearly.  NaN when no point of the curve qualifies."""
     _check(precision, recall)
     best = -math.inf
-    for i, (p, r) in enumerate(zip(precision, recall)):
+    for i, (p, r) in enumerate(zip(precision, recall, strict=False)):
         if p >= min_precision:
             best = max(best, r)
         if i + 1 < len(precision):
@@ -46,14 +46,15 @@ def pr_auc(precision: Sequence[float], recall: Sequence[float]) -> float:
     _check(precision, recall)
     area, previous = 0.0, 0.0
     for r in sorted(set(recall)):
-        best = max(p for p, rr in zip(precision, recall) if rr >= r)
+        best = max(p for p, rr in zip(precision, recall, strict=False) if rr >= r)
         area += (r - previous) * best
         previous = r
     return area
 
 
-def summarize(temperatures: Sequence[float], precision: Sequence[float], recall: Sequence[float],
-              min_precision: float) -> dict:
+def summarize(
+    temperatures: Sequence[float], precision: Sequence[float], recall: Sequence[float], min_precision: float
+) -> dict:
     """All summary numbers of one curve (points given in any order; sorted by temperature here)."""
     order = sorted(range(len(temperatures)), key=lambda i: temperatures[i])
     prec = [precision[i] for i in order]

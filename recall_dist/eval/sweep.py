@@ -11,7 +11,7 @@ Two entry points, also used by the Ray driver (``launch/ray_sweep.py``):
 
 Every number of a work item depends only on (model, temperature, prompt, sample index, config),
 never on the shard or rank that computed it, and aggregation sums in work-item order: the tables
-are identical for any number of workers (SPEC section 5).  ``run_sweep`` drives both under
+are identical for any number of workers.  ``run_sweep`` drives both under
 torchrun/srun (each rank takes shards rank, rank + world, ...; rank 0 aggregates).
 """
 
@@ -76,7 +76,7 @@ def shard_items(items: list, shard_index: int, num_shards: int) -> list:
     if not 0 <= shard_index < num_shards:
         raise ValueError(f"shard_index = {shard_index}: must be in [0, {num_shards})")
     n = len(items)
-    return items[shard_index * n // num_shards:(shard_index + 1) * n // num_shards]
+    return items[shard_index * n // num_shards : (shard_index + 1) * n // num_shards]
 
 
 def shard_path(cfg: SweepConfig, shard_index: int, num_shards: int) -> Path:
@@ -109,7 +109,7 @@ def load_model(spec: ModelSpec, cache_dir: Path):
             export_hf(path, exported)
         path = exported
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
     else:
@@ -126,16 +126,25 @@ def _evaluate(cfg: SweepConfig, item: WorkItem, model, tokenizer, cache: dict) -
             cache[key] = known_support.encode_prompt(tokenizer, item.prompt, task.target_distribution(item.prompt))
         lambdas = np.asarray(cfg.lambdas) if cfg.lambdas is not None else metrics.default_lambdas()
         record = known_support.evaluate_prompt(
-            model, cache[key], item.temperature, recall_at_n=cfg.recall_at_n, num_samples=cfg.num_samples,
-            lambdas=lambdas, seed=known_support.derive_seed(cfg.seed, item.model, item.temperature, item.prompt),
-            score_batch_size=cfg.score_batch_size, generate_batch_size=cfg.generate_batch_size,
-            pad_id=pad, eos_id=tokenizer.eos_token_id)
+            model,
+            cache[key],
+            item.temperature,
+            recall_at_n=cfg.recall_at_n,
+            num_samples=cfg.num_samples,
+            lambdas=lambdas,
+            seed=known_support.derive_seed(cfg.seed, item.model, item.temperature, item.prompt),
+            score_batch_size=cfg.score_batch_size,
+            generate_batch_size=cfg.generate_batch_size,
+            pad_id=pad,
+            eos_id=tokenizer.eos_token_id,
+        )
         return {"weight": task.prompt_distribution()[item.prompt], **record}
-    rows = cache.setdefault("rows", reference_rows(cfg))[item.row_start:item.row_stop]
+    rows = cache.setdefault("rows", reference_rows(cfg))[item.row_start : item.row_stop]
     max_new = cfg.text.max_new_tokens or cfg.build_task().max_completion_chars + 1
     seed = known_support.derive_seed(cfg.seed, item.model, item.temperature, "text", item.row_start)
-    return {"texts": text.generate_texts(model, tokenizer, [r["prompt"] for r in rows], item.temperature,
-                                         seed, max_new)}
+    return {
+        "texts": text.generate_texts(model, tokenizer, [r["prompt"] for r in rows], item.temperature, seed, max_new)
+    }
 
 
 def compute_shard(cfg: SweepConfig, shard_index: int, num_shards: int, progress: bool = True) -> Path:
@@ -152,20 +161,34 @@ def compute_shard(cfg: SweepConfig, shard_index: int, num_shards: int, progress:
     items = shard_items(work_items(cfg), shard_index, num_shards)
     specs = {m.name: m for m in cfg.models}
     records, loaded, cache = [], (None, None, None), {}
-    for item in tqdm(items, desc=f"sweep shard {shard_index + 1}/{num_shards}", disable=not progress,
-                     unit="item"):
+    for item in tqdm(items, desc=f"sweep shard {shard_index + 1}/{num_shards}", disable=not progress, unit="item"):
         if loaded[0] != item.model:
             loaded = None  # free the previous model before loading the next
             loaded = (item.model, *load_model(specs[item.model], Path(cfg.output_dir) / "exported"))
             cache = {}
         record = _evaluate(cfg, item, loaded[1], loaded[2], cache)
-        records.append({"item": item.index, "model": item.model, "temperature": item.temperature,
-                        "prompt": item.prompt, "row_start": item.row_start, **record})
+        records.append(
+            {
+                "item": item.index,
+                "model": item.model,
+                "temperature": item.temperature,
+                "prompt": item.prompt,
+                "row_start": item.row_start,
+                **record,
+            }
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
     with open(tmp, "w") as f:
-        json.dump({"fingerprint": cfg.fingerprint(), "shard_index": shard_index, "num_shards": num_shards,
-                   "records": records}, f)
+        json.dump(
+            {
+                "fingerprint": cfg.fingerprint(),
+                "shard_index": shard_index,
+                "num_shards": num_shards,
+                "records": records,
+            },
+            f,
+        )
     os.replace(tmp, path)
     return path
 
@@ -183,8 +206,9 @@ def rank_and_world() -> tuple[int, int]:
     return 0, 1
 
 
-def run_sweep(cfg: SweepConfig, rank: int | None = None, world_size: int | None = None,
-              wait_timeout: float = 24 * 3600.0) -> dict | None:
+def run_sweep(
+    cfg: SweepConfig, rank: int | None = None, world_size: int | None = None, wait_timeout: float = 24 * 3600.0
+) -> dict | None:
     """Compute this rank's shards (rank, rank + world, ... of ``cfg.num_shards`` or ``world``),
     wait for the others (a barrier if a process group exists, else polling the shard files), and on
     rank 0 aggregate.  Returns the aggregate (rank 0) or None."""

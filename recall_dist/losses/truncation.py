@@ -34,8 +34,14 @@ class _Truncation(WeightRule):
     per_token = False  # needs every token of a sequence and the gathered buffer before weighting
     keep_high: bool
 
-    def __init__(self, drop: float = 0.5, granularity: str = "sequence", buffer_size: int = 1024,
-                 min_count: int | None = None, recompute_every: int = 1):
+    def __init__(
+        self,
+        drop: float = 0.5,
+        granularity: str = "sequence",
+        buffer_size: int = 1024,
+        min_count: int | None = None,
+        recompute_every: int = 1,
+    ):
         name = type(self).name or type(self).__name__.lower()
         if not (isinstance(drop, (int, float)) and 0.0 < drop < 1.0):
             raise ValueError(f"{name}: drop must be a fraction in (0, 1), got {drop!r}")
@@ -45,7 +51,9 @@ class _Truncation(WeightRule):
             raise ValueError(f"{name}: buffer_size must be an integer >= 1, got {buffer_size!r}")
         min_count = min(128, buffer_size) if min_count is None else min_count
         if not (isinstance(min_count, int) and 1 <= min_count <= buffer_size):
-            raise ValueError(f"{name}: min_count must be an integer in [1, buffer_size={buffer_size}], got {min_count!r}")
+            raise ValueError(
+                f"{name}: min_count must be an integer in [1, buffer_size={buffer_size}], got {min_count!r}"
+            )
         if not (isinstance(recompute_every, int) and recompute_every >= 1):
             raise ValueError(f"{name}: recompute_every must be an integer >= 1, got {recompute_every!r}")
         self.drop = float(drop)
@@ -75,7 +83,8 @@ class _Truncation(WeightRule):
         if batch.sequence_ids is None:
             raise ValueError(
                 f"{self.name}(granularity='sequence') needs sequence boundaries: pass a target shaped "
-                "[batch, seq] or sequence_ids=..., or use granularity='token'")
+                "[batch, seq] or sequence_ids=..., or use granularity='token'"
+            )
         return sequence_means(batch.nll, batch.sequence_ids)
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:

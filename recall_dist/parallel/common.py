@@ -19,32 +19,50 @@ from recall_dist.losses.base import RecallLoss, TokenBatch
 # large enough that the chunk's matmul runs at full speed.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
 
-STAT_NAMES = ("loss", "nll", "weight_mean", "weight_max", "ess", "kept_fraction", "tokens",
-              "divergence", "nonfinite_tokens")
+STAT_NAMES = (
+    "loss",
+    "nll",
+    "weight_mean",
+    "weight_max",
+    "ess",
+    "kept_fraction",
+    "tokens",
+    "divergence",
+    "nonfinite_tokens",
+)
 
 
 @dataclass
 class Tokens:
     """The valid (non-ignored) tokens of a flattened batch, as this vocab shard sees them."""
 
-    index: torch.Tensor          # [n] long: row of each valid token in the flattened batch
-    local_target: torch.Tensor   # [n] long: target column within this shard (0 where not in shard)
-    in_shard: torch.Tensor       # [n] bool: the target lies in this shard
+    index: torch.Tensor  # [n] long: row of each valid token in the flattened batch
+    local_target: torch.Tensor  # [n] long: target column within this shard (0 where not in shard)
+    in_shard: torch.Tensor  # [n] bool: the target lies in this shard
     sequence_ids: torch.Tensor | None  # [n] long or None
-    n_cols: int                  # real (unpadded) vocabulary columns held by this shard
+    n_cols: int  # real (unpadded) vocabulary columns held by this shard
 
     def __len__(self) -> int:
         return self.index.numel()
 
 
-def prepare_tokens(target: torch.Tensor, sequence_ids: torch.Tensor | None, *, ignore_index: int,
-                   vocab_size: int | None, local_vocab: int, tp_group) -> Tokens:
+def prepare_tokens(
+    target: torch.Tensor,
+    sequence_ids: torch.Tensor | None,
+    *,
+    ignore_index: int,
+    vocab_size: int | None,
+    local_vocab: int,
+    tp_group,
+) -> Tokens:
     """Validate targets and locate them in this rank's contiguous vocab slice [r*V/tp, (r+1)*V/tp)."""
     tp, rank = group_size(tp_group), group_rank(tp_group)
     padded_vocab = local_vocab * tp
     vocab_size = padded_vocab if vocab_size is None else int(vocab_size)
     if not 0 < vocab_size <= padded_vocab:
-        raise ValueError(f"vocab_size={vocab_size} must be in [1, {padded_vocab}] (local shard {local_vocab} x tp {tp})")
+        raise ValueError(
+            f"vocab_size={vocab_size} must be in [1, {padded_vocab}] (local shard {local_vocab} x tp {tp})"
+        )
     if sequence_ids is None and target.dim() >= 2:  # rows of a [batch, seq] target are sequences
         rows = torch.arange(target[..., 0].numel(), device=target.device)
         sequence_ids = rows.view(target.shape[:-1]).unsqueeze(-1).expand(target.shape)
@@ -56,8 +74,10 @@ def prepare_tokens(target: torch.Tensor, sequence_ids: torch.Tensor | None, *, i
     bad = valid & ((flat < 0) | (flat >= vocab_size))
     if bool(bad.any()):
         pos = int(bad.nonzero()[0, 0])
-        raise ValueError(f"target id {int(flat[pos])} at position {pos} is outside the vocabulary "
-                         f"[0, {vocab_size}) (ignore_index={ignore_index})")
+        raise ValueError(
+            f"target id {int(flat[pos])} at position {pos} is outside the vocabulary "
+            f"[0, {vocab_size}) (ignore_index={ignore_index})"
+        )
     index = valid.nonzero().squeeze(1)
     local = flat[index] - rank * local_vocab
     in_shard = (local >= 0) & (local < local_vocab)
@@ -89,13 +109,11 @@ def chunk_rows(chunk_size: int | None, n_cols: int, n_tokens: int, hidden_size: 
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         return chunk_size
-    budget = max(DEFAULT_CHUNK_ELEMENTS, n_tokens * hidden_size,
-                 min(n_tokens * n_cols // 8, MAX_CHUNK_ELEMENTS))
+    budget = max(DEFAULT_CHUNK_ELEMENTS, n_tokens * hidden_size, min(n_tokens * n_cols // 8, MAX_CHUNK_ELEMENTS))
     return max(16, min(max(n_tokens, 1), budget // max(n_cols, 1)))
 
 
-def chunk_partials(logits: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor, *,
-                   inplace: bool = False):
+def chunk_partials(logits: torch.Tensor, local_target: torch.Tensor, in_shard: torch.Tensor, *, inplace: bool = False):
     """Per-row (local max, sum of exp(x - max), target logit or 0 where not in this shard).
 
     ``logits`` [c, n_cols] is any dtype, read into the accumulation dtype.  ``inplace=True`` lets a
@@ -116,8 +134,9 @@ def reduce_max(m_local: torch.Tensor, tp_group) -> torch.Tensor:
     return all_reduce_(m_local.clone(), "max", tp_group)
 
 
-def reduce_lse(m_global: torch.Tensor, m_local: torch.Tensor, s_local: torch.Tensor,
-               target_logit: torch.Tensor, tp_group) -> tuple[torch.Tensor, torch.Tensor]:
+def reduce_lse(
+    m_global: torch.Tensor, m_local: torch.Tensor, s_local: torch.Tensor, target_logit: torch.Tensor, tp_group
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Global log-sum-exp and target logit: one SUM of 2 numbers per token over the TP group."""
     rescale = torch.where(torch.isneginf(m_local), torch.zeros_like(m_local), torch.exp(m_local - m_global))
     packed = torch.stack([s_local * rescale, target_logit])
@@ -125,8 +144,9 @@ def reduce_lse(m_global: torch.Tensor, m_local: torch.Tensor, s_local: torch.Ten
     return m_global + torch.log(packed[0]), packed[1]
 
 
-def finalize(loss: RecallLoss, nll: torch.Tensor, weights: torch.Tensor, finite: torch.Tensor,
-             dp_group) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def finalize(
+    loss: RecallLoss, nll: torch.Tensor, weights: torch.Tensor, finite: torch.Tensor, dp_group
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Global sums over the DP group -> (A, B, stats) with objective = sum_n (A w_n + B) l_n.
 
     ``nll``/``weights`` are float64 [n] with non-finite tokens already zeroed (``finite`` False).
@@ -135,29 +155,48 @@ def finalize(loss: RecallLoss, nll: torch.Tensor, weights: torch.Tensor, finite:
     """
     div = loss.rule.divergence(nll)
     div = torch.zeros_like(nll) if div is None else torch.where(finite, div, torch.zeros_like(div))
-    sums = torch.stack([
-        weights.sum(), finite.sum().to(torch.float64), (weights * nll).sum(), nll.sum(),
-        (weights * weights).sum(), (weights > 0).sum().to(torch.float64), div.sum(),
-        (~finite).sum().to(torch.float64),
-    ])
+    sums = torch.stack(
+        [
+            weights.sum(),
+            finite.sum().to(torch.float64),
+            (weights * nll).sum(),
+            nll.sum(),
+            (weights * weights).sum(),
+            (weights > 0).sum().to(torch.float64),
+            div.sum(),
+            (~finite).sum().to(torch.float64),
+        ]
+    )
     all_reduce_(sums, "sum", dp_group)
-    wmax = all_reduce_(weights.max().reshape(1) if weights.numel() else
-                       torch.zeros(1, dtype=torch.float64, device=nll.device), "max", dp_group)[0]
+    wmax = all_reduce_(
+        weights.max().reshape(1) if weights.numel() else torch.zeros(1, dtype=torch.float64, device=nll.device),
+        "max",
+        dp_group,
+    )[0]
     sum_w, count, sum_wl, sum_l, sum_w2, kept, sum_div, nonfinite = sums
     a, b = loss.coefficients(sum_w, count)
     skip = nonfinite > 0
     a, b = torch.where(skip, torch.zeros_like(a), a), torch.where(skip, torch.zeros_like(b), b)
     safe_n = count.clamp_min(1.0)
-    stats = torch.stack([
-        a * sum_wl + b * sum_l, sum_l / safe_n, sum_w / safe_n, wmax,
-        torch.where(sum_w2 > 0, sum_w * sum_w / sum_w2.clamp_min(1e-300), torch.zeros_like(sum_w)),
-        kept / safe_n, count, sum_div / safe_n, nonfinite,
-    ])
+    stats = torch.stack(
+        [
+            a * sum_wl + b * sum_l,
+            sum_l / safe_n,
+            sum_w / safe_n,
+            wmax,
+            torch.where(sum_w2 > 0, sum_w * sum_w / sum_w2.clamp_min(1e-300), torch.zeros_like(sum_w)),
+            kept / safe_n,
+            count,
+            sum_div / safe_n,
+            nonfinite,
+        ]
+    )
     return a, b, stats
 
 
-def token_weights(loss: RecallLoss, nll: torch.Tensor, dp_group,
-                  sequence_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def token_weights(
+    loss: RecallLoss, nll: torch.Tensor, dp_group, sequence_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """float64 (nll, weights, finite) for a set of tokens; non-finite tokens get weight 0."""
     nll = nll.to(torch.float64)
     finite = torch.isfinite(nll)
@@ -166,14 +205,15 @@ def token_weights(loss: RecallLoss, nll: torch.Tensor, dp_group,
     return nll, torch.where(finite, w, torch.zeros_like(w)), finite
 
 
-def global_coefficients(loss: RecallLoss, tokens: Tokens, parts: list, tp_group, dp_group, dtype: torch.dtype,
-                        device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def global_coefficients(
+    loss: RecallLoss, tokens: Tokens, parts: list, tp_group, dp_group, dtype: torch.dtype, device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """From per-chunk ``chunk_partials`` of every valid token: the global log-sum-exp (TP), the rule's
     weights of the whole local batch, the DP-global normaliser.  Returns (lse, nll, coef, stats) with
     objective = sum_n coef_n nll_n / dp_size; ``coef`` is scaled by the DP size so that averaging the
     ranks' gradients (DDP/ZeRO/FSDP) yields the gradient of the global objective."""
     empty = torch.zeros(0, dtype=dtype, device=device)
-    m, s, zt = (torch.cat(p) for p in zip(*parts)) if parts else (empty, empty, empty)
+    m, s, zt = (torch.cat(p) for p in zip(*parts, strict=False)) if parts else (empty, empty, empty)
     lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
     nll, w, finite = token_weights(loss, lse - zt, dp_group, tokens.sequence_ids)
     a, b, stats = finalize(loss, nll, w, finite, dp_group)
@@ -200,7 +240,7 @@ class LossOutput:
     def stats(self) -> dict[str, float]:
         if self._stats is None:
             values = self._stats_tensor.detach().cpu().tolist()
-            self._stats = dict(zip(STAT_NAMES, values)) | self._extra
+            self._stats = dict(zip(STAT_NAMES, values, strict=False)) | self._extra
         return self._stats
 
     def __repr__(self) -> str:

@@ -19,12 +19,23 @@ from __future__ import annotations
 
 import torch
 
+from recall_dist.constants import IGNORE_INDEX
 from recall_dist.distributed.collectives import group_size
 from recall_dist.losses.base import RecallLoss
-from recall_dist.parallel.common import (LossOutput, Tokens, acc_dtype, check_shapes, chunk_partials, chunk_rows,
-                                         finalize, global_coefficients, prepare_tokens, reduce_lse, reduce_max,
-                                         token_weights)
-
+from recall_dist.parallel.common import (
+    LossOutput,
+    Tokens,
+    acc_dtype,
+    check_shapes,
+    chunk_partials,
+    chunk_rows,
+    finalize,
+    global_coefficients,
+    prepare_tokens,
+    reduce_lse,
+    reduce_max,
+    token_weights,
+)
 
 _MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) exists for CUDA in recent PyTorch
 _ADDMM_OUT_DTYPE = True
@@ -84,7 +95,7 @@ class _Grads:
         if self.h is not None:
             self.h.index_copy_(0, idx, _mm(g, w, self.h.dtype))
         if self.w is not None:
-            _addmm_(self.w[:self.n_cols], g.t(), hc)
+            _addmm_(self.w[: self.n_cols], g.t(), hc)
 
     def finish(self, scale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Scale both gradients (``None``: the step is skipped, gradients are zero)."""
@@ -114,22 +125,28 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
     nll = torch.cat(nlls) if nlls else empty
     wt = torch.cat(weights) if weights else empty
     finite = torch.cat(finites) if finites else empty.bool()
-    a, b, stats = finalize(loss, nll, wt, finite, dp_group)
+    a, _b, stats = finalize(loss, nll, wt, finite, dp_group)
     scale = a * group_size(dp_group)  # b == 0 in this schedule
     skipped = bool(stats[-1] > 0)  # a non-finite token anywhere: its NaN already reached the sums
     return (scale * (wt * nll).sum()).to(acc_dtype(h.dtype)), stats, grads.finish(None if skipped else scale)
 
 
 def _two_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, grads: _Grads):
-    parts = [chunk_partials(_logits(h.index_select(0, tokens.index[i:i + rows]), w),
-                            tokens.local_target[i:i + rows], tokens.in_shard[i:i + rows], inplace=True)
-             for i in range(0, len(tokens), rows)]
+    parts = [
+        chunk_partials(
+            _logits(h.index_select(0, tokens.index[i : i + rows]), w),
+            tokens.local_target[i : i + rows],
+            tokens.in_shard[i : i + rows],
+            inplace=True,
+        )
+        for i in range(0, len(tokens), rows)
+    ]
     lse, nll, coef, stats = global_coefficients(loss, tokens, parts, tp_group, dp_group, acc_dtype(h.dtype), h.device)
     if grads.needed:
         keep = (coef > 0).nonzero().squeeze(1)  # truncated tokens cost no second pass
         shift = lse.to(torch.float64) - torch.log(coef.clamp_min(1e-300))
         for i in range(0, keep.numel(), rows):
-            k = keep[i:i + rows]
+            k = keep[i : i + rows]
             idx, target, in_shard = tokens.index[k], tokens.local_target[k], tokens.in_shard[k]
             hc = h.index_select(0, idx)
             # coef * softmax in one pass: exp(z - (lse - log coef)); then -coef at the target
@@ -141,12 +158,29 @@ def _two_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, 
 
 class _FusedLinearLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, target, loss: RecallLoss, tp_group, dp_group, ignore_index, vocab_size,
-                sequence_ids, chunk_size):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        target,
+        loss: RecallLoss,
+        tp_group,
+        dp_group,
+        ignore_index,
+        vocab_size,
+        sequence_ids,
+        chunk_size,
+    ):
         h = hidden.reshape(-1, hidden.shape[-1])
-        tokens = prepare_tokens(target, sequence_ids, ignore_index=ignore_index, vocab_size=vocab_size,
-                                local_vocab=weight.shape[0], tp_group=tp_group)
-        w = weight[:tokens.n_cols]  # padded vocabulary rows never enter the softmax
+        tokens = prepare_tokens(
+            target,
+            sequence_ids,
+            ignore_index=ignore_index,
+            vocab_size=vocab_size,
+            local_vocab=weight.shape[0],
+            tp_group=tp_group,
+        )
+        w = weight[: tokens.n_cols]  # padded vocabulary rows never enter the softmax
         grads = _Grads(h, weight, tokens.n_cols, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         rows = chunk_rows(chunk_size, tokens.n_cols, len(tokens), h.shape[1])
         # fp16 cannot hold unnormalised c-Div weights (e^{(alpha-1) l}) before the global 1/Z.
@@ -167,9 +201,19 @@ class _FusedLinearLoss(torch.autograd.Function):
         return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
-def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, loss: RecallLoss, *,
-                      tp_group=None, dp_group=None, ignore_index: int = -100, vocab_size: int | None = None,
-                      chunk_size: int | None = None, sequence_ids: torch.Tensor | None = None) -> LossOutput:
+def fused_linear_loss(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    loss: RecallLoss,
+    *,
+    tp_group=None,
+    dp_group=None,
+    ignore_index: int = IGNORE_INDEX,
+    vocab_size: int | None = None,
+    chunk_size: int | None = None,
+    sequence_ids: torch.Tensor | None = None,
+) -> LossOutput:
     """Recall loss from hidden states and the output (lm_head) weight, fused and chunked.
 
     Args:
@@ -191,7 +235,9 @@ def fused_linear_loss(hidden: torch.Tensor, weight: torch.Tensor, target: torch.
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.numel() == 0:
         raise ValueError(
             f"weight has shape {tuple(weight.shape)}, expected [V/tp, {hidden.shape[-1]}]; a 0-element "
-            "weight is a ZeRO-3/FSDP shard: gather it (call the loss inside the head module's forward)")
-    out, stats = _FusedLinearLoss.apply(hidden, weight, target, loss, tp_group, dp_group, ignore_index,
-                                        vocab_size, sequence_ids, chunk_size)
+            "weight is a ZeRO-3/FSDP shard: gather it (call the loss inside the head module's forward)"
+        )
+    out, stats = _FusedLinearLoss.apply(
+        hidden, weight, target, loss, tp_group, dp_group, ignore_index, vocab_size, sequence_ids, chunk_size
+    )
     return LossOutput(out, stats, loss.rule.extra_stats())

@@ -11,25 +11,46 @@ from __future__ import annotations
 
 import torch
 
+from recall_dist.constants import IGNORE_INDEX
 from recall_dist.losses.base import RecallLoss
-from recall_dist.parallel.common import (LossOutput, acc_dtype, check_shapes, chunk_partials, chunk_rows,
-                                         global_coefficients, prepare_tokens)
+from recall_dist.parallel.common import (
+    LossOutput,
+    acc_dtype,
+    check_shapes,
+    chunk_partials,
+    chunk_rows,
+    global_coefficients,
+    prepare_tokens,
+)
 
 
 class _VocabParallelLoss(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, target, loss: RecallLoss, tp_group, dp_group, ignore_index, vocab_size,
-                sequence_ids, chunk_size):
+    def forward(
+        ctx, logits, target, loss: RecallLoss, tp_group, dp_group, ignore_index, vocab_size, sequence_ids, chunk_size
+    ):
         local_vocab = logits.shape[-1]
         x = logits.reshape(-1, local_vocab)
-        tokens = prepare_tokens(target, sequence_ids, ignore_index=ignore_index, vocab_size=vocab_size,
-                                local_vocab=local_vocab, tp_group=tp_group)
+        tokens = prepare_tokens(
+            target,
+            sequence_ids,
+            ignore_index=ignore_index,
+            vocab_size=vocab_size,
+            local_vocab=local_vocab,
+            tp_group=tp_group,
+        )
         rows = chunk_rows(chunk_size, tokens.n_cols, len(tokens))
-        parts = [chunk_partials(x.index_select(0, tokens.index[i:i + rows])[:, :tokens.n_cols],
-                                tokens.local_target[i:i + rows], tokens.in_shard[i:i + rows])
-                 for i in range(0, len(tokens), rows)]
-        lse, nll, coef, stats = global_coefficients(loss, tokens, parts, tp_group, dp_group,
-                                                    acc_dtype(x.dtype), x.device)
+        parts = [
+            chunk_partials(
+                x.index_select(0, tokens.index[i : i + rows])[:, : tokens.n_cols],
+                tokens.local_target[i : i + rows],
+                tokens.in_shard[i : i + rows],
+            )
+            for i in range(0, len(tokens), rows)
+        ]
+        lse, nll, coef, stats = global_coefficients(
+            loss, tokens, parts, tp_group, dp_group, acc_dtype(x.dtype), x.device
+        )
         local_loss = (coef * nll).sum().to(acc_dtype(x.dtype))
         ctx.save_for_backward(logits, tokens.index, tokens.local_target, tokens.in_shard, lse, coef.to(lse.dtype))
         ctx.meta = (tokens.n_cols, rows)
@@ -54,9 +75,18 @@ class _VocabParallelLoss(torch.autograd.Function):
         return grad.view_as(logits), None, None, None, None, None, None, None, None
 
 
-def vocab_parallel_loss(logits: torch.Tensor, target: torch.Tensor, loss: RecallLoss, *, tp_group=None,
-                        dp_group=None, ignore_index: int = -100, vocab_size: int | None = None,
-                        sequence_ids: torch.Tensor | None = None, chunk_size: int | None = None) -> LossOutput:
+def vocab_parallel_loss(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    loss: RecallLoss,
+    *,
+    tp_group=None,
+    dp_group=None,
+    ignore_index: int = IGNORE_INDEX,
+    vocab_size: int | None = None,
+    sequence_ids: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> LossOutput:
     """Recall loss from vocabulary-parallel logits.
 
     Args:
@@ -84,6 +114,7 @@ def vocab_parallel_loss(logits: torch.Tensor, target: torch.Tensor, loss: Recall
     valid token skip the step on every rank (loss 0, zero gradients, ``stats["nonfinite_tokens"]``).
     """
     check_shapes(logits.shape[:-1], target.shape, "logits")
-    out, stats = _VocabParallelLoss.apply(logits, target, loss, tp_group, dp_group, ignore_index, vocab_size,
-                                          sequence_ids, chunk_size)
+    out, stats = _VocabParallelLoss.apply(
+        logits, target, loss, tp_group, dp_group, ignore_index, vocab_size, sequence_ids, chunk_size
+    )
     return LossOutput(out, stats, loss.rule.extra_stats())

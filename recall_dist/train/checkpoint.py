@@ -124,9 +124,11 @@ class Checkpointer:
         _fsync_dir(self.root)
 
     def _prune(self) -> None:
-        done = sorted((p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()),
-                      key=lambda p: p.name)
-        for path in done[:-self.keep]:
+        done = sorted(
+            (p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()),
+            key=lambda p: p.name,
+        )
+        for path in done[: -self.keep]:
             shutil.rmtree(path)
 
     def resolve(self, resume: str) -> Path | None:

@@ -15,8 +15,9 @@ from recall_dist.configtree import ConfigError
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="recall-dist train", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="recall-dist train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config", help="YAML training config (e.g. configs/cdiv.yaml)")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. loss.params.alpha=1.4 model=olmo-1b")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher

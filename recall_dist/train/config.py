@@ -36,11 +36,17 @@ class ModelConfig:
 
     def __post_init__(self):
         if (self.name_or_path is None) == (self.config is None):
-            raise ConfigError("name_or_path", "give exactly one of model.name_or_path (pretrained) and "
-                                              "model.config (random init from a config dict)")
+            raise ConfigError(
+                "name_or_path",
+                "give exactly one of model.name_or_path (pretrained) and model.config (random init from a config dict)",
+            )
         if self.config is not None:
-            check("model_type" in self.config, "config", self.config,
-                  "a transformers config dict with a 'model_type' key (e.g. llama, olmo)")
+            check(
+                "model_type" in self.config,
+                "config",
+                self.config,
+                "a transformers config dict with a 'model_type' key (e.g. llama, olmo)",
+            )
         if self.tokenizer is None and self.name_or_path is None:
             raise ConfigError("tokenizer", "is required when the model is built from model.config")
 
@@ -51,7 +57,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """A weight rule of ``recall_dist.build_loss`` and its parameters (SPEC section 1)."""
+    """A weight rule of ``recall_dist.build_loss`` and its parameters (README, "How the losses work")."""
 
     name: str = "nll"
     params: dict[str, Any] = field(default_factory=dict)
@@ -147,17 +153,29 @@ class TrainSection:
 
     def __post_init__(self):
         check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "an integer >= 1")
-        check(self.global_batch_size is None or self.global_batch_size >= 1, "global_batch_size",
-              self.global_batch_size, "an integer >= 1 or null")
-        check(self.gradient_accumulation_steps >= 1, "gradient_accumulation_steps",
-              self.gradient_accumulation_steps, "an integer >= 1")
+        check(
+            self.global_batch_size is None or self.global_batch_size >= 1,
+            "global_batch_size",
+            self.global_batch_size,
+            "an integer >= 1 or null",
+        )
+        check(
+            self.gradient_accumulation_steps >= 1,
+            "gradient_accumulation_steps",
+            self.gradient_accumulation_steps,
+            "an integer >= 1",
+        )
         check(self.epochs >= 1, "epochs", self.epochs, "an integer >= 1")
         check(self.max_steps is None or self.max_steps >= 1, "max_steps", self.max_steps, "an integer >= 1 or null")
         check(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
-        check(self.resume in ("auto", "none") or Path(self.resume).is_dir(), "resume", self.resume,
-              "allowed: auto, none, or an existing checkpoint directory")
+        check(
+            self.resume in ("auto", "none") or Path(self.resume).is_dir(),
+            "resume",
+            self.resume,
+            "allowed: auto, none, or an existing checkpoint directory",
+        )
         check(self.output_dir.strip() != "", "output_dir", self.output_dir, "a directory path")
 
     def accumulation_steps(self, dp_size: int) -> int:
@@ -166,8 +184,11 @@ class TrainSection:
             return self.gradient_accumulation_steps
         per_step = self.micro_batch_size * dp_size
         if self.global_batch_size % per_step:
-            raise ConfigError("train.global_batch_size", f"{self.global_batch_size} is not a multiple of "
-                              f"micro_batch_size ({self.micro_batch_size}) x data-parallel size ({dp_size})")
+            raise ConfigError(
+                "train.global_batch_size",
+                f"{self.global_batch_size} is not a multiple of "
+                f"micro_batch_size ({self.micro_batch_size}) x data-parallel size ({dp_size})",
+            )
         return self.global_batch_size // per_step
 
 
@@ -229,8 +250,12 @@ def validate_resources(cfg: TrainConfig):
 
     if not cfg.data.is_synthetic and _looks_like_local_file(cfg.data.source):
         path = Path(cfg.data.source).expanduser()
-        check(path.exists(), "data.source", cfg.data.source, "an existing .jsonl/.json/.parquet file "
-              "(file not found), a hub dataset name or 'synthetic:<task>'")
+        check(
+            path.exists(),
+            "data.source",
+            cfg.data.source,
+            "an existing .jsonl/.json/.parquet file (file not found), a hub dataset name or 'synthetic:<task>'",
+        )
     try:
         tokenizer = load_tokenizer(cfg.model.tokenizer_name)
     except (OSError, ValueError) as e:
@@ -238,7 +263,10 @@ def validate_resources(cfg: TrainConfig):
     model_vocab = model_config(cfg.model).vocab_size
     if model_vocab < len(tokenizer):
         key = "model.config.vocab_size" if cfg.model.config is not None else "model.name_or_path"
-        raise ConfigError(key, f"vocabulary mismatch: the model has {model_vocab} output tokens but tokenizer "
-                               f"{cfg.model.tokenizer_name!r} has {len(tokenizer)}; the model vocabulary must be "
-                               f">= the tokenizer's (set model.config.vocab_size: {len(tokenizer)})")
+        raise ConfigError(
+            key,
+            f"vocabulary mismatch: the model has {model_vocab} output tokens but tokenizer "
+            f"{cfg.model.tokenizer_name!r} has {len(tokenizer)}; the model vocabulary must be "
+            f">= the tokenizer's (set model.config.vocab_size: {len(tokenizer)})",
+        )
     return tokenizer

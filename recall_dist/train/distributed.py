@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from recall_dist.distributed.net import free_port
+
 
 @dataclass
 class DistContext:
@@ -55,24 +57,22 @@ def init_distributed() -> DistContext:
     """Join (or create) the default process group and return this process's ``DistContext``."""
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", 0)))
+        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
         return DistContext(rank, world, local, _device(local), created_group=False)
     ranks = _ranks_from_env()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if ranks is None:
-        from recall_dist.distributed.testing import free_port
-
         rank, world, local = 0, 1, 0
         init_method = f"tcp://127.0.0.1:{free_port()}"
     else:
         rank, world, local = ranks
         if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             if world > 1:
-                raise RuntimeError(f"rank {rank} of {world}: MASTER_ADDR and MASTER_PORT must be set "
-                                   "(the launcher's rendezvous); refusing to guess localhost")
+                raise RuntimeError(
+                    f"rank {rank} of {world}: MASTER_ADDR and MASTER_PORT must be set "
+                    "(the launcher's rendezvous); refusing to guess localhost"
+                )
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            from recall_dist.distributed.testing import free_port
-
             os.environ.setdefault("MASTER_PORT", str(free_port()))
         init_method = f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     device = _device(local)

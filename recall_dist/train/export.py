@@ -42,13 +42,13 @@ def _engine_state_dict(engine_dir: Path, backend: str, model) -> dict[str, torch
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
         full = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="engine")
-        return {k[len("model."):]: v for k, v in full.items() if k.startswith("model.")}
+        return {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
     import torch.distributed.checkpoint as dcp
 
     model.to_empty(device="cpu")
     state = {f"model.{k}": v for k, v in model.state_dict().items()}
     dcp.load({"model": state}, checkpoint_id=str(engine_dir), no_dist=True)
-    return {k[len("model."):]: v for k, v in state.items()}
+    return {k[len("model.") :]: v for k, v in state.items()}
 
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:

@@ -38,19 +38,32 @@ def default_dp_group():
     return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
 
 
-def recall_compute_loss(model, inputs: dict, loss, dp_group="auto", chunk_size: int | None = None,
-                        return_outputs: bool = False):
+def recall_compute_loss(
+    model, inputs: dict, loss, dp_group="auto", chunk_size: int | None = None, return_outputs: bool = False
+):
     """The recall loss of a Hugging Face causal LM on ``inputs`` (``input_ids``, ``labels``,
     optional ``attention_mask``).  ``dp_group="auto"``: the world group under DDP, so that the
-    averaged gradient is the global objective's (SPEC section 2)."""
+    averaged gradient is the global objective's (README, "How the losses work")."""
     dp_group = default_dp_group() if dp_group == "auto" else dp_group
     labels = inputs["labels"]
-    outputs = model(input_ids=inputs["input_ids"], attention_mask=inputs.get("attention_mask"),
-                    output_hidden_states=True, logits_to_keep=1, use_cache=False)
+    outputs = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs.get("attention_mask"),
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+    )
     hidden = outputs.hidden_states[-1]  # after the final norm: what lm_head consumes
     weight = _unwrap(model).get_output_embeddings().weight
-    out = fused_linear_loss(hidden[:, :-1], weight, labels[:, 1:], loss, dp_group=dp_group,
-                            vocab_size=_unwrap(model).config.vocab_size, chunk_size=chunk_size)
+    out = fused_linear_loss(
+        hidden[:, :-1],
+        weight,
+        labels[:, 1:],
+        loss,
+        dp_group=dp_group,
+        vocab_size=_unwrap(model).config.vocab_size,
+        chunk_size=chunk_size,
+    )
     return (out.loss, {"stats": out.stats}) if return_outputs else out.loss
 
 
@@ -61,8 +74,14 @@ class RecallTrainer(Trainer):
     with Trainer's own logs, prefixed ``recall/``.
     """
 
-    def __init__(self, *args, recall_loss: str = "cdiv", recall_loss_params: dict | None = None,
-                 chunk_size: int | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        recall_loss: str = "cdiv",
+        recall_loss_params: dict | None = None,
+        chunk_size: int | None = None,
+        **kwargs,
+    ):
         super().__init__(*args, **kwargs)
         self.recall_loss = build_loss(recall_loss, **(recall_loss_params or {}))
         self.chunk_size = chunk_size
@@ -71,8 +90,9 @@ class RecallTrainer(Trainer):
         self.model_accepts_loss_kwargs = False
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        loss, extra = recall_compute_loss(model, inputs, self.recall_loss, chunk_size=self.chunk_size,
-                                          return_outputs=True)
+        loss, extra = recall_compute_loss(
+            model, inputs, self.recall_loss, chunk_size=self.chunk_size, return_outputs=True
+        )
         self.last_recall_stats = extra["stats"]
         return (loss, extra) if return_outputs else loss
 

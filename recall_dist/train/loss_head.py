@@ -18,9 +18,8 @@ import torch
 from torch import nn
 
 from recall_dist import fused_linear_loss
+from recall_dist.constants import IGNORE_INDEX
 from recall_dist.train.models import decoder_of
-
-IGNORE_INDEX = -100
 
 
 class LossHead(nn.Module):
@@ -28,13 +27,14 @@ class LossHead(nn.Module):
 
     ``labels`` are aligned with the input ids (-100 where no loss); the shift happens here:
     ``hidden[:, :-1]`` predicts ``labels[:, 1:]``.  ``loss`` is this rank's share of the global
-    objective (``dp_group`` all-reduces the normaliser Z, SPEC section 2), so DDP-style gradient
+    objective (``dp_group`` all-reduces the normaliser Z over the whole step), so DDP-style gradient
     averaging gives the gradient of the global objective.  The head weight is looked up through
     ``weight_owner`` at call time (it is not registered here: one parameter, one owner).
     """
 
-    def __init__(self, weight_owner: nn.Module, loss, dp_group=None, vocab_size: int | None = None,
-                 chunk_size: int | None = None):
+    def __init__(
+        self, weight_owner: nn.Module, loss, dp_group=None, vocab_size: int | None = None, chunk_size: int | None = None
+    ):
         super().__init__()
         self._weight_owner = [weight_owner]  # a list hides it from nn.Module registration
         self.loss = loss
@@ -49,9 +49,17 @@ class LossHead(nn.Module):
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None):
         target = labels[:, 1:]
         seq = sequence_ids[:, 1:] if sequence_ids is not None else None
-        out = fused_linear_loss(hidden[:, :-1], self.weight, target, self.loss, dp_group=self.dp_group,
-                                ignore_index=IGNORE_INDEX, vocab_size=self.vocab_size,
-                                chunk_size=self.chunk_size, sequence_ids=seq)
+        out = fused_linear_loss(
+            hidden[:, :-1],
+            self.weight,
+            target,
+            self.loss,
+            dp_group=self.dp_group,
+            ignore_index=IGNORE_INDEX,
+            vocab_size=self.vocab_size,
+            chunk_size=self.chunk_size,
+            sequence_ids=seq,
+        )
         return out.loss, out.stats
 
 
@@ -65,13 +73,21 @@ class CausalLMWithLossHead(nn.Module):
     def __init__(self, model: nn.Module, loss, dp_group=None, chunk_size: int | None = None):
         super().__init__()
         self.model = model
-        self.loss_head = LossHead(model.get_output_embeddings(), loss, dp_group,
-                                  vocab_size=model.config.vocab_size, chunk_size=chunk_size)
+        self.loss_head = LossHead(
+            model.get_output_embeddings(), loss, dp_group, vocab_size=model.config.vocab_size, chunk_size=chunk_size
+        )
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                sequence_ids: torch.Tensor | None = None, position_ids: torch.Tensor | None = None):
-        hidden = decoder_of(self.model)(input_ids=input_ids, attention_mask=attention_mask,
-                                        position_ids=position_ids, use_cache=False).last_hidden_state
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        sequence_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ):
+        hidden = decoder_of(self.model)(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False
+        ).last_hidden_state
         return self.loss_head(hidden, labels, sequence_ids)
 
 

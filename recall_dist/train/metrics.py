@@ -29,8 +29,14 @@ class MetricsLogger:
     """Appends one JSON object per logged step; on resume drops lines past the resumed step so
     the file reads as one uninterrupted run."""
 
-    def __init__(self, output_dir: str | Path, enabled: bool, tensorboard: bool = False, wandb: bool = False,
-                 run_config: dict | None = None):
+    def __init__(
+        self,
+        output_dir: str | Path,
+        enabled: bool,
+        tensorboard: bool = False,
+        wandb: bool = False,
+        run_config: dict | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(output_dir) / "metrics.jsonl"
         self._tb = self._wandb = None
@@ -49,8 +55,11 @@ class MetricsLogger:
     def truncate_after(self, step: int) -> None:
         if not self.enabled or not self.path.is_file():
             return
-        lines = [line for line in self.path.read_text().splitlines()
-                 if line.strip() and json.loads(line).get("step", 0) <= step]
+        lines = [
+            line
+            for line in self.path.read_text().splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step
+        ]
         self.path.write_text("".join(line + "\n" for line in lines))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:

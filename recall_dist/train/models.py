@@ -12,9 +12,8 @@ import importlib.util
 import torch
 from torch import nn
 
+from recall_dist.constants import DTYPES
 from recall_dist.train.config import ModelConfig
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def resolve_attn_implementation(requested: str = "auto", device_type: str | None = None) -> str:
@@ -37,14 +36,15 @@ def model_config(cfg: ModelConfig):
     return AutoConfig.from_pretrained(cfg.name_or_path)
 
 
-def build_model(cfg: ModelConfig, *, meta: bool = False, gradient_checkpointing: bool = False,
-                device_type: str | None = None) -> nn.Module:
+def build_model(
+    cfg: ModelConfig, *, meta: bool = False, gradient_checkpointing: bool = False, device_type: str | None = None
+) -> nn.Module:
     """The causal LM of ``cfg``: pretrained weights from ``name_or_path``, random init from ``config``
     (seed the RNG first for reproducible weights), or parameters on the meta device (``meta=True``)."""
     from transformers import AutoModelForCausalLM
 
     attn = resolve_attn_implementation(cfg.attn_implementation, device_type)
-    dtype = _DTYPES[cfg.dtype]
+    dtype = DTYPES[cfg.dtype]
     if meta:
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(model_config(cfg), dtype=dtype, attn_implementation=attn)

@@ -19,7 +19,7 @@ from torch import nn
 
 from recall_dist.configtree import ConfigError
 
-GIB = 1024 ** 3
+GIB = 1024**3
 CHUNK_ELEMENTS = 1 << 22  # the fused head's default fp32 logits chunk (recall_dist.parallel.common)
 
 
@@ -49,13 +49,19 @@ def _model_state_bytes(cfg, params: int, world: int, largest: int) -> dict[str, 
     low = 2 if b.bf16 else 4  # bytes of a working parameter / gradient
     master = 4 if b.bf16 else 0  # fp32 master copy (bf16 training only)
     if b.name == "fsdp2":  # fp32 sharded parameters are the master copy; unsharded low-precision units on the fly
-        rows = {"parameters (sharded fp32)": 4 * params / world, "parameters (2 unsharded units)": 2 * low * largest,
-                "gradients (sharded fp32)": 4 * params / world, "optimizer states (Adam m, v)": 8 * params / world}
+        rows = {
+            "parameters (sharded fp32)": 4 * params / world,
+            "parameters (2 unsharded units)": 2 * low * largest,
+            "gradients (sharded fp32)": 4 * params / world,
+            "optimizer states (Adam m, v)": 8 * params / world,
+        }
     else:
         shard_params = b.zero_stage == 3
-        rows = {"parameters": low * params / (world if shard_params else 1),
-                "gradients": low * params / world,
-                "optimizer states (master + Adam m, v)": (master + 8) * params / world}
+        rows = {
+            "parameters": low * params / (world if shard_params else 1),
+            "gradients": low * params / world,
+            "optimizer states (master + Adam m, v)": (master + 8) * params / world,
+        }
         if shard_params:
             rows["parameters (gathered layer)"] = low * largest
     if b.cpu_offload:  # DeepSpeed offloads the fp32 states and the gradient partitions (and at stage 3 the
@@ -94,8 +100,9 @@ def _deepspeed_estimate(cfg, params: int, largest: int, nodes: int, gpus: int) -
     from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 
     if cfg.backend.zero_stage == 3:
-        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(params, largest, gpus, nodes, cfg.backend.cpu_offload,
-                                                          cfg.backend.cpu_offload, zero_init=True)
+        cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
+            params, largest, gpus, nodes, cfg.backend.cpu_offload, cfg.backend.cpu_offload, zero_init=True
+        )
     else:
         cpu, gpu = estimate_zero2_model_states_mem_needs(params, gpus, nodes, cfg.backend.cpu_offload)
     return gpu / GIB, cpu / GIB
@@ -123,10 +130,12 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None) -
 def format_plan(plan: Plan, cfg, gpu_mem_gib: float) -> str:
     b = cfg.backend
     stage = f"ZeRO-{b.zero_stage}" if b.name == "deepspeed" else "FSDP2"
-    lines = [f"model: {plan.total_params / 1e9:.2f}B parameters (largest layer {plan.largest_layer_params / 1e6:.1f}M), "
-             f"{b.name} {stage}, bf16={b.bf16}, cpu_offload={b.cpu_offload}, {plan.world_size} GPUs",
-             f"sharding plan: {plan.sharding_units} units cover all {plan.covered_params} parameter tensors",
-             f"{'component':<48}{'GiB/GPU':>10}"]
+    lines = [
+        f"model: {plan.total_params / 1e9:.2f}B parameters (largest layer {plan.largest_layer_params / 1e6:.1f}M), "
+        f"{b.name} {stage}, bf16={b.bf16}, cpu_offload={b.cpu_offload}, {plan.world_size} GPUs",
+        f"sharding plan: {plan.sharding_units} units cover all {plan.covered_params} parameter tensors",
+        f"{'component':<48}{'GiB/GPU':>10}",
+    ]
     lines += [f"{name:<48}{value / GIB:>10.2f}" for name, value in plan.rows.items()]
     total = plan.total_bytes / GIB
     lines.append(f"{'total':<48}{total:>10.2f}")
@@ -139,14 +148,20 @@ def format_plan(plan: Plan, cfg, gpu_mem_gib: float) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="recall-dist plan", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="recall-dist plan", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("config")
     p.add_argument("overrides", nargs="*", help="key=value overrides (e.g. model=llama2-13b backend.zero_stage=3)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-mem-gib", type=float, default=80.0)
-    p.add_argument("--seq-len", type=int, default=None, help="tokens per sequence (default: data.max_length or the model's context)")
+    p.add_argument(
+        "--seq-len",
+        type=int,
+        default=None,
+        help="tokens per sequence (default: data.max_length or the model's context)",
+    )
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     from recall_dist.train.config import load_train_config
@@ -160,10 +175,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"recall-dist plan: config error: {e}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps({"rows_gib": {k: v / GIB for k, v in plan.rows.items()}, "total_gib": plan.total_bytes / GIB,
-                          "fits": plan.total_bytes / GIB <= args.gpu_mem_gib, "world_size": plan.world_size,
-                          "total_params": plan.total_params, "deepspeed_estimate_gib": plan.deepspeed_estimate_gib,
-                          "deepspeed_cpu_gib": plan.deepspeed_cpu_gib}))
+        print(
+            json.dumps(
+                {
+                    "rows_gib": {k: v / GIB for k, v in plan.rows.items()},
+                    "total_gib": plan.total_bytes / GIB,
+                    "fits": plan.total_bytes / GIB <= args.gpu_mem_gib,
+                    "world_size": plan.world_size,
+                    "total_params": plan.total_params,
+                    "deepspeed_estimate_gib": plan.deepspeed_estimate_gib,
+                    "deepspeed_cpu_gib": plan.deepspeed_cpu_gib,
+                }
+            )
+        )
     else:
         print(format_plan(plan, cfg, args.gpu_mem_gib))
     return 0

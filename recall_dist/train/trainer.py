@@ -57,16 +57,22 @@ def seed_everything(seed: int) -> None:
 def setup(cfg: TrainConfig, tokenizer, ctx) -> Run:
     seed_everything(cfg.train.seed)
     dataset = build_dataset(cfg.data, tokenizer)
-    batches = DistributedBatchIterator(dataset, cfg.train.micro_batch_size, ctx.rank, ctx.world_size,
-                                       seed=cfg.train.seed, packing=cfg.data.packing,
-                                       max_length=cfg.data.max_length, pad_token_id=tokenizer.pad_token_id or 0)
+    batches = DistributedBatchIterator(
+        dataset,
+        cfg.train.micro_batch_size,
+        ctx.rank,
+        ctx.world_size,
+        seed=cfg.train.seed,
+        packing=cfg.data.packing,
+        max_length=cfg.data.max_length,
+        pad_token_id=tokenizer.pad_token_id or 0,
+    )
     accumulation = cfg.train.accumulation_steps(ctx.world_size)
     total = cfg.train.epochs * len(batches) // accumulation
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     loss = cfg.loss.build()
-    model = build_model(cfg.model, gradient_checkpointing=cfg.train.gradient_checkpointing,
-                        device_type=ctx.device.type)
+    model = build_model(cfg.model, gradient_checkpointing=cfg.train.gradient_checkpointing, device_type=ctx.device.type)
     wrapper = CausalLMWithLossHead(model, loss, ctx.dp_group, chunk_size=cfg.loss.chunk_size)
     engine = build_engine(cfg, wrapper, ctx, accumulation, total)
     return Run(cfg, ctx, tokenizer, batches, loss, engine, accumulation, total)
@@ -102,8 +108,14 @@ def train_step(run: Run, data) -> dict[str, float]:
 
 
 def save_checkpoint(run: Run, checkpointer: Checkpointer) -> Path:
-    state = {"step": run.step, "skipped_steps": run.skipped_steps, "data": run.batches.state_dict(),
-             "loss": run.loss.state_dict(), "rng": rng_state(), "world_size": run.ctx.world_size}
+    state = {
+        "step": run.step,
+        "skipped_steps": run.skipped_steps,
+        "data": run.batches.state_dict(),
+        "loss": run.loss.state_dict(),
+        "rng": rng_state(),
+        "world_size": run.ctx.world_size,
+    }
     return checkpointer.save(run.engine, run.step, state, to_dict(run.cfg))
 
 
@@ -142,8 +154,13 @@ def _train(cfg: TrainConfig, tokenizer, ctx) -> dict:
     if ctx.is_main:
         clear_preempted(out)
     watcher = PreemptionWatcher(ctx.dp_group, ctx.device)
-    bar = tqdm(total=run.total_steps, initial=run.step, disable=not (ctx.is_main and cfg.train.progress_bar),
-               desc=f"train {cfg.loss.name}", dynamic_ncols=True)
+    bar = tqdm(
+        total=run.total_steps,
+        initial=run.step,
+        disable=not (ctx.is_main and cfg.train.progress_bar),
+        desc=f"train {cfg.loss.name}",
+        dynamic_ncols=True,
+    )
     # A resumed run already has a checkpoint at its starting step.
     data, stats, saved_at, preempted = endless(run.batches), {}, (run.step or None), False
     try:
@@ -152,8 +169,9 @@ def _train(cfg: TrainConfig, tokenizer, ctx) -> dict:
             stats = train_step(run, data)
             run.step += 1
             run.skipped_steps += int(stats["skipped"])
-            stats.update(tokens_per_s=stats["input_tokens"] / (time.perf_counter() - start),
-                         skipped_steps=run.skipped_steps)
+            stats.update(
+                tokens_per_s=stats["input_tokens"] / (time.perf_counter() - start), skipped_steps=run.skipped_steps
+            )
             if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
                 logger.log(run.step, stats)
             bar.update(1)
@@ -180,6 +198,12 @@ def _train(cfg: TrainConfig, tokenizer, ctx) -> dict:
         bar.close()
         watcher.close()
         logger.close()
-    return {"step": run.step, "total_steps": run.total_steps, "preempted": preempted,
-            "skipped_steps": run.skipped_steps, "last": stats, "output_dir": str(out),
-            "final_dir": None if preempted or not cfg.train.export_final else str(out / "final")}
+    return {
+        "step": run.step,
+        "total_steps": run.total_steps,
+        "preempted": preempted,
+        "skipped_steps": run.skipped_steps,
+        "last": stats,
+        "output_dir": str(out),
+        "final_dir": None if preempted or not cfg.train.export_final else str(out / "final"),
+    }

@@ -30,8 +30,10 @@ def test_truncation_semantics():
     assert full == {"input_ids": [1, 3, 4, 5, 6, 7, 2], "labels": [-100, -100, -100, 5, 6, 7, 2]}
     assert tokenize_example("ab", "cde", tok, max_length=7) == full
     # right: cut after max_length tokens, eos cut too
-    assert tokenize_example("ab", "cde", tok, max_length=5) == {"input_ids": [1, 3, 4, 5, 6],
-                                                                "labels": [-100, -100, -100, 5, 6]}
+    assert tokenize_example("ab", "cde", tok, max_length=5) == {
+        "input_ids": [1, 3, 4, 5, 6],
+        "labels": [-100, -100, -100, 5, 6],
+    }
     # nothing of the completion left: dropped
     assert tokenize_example("ab", "cde", tok, max_length=3) is None
     assert tokenize_example("ab", "cde", tok, max_length=6, truncation="drop") is None
@@ -71,11 +73,11 @@ def test_local_files(tmp_path, fmt):
 
 def test_missing_file_and_field_are_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+    with pytest.raises(FileNotFoundError, match=r"nope.jsonl"):
         load_records(DataConfig(source=str(missing)))
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "x", "text": "y"}))
-    with pytest.raises(ConfigError, match="completion_field.*'completion'.*available columns: prompt, text"):
+    with pytest.raises(ConfigError, match=r"completion_field.*'completion'.*available columns: prompt, text"):
         load_records(DataConfig(source=str(path)))
     path.write_text(json.dumps({"prompt": "x", "completion": 3}))
     with pytest.raises(ValueError, match="row 0, column 'completion' = 3"):
@@ -83,7 +85,7 @@ def test_missing_file_and_field_are_named(tmp_path):
 
 
 def test_hub_name_offline_gives_clear_error():
-    with pytest.raises(OSError, match="'no-such-org/no-such-dataset-xyz'.*split 'train'"):
+    with pytest.raises(OSError, match=r"'no-such-org/no-such-dataset-xyz'.*split 'train'"):
         load_records(DataConfig(source="no-such-org/no-such-dataset-xyz"))
 
 
@@ -102,9 +104,11 @@ def test_config_validation_names_key():
     for data, pattern in cases:
         with pytest.raises(ConfigError, match=pattern):
             from_dict(DataConfig, data)
-    with pytest.raises(ConfigError, match="data.max_length: 1"):
+    with pytest.raises(ConfigError, match=r"data.max_length: 1"):
         from_dict(DataConfig, {"max_length": 1}, "data")
-    assert from_dict(DataConfig, {"source": "synthetic:product", "task_params": {"max_factor": 4}}).task().max_factor == 4
+    assert (
+        from_dict(DataConfig, {"source": "synthetic:product", "task_params": {"max_factor": 4}}).task().max_factor == 4
+    )
 
 
 def test_hugging_face_tokenizer_uses_its_bos_eos(tmp_path):
@@ -114,11 +118,14 @@ def test_hugging_face_tokenizer_uses_its_bos_eos(tmp_path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "what": 3, "is": 4, "six": 5, "times": 6, "seven": 7, "42": 8}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "hf")
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(tmp_path / "hf")
     tok = load_tokenizer(tmp_path / "hf")
     assert tokenize_example("what is six times seven", "42", tok) == {
-        "input_ids": [1, 3, 4, 5, 6, 7, 8, 2], "labels": [-100] * 6 + [8, 2]}
+        "input_ids": [1, 3, 4, 5, 6, 7, 8, 2],
+        "labels": [-100] * 6 + [8, 2],
+    }
     no_bos_dir = tmp_path / "hf_no_bos"
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>").save_pretrained(no_bos_dir)
     assert tokenize_example("six", "42", load_tokenizer(no_bos_dir)) == {"input_ids": [5, 8, 2], "labels": [-100, 8, 2]}

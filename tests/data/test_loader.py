@@ -30,7 +30,7 @@ def unpack(batch):
 
 def expected(example):
     """What the iterator must deliver for one example: its first label is never a target."""
-    return (example["input_ids"], [-100] + example["labels"][1:])
+    return (example["input_ids"], [-100, *example["labels"][1:]])
 
 
 def reference_pad(examples, pad):
@@ -51,13 +51,15 @@ def test_single_process_batches_match_reference_padding():
     order = it.epoch_order(0)
     assert sorted(order) == list(range(10))
     for step, batch in enumerate(batches):
-        examples = [data[i] for i in order[step * 3:(step + 1) * 3]]
+        examples = [data[i] for i in order[step * 3 : (step + 1) * 3]]
         ids, labels, seq = reference_pad(examples, pad=7)
         assert batch["input_ids"].tolist() == ids
         assert batch["labels"].tolist() == labels
         assert batch["sequence_ids"].tolist() == seq
         assert batch["attention_mask"].tolist() == [[int(s >= 0) for s in row] for row in seq]
-        assert batch["position_ids"][0, : len(examples[0]["input_ids"])].tolist() == list(range(len(examples[0]["input_ids"])))
+        assert batch["position_ids"][0, : len(examples[0]["input_ids"])].tolist() == list(
+            range(len(examples[0]["input_ids"]))
+        )
         assert all(t.dtype == torch.long for t in batch.values())
 
 
@@ -65,7 +67,7 @@ def test_single_process_batches_match_reference_padding():
 def test_union_over_ranks_equals_single_process_global_batch(dp_size, packing):
     data = make_dataset(29, seed=1)
     mbs = 2
-    kwargs = dict(seed=9, packing=packing, max_length=12 if packing else None)
+    kwargs = {"seed": 9, "packing": packing, "max_length": 12 if packing else None}
     single = DistributedBatchIterator(data, micro_batch_size=mbs * dp_size, **kwargs)
     ranks = [DistributedBatchIterator(data, mbs, dp_rank=r, dp_size=dp_size, **kwargs) for r in range(dp_size)]
     assert all(len(r) == len(single) == 29 // (mbs * dp_size) for r in ranks)
@@ -123,7 +125,7 @@ def test_packing_first_fit_and_lengths():
 @pytest.mark.parametrize("k", [0, 2, 5, 7])
 def test_resume_continues_with_the_next_batch(k):
     data = make_dataset(23, seed=5)
-    kwargs = dict(micro_batch_size=2, dp_rank=1, dp_size=2, seed=3)
+    kwargs = {"micro_batch_size": 2, "dp_rank": 1, "dp_size": 2, "seed": 3}
 
     def run(it, epochs):
         out = []

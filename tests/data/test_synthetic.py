@@ -81,13 +81,13 @@ def test_sampling_is_deterministic_in_seed(name):
 
 def test_registry_errors_name_the_problem():
     assert {"product", "product_conditional"} <= set(known_tasks())
-    with pytest.raises(ValueError, match="'prodcut'.*product, product_conditional"):
+    with pytest.raises(ValueError, match=r"'prodcut'.*product, product_conditional"):
         build_task("prodcut")
     with pytest.raises(ValueError, match="max_factor = 0"):
         build_task("product", max_factor=0)
-    with pytest.raises(ValueError, match="max_factor = 2.5"):
+    with pytest.raises(ValueError, match=r"max_factor = 2.5"):
         build_task("product_conditional", max_factor=2.5)
-    with pytest.raises(ValueError, match="max_fator: unknown parameter.*max_factor"):
+    with pytest.raises(ValueError, match=r"max_fator: unknown parameter.*max_factor"):
         build_task("product", max_fator=3)
 
 

@@ -20,7 +20,7 @@ def test_ids_layout_and_round_trip():
 
 def test_errors_name_the_character_and_id():
     tok = CharTokenizer("01")
-    with pytest.raises(ValueError, match="'2'.*position 1"):
+    with pytest.raises(ValueError, match=r"'2'.*position 1"):
         tok.encode("021")
     with pytest.raises(ValueError, match="token id 5"):
         tok.decode([5])
@@ -69,8 +69,9 @@ def test_hugging_face_tokenizer_from_local_dir(tmp_path):
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3, "world": 4}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                            unk_token="<unk>").save_pretrained(tmp_path / "hf")
+    PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(tmp_path / "hf")
     tok = load_tokenizer(tmp_path / "hf")
     assert not isinstance(tok, CharTokenizer)
     assert tok("hello world", add_special_tokens=False)["input_ids"] == [3, 4]

@@ -40,8 +40,10 @@ def _gather_ranks(capacity):
     history = []
     for step in range(4):
         # ranks push different (seeded) counts, rank 1 sometimes nothing
-        per_rank = [torch.arange(((step + r) % 3) * (r != 1 or step % 2 == 0), dtype=torch.float64) * 10 + 100 * step + r
-                    for r in range(world)]
+        per_rank = [
+            torch.arange(((step + r) % 3) * (r != 1 or step % 2 == 0), dtype=torch.float64) * 10 + 100 * step + r
+            for r in range(world)
+        ]
         buf.push(per_rank[rank])
         for r in range(world):
             history += per_rank[r].tolist()

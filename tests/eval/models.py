@@ -20,10 +20,20 @@ HIDDEN = 16
 
 
 def _config(vocab_size: int, hidden: int, layers: int) -> LlamaConfig:
-    return LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                       num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=2,
-                       max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                       rms_norm_eps=1e-12, tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        rms_norm_eps=1e-12,
+        tie_word_embeddings=False,
+    )
 
 
 def bigram_llama(bigram_logits: np.ndarray) -> LlamaForCausalLM:

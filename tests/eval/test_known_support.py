@@ -1,6 +1,8 @@
 """Teacher-forced log Q_T and sampled estimates on a hand-built bigram Llama, whose tempered
 sequence distribution is written down here from its logit matrix alone (numpy, no model)."""
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -28,7 +30,7 @@ def _reference_log_q(b, texts, temperature):
     for text in texts:
         ids = TOKENIZER.encode(text, add_bos=True, add_eos=True)
         total = 0.0
-        for prev, nxt in zip(ids[:-1], ids[1:]):
+        for prev, nxt in itertools.pairwise(ids):
             z = b[prev] / temperature
             total += z[nxt] - np.log(np.exp(z - z.max()).sum()) - z.max()
         out.append(total)
@@ -61,10 +63,22 @@ def test_sampled_estimates_agree_with_exact_within_3_se(setup, temperature):
     independent replicates must also sit within 3 SE of the mean (SE / sqrt(20))."""
     _, model, encoded = setup
     n, reps = 40, 20
-    records = [known_support.evaluate_prompt(
-        model, encoded, temperature, recall_at_n=n, num_samples=n, lambdas=metrics.default_lambdas(),
-        seed=1000 + r, score_batch_size=64, generate_batch_size=16, pad_id=0, eos_id=TOKENIZER.eos_token_id)
-        for r in range(reps)]
+    records = [
+        known_support.evaluate_prompt(
+            model,
+            encoded,
+            temperature,
+            recall_at_n=n,
+            num_samples=n,
+            lambdas=metrics.default_lambdas(),
+            seed=1000 + r,
+            score_batch_size=64,
+            generate_batch_size=16,
+            pad_id=0,
+            eos_id=TOKENIZER.eos_token_id,
+        )
+        for r in range(reps)
+    ]
     exact = records[0]
     assert 0.1 < exact["precision"] < 0.9 and 0.1 < exact["recall"] < 0.9  # both estimates informative
     for key in ("precision", "recall"):
@@ -76,7 +90,7 @@ def test_sampled_estimates_agree_with_exact_within_3_se(setup, temperature):
 
 def test_samples_depend_on_seed_only(setup):
     _, model, encoded = setup
-    kw = dict(temperature=1.0, num_samples=50, batch_size=16, pad_id=0, eos_id=2)
+    kw = {"temperature": 1.0, "num_samples": 50, "batch_size": 16, "pad_id": 0, "eos_id": 2}
     a = known_support.sample_completions(model, encoded, seed=7, **kw)
     assert a == known_support.sample_completions(model, encoded, seed=7, **kw)
     assert a != known_support.sample_completions(model, encoded, seed=8, **kw)

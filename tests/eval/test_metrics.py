@@ -37,8 +37,8 @@ def _brute_force_recall(q_full, p_full, n):
 @pytest.mark.parametrize("n", [1, 2, 3, 4])
 def test_recall_and_its_variance_match_enumeration(n):
     q_support, p = np.array([0.4, 0.25, 0.15]), np.array([0.2, 0.5, 0.3])
-    q_full = list(q_support) + [0.2]  # last outcome: outside the support
-    p_full = list(p) + [0.0]
+    q_full = [*q_support, 0.2]  # last outcome: outside the support
+    p_full = [*list(p), 0.0]
     mean, var = _brute_force_recall(q_full, p_full, n)
     assert metrics.recall_at_n(np.log(q_support), p, n) == pytest.approx(mean, abs=1e-14)
     assert metrics.recall_at_n_variance(np.log(q_support), p, n, chunk=2) == pytest.approx(var, abs=1e-14)

@@ -28,8 +28,9 @@ def test_pr_auc_interpolated_precision():
 
 
 def test_summarize_sorts_by_temperature():
-    out = summary.summarize([2.0, 0.5, 1.0, 1.5], [PREC[3], PREC[0], PREC[1], PREC[2]],
-                            [REC[3], REC[0], REC[1], REC[2]], 0.75)
+    out = summary.summarize(
+        [2.0, 0.5, 1.0, 1.5], [PREC[3], PREC[0], PREC[1], PREC[2]], [REC[3], REC[0], REC[1], REC[2]], 0.75
+    )
     assert out["recall_at_precision"] == pytest.approx(0.4)
     assert out["temperature_at_max_recall"] == 1.5
 

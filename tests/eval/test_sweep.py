@@ -21,14 +21,23 @@ TASK = {"task": "product_conditional", "task_params": {"max_factor": 3}}
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
     tok = CharTokenizer(build_task("product_conditional", max_factor=3).alphabet)
-    return {name: str(save(random_llama(tok.vocab_size, seed), tok, root / name))
-            for name, seed in (("nll", 0), ("cdiv", 1))}
+    return {
+        name: str(save(random_llama(tok.vocab_size, seed), tok, root / name))
+        for name, seed in (("nll", 0), ("cdiv", 1))
+    }
 
 
 def _config(checkpoints, output_dir, **extra) -> dict:
-    return {"models": [{"name": n, "path": p} for n, p in checkpoints.items()], **TASK,
-            "temperatures": [0.5, 1.0, 2.0], "num_samples": 24, "generate_batch_size": 10,
-            "score_batch_size": 7, "output_dir": str(output_dir), **extra}
+    return {
+        "models": [{"name": n, "path": p} for n, p in checkpoints.items()],
+        **TASK,
+        "temperatures": [0.5, 1.0, 2.0],
+        "num_samples": 24,
+        "generate_batch_size": 10,
+        "score_batch_size": 7,
+        "output_dir": str(output_dir),
+        **extra,
+    }
 
 
 def _sweep_on_every_rank(cfg_dict):
@@ -53,16 +62,14 @@ def test_one_and_two_processes_give_identical_tables(checkpoints, tmp_path):
 
 
 def test_shards_are_resumed_and_recomputed_on_config_change(checkpoints, tmp_path):
-    cfg = from_dict(SweepConfig, _config(checkpoints, tmp_path, num_samples=0, recall_at_n=10,
-                                         temperatures=[1.0]))
+    cfg = from_dict(SweepConfig, _config(checkpoints, tmp_path, num_samples=0, recall_at_n=10, temperatures=[1.0]))
     assert len(work_items(cfg)) == 2 * 3
     paths = [compute_shard(cfg, s, 4, progress=False) for s in range(4)]  # 6 items over 4 shards
     assert sum(len(json.loads(p.read_text())["records"]) for p in paths) == 6
     mtime = paths[0].stat().st_mtime_ns
     assert compute_shard(cfg, 0, 4) == paths[0] and paths[0].stat().st_mtime_ns == mtime  # skipped
     first = aggregate(cfg, 4)
-    changed = from_dict(SweepConfig, _config(checkpoints, tmp_path, num_samples=0, recall_at_n=20,
-                                             temperatures=[1.0]))
+    changed = from_dict(SweepConfig, _config(checkpoints, tmp_path, num_samples=0, recall_at_n=20, temperatures=[1.0]))
     with pytest.raises(FileNotFoundError, match="another config"):
         aggregate(changed, 4)
     compute_shard(changed, 0, 4)
@@ -70,7 +77,7 @@ def test_shards_are_resumed_and_recomputed_on_config_change(checkpoints, tmp_pat
     for s in range(1, 4):
         compute_shard(changed, s, 4)
     second = aggregate(changed, 4)
-    for a, b in zip(first["rows"], second["rows"]):  # precision does not depend on N, Recall@N grows
+    for a, b in zip(first["rows"], second["rows"], strict=False):  # precision does not depend on N, Recall@N grows
         assert a["precision"] == b["precision"] and b["recall"] > a["recall"]
     assert shard_path(cfg, 0, 4).name == "shard-00000-of-00004.json"
 
@@ -94,8 +101,9 @@ def test_cli_single_shards_then_aggregate(checkpoints, tmp_path, capsys):
     import yaml
 
     cfg_path = tmp_path / "sweep.yaml"
-    cfg_path.write_text(yaml.safe_dump(_config(checkpoints, tmp_path / "out", num_samples=0, recall_at_n=5,
-                                               temperatures=[1.0, 2.0])))
+    cfg_path.write_text(
+        yaml.safe_dump(_config(checkpoints, tmp_path / "out", num_samples=0, recall_at_n=5, temperatures=[1.0, 2.0]))
+    )
     assert main([str(cfg_path), "--aggregate-only", "--num-shards", "3"]) == 1
     assert "3 of 3 shards missing" in capsys.readouterr().err
     for shard in (2, 0, 1):  # any order, e.g. a Slurm job array

@@ -94,9 +94,15 @@ def test_sentence_transformer_encoder_offline():
 def test_text_sweep(tmp_path, encoder):
     tok = CharTokenizer(build_task("product").alphabet)
     path = save(random_llama(tok.vocab_size, 0), tok, tmp_path / "m")
-    cfg = {"models": [{"name": "tiny", "path": str(path)}], "task": "product", "task_params": {"max_factor": 9},
-           "metric": "text", "temperatures": [0.5, 1.5], "output_dir": str(tmp_path / "out"),
-           "text": {"num_texts": 24, "chunk_size": 10, "encoder": encoder}}
+    cfg = {
+        "models": [{"name": "tiny", "path": str(path)}],
+        "task": "product",
+        "task_params": {"max_factor": 9},
+        "metric": "text",
+        "temperatures": [0.5, 1.5],
+        "output_dir": str(tmp_path / "out"),
+        "text": {"num_texts": 24, "chunk_size": 10, "encoder": encoder},
+    }
     result = run_sweep(from_dict(SweepConfig, cfg), rank=0, world_size=1)
     assert [r["temperature"] for r in result["rows"]] == [0.5, 1.5]
     for r in result["rows"]:

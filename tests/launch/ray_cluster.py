@@ -9,6 +9,7 @@ those, are terminated.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from tests.launch.slurm_cluster import free_port
+from recall_dist.distributed.net import free_port
 
 RAY = str(Path(sys.executable).with_name("ray"))
 
@@ -45,28 +46,51 @@ class RayHead:
         # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0: Ray's single-machine mode. Without it Ray replaces
         # --node-ip-address=127.0.0.1 by the machine's outward address (services.resolve_ip_for_localhost)
         # and the GCS, the workers and the torch rendezvous leave loopback.
-        self._env = {**os.environ, "PATH": path, "RAY_USAGE_STATS_ENABLED": "0",
-                     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", **(env or {})}
+        self._env = {
+            **os.environ,
+            "PATH": path,
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+            **(env or {}),
+        }
         for k in [k for k in self._env if k.startswith("RAY_ADDRESS")]:
             del self._env[k]
 
     def env(self) -> dict[str, str]:
         return dict(self._env)
 
-    def start(self, timeout: float = 180.0) -> "RayHead":
+    def start(self, timeout: float = 180.0) -> RayHead:
         worker_base = random.randrange(20000, 60000, 200)
-        argv = [RAY, "start", "--head", "--block", "--node-ip-address=127.0.0.1",
-                f"--port={self.port}", f"--num-cpus={self.num_cpus}", "--num-gpus=0",
-                "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={self.dashboard_port}",
-                f"--ray-client-server-port={free_port()}", f"--node-manager-port={free_port()}",
-                f"--object-manager-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
-                f"--dashboard-agent-grpc-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-                f"--metrics-export-port={free_port()}", f"--min-worker-port={worker_base}",
-                f"--max-worker-port={worker_base + 199}", "--object-store-memory=200000000",
-                f"--temp-dir={self.dir}", "--disable-usage-stats", "--log-style=record"]
-        log = open(self.dir / "ray_start.log", "ab")
-        self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self._env, start_new_session=True)
+        argv = [
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--node-ip-address=127.0.0.1",
+            f"--port={self.port}",
+            f"--num-cpus={self.num_cpus}",
+            "--num-gpus=0",
+            "--include-dashboard=true",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={self.dashboard_port}",
+            f"--ray-client-server-port={free_port()}",
+            f"--node-manager-port={free_port()}",
+            f"--object-manager-port={free_port()}",
+            f"--dashboard-agent-listen-port={free_port()}",
+            f"--dashboard-agent-grpc-port={free_port()}",
+            f"--runtime-env-agent-port={free_port()}",
+            f"--metrics-export-port={free_port()}",
+            f"--min-worker-port={worker_base}",
+            f"--max-worker-port={worker_base + 199}",
+            "--object-store-memory=200000000",
+            f"--temp-dir={self.dir}",
+            "--disable-usage-stats",
+            "--log-style=record",
+        ]
+        log = open(self.dir / "ray_start.log", "ab")  # noqa: SIM115 - handed to Popen, closed below
+        self.proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self._env, start_new_session=True
+        )
         log.close()
         deadline = time.monotonic() + timeout
         try:
@@ -89,7 +113,9 @@ class RayHead:
             return False
 
     def ray(self, *args: str, check: bool = True, timeout: float = 120.0, cwd: str | None = None) -> str:
-        r = subprocess.run([RAY, *args], capture_output=True, text=True, env=self._env, timeout=timeout, cwd=cwd)
+        r = subprocess.run(
+            [RAY, *args], capture_output=True, text=True, env=self._env, timeout=timeout, cwd=cwd, check=False
+        )
         if check and r.returncode != 0:
             raise RayError(f"`ray {' '.join(args)}` failed ({r.returncode}):\n{r.stdout}\n{r.stderr}")
         return r.stdout + r.stderr
@@ -97,11 +123,11 @@ class RayHead:
     def job_status(self, job_id: str) -> str:
         """PENDING / RUNNING / SUCCEEDED / FAILED / STOPPED, read from what `ray job status` prints
         ("Status for job 'ID': RUNNING" while it runs, "Job 'ID' succeeded" at the end)."""
-        out = re.sub(r"\x1b\[[0-9;]*m", "", self.ray("job", "status", "--address", self.address, job_id,
-                                                       timeout=60))
+        out = re.sub(r"\x1b\[[0-9;]*m", "", self.ray("job", "status", "--address", self.address, job_id, timeout=60))
         q = re.escape(job_id)
-        match = (re.search(rf"Status for job '{q}': (\w+)", out)
-                 or re.search(rf"Job '{q}' (succeeded|failed|stopped)", out))
+        match = re.search(rf"Status for job '{q}': (\w+)", out) or re.search(
+            rf"Job '{q}' (succeeded|failed|stopped)", out
+        )
         if not match:
             raise RayError(f"cannot read the status of {job_id} from `ray job status`:\n{out}")
         self.last_status_line = match.group(0)
@@ -146,16 +172,12 @@ class RayHead:
     def stop(self, grace: float = 8.0) -> None:
         procs = self.our_processes()
         for p in procs:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
         _, alive = psutil.wait_procs(procs, timeout=grace)
         for p in alive:
-            try:
+            with contextlib.suppress(psutil.Error):
                 p.kill()
-            except psutil.Error:
-                pass
         psutil.wait_procs(alive, timeout=5)
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
@@ -165,7 +187,7 @@ class RayHead:
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "RayHead":
+    def __enter__(self) -> RayHead:
         return self.start()
 
     def __exit__(self, *exc) -> None:

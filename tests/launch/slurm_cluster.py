@@ -15,23 +15,18 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
-
-def free_port() -> int:
-    # Same as recall_dist.distributed.testing.free_port; kept here so the cluster fixture does not
-    # import the package under test (and torch) just to find a port.
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from recall_dist.distributed.net import free_port
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue")
-INSTALL_HINT = ("the Slurm test cluster needs Debian's slurm-wlm and munge: run "
-                "`bash tests/launch/install_slurm.sh` as root (or `apt-get install -y slurm-wlm munge`)")
+INSTALL_HINT = (
+    "the Slurm test cluster needs Debian's slurm-wlm and munge: run "
+    "`bash tests/launch/install_slurm.sh` as root (or `apt-get install -y slurm-wlm munge`)"
+)
 NODE = "localhost"  # resolves to 127.0.0.1 everywhere; it is also the job's rendezvous host
 
 
@@ -73,8 +68,7 @@ class SlurmCluster:
             (d / sub).mkdir(mode=0o700, exist_ok=True)
         os.chmod(d, 0o755)  # job steps (root here) read slurm.conf; munged checks its dirs' modes
         key = d / "munge" / "munge.key"
-        subprocess.run([_which("mungekey"), "--create", f"--keyfile={key}", "--force"], check=True,
-                       capture_output=True)
+        subprocess.run([_which("mungekey"), "--create", f"--keyfile={key}", "--force"], check=True, capture_output=True)
         os.chmod(key, 0o600)
         ctld_port, slurmd_port = free_port(), free_port()
         self.conf.write_text(f"""\
@@ -119,27 +113,43 @@ SlurmdTimeout=60
 NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname={NODE} CPUs={self.cpus} State=UNKNOWN
 PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 """)
-        (d / "cgroup.conf").write_text("# No cgroup enforcement on the test cluster.\n"
-                                       "ConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n")
+        (d / "cgroup.conf").write_text(
+            "# No cgroup enforcement on the test cluster.\n"
+            "ConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n"
+        )
 
     def _spawn(self, name: str, argv: list[str]) -> None:
-        log = open(self.dir / "log" / f"{name}.stdout", "ab")
-        self.procs[name] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, env=self.env())
+        log = open(self.dir / "log" / f"{name}.stdout", "ab")  # noqa: SIM115 - handed to Popen, closed below
+        self.procs[name] = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env()
+        )
         log.close()
 
-    def start(self, timeout: float = 90.0) -> "SlurmCluster":
+    def start(self, timeout: float = 90.0) -> SlurmCluster:
         try:
             self._write_files()
             d = self.dir
-            self._spawn("munged", [_which("munged"), "--foreground", "--force",
-                                   f"--key-file={d}/munge/munge.key", f"--socket={self.munge_socket}",
-                                   f"--pid-file={d}/munge/munged.pid", f"--log-file={d}/log/munged.log",
-                                   f"--seed-file={d}/munge/munged.seed", "--num-threads=2"])
-            self._wait_for(lambda: self.munge_socket.exists(), timeout, "munged socket")
+            self._spawn(
+                "munged",
+                [
+                    _which("munged"),
+                    "--foreground",
+                    "--force",
+                    f"--key-file={d}/munge/munge.key",
+                    f"--socket={self.munge_socket}",
+                    f"--pid-file={d}/munge/munged.pid",
+                    f"--log-file={d}/log/munged.log",
+                    f"--seed-file={d}/munge/munged.seed",
+                    "--num-threads=2",
+                ],
+            )
+            self._wait_for(self.munge_socket.exists, timeout, "munged socket")
             self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)])
-            self._wait_for(lambda: self._ok("scontrol", "ping") and "UP" in self.run("scontrol", "ping"),
-                           timeout, "slurmctld to answer `scontrol ping`")
+            self._wait_for(
+                lambda: self._ok("scontrol", "ping") and "UP" in self.run("scontrol", "ping"),
+                timeout,
+                "slurmctld to answer `scontrol ping`",
+            )
             self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", NODE])
             self._wait_for(lambda: self.node_state().startswith("idle"), timeout, "the node to be idle")
         except BaseException:
@@ -152,8 +162,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         while time.monotonic() < deadline:
             for name, p in self.procs.items():
                 if p.poll() is not None:
-                    raise SlurmError(f"{name} exited with {p.returncode} while waiting for {what}\n"
-                                     + self.logs())
+                    raise SlurmError(f"{name} exited with {p.returncode} while waiting for {what}\n" + self.logs())
             if predicate():
                 return
             time.sleep(0.5)
@@ -167,29 +176,40 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
             del env[k]
         return env
 
-    def run(self, *argv: str, check: bool = True, env: dict | None = None, cwd: str | None = None,
-            timeout: float = 60.0) -> str:
-        r = subprocess.run(list(argv), capture_output=True, text=True, env=env or self.env(), cwd=cwd,
-                           timeout=timeout)
+    def run(
+        self, *argv: str, check: bool = True, env: dict | None = None, cwd: str | None = None, timeout: float = 60.0
+    ) -> str:
+        r = subprocess.run(
+            list(argv), capture_output=True, text=True, env=env or self.env(), cwd=cwd, timeout=timeout, check=False
+        )
         if check and r.returncode != 0:
             raise SlurmError(f"`{' '.join(argv)}` failed ({r.returncode}):\n{r.stdout}{r.stderr}")
         return r.stdout + (r.stderr if not check else "")
 
     def _ok(self, *argv: str) -> bool:
         try:
-            return subprocess.run(list(argv), capture_output=True, env=self.env(), timeout=20).returncode == 0
+            return (
+                subprocess.run(list(argv), capture_output=True, env=self.env(), timeout=20, check=False).returncode == 0
+            )
         except subprocess.TimeoutExpired:
             return False
 
     def node_state(self) -> str:
-        r = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True,
-                           env=self.env(), timeout=20)
+        r = subprocess.run(
+            ["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env(), timeout=20, check=False
+        )
         return r.stdout.strip() if r.returncode == 0 else ""
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, NodeList, ...); {} once purged."""
-        r = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True,
-                           env=self.env(), timeout=20)
+        r = subprocess.run(
+            ["scontrol", "show", "job", "-o", str(job_id)],
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=20,
+            check=False,
+        )
         if r.returncode != 0:
             return {}
         fields = {}
@@ -199,9 +219,22 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
                 fields.setdefault(k, v)
         return fields
 
-    def wait_job(self, job_id: str, timeout: float, until=("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT",
-                                                             "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
-                                                             "DEADLINE", "PREEMPTED")) -> dict[str, str]:
+    def wait_job(
+        self,
+        job_id: str,
+        timeout: float,
+        until=(
+            "COMPLETED",
+            "FAILED",
+            "CANCELLED",
+            "TIMEOUT",
+            "NODE_FAIL",
+            "OUT_OF_MEMORY",
+            "BOOT_FAIL",
+            "DEADLINE",
+            "PREEMPTED",
+        ),
+    ) -> dict[str, str]:
         deadline = time.monotonic() + timeout
         info: dict[str, str] = {}
         while time.monotonic() < deadline:
@@ -253,7 +286,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
     def cleanup(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> "SlurmCluster":
+    def __enter__(self) -> SlurmCluster:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -20,8 +20,20 @@ TINY = ["configs/tiny_cpu.yaml", "train.epochs=100", "train.log_every=1", "train
 
 
 def submit(head, *args: str) -> str:
-    out = head.ray("job", "submit", "--address", head.address, "--no-wait", "--working-dir", ".", "--",
-                   "python", "launch/ray_train.py", *args, cwd=str(REPO))
+    out = head.ray(
+        "job",
+        "submit",
+        "--address",
+        head.address,
+        "--no-wait",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "launch/ray_train.py",
+        *args,
+        cwd=str(REPO),
+    )
     match = re.search(r"raysubmit_\w+", out)
     assert match, out
     return match.group(0)
@@ -37,8 +49,9 @@ def assert_succeeded(head, job_id: str, timeout: float) -> str:
 def ray_trained_run(ray_head, tmp_path_factory):
     """`ray job submit -- python launch/ray_train.py configs/tiny_cpu.yaml` (c-Div, 6 steps, 2 workers)."""
     run = tmp_path_factory.mktemp("ray_train") / "run"
-    job_id = submit(ray_head, *TINY, "loss.name=cdiv", "train.max_steps=6", f"train.output_dir={run}",
-                    "ray.num_workers=2")
+    job_id = submit(
+        ray_head, *TINY, "loss.name=cdiv", "train.max_steps=6", f"train.output_dir={run}", "ray.num_workers=2"
+    )
     logs = assert_succeeded(ray_head, job_id, timeout=300)
     return run, logs, ray_head.last_status_line
 
@@ -59,15 +72,32 @@ def test_ray_sweep(ray_head, ray_trained_run, tmp_path):
     """`launch/ray_sweep.py`: one Ray task per shard, then the aggregate table and plot."""
     run, _, _ = ray_trained_run
     out = tmp_path / "sweep"
-    out_text = ray_head.ray("job", "submit", "--address", ray_head.address, "--no-wait", "--working-dir", ".",
-                            "--", "python", "launch/ray_sweep.py", "configs/sweep.yaml",
-                            f"models=[{{name: cdiv, path: {run}/final}}]", "temperatures=[0.5,1.0]",
-                            "num_samples=20", f"output_dir={out}", "ray.num_shards=2", cwd=str(REPO))
+    out_text = ray_head.ray(
+        "job",
+        "submit",
+        "--address",
+        ray_head.address,
+        "--no-wait",
+        "--working-dir",
+        ".",
+        "--",
+        "python",
+        "launch/ray_sweep.py",
+        "configs/sweep.yaml",
+        f"models=[{{name: cdiv, path: {run}/final}}]",
+        "temperatures=[0.5,1.0]",
+        "num_samples=20",
+        f"output_dir={out}",
+        "ray.num_shards=2",
+        cwd=str(REPO),
+    )
     job_id = re.search(r"raysubmit_\w+", out_text).group(0)
     logs = assert_succeeded(ray_head, job_id, timeout=300)
     print(ray_head.last_status_line)
-    assert sorted(p.name for p in (out / "shards").glob("*.json")) == \
-        ["shard-00000-of-00002.json", "shard-00001-of-00002.json"], logs
+    assert sorted(p.name for p in (out / "shards").glob("*.json")) == [
+        "shard-00000-of-00002.json",
+        "shard-00001-of-00002.json",
+    ], logs
     table = json.loads((out / "sweep.json").read_text())
     assert sorted({(r["model"], r["temperature"]) for r in table["rows"]}) == [("cdiv", 0.5), ("cdiv", 1.0)]
     assert all(0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1 for r in table["rows"])
@@ -78,9 +108,16 @@ def test_ray_worker_failure_restarts_group_from_our_checkpoint(ray_head, tmp_pat
     """A training worker is killed mid-run: Ray Train (FailureConfig max_failures=1) restarts the
     worker group and `resume: auto` continues from our latest checkpoint, not from step 0."""
     run, max_steps = tmp_path / "run", 120
-    job_id = submit(ray_head, *TINY, "loss.name=cdiv", f"train.max_steps={max_steps}",
-                    "train.checkpoint_every=10", "train.export_final=false", f"train.output_dir={run}",
-                    "ray.max_failures=1")
+    job_id = submit(
+        ray_head,
+        *TINY,
+        "loss.name=cdiv",
+        f"train.max_steps={max_steps}",
+        "train.checkpoint_every=10",
+        "train.export_final=false",
+        f"train.output_dir={run}",
+        "ray.max_failures=1",
+    )
 
     def complete_checkpoints() -> list[int]:
         return [s for s in checkpoint_steps(run) if (run / "checkpoints" / f"step_{s:08d}" / "COMPLETE").exists()]
@@ -105,5 +142,5 @@ def test_ray_worker_failure_restarts_group_from_our_checkpoint(ray_head, tmp_pat
     assert [json.loads(line)["step"] for line in lines] == list(range(1, max_steps + 1))
     # The restarted group kept the first group's metrics up to the checkpoint it resumed from, byte
     # for byte (tokens_per_s is wall-clock: a restart from step 0 would not reproduce step 1).
-    kept = next(i for i, (a, b) in enumerate(zip(lines + [None], snapshot + [None])) if a != b)
+    kept = next(i for i, (a, b) in enumerate(zip([*lines, None], [*snapshot, None], strict=False)) if a != b)
     assert kept in saved, f"resumed after step {kept}; checkpoints at the kill: {saved}"

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.launch.slurm_cluster import SlurmCluster, free_port
+from recall_dist.distributed.net import free_port
+from tests.launch.slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -23,8 +24,17 @@ TINY = ["configs/tiny_cpu.yaml", "train.epochs=100", "train.log_every=1", "train
 def sbatch(cluster: SlurmCluster, tmp_path: Path, *args: str, ranks: int = 2, **env: str) -> str:
     """Submit from the repo root (as a user does) with ``ranks`` ranks on one node; returns the job id."""
     extra = {"MASTER_PORT": str(free_port()), "GLOO_SOCKET_IFNAME": "lo", **env}
-    out = cluster.run("sbatch", "--parsable", f"--ntasks-per-node={ranks}", "--cpus-per-task=1", "--time=00:10:00",
-                      f"--output={tmp_path}/%x-%j.out", *args, cwd=str(REPO), env=cluster.env(**extra))
+    out = cluster.run(
+        "sbatch",
+        "--parsable",
+        f"--ntasks-per-node={ranks}",
+        "--cpus-per-task=1",
+        "--time=00:10:00",
+        f"--output={tmp_path}/%x-%j.out",
+        *args,
+        cwd=str(REPO),
+        env=cluster.env(**extra),
+    )
     return out.strip().split(";")[0]
 
 
@@ -44,8 +54,9 @@ def checkpoint_steps(output_dir: Path) -> list[int]:
 
 def assert_completed(cluster: SlurmCluster, tmp_path: Path, job_id: str, timeout: float) -> dict:
     info = cluster.wait_job(job_id, timeout)
-    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), \
+    assert (info.get("JobState"), info.get("ExitCode")) == ("COMPLETED", "0:0"), (
         f"job {job_id}: {info}\n--- job log\n{job_log(tmp_path, job_id)}\n{cluster.logs()}"
+    )
     return info
 
 
@@ -92,14 +103,23 @@ def test_sbatch_sweep(slurm_cluster, slurm_trained_run, tmp_path):
     """`sbatch slurm/sweep.sh configs/sweep.yaml ...`: 2 ranks compute a shard each, rank 0 aggregates."""
     run = slurm_trained_run[0]
     out = tmp_path / "sweep"
-    job_id = sbatch(slurm_cluster, tmp_path, "slurm/sweep.sh", "configs/sweep.yaml",
-                    f"models=[{{name: cdiv, path: {run}/final}}]", "temperatures=[0.5,1.0]", "num_samples=20",
-                    OUTPUT_DIR=str(out))
+    job_id = sbatch(
+        slurm_cluster,
+        tmp_path,
+        "slurm/sweep.sh",
+        "configs/sweep.yaml",
+        f"models=[{{name: cdiv, path: {run}/final}}]",
+        "temperatures=[0.5,1.0]",
+        "num_samples=20",
+        OUTPUT_DIR=str(out),
+    )
     info = assert_completed(slurm_cluster, tmp_path, job_id, timeout=240)
     print(f"job {job_id}: JobState={info['JobState']} ExitCode={info['ExitCode']}")
     log = job_log(tmp_path, job_id)
-    assert sorted(p.name for p in (out / "shards").glob("*.json")) == \
-        ["shard-00000-of-00002.json", "shard-00001-of-00002.json"], log
+    assert sorted(p.name for p in (out / "shards").glob("*.json")) == [
+        "shard-00000-of-00002.json",
+        "shard-00001-of-00002.json",
+    ], log
     table = json.loads((out / "sweep.json").read_text())
     assert sorted({(r["model"], r["temperature"]) for r in table["rows"]}) == [("cdiv", 0.5), ("cdiv", 1.0)], log
     assert (out / "pr_curve.png").stat().st_size > 0 and (out / "sweep.csv").exists()
@@ -108,9 +128,20 @@ def test_sbatch_sweep(slurm_cluster, slurm_trained_run, tmp_path):
 def test_grid_cdiv_job_array(slurm_cluster, tmp_path):
     """`sbatch slurm/grid_cdiv.sh`: one array task per alpha, each into its own output dir."""
     grid = tmp_path / "grid"
-    array_id = sbatch(slurm_cluster, tmp_path, "--array=0-1", f"--output={tmp_path}/%x-%A_%a.out", "slurm/grid_cdiv.sh", *TINY, "train.max_steps=2",
-                      "train.export_final=false", ranks=1, ALPHAS="1.2 2.0", GRID_DIR=str(grid),
-                      MASTER_PORT="")  # "": each task takes its own port (from its job id)
+    array_id = sbatch(
+        slurm_cluster,
+        tmp_path,
+        "--array=0-1",
+        f"--output={tmp_path}/%x-%A_%a.out",
+        "slurm/grid_cdiv.sh",
+        *TINY,
+        "train.max_steps=2",
+        "train.export_final=false",
+        ranks=1,
+        ALPHAS="1.2 2.0",
+        GRID_DIR=str(grid),
+        MASTER_PORT="",
+    )  # "": each task takes its own port (from its job id)
     for task, alpha in enumerate(("1.2", "2.0")):
         info = assert_completed(slurm_cluster, tmp_path, f"{array_id}_{task}", timeout=240)
         print(f"job {array_id}_{task} (JobId={info['JobId']}): JobState={info['JobState']} ExitCode={info['ExitCode']}")
@@ -125,12 +156,21 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     script touches the stop file, the ranks checkpoint at a step boundary and exit 0, the script
     requeues the job, and the requeued job (same id, Restarts=1) resumes from that checkpoint."""
     run, max_steps = tmp_path / "run", 150
-    job_id = sbatch(slurm_cluster, tmp_path, "slurm/train_cdiv.sh", *TINY, f"train.max_steps={max_steps}",
-                    "train.checkpoint_every=0", "train.export_final=false", OUTPUT_DIR=str(run))
+    job_id = sbatch(
+        slurm_cluster,
+        tmp_path,
+        "slurm/train_cdiv.sh",
+        *TINY,
+        f"train.max_steps={max_steps}",
+        "train.checkpoint_every=0",
+        "train.export_final=false",
+        OUTPUT_DIR=str(run),
+    )
     deadline = time.monotonic() + 180
     while not any(m["step"] >= 3 for m in read_metrics(run)):
-        assert slurm_cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), \
+        assert slurm_cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (
             f"{slurm_cluster.job(job_id)}\n{job_log(tmp_path, job_id)}"
+        )
         assert time.monotonic() < deadline, f"no training progress\n{job_log(tmp_path, job_id)}"
         time.sleep(0.3)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
@@ -151,8 +191,10 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     assert checkpoint_steps(run) == [preempted_at]
 
     info = assert_completed(slurm_cluster, tmp_path, job_id, timeout=300)
-    print(f"job {job_id}: preempted at step {preempted_at}; JobState={info['JobState']} "
-          f"ExitCode={info['ExitCode']} Restarts={info.get('Restarts')}")
+    print(
+        f"job {job_id}: preempted at step {preempted_at}; JobState={info['JobState']} "
+        f"ExitCode={info['ExitCode']} Restarts={info.get('Restarts')}"
+    )
     log = job_log(tmp_path, job_id)  # --open-mode=append: both runs
     assert "caught SIGUSR1" in log and "restart 1:" in log, log
     lines = (run / "metrics.jsonl").read_text().splitlines()

@@ -21,7 +21,7 @@ def test_registry_lists_all_rules():
 def test_cdiv_weight_is_q_pow_one_minus_alpha(alpha):
     nll = [0.01, 0.5, 2.0, 7.0]
     w = build_loss("cdiv", alpha=alpha).token_weights(batch(nll))
-    expected = [math.exp(-l) ** (1 - alpha) for l in nll]
+    expected = [math.exp(-x) ** (1 - alpha) for x in nll]
     assert torch.allclose(w, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
 
 
@@ -60,14 +60,25 @@ def test_max_weight_clips_every_rule():
     assert w.tolist() == pytest.approx([math.exp(0.1), 3.0])
 
 
-@pytest.mark.parametrize("name,params,needle", [
-    ("cdiv", {"alpha": 0}, "alpha"), ("cdiv", {"alpha": -1.0}, "alpha"), ("cdiv", {"alpha": float("nan")}, "alpha"),
-    ("lambda_pr", {"lam": 0}, "lam"), ("truncr", {"drop": 1.0}, "drop"), ("truncp", {"drop": 0.0}, "drop"),
-    ("truncr", {"granularity": "doc"}, "granularity"), ("truncr", {"buffer_size": 0}, "buffer_size"),
-    ("truncr", {"buffer_size": 8, "min_count": 9}, "min_count"), ("truncr", {"recompute_every": 0}, "recompute_every"),
-    ("nll", {"nll_mix": 1.5}, "nll_mix"), ("nll", {"max_weight": -2}, "max_weight"),
-    ("nll", {"normalize": "batch"}, "normalize"), ("cdiv", {"beta": 1.0}, "beta"),
-])
+@pytest.mark.parametrize(
+    "name,params,needle",
+    [
+        ("cdiv", {"alpha": 0}, "alpha"),
+        ("cdiv", {"alpha": -1.0}, "alpha"),
+        ("cdiv", {"alpha": float("nan")}, "alpha"),
+        ("lambda_pr", {"lam": 0}, "lam"),
+        ("truncr", {"drop": 1.0}, "drop"),
+        ("truncp", {"drop": 0.0}, "drop"),
+        ("truncr", {"granularity": "doc"}, "granularity"),
+        ("truncr", {"buffer_size": 0}, "buffer_size"),
+        ("truncr", {"buffer_size": 8, "min_count": 9}, "min_count"),
+        ("truncr", {"recompute_every": 0}, "recompute_every"),
+        ("nll", {"nll_mix": 1.5}, "nll_mix"),
+        ("nll", {"max_weight": -2}, "max_weight"),
+        ("nll", {"normalize": "batch"}, "normalize"),
+        ("cdiv", {"beta": 1.0}, "beta"),
+    ],
+)
 def test_bad_parameters_name_the_parameter(name, params, needle):
     with pytest.raises(ValueError, match=needle):
         build_loss(name, **params)

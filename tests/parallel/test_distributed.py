@@ -27,8 +27,15 @@ def global_batch(step, rows, v_pad):
 def reference(hidden, weight, target, name, params, state):
     h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
     seq = torch.arange(target.shape[0]).unsqueeze(1).expand_as(target).reshape(-1)
-    ref = naive_loss((h @ w.t()).reshape(-1, w.shape[0]), target.reshape(-1), name, params,
-                     vocab_size=V_REAL, seq_ids=seq, state=state)
+    ref = naive_loss(
+        (h @ w.t()).reshape(-1, w.shape[0]),
+        target.reshape(-1),
+        name,
+        params,
+        vocab_size=V_REAL,
+        seq_ids=seq,
+        state=state,
+    )
     gh, gw = torch.autograd.grad(ref, (h, w))
     return ref.detach(), gh, gw
 
@@ -37,7 +44,7 @@ def check_layout(tp, dp, split, v_pad, steps=2):
     tp_group, dp_group = tp_dp_groups(tp, dp)
     t, d = group_rank(tp_group), group_rank(dp_group)
     assert group_size(tp_group) == tp and group_size(dp_group) == dp
-    rows = slice(sum(split[:d]), sum(split[:d + 1]))
+    rows = slice(sum(split[:d]), sum(split[: d + 1]))
     local_vocab = v_pad // tp
     cols = slice(t * local_vocab, (t + 1) * local_vocab)
     for entry in ("fused", "logits"):
@@ -49,7 +56,7 @@ def check_layout(tp, dp, split, v_pad, steps=2):
                 ref, rgh, rgw = reference(hidden, weight, target, name, params, state)
                 h = hidden[rows].clone().requires_grad_()
                 w = weight[cols].clone().requires_grad_()
-                kw = dict(tp_group=tp_group, dp_group=dp_group, vocab_size=V_REAL, chunk_size=5)
+                kw = {"tp_group": tp_group, "dp_group": dp_group, "vocab_size": V_REAL, "chunk_size": 5}
                 if entry == "fused":
                     out = fused_linear_loss(h, w, target[rows], loss, **kw)
                     gh, gw = torch.autograd.grad(out.loss, (h, w))
@@ -71,9 +78,9 @@ def check_layout(tp, dp, split, v_pad, steps=2):
 
 
 def _world2():
-    check_layout(tp=2, dp=1, split=[5], v_pad=48)       # TP=2 with 3 padded columns
+    check_layout(tp=2, dp=1, split=[5], v_pad=48)  # TP=2 with 3 padded columns
     dist.barrier()
-    check_layout(tp=1, dp=2, split=[3, 2], v_pad=45)    # uneven DP split
+    check_layout(tp=1, dp=2, split=[3, 2], v_pad=45)  # uneven DP split
     _communication_does_not_grow_with_vocab()
 
 
@@ -84,7 +91,7 @@ def _world3():
 
 def _world4():
     check_layout(tp=4, dp=1, split=[5], v_pad=48, steps=1)
-    check_layout(tp=2, dp=2, split=[3, 2], v_pad=46)    # TP x DP, uneven DP, 1 padded column
+    check_layout(tp=2, dp=2, split=[3, 2], v_pad=46)  # TP x DP, uneven DP, 1 padded column
 
 
 def _communication_does_not_grow_with_vocab():
@@ -93,14 +100,15 @@ def _communication_does_not_grow_with_vocab():
     for vocab in (64, 4096):
         g = torch.Generator().manual_seed(0)
         h = torch.randn(40, 8, generator=g)
-        w = torch.randn(vocab, 8, generator=g)[group_rank(tp_group) * vocab // 2:][: vocab // 2]
+        w = torch.randn(vocab, 8, generator=g)[group_rank(tp_group) * vocab // 2 :][: vocab // 2]
         y = torch.randint(0, vocab, (40,), generator=g)
         for name, entry in (("cdiv", "fused"), ("truncr", "fused"), ("cdiv", "logits")):
             loss = build_loss(name, **({"granularity": "token"} if name == "truncr" else {}))
             with CommCounter() as c:
                 if entry == "fused":
-                    out = fused_linear_loss(h.clone().requires_grad_(), w.clone().requires_grad_(), y, loss,
-                                            tp_group=tp_group, chunk_size=8)
+                    out = fused_linear_loss(
+                        h.clone().requires_grad_(), w.clone().requires_grad_(), y, loss, tp_group=tp_group, chunk_size=8
+                    )
                 else:
                     out = vocab_parallel_loss((h @ w.t()).requires_grad_(), y, loss, tp_group=tp_group)
                 out.loss.backward()

@@ -25,8 +25,15 @@ def reference(hidden, weight, target, name, params, steps_state=None, vocab_size
     w = weight.double().detach().requires_grad_()
     seq = torch.arange(B).unsqueeze(1).expand(B, T).reshape(-1)
     state = steps_state or NaiveTruncState(params.get("buffer_size", 10**6))
-    ref = naive_loss((h @ w.t()).reshape(-1, w.shape[0]), target.reshape(-1), name, params,
-                     vocab_size=vocab_size, seq_ids=seq, state=state)
+    ref = naive_loss(
+        (h @ w.t()).reshape(-1, w.shape[0]),
+        target.reshape(-1),
+        name,
+        params,
+        vocab_size=vocab_size,
+        seq_ids=seq,
+        state=state,
+    )
     gh, gw = torch.autograd.grad(ref, (h, w))
     return ref.detach(), gh, gw
 
@@ -37,7 +44,7 @@ def ours(entry, hidden, weight, target, loss, **kw):
     if entry == "fused":
         out = fused_linear_loss(h, w, target, loss, chunk_size=7, **kw)
     else:
-        logits = (h @ w.t())
+        logits = h @ w.t()
         out = vocab_parallel_loss(logits, target, loss, chunk_size=7, **kw)
     gh, gw = torch.autograd.grad(out.loss, (h, w))
     return out, gh, gw

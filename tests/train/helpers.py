@@ -13,8 +13,15 @@ TINY = {
     "loss": {"name": "cdiv", "params": {"alpha": 1.4}},
     "optim": {"name": "adam", "lr": 3.0e-3, "warmup_steps": 0, "schedule": "constant", "grad_clip": 0.0},
     "backend": {"name": "deepspeed", "zero_stage": 2, "bf16": False},
-    "train": {"micro_batch_size": 8, "max_steps": 12, "log_every": 1, "checkpoint_every": 0,
-              "progress_bar": False, "export_final": False, "seed": 0},
+    "train": {
+        "micro_batch_size": 8,
+        "max_steps": 12,
+        "log_every": 1,
+        "checkpoint_every": 0,
+        "progress_bar": False,
+        "export_final": False,
+        "seed": 0,
+    },
 }
 
 
@@ -37,7 +44,7 @@ def build(data: dict):
 
 
 def reference_loss(model, batch, alpha: float | None) -> torch.Tensor:
-    """Weighted NLL from full logits: w = exp((alpha - 1) * l) detached (c-Div, SPEC section 1;
+    """Weighted NLL from full logits: w = exp((alpha - 1) * l) detached (c-Div, README "How the losses work";
     alpha None: plain NLL), L = sum w l / sum w over the valid shifted targets of the whole batch."""
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     target = batch["labels"][:, 1:].reshape(-1)

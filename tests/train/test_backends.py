@@ -13,11 +13,13 @@ from recall_dist.train.config import MODEL_PRESET_DIR
 from tests.train.helpers import build, reference_loss, tiny_config_dict
 
 WORLD = 2
-CASES = [({"name": "deepspeed", "zero_stage": 2}, False, "zero2"),
-         ({"name": "deepspeed", "zero_stage": 3}, False, "zero3"),
-         ({"name": "fsdp2"}, False, "fsdp2"),
-         # Tied embeddings: the head weight is embed_tokens.weight, used outside lm_head's forward.
-         ({"name": "deepspeed", "zero_stage": 3}, True, "zero3-tied")]
+CASES = [
+    ({"name": "deepspeed", "zero_stage": 2}, False, "zero2"),
+    ({"name": "deepspeed", "zero_stage": 3}, False, "zero3"),
+    ({"name": "fsdp2"}, False, "fsdp2"),
+    # Tied embeddings: the head weight is embed_tokens.weight, used outside lm_head's forward.
+    ({"name": "deepspeed", "zero_stage": 3}, True, "zero3-tied"),
+]
 
 
 def _model(tied: bool) -> dict:
@@ -75,6 +77,8 @@ def test_two_process_engine_matches_single_process_and_learns(tmp_path, backend,
     assert set(got["grads"]) == set(expected)
     assert ("model.lm_head.weight" in expected) is not tied
     for name, ref in expected.items():
-        torch.testing.assert_close(got["grads"][name], ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{label} {name}: {m}")
+        torch.testing.assert_close(
+            got["grads"][name], ref, rtol=1e-4, atol=1e-6, msg=lambda m, name=name: f"{label} {name}: {m}"
+        )
     nll = got["nll"]
     assert sum(nll[-5:]) / 5 < sum(nll[:5]) / 5 - 0.1, f"{label}: nll did not go down: {nll}"

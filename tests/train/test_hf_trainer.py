@@ -6,13 +6,13 @@ from __future__ import annotations
 import torch
 from transformers import TrainingArguments
 
+from recall_dist import build_loss
 from recall_dist.data import load_tokenizer
 from recall_dist.data.dataset import DataConfig, build_dataset
 from recall_dist.data.loader import DistributedBatchIterator
 from recall_dist.train.config import load_train_config
 from recall_dist.train.hf_trainer import RecallTrainer, recall_compute_loss
 from recall_dist.train.models import build_model
-from recall_dist import build_loss
 from tests.train.helpers import reference_loss
 
 
@@ -51,11 +51,27 @@ def test_compute_loss_matches_full_logits_reference():
 
 def test_tiny_trainer_run_lowers_the_loss(tmp_path):
     model, _, dataset = _setup()
-    args = TrainingArguments(output_dir=str(tmp_path), per_device_train_batch_size=16, max_steps=30,
-                             learning_rate=3e-3, logging_steps=5, save_strategy="no", report_to=[],
-                             use_cpu=True, disable_tqdm=True, seed=0, lr_scheduler_type="constant")
-    trainer = RecallTrainer(model=model, args=args, train_dataset=dataset, data_collator=Collator(dataset),
-                            recall_loss="cdiv", recall_loss_params={"alpha": 1.4})
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=16,
+        max_steps=30,
+        learning_rate=3e-3,
+        logging_steps=5,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+        seed=0,
+        lr_scheduler_type="constant",
+    )
+    trainer = RecallTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        data_collator=Collator(dataset),
+        recall_loss="cdiv",
+        recall_loss_params={"alpha": 1.4},
+    )
     trainer.train()
     nll = [log["recall/nll"] for log in trainer.state.log_history if "recall/nll" in log]
     assert len(nll) == 6

@@ -26,11 +26,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _write_config(tmp_path: Path, backend: dict) -> Path:
-    data = tiny_config_dict("unused", backend=backend,
-                            data={"num_samples": 1024},
-                            loss={"name": "truncr", "params": {"drop": 0.5, "buffer_size": 64, "min_count": 16}},
-                            train={"max_steps": STEPS, "checkpoint_every": 4, "keep_checkpoints": 2,
-                                   "export_final": True})
+    data = tiny_config_dict(
+        "unused",
+        backend=backend,
+        data={"num_samples": 1024},
+        loss={"name": "truncr", "params": {"drop": 0.5, "buffer_size": 64, "min_count": 16}},
+        train={"max_steps": STEPS, "checkpoint_every": 4, "keep_checkpoints": 2, "export_final": True},
+    )
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
@@ -38,10 +40,22 @@ def _write_config(tmp_path: Path, backend: dict) -> Path:
 
 def _launch(config: Path, out: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "recall_dist", "train", str(config), f"train.output_dir={out}"]
-    return subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "recall_dist",
+        "train",
+        str(config),
+        f"train.output_dir={out}",
+    ]
+    return subprocess.Popen(
+        cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def _finish(proc: subprocess.Popen, timeout: float = 180) -> str:
@@ -83,8 +97,9 @@ def _check_exports(out: Path, tmp_path: Path) -> None:
     final = AutoModelForCausalLM.from_pretrained(out / "final")
     assert len(load_tokenizer(str(out / "final"))) == final.config.vocab_size
     offline = AutoModelForCausalLM.from_pretrained(
-        export_hf(latest_checkpoint(out / "checkpoints"), tmp_path / "exported"))
-    for (name, a), (_, b) in zip(final.state_dict().items(), offline.state_dict().items()):
+        export_hf(latest_checkpoint(out / "checkpoints"), tmp_path / "exported")
+    )
+    for (name, a), (_, b) in zip(final.state_dict().items(), offline.state_dict().items(), strict=False):
         torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
 
 
@@ -122,7 +137,7 @@ def test_hard_kill_after_checkpoint_then_resume_reproduces_fsdp2(tmp_path):
     expected = _baseline(config, tmp_path)
     out = tmp_path / "run"
     proc = _launch(config, out)
-    _wait_for(lambda: (out / "checkpoints" / "step_00000008" / "COMPLETE").is_file(), proc)
+    _wait_for((out / "checkpoints" / "step_00000008" / "COMPLETE").is_file, proc)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(30)
     resumed_from = latest_checkpoint(out / "checkpoints")

@@ -72,8 +72,7 @@ def _nonfinite_worker(data: dict) -> None:
     assert len(_optimizer_state(run.engine)) > 0
 
 
-@pytest.mark.parametrize("backend", [{"name": "deepspeed", "zero_stage": 2}, {"name": "fsdp2"}],
-                         ids=["zero2", "fsdp2"])
+@pytest.mark.parametrize("backend", [{"name": "deepspeed", "zero_stage": 2}, {"name": "fsdp2"}], ids=["zero2", "fsdp2"])
 def test_nonfinite_step_skips_the_update(tmp_path, backend):
     run_distributed_test(_nonfinite_worker, 1, tiny_config_dict(tmp_path, backend=backend))
 
@@ -109,11 +108,14 @@ def test_crash_mid_save_keeps_the_last_complete_checkpoint(tmp_path):
         ckpt.resolve(str(tmp_path / "checkpoints" / ".tmp-step_00000008"))
 
 
-@pytest.mark.parametrize("env,expected", [
-    ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (3, 8, 1)),  # torchrun / deepspeed launcher
-    ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, (5, 16, 1)),  # srun
-    ({}, None),  # a plain process: the trainer makes a one-process group
-])
+@pytest.mark.parametrize(
+    "env,expected",
+    [
+        ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (3, 8, 1)),  # torchrun / deepspeed launcher
+        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, (5, 16, 1)),  # srun
+        ({}, None),  # a plain process: the trainer makes a one-process group
+    ],
+)
 def test_ranks_come_from_the_launchers_env(monkeypatch, env, expected):
     from recall_dist.train.distributed import _ranks_from_env
 

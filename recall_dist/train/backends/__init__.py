@@ -89,8 +89,9 @@ def torch_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
 
 
-def build_engine(cfg: TrainConfig, wrapper: torch.nn.Module, ctx: Any, accumulation_steps: int,
-                 total_steps: int) -> Engine:
+def build_engine(
+    cfg: TrainConfig, wrapper: torch.nn.Module, ctx: Any, accumulation_steps: int, total_steps: int
+) -> Engine:
     """The engine of ``cfg.backend.name`` around ``wrapper`` (a ``CausalLMWithLossHead``)."""
     if cfg.backend.name == "deepspeed":
         from recall_dist.train.backends.deepspeed import DeepSpeedEngine

@@ -21,9 +21,15 @@ def deepspeed_config(cfg: TrainConfig, accumulation_steps: int, world_size: int)
     with open(cfg.backend.resolved_deepspeed_config()) as f:
         ds = json.load(f)
     micro = cfg.train.micro_batch_size
-    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=accumulation_steps,
-              train_batch_size=micro * accumulation_steps * world_size, gradient_clipping=cfg.optim.grad_clip,
-              steps_per_print=2**31 - 1, wall_clock_breakdown=False, zero_allow_untested_optimizer=True)
+    ds.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation_steps,
+        train_batch_size=micro * accumulation_steps * world_size,
+        gradient_clipping=cfg.optim.grad_clip,
+        steps_per_print=2**31 - 1,
+        wall_clock_breakdown=False,
+        zero_allow_untested_optimizer=True,
+    )
     ds["bf16"] = {"enabled": cfg.backend.bf16}
     ds.pop("fp16", None)
     zero = ds.setdefault("zero_optimization", {})
@@ -34,9 +40,15 @@ def deepspeed_config(cfg: TrainConfig, accumulation_steps: int, world_size: int)
             zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     offloaded = zero.get("offload_optimizer", {}).get("device", "none") == "cpu"
     if offloaded:  # DeepSpeed's CPU Adam steps the offloaded fp32 partitions
-        ds["optimizer"] = {"type": "AdamW" if cfg.optim.name == "adamw" else "Adam",
-                           "params": {"lr": cfg.optim.lr, "betas": list(cfg.optim.betas), "eps": cfg.optim.eps,
-                                      "weight_decay": cfg.optim.weight_decay}}
+        ds["optimizer"] = {
+            "type": "AdamW" if cfg.optim.name == "adamw" else "Adam",
+            "params": {
+                "lr": cfg.optim.lr,
+                "betas": list(cfg.optim.betas),
+                "eps": cfg.optim.eps,
+                "weight_decay": cfg.optim.weight_decay,
+            },
+        }
     else:
         ds.pop("optimizer", None)
         ds["zero_force_ds_cpu_optimizer"] = False
@@ -57,8 +69,11 @@ class DeepSpeedEngine:
         optimizer = None if "optimizer" in self.ds_config else torch_optimizer(cfg.optim, wrapper.parameters())
         factor = lr_lambda(cfg.optim, total_steps)
         self.ds, _, _, self.scheduler = deepspeed.initialize(
-            model=wrapper, optimizer=optimizer, config=self.ds_config,
-            lr_scheduler=lambda opt: LRSchedule(opt, factor, cfg.optim.lr))
+            model=wrapper,
+            optimizer=optimizer,
+            config=self.ds_config,
+            lr_scheduler=lambda opt: LRSchedule(opt, factor, cfg.optim.lr),
+        )
         self.module = self.ds.module
         self.device = ctx.device
 
@@ -98,8 +113,9 @@ class DeepSpeedEngine:
         self.ds.save_checkpoint(directory, tag="engine", save_latest=False)
 
     def load(self, directory: str) -> None:
-        path, _ = self.ds.load_checkpoint(directory, tag="engine", load_optimizer_states=True,
-                                          load_lr_scheduler_states=True)
+        path, _ = self.ds.load_checkpoint(
+            directory, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
 
@@ -110,10 +126,11 @@ class DeepSpeedEngine:
             state = self.module.state_dict() if torch.distributed.get_rank() == 0 else None
         if state is None:
             return None
-        return {k[len("model."):]: v.detach().cpu().clone() for k, v in state.items() if k.startswith("model.")}
+        return {k[len("model.") :]: v.detach().cpu().clone() for k, v in state.items() if k.startswith("model.")}
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_grad
 
-        return {name: safe_get_full_grad(p).detach().float().cpu().clone()
-                for name, p in self.module.named_parameters()}
+        return {
+            name: safe_get_full_grad(p).detach().float().cpu().clone() for name, p in self.module.named_parameters()
+        }

@@ -1,5 +1,5 @@
 """PyTorch FSDP2 engine: ``fully_shard`` on every decoder layer, then on the root (embeddings, final
-norm and lm_head stay unsharded through the root's forward, where the loss head runs; SPEC section 6),
+norm and lm_head stay unsharded through the root's forward, where the loss head runs; see ``loss_head.py``),
 with a mixed-precision policy, Adam on the sharded (DTensor) parameters, and
 ``torch.distributed.checkpoint`` for save/load.
 """
@@ -10,15 +10,17 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
 )
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
+from recall_dist.constants import DTYPES
 from recall_dist.train.backends import LRSchedule, lr_lambda, torch_optimizer
 from recall_dist.train.config import TrainConfig
 from recall_dist.train.models import decoder_layers
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 def sharding_plan(model: nn.Module) -> dict[str, list[str]]:
@@ -39,8 +41,9 @@ def sharding_plan(model: nn.Module) -> dict[str, list[str]]:
 def apply_fsdp2(wrapper: nn.Module, cfg: TrainConfig) -> nn.Module:
     """Shard ``wrapper`` (a ``CausalLMWithLossHead``) in place: per decoder layer, then the root."""
     backend = cfg.backend
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if backend.bf16 else torch.float32,
-                                  reduce_dtype=_DTYPES[backend.fsdp_reduce_dtype])
+    policy = MixedPrecisionPolicy(
+        param_dtype=torch.bfloat16 if backend.bf16 else torch.float32, reduce_dtype=DTYPES[backend.fsdp_reduce_dtype]
+    )
     kwargs = {"mp_policy": policy}
     if backend.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
@@ -87,15 +90,16 @@ class FSDP2Engine:
 
     def save(self, directory: str) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
-        dcp.save({"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict()},
-                 checkpoint_id=directory)
+        dcp.save(
+            {"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict()},
+            checkpoint_id=directory,
+        )
 
     def load(self, directory: str) -> None:
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         state = {"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict()}
         dcp.load(state, checkpoint_id=directory)
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def full_state_dict(self):
@@ -103,7 +107,7 @@ class FSDP2Engine:
         state = get_model_state_dict(self.module, options=options)
         if torch.distributed.get_rank() != 0:
             return None
-        return {k[len("model."):]: v for k, v in state.items() if k.startswith("model.")}
+        return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         grads = {}

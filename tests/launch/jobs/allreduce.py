@@ -14,7 +14,15 @@ rank, world = dist.get_rank(), dist.get_world_size()
 t = torch.tensor([float(rank + 1)])
 dist.all_reduce(t)
 with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
-    json.dump({"rank": rank, "world_size": world, "sum": t.item(),
-               "master_addr": os.environ.get("MASTER_ADDR"), "master_port": os.environ.get("MASTER_PORT"),
-               "slurm_job_id": os.environ.get("SLURM_JOB_ID")}, f)
+    json.dump(
+        {
+            "rank": rank,
+            "world_size": world,
+            "sum": t.item(),
+            "master_addr": os.environ.get("MASTER_ADDR"),
+            "master_port": os.environ.get("MASTER_PORT"),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        },
+        f,
+    )
 dist.destroy_process_group()
