@@ -134,17 +134,20 @@ def resume(run: Run, checkpointer: Checkpointer) -> None:
         print(f"recall-dist train: resumed from {path} at step {run.step}", file=sys.stderr, flush=True)
 
 
-def run_training(cfg: TrainConfig) -> dict:
-    """Train as ``cfg`` says; returns a summary (final step, last stats, preempted or not, paths)."""
+def run_training(cfg: TrainConfig, on_checkpoint=None) -> dict:
+    """Train as ``cfg`` says; returns a summary (final step, last stats, preempted or not, paths).
+
+    ``on_checkpoint(path, step)``, when given, is called on every rank right after each complete
+    checkpoint (Ray Train reports it, so that its restore hands restarted workers the right one)."""
     tokenizer = validate_resources(cfg)  # config errors surface before anything is written
     ctx = init_distributed()
     try:
-        return _train(cfg, tokenizer, ctx)
+        return _train(cfg, tokenizer, ctx, on_checkpoint)
     finally:
         shutdown(ctx)
 
 
-def _train(cfg: TrainConfig, tokenizer, ctx) -> dict:
+def _train(cfg: TrainConfig, tokenizer, ctx, on_checkpoint=None) -> dict:
     run = setup(cfg, tokenizer, ctx)
     out = Path(cfg.train.output_dir)
     checkpointer = Checkpointer(out, ctx.rank, cfg.train.keep_checkpoints)
@@ -177,13 +180,17 @@ def _train(cfg: TrainConfig, tokenizer, ctx) -> dict:
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
             if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0:
-                save_checkpoint(run, checkpointer)
+                path = save_checkpoint(run, checkpointer)
                 saved_at = run.step
+                if on_checkpoint is not None:
+                    on_checkpoint(path, run.step)
             if run.step < run.total_steps and watcher.should_stop():
                 preempted = True
                 break
         if saved_at != run.step:
-            save_checkpoint(run, checkpointer)
+            path = save_checkpoint(run, checkpointer)
+            if on_checkpoint is not None:
+                on_checkpoint(path, run.step)
         if preempted:
             if ctx.is_main:
                 mark_preempted(out, run.step)
