@@ -96,6 +96,16 @@ def check_shapes(lead: torch.Size, target: torch.Size, what: str) -> None:
         raise ValueError(f"{what} leading shape {tuple(lead)} does not match target shape {tuple(target)}")
 
 
+def apply_loss_mask(target: torch.Tensor, loss_mask: torch.Tensor | None, ignore_index: int) -> torch.Tensor:
+    """``target`` with ``ignore_index`` wherever ``loss_mask`` is 0 (Megatron's ``loss_mask``), so a
+    masked token is excluded exactly like an ignored one: from weights, quantiles, counts and id checks."""
+    if loss_mask is None:
+        return target
+    if tuple(loss_mask.shape) != tuple(target.shape):
+        raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} does not match target shape {tuple(target.shape)}")
+    return target.masked_fill(loss_mask.to(target.device) == 0, ignore_index)
+
+
 # Upper bound of the default chunk: 64M logits (256 MiB in fp32).
 MAX_CHUNK_ELEMENTS = 1 << 26
 
