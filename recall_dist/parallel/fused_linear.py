@@ -26,6 +26,7 @@ from recall_dist.parallel.common import (
     LossOutput,
     Tokens,
     acc_dtype,
+    apply_loss_mask,
     check_shapes,
     chunk_partials,
     chunk_rows,
@@ -210,6 +211,7 @@ def fused_linear_loss(
     tp_group=None,
     dp_group=None,
     ignore_index: int = IGNORE_INDEX,
+    loss_mask: torch.Tensor | None = None,
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     sequence_ids: torch.Tensor | None = None,
@@ -224,7 +226,7 @@ def fused_linear_loss(
             ZeRO-3 / FSDP2 it must be the gathered (unsharded) parameter: call this inside the
             module's forward (see ``recall_dist.train``).
         target: ``[...]`` global token ids, same leading shape as ``hidden``; ``ignore_index`` excluded.
-        loss, tp_group, dp_group, ignore_index, vocab_size, sequence_ids: as in ``vocab_parallel_loss``.
+        loss, tp_group, dp_group, ignore_index, loss_mask, vocab_size, sequence_ids: as in ``vocab_parallel_loss``.
         chunk_size: tokens per chunk (default: ~4M logits per chunk).  Peak extra memory is
             O(chunk_size x V/tp + N x H): one fp32 logits chunk, the fp32 weight gradient, the hidden gradient.
 
@@ -232,6 +234,7 @@ def fused_linear_loss(
     gradients were formed in the forward pass.
     """
     check_shapes(hidden.shape[:-1], target.shape, "hidden")
+    target = apply_loss_mask(target, loss_mask, ignore_index)
     if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1] or weight.numel() == 0:
         raise ValueError(
             f"weight has shape {tuple(weight.shape)}, expected [V/tp, {hidden.shape[-1]}]; a 0-element "

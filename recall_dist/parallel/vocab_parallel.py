@@ -16,6 +16,7 @@ from recall_dist.losses.base import RecallLoss
 from recall_dist.parallel.common import (
     LossOutput,
     acc_dtype,
+    apply_loss_mask,
     check_shapes,
     chunk_partials,
     chunk_rows,
@@ -83,6 +84,7 @@ def vocab_parallel_loss(
     tp_group=None,
     dp_group=None,
     ignore_index: int = IGNORE_INDEX,
+    loss_mask: torch.Tensor | None = None,
     vocab_size: int | None = None,
     sequence_ids: torch.Tensor | None = None,
     chunk_size: int | None = None,
@@ -95,6 +97,8 @@ def vocab_parallel_loss(
             sharded over ``tp_group``.
         target: ``[...]`` global token ids (not shard-local), same leading shape as ``logits``;
             ``ignore_index`` marks tokens excluded from everything (weights, quantiles, counts).
+        loss_mask: optional ``[...]`` like ``target`` (Megatron's ``loss_mask``): a 0 excludes the
+            token exactly like ``ignore_index``.
         loss: a ``RecallLoss`` from ``build_loss``.
         tp_group: tensor-parallel group the vocabulary is sharded over (``None``: full vocabulary).
         dp_group: data-parallel group; the normaliser Z, the statistics and the truncation buffer
@@ -114,6 +118,7 @@ def vocab_parallel_loss(
     valid token skip the step on every rank (loss 0, zero gradients, ``stats["nonfinite_tokens"]``).
     """
     check_shapes(logits.shape[:-1], target.shape, "logits")
+    target = apply_loss_mask(target, loss_mask, ignore_index)
     out, stats = _VocabParallelLoss.apply(
         logits, target, loss, tp_group, dp_group, ignore_index, vocab_size, sequence_ids, chunk_size
     )
