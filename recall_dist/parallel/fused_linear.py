@@ -37,6 +37,7 @@ from recall_dist.parallel.common import (
     reduce_max,
     token_weights,
 )
+from recall_dist.parallel.triton_head import triton_fused_linear_loss, use_triton
 
 _MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) exists for CUDA in recent PyTorch
 _ADDMM_OUT_DTYPE = True
@@ -215,6 +216,7 @@ def fused_linear_loss(
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     sequence_ids: torch.Tensor | None = None,
+    kernel: str | None = None,
 ) -> LossOutput:
     """Recall loss from hidden states and the output (lm_head) weight, fused and chunked.
 
@@ -229,6 +231,9 @@ def fused_linear_loss(
         loss, tp_group, dp_group, ignore_index, loss_mask, vocab_size, sequence_ids: as in ``vocab_parallel_loss``.
         chunk_size: tokens per chunk (default: ~4M logits per chunk).  Peak extra memory is
             O(chunk_size x V/tp + N x H): one fp32 logits chunk, the fp32 weight gradient, the hidden gradient.
+        kernel: ``auto`` (default, or ``$RECALL_DIST_KERNEL``): the Triton kernels of ``triton_head.py``
+            for CUDA tensors when ``triton`` is installed, this PyTorch implementation otherwise;
+            ``torch`` or ``triton`` force one.
 
     Returns ``LossOutput`` (``.loss``, ``.stats``).  ``.loss.backward()`` costs nothing extra: the
     gradients were formed in the forward pass.
@@ -240,6 +245,11 @@ def fused_linear_loss(
             f"weight has shape {tuple(weight.shape)}, expected [V/tp, {hidden.shape[-1]}]; a 0-element "
             "weight is a ZeRO-3/FSDP shard: gather it (call the loss inside the head module's forward)"
         )
+    if use_triton(hidden, kernel):
+        return triton_fused_linear_loss(
+            hidden, weight, target, loss, tp_group=tp_group, dp_group=dp_group, ignore_index=ignore_index,
+            vocab_size=vocab_size, chunk_size=chunk_size, sequence_ids=sequence_ids,
+        )  # fmt: skip
     out, stats = _FusedLinearLoss.apply(
         hidden, weight, target, loss, tp_group, dp_group, ignore_index, vocab_size, sequence_ids, chunk_size
     )
