@@ -1,16 +1,22 @@
 """Forward+backward time and peak extra memory of the LM-head loss: naive PyTorch (materialised
-logits + F.cross_entropy) vs our fused nll / cdiv / lambda_pr / truncr (and Liger's fused linear
-cross-entropy when importable).  Prints a table of ratios measured in this one run.
+logits + F.cross_entropy), Liger-Kernel's fused linear cross-entropy (when importable), and our
+fused nll / cdiv / lambda_pr / truncr.  Prints a table of ratios measured in this one run, with the
+distance to the matmul floor: 6 N H V flops at the peak matmul rate measured in the same run.
 
     python benchmarks/loss_bench.py                                  # CPU fp32, V=32000 and 128256
-    python benchmarks/loss_bench.py --device cuda --dtype bf16       # GPU
+    python benchmarks/loss_bench.py --device cuda --dtype bf16 --tokens 16384 --hidden 4096 \\
+        --seq-len 4096 --methods naive liger nll cdiv lambda_pr truncr nll@torch nll@cublas
     python benchmarks/loss_bench.py --quick                          # small sizes, seconds
 
-Every (vocab, method) runs in a fresh subprocess, so peak memory is clean: on CUDA it is
-``max_memory_allocated`` minus what the inputs hold; on CPU it is the process's peak RSS (VmHWM)
-minus its RSS once the inputs exist.  The CPU workers run with ``MALLOC_MMAP_THRESHOLD_=65536`` so that
-every tensor is mmap-ed and returned to the OS when freed (glibc's dynamic threshold would otherwise keep
-freed memory in the process and make RSS differences meaningless).
+A method ``name@variant`` runs our loss ``name`` on one implementation: ``@torch`` the PyTorch path,
+``@triton`` the Triton path (the default on CUDA), ``@cublas`` the Triton path with cuBLAS logits
+chunks (``RECALL_DIST_HEAD_MATMUL=cublas``); a bare name takes the default dispatch.
+
+Peak memory: on CUDA, ``max_memory_allocated`` minus what the inputs hold, every method in one
+process per vocabulary (the allocator's peak is reset between methods); on CPU, the process's peak
+RSS (VmHWM) minus its RSS once the inputs exist, every method in a fresh process run with
+``MALLOC_MMAP_THRESHOLD_=65536`` (so freed tensors leave the RSS).  Each measured method prints a JSON
+line as soon as it is done, so a run cut short keeps what it measured.
 """
 
 from __future__ import annotations
@@ -22,8 +28,14 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 METHODS = ["naive", "liger", "nll", "cdiv", "lambda_pr", "truncr"]
+OURS = ("nll", "cdiv", "lambda_pr", "truncr")
+VARIANTS = {"": {}, "torch": {"RECALL_DIST_KERNEL": "torch"}, "triton": {"RECALL_DIST_KERNEL": "triton"}}
+VARIANTS["cublas"] = {"RECALL_DIST_KERNEL": "triton", "RECALL_DIST_HEAD_MATMUL": "cublas"}
 LOSS_PARAMS = {
     "nll": {},
     "cdiv": {"alpha": 1.4},
@@ -31,6 +43,16 @@ LOSS_PARAMS = {
     # warm buffer from the first step so truncation really drops half the sequences
     "truncr": {"drop": 0.5, "granularity": "sequence", "buffer_size": 1024, "min_count": 1},
 }
+
+
+def method_spec(method: str) -> tuple[str, str]:
+    name, _, variant = method.partition("@")
+    if name not in METHODS or variant not in VARIANTS or (variant and name not in OURS):
+        raise argparse.ArgumentTypeError(
+            f"method {method!r}: one of {', '.join(METHODS)}, or one of ours ({', '.join(OURS)}) with "
+            f"@{', @'.join(v for v in VARIANTS if v)}"
+        )
+    return name, variant
 
 
 def _rss_kib(field: str) -> int:
@@ -41,46 +63,64 @@ def _rss_kib(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(args) -> dict:
+def matmul_peak_tflops(device, dtype) -> float:
+    """Measured peak matmul rate: median of 10 timed square products after 3 warm-ups."""
     import torch
+
+    n = 8192 if device.type == "cuda" else 1024
+    a, b = torch.randn(n, n, device=device).to(dtype), torch.randn(n, n, device=device).to(dtype)
+    times = []
+    for i in range(13):
+        _sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times) / 1e12
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_step(method: str, hidden, weight, target, args):
     import torch.nn.functional as F
 
     from recall_dist import build_loss, fused_linear_loss
 
-    torch.manual_seed(0)
-    dev = torch.device(args.device)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    name, variant = method_spec(method)
     n, hdim, vocab, seq = args.tokens, args.hidden, args.vocab, args.seq_len
-    hidden = (torch.randn(n, hdim, device=dev) * 0.5).to(dtype).requires_grad_()
-    weight = (torch.randn(vocab, hdim, device=dev) * 0.02).to(dtype).requires_grad_()
-    target = torch.randint(0, vocab, (n // seq, seq), device=dev)
-
-    if args.method == "naive":
-
-        def step():
-            logits = hidden @ weight.t()
-            F.cross_entropy(logits.float().view(-1, vocab), target.view(-1)).backward()
-    elif args.method == "liger":
+    if name == "naive":
+        return lambda: F.cross_entropy((hidden @ weight.t()).float().view(-1, vocab), target.view(-1)).backward()
+    if name == "liger":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
         lce = LigerFusedLinearCrossEntropyLoss()
+        return lambda: lce(weight, hidden, target.view(-1)).backward()
+    os.environ.pop("RECALL_DIST_HEAD_MATMUL", None)
+    os.environ.pop("RECALL_DIST_KERNEL", None)
+    os.environ.update(VARIANTS[variant])
+    loss = build_loss(name, **LOSS_PARAMS[name])
+    h3 = hidden.view(n // seq, seq, hdim)
 
-        def step():
-            lce(weight, hidden, target.view(-1)).backward()
-    else:
-        loss = build_loss(args.method, **LOSS_PARAMS[args.method])
+    def step():
+        fused_linear_loss(h3, weight, target, loss, chunk_size=args.chunk_size).loss.backward()
 
-        def step():
-            fused_linear_loss(
-                hidden.view(n // seq, seq, hdim), weight, target, loss, chunk_size=args.chunk_size
-            ).loss.backward()
+    return step
 
-    def sync():
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
 
-    step()  # warm-up (and allocates .grad once: counted in both methods alike)
-    sync()
+def measure(method: str, hidden, weight, target, args) -> dict:
+    import torch
+
+    dev = hidden.device
+    step = make_step(method, hidden, weight, target, args)
+    for _ in range(args.warmup):  # compiles Triton kernels; allocates .grad once (counted alike)
+        step()
+    _sync(dev)
     hidden.grad = weight.grad = None
     if dev.type == "cuda":
         torch.cuda.empty_cache()
@@ -91,31 +131,88 @@ def worker(args) -> dict:
     times = []
     for _ in range(args.repeats):
         hidden.grad = weight.grad = None
-        sync()
+        _sync(dev)
         t0 = time.perf_counter()
         step()
-        sync()
+        _sync(dev)
         times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if dev.type == "cuda" else _rss_kib("VmHWM:") * 1024
+    hidden.grad = weight.grad = None
     return {"time_ms": 1e3 * statistics.median(times), "peak_extra_mib": max(0, peak - base) / 2**20}
 
 
-def run_one(args, vocab: int, method: str) -> dict | None:
-    cmd = [sys.executable, __file__, "--worker", "--method", method, "--vocab", str(vocab)]
-    for k in ("device", "dtype", "tokens", "hidden", "seq_len", "repeats", "threads"):
+def worker(args) -> None:
+    """Measure ``args.method`` (a comma-separated list) on one vocabulary; one JSON line per method."""
+    import torch
+
+    torch.manual_seed(0)
+    dev = torch.device(args.device)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if args.method == "matmul_peak":
+        print(json.dumps({"method": "matmul_peak", "tflops": matmul_peak_tflops(dev, dtype)}), flush=True)
+        return
+    n, hdim, vocab, seq = args.tokens, args.hidden, args.vocab, args.seq_len
+    hidden = (torch.randn(n, hdim, device=dev) * 0.5).to(dtype).requires_grad_()
+    weight = (torch.randn(vocab, hdim, device=dev) * 0.02).to(dtype).requires_grad_()
+    target = torch.randint(0, vocab, (n // seq, seq), device=dev)
+    for method in args.method.split(","):
+        try:
+            result = measure(method, hidden, weight, target, args)
+        except Exception as e:  # one unavailable method (no liger, out of memory) must not hide the others
+            result = {"error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        print(json.dumps({"method": method, "vocab": vocab, **result}), flush=True)
+
+
+def run_worker(args, vocab: int, methods: list[str]) -> list[dict]:
+    cmd = [sys.executable, __file__, "--worker", "--method", ",".join(methods), "--vocab", str(vocab)]
+    for k in ("device", "dtype", "tokens", "hidden", "seq_len", "repeats", "warmup", "threads"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     if args.chunk_size:
         cmd += ["--chunk-size", str(args.chunk_size)]
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MALLOC_MMAP_THRESHOLD_="65536")
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
-    if proc.returncode != 0:
-        tail = (proc.stderr.strip().splitlines() or ["?"])[-1]
-        print(f"  [{method} V={vocab}] unavailable: {tail}", file=sys.stderr)
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    rows = []
+    for line in proc.stdout:
+        if line.startswith("{"):
+            rows.append(json.loads(line))
+            r = rows[-1]
+            what = r.get("error") or f"{r.get('time_ms', 0):9.1f} ms  {r.get('peak_extra_mib', 0):8.1f} MiB"
+            print(f"  V={vocab:>6} {r['method']:<14} {what}", file=sys.stderr, flush=True)
+    err = proc.stderr.read()
+    if proc.wait() != 0:
+        print(
+            f"  [V={vocab} {','.join(methods)}] worker failed: {(err.strip().splitlines() or ['?'])[-1]}",
+            file=sys.stderr,
+        )
+    return rows
 
 
-def main() -> None:
+def ratio(a: dict, b: dict | None, key: str) -> str:
+    return f"{a[key] / b[key]:.3f}" if b and key in b and b[key] > 0 else "-"
+
+
+def table(results: dict, args, peak_tflops: float | None) -> str:
+    lines = [
+        "| V | method | fwd+bwd ms | peak extra MiB | time / liger | mem / liger | time / naive | mem / naive "
+        "| time / our nll | matmul floor ms | time / floor |",
+        "|" + "---|" * 11,
+    ]
+    for (vocab, method), r in results.items():
+        liger, naive, ours = (results.get((vocab, m)) for m in ("liger", "naive", "nll"))
+        floor = 6 * args.tokens * args.hidden * vocab / (peak_tflops * 1e12) * 1e3 if peak_tflops else None
+        to_floor = ("-", "-") if floor is None else (f"{floor:.1f}", f"{r['time_ms'] / floor:.2f}")
+        lines.append(
+            f"| {vocab} | {method} | {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} | "
+            f"{ratio(r, liger, 'time_ms')} | {ratio(r, liger, 'peak_extra_mib')} | "
+            f"{ratio(r, naive, 'time_ms')} | {ratio(r, naive, 'peak_extra_mib')} | "
+            f"{ratio(r, ours, 'time_ms')} | {to_floor[0]} | {to_floor[1]} |"
+        )
+    return "\n".join(lines)
+
+
+def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
@@ -123,52 +220,66 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256])
-    p.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=METHODS, help="naive, liger, nll, ... and name@variant")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--chunk-size", type=int, default=None, help="tokens per chunk of our loss (default: its heuristic)")
     p.add_argument("--quick", action="store_true", help="N=512, H=256, V=8000: a smoke run in seconds")
     p.add_argument("--json", help="also write the results to this JSON file")
-    # worker mode
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--method", help=argparse.SUPPRESS)
     p.add_argument("--vocab", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if not args.worker:
+        for m in args.methods:
+            try:
+                method_spec(m)
+            except argparse.ArgumentTypeError as e:
+                p.error(str(e))
+    return args
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         import torch
 
         torch.set_num_threads(args.threads)
-        print(json.dumps(worker(args)))
+        worker(args)
         return
     if args.quick:
         args.tokens, args.hidden, args.vocabs, args.seq_len = 512, 256, [8000], 128
     print(
         f"# loss_bench: device={args.device} dtype={args.dtype} N={args.tokens} H={args.hidden} "
-        f"seq_len={args.seq_len} repeats={args.repeats} threads={args.threads}"
+        f"seq_len={args.seq_len} repeats={args.repeats} warmup={args.warmup} threads={args.threads}",
+        flush=True,
     )
-    results = {}
+    peak_rows = _peak(args)
+    peak = peak_rows[0]["tflops"] if peak_rows and "tflops" in peak_rows[0] else None
+    print(
+        f"# measured peak {args.dtype} matmul: {peak:.1f} TFLOP/s" if peak else "# matmul peak: unavailable", flush=True
+    )
+    results, errors = {}, {}
     for vocab in args.vocabs:
-        for method in args.methods:
-            r = run_one(args, vocab, method)
-            if r is not None:
-                results[(vocab, method)] = r
-                print(
-                    f"  V={vocab:>6} {method:<10} {r['time_ms']:9.1f} ms  {r['peak_extra_mib']:8.1f} MiB",
-                    file=sys.stderr,
-                    flush=True,
-                )
-    header = "| V | method | fwd+bwd ms | peak extra MiB | time / naive | mem / naive | time / our nll |"
-    print("\n" + header + "\n|" + "---|" * 7)
-    for (vocab, method), r in results.items():
-        naive, ours = results.get((vocab, "naive")), results.get((vocab, "nll"))
-        ratio = lambda a, b, k: f"{a[k] / b[k]:.3f}" if b and b[k] > 0 else "-"  # noqa: E731
-        print(
-            f"| {vocab} | {method} | {r['time_ms']:.1f} | {r['peak_extra_mib']:.1f} | "
-            f"{ratio(r, naive, 'time_ms')} | {ratio(r, naive, 'peak_extra_mib')} | {ratio(r, ours, 'time_ms')} |"
-        )
+        groups = [args.methods] if args.device.startswith("cuda") else [[m] for m in args.methods]
+        for group in groups:
+            for r in run_worker(args, vocab, group):
+                (errors if "error" in r else results)[(vocab, r["method"])] = r
+    print("\n" + table(results, args, peak))
+    for (vocab, method), r in errors.items():
+        print(f"- V={vocab} {method}: not measured ({r['error']})")
     if args.json:
+        out = {f"{v}/{m}": r for (v, m), r in {**results, **errors}.items()}
         with open(args.json, "w") as f:
-            json.dump({f"{v}/{m}": r for (v, m), r in results.items()} | {"args": vars(args)}, f, indent=1)
+            json.dump(out | {"matmul_peak_tflops": peak, "args": vars(args)}, f, indent=1)
+
+
+def _peak(args) -> list[dict]:
+    cmd = [sys.executable, __file__, "--worker", "--method", "matmul_peak", "--vocab", "0"]
+    cmd += ["--device", args.device, "--dtype", args.dtype, "--threads", str(args.threads)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    return [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
 
 
 if __name__ == "__main__":

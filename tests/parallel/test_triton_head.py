@@ -15,7 +15,7 @@ pytest.importorskip("triton")
 from recall_dist import build_loss, fused_linear_loss, vocab_parallel_loss
 from recall_dist.distributed.collectives import all_reduce_, group_rank
 from recall_dist.distributed.testing import run_distributed_test, tp_dp_groups
-from recall_dist.parallel import triton_head
+from recall_dist.parallel import triton_head, triton_ops
 from recall_dist.parallel.triton_kernels import INTERPRET
 from tests.parallel.cases import RULE_CASES, case_id
 from tests.reference import NaiveTruncState, naive_loss
@@ -99,9 +99,17 @@ def test_low_precision_matches_fp64_reference(entry, dtype, case):
     check_against_reference(entry, case, dtype, DEVICE, 2e-2)
 
 
+@pytest.mark.parametrize("case", [RULE_CASES[1], RULE_CASES[4], RULE_CASES[6]], ids=case_id)
+def test_cublas_matmul_engine_matches_fp64_reference(case, monkeypatch):
+    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", "cublas")
+    check_against_reference("fused", case, torch.float32, DEVICE, 2e-5)
+
+
+@pytest.mark.parametrize("engine", ["triton", "cublas"])
 @pytest.mark.parametrize("entry", ["fused", "logits"])
-def test_same_as_pytorch_path(entry):
+def test_same_as_pytorch_path(entry, engine, monkeypatch):
     """Triton and PyTorch paths, same fp32 inputs: statistics and gradients agree to fp32 rounding."""
+    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", engine)
     hidden, weight, target = make(torch.float32, seed=3)
     loss = lambda: build_loss("cdiv", alpha=1.4)  # noqa: E731
     a, agh, agw = run(entry, "triton", hidden, weight, target, loss(), DEVICE, vocab_size=V, chunk_size=5)
@@ -124,22 +132,22 @@ def check_tp2_emulation(dtype, device, tol, **shape):
     parts = []
     for shard, start, n_cols in shards:
         local = torch.where((y >= start) & (y < start + n_cols), y - start, -1)
-        parts.append((triton_head.head_statistics(h, shard, rows, local, n_cols), local, n_cols))
+        parts.append((triton_ops.head_statistics(h, shard, rows, local, n_cols), local, n_cols))
     m0, s0, z0 = parts[0][0]
     m1, s1, z1 = parts[1][0]
     m = torch.maximum(m0, m1)
     lse = m + torch.log(s0 * torch.exp(m0 - m) + s1 * torch.exp(m1 - m))
-    mu, su, zu = triton_head.head_statistics(h, w, rows, y, vocab)
+    mu, su, zu = triton_ops.head_statistics(h, w, rows, y, vocab)
     exact = torch.logsumexp(h[rows].double() @ w[:vocab].double().t(), dim=1)
     assert close(lse.double().cpu(), exact.cpu(), tol) and close((mu + torch.log(su)).double().cpu(), exact.cpu(), tol)
     assert close((z0 + z1).cpu(), zu.cpu(), 1e-6)  # the target logit comes from exactly one shard
     coef = torch.rand(rows.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     coef[::4] = 0.0  # tokens a truncation rule dropped
     grads = [
-        triton_head.head_gradients(h, shard, rows, local, lse, coef, n_cols, need_h=True, need_w=True, chunk_size=3)
+        triton_ops.head_gradients(h, shard, rows, local, lse, coef, n_cols, need_h=True, need_w=True, chunk_size=3)
         for (shard, _, n_cols), (_, local, _) in zip(shards, parts, strict=True)
     ]
-    gh, gw = triton_head.head_gradients(h, w, rows, y, lse, coef, vocab, need_h=True, need_w=True, chunk_size=3)
+    gh, gw = triton_ops.head_gradients(h, w, rows, y, lse, coef, vocab, need_h=True, need_w=True, chunk_size=3)
     assert close((grads[0][0].double() + grads[1][0].double()).cpu(), gh.double().cpu(), tol)
     assert close(torch.cat([grads[0][1], grads[1][1]]).double().cpu(), gw.double().cpu(), tol)
     # and the unsplit gradients are those of sum_n coef_n nll_n in fp64
@@ -149,8 +157,10 @@ def check_tp2_emulation(dtype, device, tol, **shape):
     assert close(gh.double().cpu(), rgh, tol) and close(gw.double().cpu(), rgw, tol)
 
 
+@pytest.mark.parametrize("engine", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_tp2_emulation_equals_unsplit(dtype):
+def test_tp2_emulation_equals_unsplit(dtype, engine, monkeypatch):
+    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", engine)
     check_tp2_emulation(dtype, DEVICE, 2e-5 if dtype == torch.float32 else 2e-2)
 
 
@@ -159,8 +169,8 @@ def test_logits_statistics_of_two_shards():
     x = (hidden.reshape(-1, H) @ weight.t()).to(DEVICE)
     rows = torch.arange(x.shape[0], device=DEVICE)
     y = target.reshape(-1).clamp_min(0).to(DEVICE)
-    a = triton_head.logits_statistics(x[:, :20], rows, torch.where(y < 20, y, -1), 20)
-    b = triton_head.logits_statistics(x[:, 20:], rows, torch.where(y >= 20, y - 20, -1), V - 20)
+    a = triton_ops.logits_statistics(x[:, :20], rows, torch.where(y < 20, y, -1), 20)
+    b = triton_ops.logits_statistics(x[:, 20:], rows, torch.where(y >= 20, y - 20, -1), V - 20)
     m = torch.maximum(a[0], b[0])
     lse = m + torch.log(a[1] * torch.exp(a[0] - m) + b[1] * torch.exp(b[0] - m))
     assert torch.allclose(lse.cpu(), torch.logsumexp(x[:, :V].cpu(), dim=1), rtol=1e-6)
@@ -170,7 +180,7 @@ def test_logits_statistics_of_two_shards():
 def test_shard_of_padding_only():
     hidden, weight, _ = make(torch.float32)
     h, rows = hidden.reshape(-1, H).to(DEVICE), torch.arange(5, device=DEVICE)
-    m, s, zt = triton_head.head_statistics(h, weight.to(DEVICE), rows, torch.full((5,), -1, device=DEVICE), 0)
+    m, s, zt = triton_ops.head_statistics(h, weight.to(DEVICE), rows, torch.full((5,), -1, device=DEVICE), 0)
     assert torch.isneginf(m).all() and (s == 0).all() and (zt == 0).all()
 
 
@@ -224,6 +234,9 @@ def test_dispatch_choices(monkeypatch):
         triton_head.use_triton(cpu)
     monkeypatch.setenv("RECALL_DIST_KERNEL", "torch")
     assert not triton_head.use_triton(cpu.to(DEVICE))
+    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", "cutlass")
+    with pytest.raises(ValueError, match="allowed: triton, cublas"):
+        triton_ops.matmul_engine()
     with pytest.raises(ValueError, match="bf16, fp16 and fp32"):
         triton_head.use_triton(cpu.double(), "triton")
     if INTERPRET:
@@ -231,9 +244,9 @@ def test_dispatch_choices(monkeypatch):
 
 
 def test_vocab_chunk_sizes():
-    assert triton_head.vocab_chunk(100, 16, 40, 32, chunk_size=None) == 64  # whole tiles, never past the shard
-    assert triton_head.vocab_chunk(16384, 4096, 128256, 128, chunk_size=None) == 4096  # N x H elements
-    assert triton_head.vocab_chunk(10, 16, 1000, 32, chunk_size=2) == 192  # as many elements as 2 PyTorch rows
+    assert triton_ops.vocab_chunk(100, 16, 40, 32, chunk_size=None) == 64  # whole tiles, never past the shard
+    assert triton_ops.vocab_chunk(16384, 4096, 128256, 128, chunk_size=None) == 4096  # N x H elements
+    assert triton_ops.vocab_chunk(10, 16, 1000, 32, chunk_size=2) == 192  # as many elements as 2 PyTorch rows
 
 
 def _tp2_public_api():
