@@ -1,4 +1,5 @@
-"""The temperature sweep on a Ray cluster: one Ray task per shard (``compute_shard``), then
+"""The temperature sweep on a Ray cluster: one Ray task per shard (``compute_shard``); for text
+sweeps one Ray task per k-NN part (``compute_text_part``, as many parts as shards); then
 ``aggregate`` in the driver (table + PR-curve plot).
 
     ray job submit --address http://127.0.0.1:8265 --working-dir . -- \\
@@ -75,7 +76,12 @@ def run(cfg, ray_cfg: RaySweepConfig) -> dict:
     )(_compute_shard)
     paths = ray.get([shard_task.remote(cfg, i, num_shards) for i in range(num_shards)])
     print(f"ray_sweep: {num_shards} shard(s) written: {paths}", flush=True)
-    return aggregate(cfg, num_shards)
+    if cfg.metric != "text":
+        return aggregate(cfg, num_shards)
+    part_task = ray.remote(num_cpus=ray_cfg.cpus_per_task, max_retries=ray_cfg.max_retries)(_compute_text_part)
+    parts = ray.get([part_task.remote(cfg, i, num_shards, num_shards) for i in range(num_shards)])
+    print(f"ray_sweep: {num_shards} k-NN part(s) written: {parts}", flush=True)
+    return aggregate(cfg, num_shards, num_parts=num_shards)
 
 
 def _compute_shard(cfg, shard_index: int, num_shards: int) -> str:
@@ -85,6 +91,12 @@ def _compute_shard(cfg, shard_index: int, num_shards: int) -> str:
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))  # one task per CPU
     return str(compute_shard(cfg, shard_index, num_shards, progress=False))
+
+
+def _compute_text_part(cfg, part: int, num_parts: int, num_shards: int) -> str:
+    from recall_dist.eval.aggregate import compute_text_part
+
+    return str(compute_text_part(cfg, part, num_parts, num_shards))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,22 +1,34 @@
 """Aggregate a sweep's shard files into the tables: ``sweep.csv``, ``sweep.json`` and ``pr_curve.png``.
 
-Known-support metrics are P(prompt)-weighted averages over prompts: the shards hold per-item
-numbers, and here every (model, T) sums ``w * value`` and ``w`` in work-item order and divides once
-(variances: ``sum w^2 var / (sum w)^2``).  Text metrics are not sums: the generations of all chunks of
-a (model, T) are gathered in row order and scored once against the references.
+Known-support metrics are P(prompt)-weighted averages over prompts: the shards hold per-prompt
+numbers at every temperature, and here every (model, T) sums ``w * value`` and ``w`` in work-item
+order and divides once (variances: ``sum w^2 var / (sum w)^2``).
+
+Text metrics are not sums over work items: each (model, T) group needs all its generations and
+references at once (PCA on their union, k-NN balls).  The groups are spread over ranks as
+*parts* (``compute_text_part``: group g goes to part g mod num_parts), each writing the integer
+k-NN counts of its groups; ``aggregate`` adds the counts and divides once.  Embeddings were
+computed with the shards (``sweep.py``), so a part only counts.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from recall_dist.eval import metrics, summary
+from recall_dist.eval import summary, text
 from recall_dist.eval.config import SweepConfig
+from recall_dist.eval.plan import (
+    decode_array,
+    model_fingerprint,
+    read_json_if_key,
+    read_shard,
+    work_items,
+    write_json_atomic,
+)
 
 KNOWN_SUPPORT_COLUMNS = [
     "model",
@@ -35,20 +47,19 @@ KNOWN_SUPPORT_COLUMNS = [
 TEXT_COLUMNS = ["model", "temperature", "precision", "recall", "density", "coverage", "num_texts"]
 
 
-def _load_records(cfg: SweepConfig, num_shards: int) -> list[dict]:
-    from recall_dist.eval.sweep import read_shard, shard_path, work_items
-
+def load_records(cfg: SweepConfig, num_shards: int) -> list[dict]:
+    """Every work item's record from the ``num_shards`` shard files, in work-item order."""
     records, missing = [], []
     for s in range(num_shards):
-        data = read_shard(shard_path(cfg, s, num_shards), cfg)
+        data = read_shard(cfg, s, num_shards)
         if data is None:
             missing.append(s)
         else:
             records += data["records"]
     if missing:
         raise FileNotFoundError(
-            f"{len(missing)} of {num_shards} shards missing or computed with another "
-            f"config under {Path(cfg.output_dir) / 'shards'}: {missing[:10]}"
+            f"{len(missing)} of {num_shards} shards missing or computed with another config or other "
+            f"model contents under {Path(cfg.output_dir) / 'shards'}: {missing[:10]}"
         )
     records.sort(key=lambda r: r["item"])
     expected = len(work_items(cfg))
@@ -57,86 +68,126 @@ def _load_records(cfg: SweepConfig, num_shards: int) -> list[dict]:
     return records
 
 
+def _weighted_mean(w: np.ndarray, values: list[float]) -> float:
+    return float(sum(wi * v for wi, v in zip(w, values, strict=True)) / w.sum())
+
+
+def _weighted_se(w: np.ndarray, variances: list[float]) -> float:
+    return float(np.sqrt(sum(wi * wi * v for wi, v in zip(w, variances, strict=True))) / w.sum())
+
+
 def _known_support_rows(cfg: SweepConfig, records: list[dict], lambdas: np.ndarray) -> tuple[list, dict]:
-    groups: dict[tuple, list[dict]] = defaultdict(list)
-    for r in records:
-        groups[(r["model"], r["temperature"])].append(r)
     rows, curves = [], {}
-    for (model, t), recs in groups.items():
+    for model in cfg.models:
+        recs = [r for r in records if r["model"] == model.name]
         w = np.array([r["weight"] for r in recs])
-        total = w.sum()
-
-        def mean(key, w=w, recs=recs, total=total):
-            return float(sum(wi * r[key] for wi, r in zip(w, recs, strict=True)) / total)
-
-        def se(key, w=w, recs=recs, total=total):
-            return float(np.sqrt(sum(wi * wi * r[key] for wi, r in zip(w, recs, strict=True))) / total)
-
-        row = {
-            "model": model,
-            "temperature": t,
-            "precision": mean("precision"),
-            "recall": mean("recall"),
-            "recall_at_n": cfg.recall_at_n,
-            "num_samples": cfg.num_samples,
-            "num_prompts": len(recs),
-        }
-        if cfg.num_samples > 0:
-            row.update(
-                precision_sampled=mean("precision_sampled"),
-                precision_sampled_se=se("precision_sampled_var"),
-                recall_sampled=mean("recall_sampled"),
-                recall_sampled_se=se("recall_sampled_var"),
-                recall_at_num_samples=mean("recall_at_num_samples"),
-            )
-        alpha = np.sum([wi * np.asarray(r["alpha"]) for wi, r in zip(w, recs, strict=False)], axis=0) / total
-        curves[(model, t)] = {"alpha": alpha.tolist(), "beta": (alpha / lambdas).tolist()}
-        rows.append(row)
+        for k, t in enumerate(cfg.temperatures):
+            at_t = [r["temperatures"][k] for r in recs]
+            row = {
+                "model": model.name,
+                "temperature": t,
+                "precision": _weighted_mean(w, [r["precision"] for r in at_t]),
+                "recall": _weighted_mean(w, [r["recall"] for r in at_t]),
+                "recall_at_n": cfg.recall_at_n,
+                "num_samples": cfg.num_samples,
+                "num_prompts": len(recs),
+            }
+            if cfg.num_samples > 0:
+                row.update(
+                    precision_sampled=_weighted_mean(w, [r["precision_sampled"] for r in at_t]),
+                    precision_sampled_se=_weighted_se(w, [r["precision_sampled_var"] for r in at_t]),
+                    recall_sampled=_weighted_mean(w, [r["recall_sampled"] for r in at_t]),
+                    recall_sampled_se=_weighted_se(w, [r["recall_sampled_var"] for r in at_t]),
+                    recall_at_num_samples=_weighted_mean(w, [r["recall_at_num_samples"] for r in at_t]),
+                )
+            alpha = np.sum([wi * np.asarray(r["alpha"]) for wi, r in zip(w, at_t, strict=True)], axis=0) / w.sum()
+            curves[(model.name, t)] = {"alpha": alpha.tolist(), "beta": (alpha / lambdas).tolist()}
+            rows.append(row)
     return rows, curves
 
 
-def _text_rows(cfg: SweepConfig, records: list[dict]) -> list[dict]:
-    from recall_dist.eval import text
-    from recall_dist.eval.sweep import load_model, reference_rows
+# ---------------------------------------------------------------------------------------------
+# Text metrics: k-NN counts per (model, T) group, spread over parts.
 
-    references = [r["completion"] for r in reference_rows(cfg)]
-    generations: dict[tuple, list[str]] = defaultdict(list)
-    for r in records:
-        generations[(r["model"], r["temperature"])] += r["texts"]
-    specs = {m.name: m for m in cfg.models}
-    encoder, encoded_for, rows = None, None, []
-    for (model, t), texts in generations.items():
-        # One encoder for every temperature, so the embedding space is fixed across the grid.
-        if cfg.text.encoder == "sentence-transformers" and encoder is None:
-            encoder = text.SentenceTransformerEncoder(cfg.text.encoder_path)
-            ref_emb = encoder.encode(references)
-        elif cfg.text.encoder == "lm" and encoded_for != model:  # the evaluated LM's own hidden states
-            encoder = text.HiddenStateEncoder(*load_model(specs[model], Path(cfg.output_dir) / "exported"))
-            encoded_for, ref_emb = model, encoder.encode(references)
-        scores = text.knn_precision_recall(
-            ref_emb, encoder.encode(texts), k=cfg.text.k, explained_variance=cfg.text.explained_variance, seed=cfg.seed
-        )
-        rows.append({"model": model, "temperature": t, **scores, "num_texts": len(texts)})
+
+def text_groups(cfg: SweepConfig) -> list[tuple[str, int]]:
+    """The (model, temperature index) groups of a text sweep, in table order."""
+    return [(m.name, k) for m in cfg.models for k in range(len(cfg.temperatures))]
+
+
+def text_part_path(cfg: SweepConfig, part: int, num_parts: int) -> Path:
+    return Path(cfg.output_dir) / "shards" / f"text-part-{part:05d}-of-{num_parts:05d}.json"
+
+
+def _text_part_key(cfg: SweepConfig) -> dict:
+    return {"config": cfg.fingerprint(), "models": {m.name: model_fingerprint(cfg, m) for m in cfg.models}}
+
+
+def _group_embeddings(cfg: SweepConfig, records: list[dict], model: str, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(references, generations) embeddings of group (model, T index k), rows in reference order."""
+    ref_model = model if cfg.text.encoder == "lm" else cfg.models[0].name
+    refs = [decode_array(r["reference_embeddings"]) for r in records if r["model"] == ref_model]
+    gens = [decode_array(r["temperatures"][k]["embeddings"]) for r in records if r["model"] == model]
+    return np.concatenate(refs), np.concatenate(gens)
+
+
+def read_text_part(cfg: SweepConfig, part: int, num_parts: int) -> dict | None:
+    """Part ``part``'s content if it exists and was counted for this config and these models."""
+    return read_json_if_key(text_part_path(cfg, part, num_parts), _text_part_key(cfg))
+
+
+def compute_text_part(cfg: SweepConfig, part: int, num_parts: int, num_shards: int) -> Path:
+    """Count the k-NN statistics of the text groups g with g mod ``num_parts`` == ``part`` and write
+    them to ``text_part_path`` (resumable and atomic like a shard)."""
+    if not 0 <= part < num_parts:
+        raise ValueError(f"part = {part}: must be in [0, {num_parts})")
+    path, key = text_part_path(cfg, part, num_parts), _text_part_key(cfg)
+    if read_text_part(cfg, part, num_parts) is not None:
+        return path
+    records = load_records(cfg, num_shards)
+    counts = {}
+    for g, (model, k) in enumerate(text_groups(cfg)):
+        if g % num_parts == part:
+            refs, gens = _group_embeddings(cfg, records, model, k)
+            found = text.knn_counts(refs, gens, cfg.text.k, cfg.text.explained_variance, cfg.seed)
+            counts[str(g)] = {**found, "num_real": len(refs), "num_fake": len(gens)}
+    return write_json_atomic(path, {"key": key, "part": part, "num_parts": num_parts, "counts": counts})
+
+
+def _text_rows(cfg: SweepConfig, num_shards: int, num_parts: int) -> list[dict]:
+    counts: dict[str, dict] = {}
+    for part in range(num_parts):
+        path = compute_text_part(cfg, part, num_parts, num_shards)  # reads it back when already there
+        counts.update(json.loads(path.read_text())["counts"])
+    rows = []
+    for g, (model, k) in enumerate(text_groups(cfg)):
+        c = counts[str(g)]
+        norm = text.normalisers(c["num_real"], c["num_fake"], cfg.text.k)
+        scores = {name: c[name] / norm[name] for name in text.KNN_COUNTS}
+        rows.append({"model": model, "temperature": cfg.temperatures[k], **scores, "num_texts": c["num_fake"]})
     return rows
 
 
-def aggregate(cfg: SweepConfig, num_shards: int | None = None) -> dict:
+# ---------------------------------------------------------------------------------------------
+
+
+def aggregate(cfg: SweepConfig, num_shards: int | None = None, num_parts: int = 1) -> dict:
     """Read the ``num_shards`` shard files (default ``cfg.num_shards``) and write ``sweep.csv``,
     ``sweep.json`` (rows, per-model summary, PR curves) and ``pr_curve.png`` in ``cfg.output_dir``.
+    Text sweeps read the ``num_parts`` k-NN part files, computing here any that is missing.
     Returns the ``sweep.json`` content."""
     from recall_dist.eval import plot
 
     num_shards = num_shards or cfg.num_shards
     if not num_shards:
         raise ValueError("aggregate needs num_shards (argument or cfg.num_shards)")
-    records = _load_records(cfg, num_shards)
-    lambdas = np.asarray(cfg.lambdas) if cfg.lambdas is not None else metrics.default_lambdas()
+    lambdas = cfg.lambda_grid()
     curves = {}
     if cfg.metric == "known_support":
-        rows, curves = _known_support_rows(cfg, records, lambdas)
+        rows, curves = _known_support_rows(cfg, load_records(cfg, num_shards), lambdas)
         columns = [c for c in KNOWN_SUPPORT_COLUMNS if c in rows[0]]
     else:
-        rows, columns = _text_rows(cfg, records), TEXT_COLUMNS
+        rows, columns = _text_rows(cfg, num_shards, num_parts), TEXT_COLUMNS
     summaries = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]

@@ -58,7 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_shards is not None:
         cfg.num_shards = args.num_shards
     from recall_dist.eval.aggregate import aggregate
-    from recall_dist.eval.sweep import compute_shard, run_sweep
+    from recall_dist.eval.driver import run_sweep
+    from recall_dist.eval.sweep import compute_shard
 
     if args.shard is not None:
         if not cfg.num_shards:

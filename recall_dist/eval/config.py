@@ -8,7 +8,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from recall_dist.configtree import ConfigError, check
+from recall_dist.eval.metrics import default_lambdas
 
 DEFAULT_TEMPERATURES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
 
@@ -74,6 +77,10 @@ class SweepConfig:
     generate_batch_size: int = 100  # samples per generate call (part of the seed: keep it fixed)
     num_shards: int | None = None  # default: the world size of the run that computes them
     seed: int = 0
+    # What identifies a model's content in the shard keys: "content" = sha256 of every file of the
+    # model directory (exact; reads the weights once per process), "stat" = each file's size and
+    # modification time (no read; for very large models).  See ``fingerprint.py``.
+    model_fingerprint: Literal["content", "stat"] = "content"
     text: TextSpec = field(default_factory=TextSpec)
 
     def __post_init__(self):
@@ -117,9 +124,18 @@ class SweepConfig:
 
         return build_task(self.task, **self.task_params)
 
+    def lambda_grid(self) -> np.ndarray:
+        """The PR-curve grid: ``lambdas``, or ``metrics.default_lambdas()``."""
+        return np.asarray(self.lambdas, dtype=np.float64) if self.lambdas is not None else default_lambdas()
+
     def fingerprint(self) -> dict:
-        """What a shard's numbers depend on: a shard file with another fingerprint is recomputed."""
+        """The config part of a shard's key (the models' content is the other part, ``plan.shard_key``).
+
+        Left out: where results go (``output_dir``), how work is cut (``num_shards``), what only the
+        summary reads (``min_precision``), and the models' paths (their content stands for them)."""
         data = dataclasses.asdict(self)
         for key in ("output_dir", "num_shards", "min_precision"):
             data.pop(key)
+        for model in data["models"]:
+            model.pop("path")
         return data

