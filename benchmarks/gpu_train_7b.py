@@ -240,6 +240,7 @@ def main() -> int:
         for loss in args.losses:
             try:
                 results[loss] = measure_loss(args, loss, ctx, peak, out)
+                print("RESULT " + json.dumps(results[loss]), flush=True)
             except Exception as e:  # e.g. out of memory: report it, keep the other losses
                 results[loss] = {"loss": loss, "error": f"{type(e).__name__}: {e}"[:500]}
                 (out / f"train_{loss}.json").write_text(json.dumps(results[loss], indent=1))

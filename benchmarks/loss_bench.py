@@ -1,5 +1,6 @@
 """Forward+backward time and peak extra memory of the LM-head loss: naive PyTorch (materialised
-logits + F.cross_entropy), Liger-Kernel's fused linear cross-entropy (when importable), and our
+logits + F.cross_entropy), Liger-Kernel's fused linear cross-entropy (when importable; ``liger_fp32acc``:
+with its weight gradient accumulated in fp32), and our
 fused nll / cdiv / lambda_pr / truncr.  Prints a table of ratios measured in this one run, with the
 distance to the matmul floor: 6 N H V flops at the peak matmul rate measured in the same run.
 
@@ -32,7 +33,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-METHODS = ["naive", "liger", "nll", "cdiv", "lambda_pr", "truncr"]
+METHODS = ["naive", "liger", "liger_fp32acc", "nll", "cdiv", "lambda_pr", "truncr"]
+DEFAULT_METHODS = ["naive", "liger", "nll", "cdiv", "lambda_pr", "truncr"]
 OURS = ("nll", "cdiv", "lambda_pr", "truncr")
 VARIANTS = {"": {}, "torch": {"RECALL_DIST_KERNEL": "torch"}, "triton": {"RECALL_DIST_KERNEL": "triton"}}
 VARIANTS["cublas"] = {"RECALL_DIST_KERNEL": "triton", "RECALL_DIST_HEAD_MATMUL": "cublas"}
@@ -96,10 +98,11 @@ def make_step(method: str, hidden, weight, target, args):
     n, hdim, vocab, seq = args.tokens, args.hidden, args.vocab, args.seq_len
     if name == "naive":
         return lambda: F.cross_entropy((hidden @ weight.t()).float().view(-1, vocab), target.view(-1)).backward()
-    if name == "liger":
+    if name in ("liger", "liger_fp32acc"):  # liger_fp32acc: its weight gradient accumulated in fp32, as ours
+        import torch
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
-        lce = LigerFusedLinearCrossEntropyLoss()
+        lce = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32 if name == "liger_fp32acc" else None)
         return lambda: lce(weight, hidden, target.view(-1)).backward()
     os.environ.pop("RECALL_DIST_HEAD_MATMUL", None)
     os.environ.pop("RECALL_DIST_KERNEL", None)
@@ -220,7 +223,7 @@ def parse_args():
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--vocabs", type=int, nargs="+", default=[32000, 128256])
-    p.add_argument("--methods", nargs="+", default=METHODS, help="naive, liger, nll, ... and name@variant")
+    p.add_argument("--methods", nargs="+", default=DEFAULT_METHODS, help=f"{', '.join(METHODS)} and name@variant")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1)
