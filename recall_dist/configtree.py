@@ -11,6 +11,8 @@ Errors name the full dotted key, the bad value and what is allowed::
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from pathlib import Path
@@ -19,6 +21,8 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 import yaml
 
 T = TypeVar("T")
+
+_DECIMAL = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")
 
 
 class ConfigError(ValueError):
@@ -87,7 +91,12 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(key, f"expected an integer, got {value!r}")
     if tp is float:
+        # YAML 1.1 reads 1e-4 (no dot) as a string: accept what Python reads as a decimal number.
+        if isinstance(value, str) and _DECIMAL.fullmatch(value.strip()):
+            value = float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if not math.isfinite(value):
+                raise ConfigError(key, f"expected a finite number, got {value!r}")
             return float(value)
         raise ConfigError(key, f"expected a number, got {value!r}")
     if tp is str:

@@ -16,9 +16,8 @@ class NaiveTruncState:
         self.capacity = capacity
         self.history: list[float] = []
 
-    def push(self, values: list[float]) -> np.ndarray:
+    def push(self, values: list[float]) -> None:
         self.history = (self.history + list(values))[-self.capacity :]
-        return np.asarray(self.history)
 
 
 def naive_loss(
@@ -57,13 +56,15 @@ def naive_loss(
             order = sorted(set(ids.tolist()))
             s = np.array([lv.detach().numpy()[ids == i].mean() for i in order])
             owner = np.array([order.index(i) for i in ids])
-        hist = state.push(s.tolist())
+        # The threshold comes from earlier steps only; this step's values enter the history afterwards.
+        hist = np.asarray(state.history)
         if len(hist) < params.get("min_count", 1):
             keep = np.ones(len(s), dtype=bool)
         elif name == "truncr":
             keep = s >= np.quantile(hist, drop)
         else:
             keep = s <= np.quantile(hist, 1.0 - drop)
+        state.push(s.tolist())
         w = torch.tensor(keep[owner], dtype=torch.float64)
     else:
         raise KeyError(name)

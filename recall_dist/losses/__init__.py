@@ -1,6 +1,14 @@
 """The loss math: weight rules (one place per formula), their registry, and ``build_loss``."""
 
-from recall_dist.losses.base import RecallLoss, TokenBatch, WeightRule, build_loss, known_rules, register_rule
+from recall_dist.losses.base import (
+    LossParamError,
+    RecallLoss,
+    TokenBatch,
+    WeightRule,
+    build_loss,
+    known_rules,
+    register_rule,
+)
 from recall_dist.losses.rules import NLL, CDiv, LambdaPR
 from recall_dist.losses.truncation import TruncP, TruncR
 
@@ -8,6 +16,7 @@ __all__ = [
     "NLL",
     "CDiv",
     "LambdaPR",
+    "LossParamError",
     "RecallLoss",
     "TokenBatch",
     "TruncP",

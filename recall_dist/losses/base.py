@@ -10,15 +10,27 @@ branch on which rule runs (Liger's chunked-loss pattern: the base owns the machi
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from recall_dist.losses.step import StepAccumulator, inverse_or_zero, stats_from_sums
+
 _RULES: dict[str, type[WeightRule]] = {}
+
+
+class LossParamError(ValueError):
+    """A loss parameter is invalid; ``param`` names it (``alpha``, ``min_count``, ...) so that a config
+    error can point at ``loss.params.<param>`` without parsing the message."""
+
+    def __init__(self, param: str, message: str):
+        self.param = param
+        super().__init__(message)
 
 
 @dataclass
@@ -57,6 +69,12 @@ class WeightRule(ABC):
 
     def extra_stats(self) -> dict[str, float]:
         return {}
+
+    def begin_step(self) -> None:  # noqa: B027 - per-token rules have no step state
+        """An optimizer step starts: its calls of ``weights`` share what is fixed here (a threshold)."""
+
+    def end_step(self) -> None:  # noqa: B027 - per-token rules have no step state
+        """The optimizer step's last call of ``weights`` is done."""
 
     def state_dict(self) -> dict:
         return {}
@@ -100,16 +118,17 @@ class RecallLoss:
     def __init__(
         self, rule: WeightRule, *, max_weight: float | None = None, nll_mix: float = 0.0, normalize: str = "weights"
     ):
-        if max_weight is not None and not (float(max_weight) > 0):
-            raise ValueError(f"max_weight must be > 0 (or None), got {max_weight!r}")
-        if not 0.0 <= float(nll_mix) <= 1.0:
-            raise ValueError(f"nll_mix must be in [0, 1], got {nll_mix!r}")
+        if max_weight is not None and not (isinstance(max_weight, (int, float)) and max_weight > 0):
+            raise LossParamError("max_weight", f"max_weight must be a number > 0 (or None), got {max_weight!r}")
+        if not (isinstance(nll_mix, (int, float)) and 0.0 <= nll_mix <= 1.0):
+            raise LossParamError("nll_mix", f"nll_mix must be a number in [0, 1], got {nll_mix!r}")
         if normalize not in ("weights", "tokens"):
-            raise ValueError(f"normalize must be 'weights' or 'tokens', got {normalize!r}")
+            raise LossParamError("normalize", f"normalize must be 'weights' or 'tokens', got {normalize!r}")
         self.rule = rule
         self.max_weight = None if max_weight is None else float(max_weight)
         self.nll_mix = float(nll_mix)
         self.normalize = normalize
+        self._step: StepAccumulator | None = None
 
     @property
     def name(self) -> str:
@@ -127,15 +146,49 @@ class RecallLoss:
         return w
 
     def coefficients(self, sum_w: torch.Tensor, count: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Global scalars (A, B) such that the objective is sum_n (A w_n + B) l_n.
+        """Global scalars (A, B) such that this call's gradient is that of sum_n (A w_n + B) l_n.
 
-        A zero normaliser (all tokens ignored, or every weight zero) gives a zero coefficient, never
-        a division by zero.
+        Alone, a call is a whole step: A = (1 - m) / Z, B = m / N from its own global sums.  Inside
+        ``optimizer_step`` the step's provisional scale 1/N is used (see ``losses/step.py``).  A zero
+        normaliser (all tokens ignored, or every weight zero) gives a zero coefficient, never a division
+        by zero.
         """
+        if self._step is not None:
+            return self._step.coefficients(sum_w)
         z = sum_w if self.normalize == "weights" else count
-        inv_z = torch.where(z > 0, 1.0 / z.clamp_min(1e-300), torch.zeros_like(z))
-        inv_n = torch.where(count > 0, 1.0 / count.clamp_min(1.0), torch.zeros_like(count))
-        return (1.0 - self.nll_mix) * inv_z, self.nll_mix * inv_n
+        return (1.0 - self.nll_mix) * inverse_or_zero(z), self.nll_mix * inverse_or_zero(count)
+
+    def summarize(self, sums: torch.Tensor, wmax: torch.Tensor) -> torch.Tensor:
+        """Statistics of one call from its global sums (``losses/step.py`` ``SUM_NAMES``); inside an
+        optimizer step the sums are also added to the step's."""
+        if self._step is not None:
+            self._step.record(sums, wmax)
+        return stats_from_sums(sums, wmax, self.nll_mix, self.normalize)
+
+    @contextlib.contextmanager
+    def optimizer_step(self, token_count: float) -> Iterator[StepAccumulator]:
+        """All loss calls inside form one optimizer step's objective (gradient accumulation)::
+
+            with loss.optimizer_step(token_count=N) as step:   # N: the step's valid tokens, all ranks
+                for micro_batch in ...:
+                    fused_linear_loss(..., loss=loss).loss.backward()
+            grads *= step.gradient_scale()                    # before clipping; step.stats() for logs
+
+        Truncation rules fix their threshold for the whole step at its start.
+        """
+        if self._step is not None:
+            raise RuntimeError("optimizer_step is already open for this loss (steps do not nest)")
+        self._step = StepAccumulator(token_count, self.nll_mix, self.normalize)
+        self.rule.begin_step()
+        try:
+            yield self._step
+        finally:
+            self.rule.end_step()
+            self._step = None
+
+    @property
+    def in_step(self) -> bool:
+        return self._step is not None
 
     def state_dict(self) -> dict:
         return {"rule": self.name, "state": self.rule.state_dict()}
@@ -158,15 +211,19 @@ _SHARED = ("max_weight", "nll_mix", "normalize")
 def build_loss(name: str, **params: Any) -> RecallLoss:
     """Build a loss by rule name: ``build_loss("cdiv", alpha=1.4)``, ``build_loss("truncr", drop=0.3)``.
 
-    Shared options for every rule: ``max_weight``, ``nll_mix``, ``normalize``.  Unknown names or
-    parameters raise ``ValueError`` naming them and what is allowed.
+    Shared options for every rule: ``max_weight``, ``nll_mix``, ``normalize``.  An unknown name raises
+    ``ValueError``; an unknown or invalid parameter raises ``LossParamError`` (a ``ValueError``) whose
+    ``param`` names it.
     """
     if name not in _RULES:
         raise ValueError(f"unknown loss {name!r}; known: {', '.join(known_rules())}")
     cls = _RULES[name]
+    params = dict(params)
     shared = {k: params.pop(k) for k in _SHARED if k in params}
     allowed = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = sorted(set(params) - set(allowed))
     if unknown:
-        raise ValueError(f"{name}: unknown parameter {unknown[0]!r}; allowed: {', '.join(allowed + list(_SHARED))}")
+        raise LossParamError(
+            unknown[0], f"{name}: unknown parameter {unknown[0]!r}; allowed: {', '.join(allowed + list(_SHARED))}"
+        )
     return RecallLoss(cls(**params), **shared)

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from recall_dist.losses.base import TokenBatch, WeightRule, register_rule
+from recall_dist.losses.base import LossParamError, TokenBatch, WeightRule, register_rule
 
 
 @register_rule("nll")
@@ -38,7 +38,7 @@ class CDiv(WeightRule):
 
     def __init__(self, alpha: float = 1.4):
         if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
-            raise ValueError(f"cdiv: alpha must be a finite number > 0, got {alpha!r}")
+            raise LossParamError("alpha", f"cdiv: alpha must be a finite number > 0, got {alpha!r}")
         self.alpha = float(alpha)
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:
@@ -65,7 +65,7 @@ class LambdaPR(WeightRule):
 
     def __init__(self, lam: float = 0.5):
         if not (isinstance(lam, (int, float)) and math.isfinite(lam) and lam > 0):
-            raise ValueError(f"lambda_pr: lam must be a finite number > 0, got {lam!r}")
+            raise LossParamError("lam", f"lambda_pr: lam must be a finite number > 0, got {lam!r}")
         self.lam = float(lam)
 
     def weights(self, batch: TokenBatch) -> torch.Tensor:

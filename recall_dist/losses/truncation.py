@@ -1,17 +1,24 @@
 """Truncation rules: ``truncr`` (train on the hardest samples, Recall) and ``truncp`` (loss
 truncation of Kang & Hashimoto 2020, Precision), with a distributed rolling quantile threshold.
 
-Exact semantics of one call of ``weights`` (one training step):
+Exact semantics.  A *step* is one optimizer step: every loss call inside ``RecallLoss.optimizer_step``
+(all micro-batches of a gradient-accumulation step), or a single call made outside one.
 
-1. s = per-sample NLL of the local batch: the mean NLL of each sequence's valid tokens
-   (``granularity="sequence"``; sequences ordered by id) or each token's NLL (``"token"``).
-2. s of every data-parallel rank is all-gathered in rank order and pushed into the ring buffer
-   (``RollingQuantileBuffer``), identical on every rank.  **The current step's values enter the
-   buffer before tau is computed.**
-3. While the buffer holds fewer than ``min_count`` values: w = 1 (plain NLL warm-up), tau unset.
-4. Otherwise tau is recomputed when it is unset or ``recompute_every`` steps have passed since it
-   was last computed: truncr: tau = drop-quantile, w = 1[s >= tau];
-   truncp: tau = (1 - drop)-quantile, w = 1[s <= tau].  A token takes its sequence's weight.
+1. At the start of step k, tau is fixed for the whole step from the buffer as it stands, i.e. from the
+   values of steps < k (**the step's own values do not enter its threshold**): while the buffer holds
+   fewer than ``min_count`` values, tau is unset and w = 1 (plain NLL warm-up); otherwise tau is
+   recomputed when it is unset or ``recompute_every`` steps have passed since it was last computed:
+   truncr: tau = drop-quantile, truncp: tau = (1 - drop)-quantile.
+2. Each call: s = per-sample NLL of the local batch: the mean NLL of each sequence's valid tokens
+   (``granularity="sequence"``; sequences ordered by id) or each token's NLL (``"token"``);
+   truncr: w = 1[s >= tau], truncp: w = 1[s <= tau]; a token takes its sequence's weight.
+3. Each call then all-gathers s over the data-parallel ranks (rank order) and pushes it into the ring
+   buffer (``RollingQuantileBuffer``), identical on every rank.
+
+Why the threshold comes from earlier steps only: a step's weights then do not depend on how its batch is
+split over micro-batches and ranks (the batch iterator hands out a step's examples in the same global
+order whatever the split, so the buffer also fills in the same order), and a run resumed on another
+number of ranks continues the same trajectory.
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from recall_dist.distributed.buffer import RollingQuantileBuffer
-from recall_dist.losses.base import TokenBatch, WeightRule, register_rule
+from recall_dist.losses.base import LossParamError, TokenBatch, WeightRule, register_rule
 
 
 def sequence_means(nll: torch.Tensor, sequence_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,18 +51,23 @@ class _Truncation(WeightRule):
     ):
         name = type(self).name or type(self).__name__.lower()
         if not (isinstance(drop, (int, float)) and 0.0 < drop < 1.0):
-            raise ValueError(f"{name}: drop must be a fraction in (0, 1), got {drop!r}")
+            raise LossParamError("drop", f"{name}: drop must be a fraction in (0, 1), got {drop!r}")
         if granularity not in ("sequence", "token"):
-            raise ValueError(f"{name}: granularity must be 'sequence' or 'token', got {granularity!r}")
+            raise LossParamError(
+                "granularity", f"{name}: granularity must be 'sequence' or 'token', got {granularity!r}"
+            )
         if not (isinstance(buffer_size, int) and buffer_size >= 1):
-            raise ValueError(f"{name}: buffer_size must be an integer >= 1, got {buffer_size!r}")
+            raise LossParamError("buffer_size", f"{name}: buffer_size must be an integer >= 1, got {buffer_size!r}")
         min_count = min(128, buffer_size) if min_count is None else min_count
         if not (isinstance(min_count, int) and 1 <= min_count <= buffer_size):
-            raise ValueError(
-                f"{name}: min_count must be an integer in [1, buffer_size={buffer_size}], got {min_count!r}"
+            raise LossParamError(
+                "min_count",
+                f"{name}: min_count must be an integer in [1, buffer_size={buffer_size}], got {min_count!r}",
             )
         if not (isinstance(recompute_every, int) and recompute_every >= 1):
-            raise ValueError(f"{name}: recompute_every must be an integer >= 1, got {recompute_every!r}")
+            raise LossParamError(
+                "recompute_every", f"{name}: recompute_every must be an integer >= 1, got {recompute_every!r}"
+            )
         self.drop = float(drop)
         self.granularity = granularity
         self.buffer_size = buffer_size
@@ -66,6 +78,7 @@ class _Truncation(WeightRule):
         self.step = 0
         self.tau: float | None = None
         self._tau_step = 0
+        self._in_step = False
 
     def _buffer_for(self, group) -> RollingQuantileBuffer:
         if self._buffer is None:
@@ -87,20 +100,34 @@ class _Truncation(WeightRule):
             )
         return sequence_means(batch.nll, batch.sequence_ids)
 
-    def weights(self, batch: TokenBatch) -> torch.Tensor:
-        s, token_to_sample = self._per_sample(batch)
-        buffer = self._buffer_for(batch.dp_group)
-        buffer.push(s)
+    def begin_step(self) -> None:
+        self._in_step = True
         self.step += 1
+        # The buffer's group is (re)bound by the next push; a quantile needs no communication.
+        buffer = self._buffer_for(self._buffer.group if self._buffer is not None else None)
         if len(buffer) < self.min_count:
             self.tau = None
-            return torch.ones_like(batch.nll)
-        if self.tau is None or self.step - self._tau_step >= self.recompute_every:
-            q = self.drop if self.keep_high else 1.0 - self.drop
-            self.tau = buffer.quantile(q)
+        elif self.tau is None or self.step - self._tau_step >= self.recompute_every:
+            self.tau = buffer.quantile(self.drop if self.keep_high else 1.0 - self.drop)
             self._tau_step = self.step
-        keep = s >= self.tau if self.keep_high else s <= self.tau
-        w = keep.to(batch.nll.dtype)
+
+    def end_step(self) -> None:
+        self._in_step = False
+
+    def weights(self, batch: TokenBatch) -> torch.Tensor:
+        alone = not self._in_step  # a call outside RecallLoss.optimizer_step is a step of its own
+        if alone:
+            self.begin_step()
+        try:
+            s, token_to_sample = self._per_sample(batch)
+            if self.tau is None:
+                w = torch.ones_like(s)
+            else:
+                w = (s >= self.tau if self.keep_high else s <= self.tau).to(s.dtype)
+            self._buffer_for(batch.dp_group).push(s)
+        finally:
+            if alone:
+                self.end_step()
         return w if token_to_sample is None else w[token_to_sample]
 
     def extra_stats(self) -> dict[str, float]:

@@ -14,22 +14,11 @@ import torch
 
 from recall_dist.distributed.collectives import all_reduce_, group_rank, group_size
 from recall_dist.losses.base import RecallLoss, TokenBatch
+from recall_dist.losses.step import STAT_NAMES
 
 # One fp32 chunk of logits holds about this many elements (16 MiB): small next to an N x V tensor,
 # large enough that the chunk's matmul runs at full speed.
 DEFAULT_CHUNK_ELEMENTS = 1 << 22
-
-STAT_NAMES = (
-    "loss",
-    "nll",
-    "weight_mean",
-    "weight_max",
-    "ess",
-    "kept_fraction",
-    "tokens",
-    "divergence",
-    "nonfinite_tokens",
-)
 
 
 @dataclass
@@ -157,15 +146,17 @@ def reduce_lse(
 def finalize(
     loss: RecallLoss, nll: torch.Tensor, weights: torch.Tensor, finite: torch.Tensor, dp_group
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Global sums over the DP group -> (A, B, stats) with objective = sum_n (A w_n + B) l_n.
+    """Global sums over the DP group -> (A, B, stats): this call's gradient is that of
+    sum_n (A w_n + B) l_n (``RecallLoss.coefficients``; inside an optimizer step, the step's scale).
 
     ``nll``/``weights`` are float64 [n] with non-finite tokens already zeroed (``finite`` False).
-    Any non-finite token anywhere skips the step on every rank: A = B = 0, and ``nonfinite_tokens``
-    reports the global count (documented skip; raising on one rank would deadlock the others).
+    Any non-finite token anywhere skips the step on every rank: A = B = 0, ``nonfinite_tokens``
+    reports the global count and ``loss``/``nll`` are nan (documented skip; raising on one rank would
+    deadlock the others).
     """
     div = loss.rule.divergence(nll)
     div = torch.zeros_like(nll) if div is None else torch.where(finite, div, torch.zeros_like(div))
-    sums = torch.stack(
+    sums = torch.stack(  # in the order of recall_dist.losses.step.SUM_NAMES
         [
             weights.sum(),
             finite.sum().to(torch.float64),
@@ -183,25 +174,10 @@ def finalize(
         "max",
         dp_group,
     )[0]
-    sum_w, count, sum_wl, sum_l, sum_w2, kept, sum_div, nonfinite = sums
-    a, b = loss.coefficients(sum_w, count)
-    skip = nonfinite > 0
+    a, b = loss.coefficients(sums[0], sums[1])
+    skip = sums[-1] > 0
     a, b = torch.where(skip, torch.zeros_like(a), a), torch.where(skip, torch.zeros_like(b), b)
-    safe_n = count.clamp_min(1.0)
-    stats = torch.stack(
-        [
-            a * sum_wl + b * sum_l,
-            sum_l / safe_n,
-            sum_w / safe_n,
-            wmax,
-            torch.where(sum_w2 > 0, sum_w * sum_w / sum_w2.clamp_min(1e-300), torch.zeros_like(sum_w)),
-            kept / safe_n,
-            count,
-            sum_div / safe_n,
-            nonfinite,
-        ]
-    )
-    return a, b, stats
+    return a, b, loss.summarize(sums, wmax)
 
 
 def token_weights(

@@ -8,7 +8,6 @@ is written.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -25,8 +24,14 @@ DEEPSPEED_CONFIG_DIR = CONFIG_DIR / "deepspeed"
 
 @dataclass
 class ModelConfig:
-    """A Hugging Face causal LM: pretrained (``name_or_path``: hub name or local directory) or randomly
-    initialised from ``config`` (a ``transformers`` config dict with ``model_type``)."""
+    """A Hugging Face causal LM: pretrained (``name_or_path``: a local directory with safetensors, or a
+    hub name resolved through the Hugging Face cache) or randomly initialised from ``config`` (a
+    ``transformers`` config dict with ``model_type``; the weights then depend only on ``train.seed``).
+
+    ``dtype`` is the dtype of the weights *at rest*: how ``name_or_path`` is read and what ``final/`` is
+    written in.  Training always keeps fp32 master weights and optimizer states; the compute dtype is
+    ``backend.bf16`` (which defaults to ``dtype == bfloat16``).
+    """
 
     name_or_path: str | None = None
     config: dict[str, Any] | None = None
@@ -54,6 +59,15 @@ class ModelConfig:
     def tokenizer_name(self) -> str:
         return self.tokenizer or self.name_or_path
 
+    def hf_config(self):
+        """The ``transformers`` config object of this model (no weights loaded)."""
+        from transformers import AutoConfig
+
+        if self.config is not None:
+            params = dict(self.config)
+            return AutoConfig.for_model(params.pop("model_type"), **params)
+        return AutoConfig.from_pretrained(self.name_or_path)
+
 
 @dataclass
 class LossConfig:
@@ -64,22 +78,22 @@ class LossConfig:
     chunk_size: int | None = None  # tokens per chunk of the fused head; None: the loss's default
 
     def __post_init__(self):
-        from recall_dist import build_loss, known_rules
+        from recall_dist.losses import LossParamError, build_loss, known_rules
 
         known = list(known_rules())
         check(self.name in known, "name", self.name, f"allowed: {', '.join(known)}")
         check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1 or null")
+        # Validated by building it: the rule that owns a parameter names it (LossParamError.param).
         try:
-            build_loss(self.name, **self.params)
+            self._loss = build_loss(self.name, **self.params)
+        except LossParamError as e:
+            raise ConfigError(f"params.{e.param}", f"{self.params.get(e.param)!r}: {e}") from None
         except (ValueError, TypeError) as e:
-            bad = [p for p in self.params if re.search(rf"\b{re.escape(p)}\b", str(e))]
-            key = f"params.{bad[0]}" if bad else "params"
-            raise ConfigError(key, f"{self.params.get(bad[0]) if bad else self.params!r}: {e}") from None
+            raise ConfigError("params", f"{self.params!r}: {e}") from None
 
     def build(self):
-        from recall_dist import build_loss
-
-        return build_loss(self.name, **self.params)
+        """The loss this config describes (built once, when the config was validated)."""
+        return self._loss
 
 
 @dataclass
@@ -112,7 +126,7 @@ class BackendConfig:
     name: Literal["deepspeed", "fsdp2"] = "deepspeed"
     zero_stage: int = 2
     deepspeed_config: str | None = None  # JSON path; None: configs/deepspeed/zero{stage}[_offload].json
-    bf16: bool = False
+    bf16: bool | None = None  # bf16 compute (fp32 masters either way); None: model.dtype == bfloat16
     cpu_offload: bool = False  # DeepSpeed: optimizer (and at stage 3 parameter) offload; FSDP2: CPUOffloadPolicy
     fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     fsdp_reshard_after_forward: bool = True
@@ -145,7 +159,14 @@ class TrainSection:
     checkpoint_every: int = 0  # optimizer steps between checkpoints; 0: only at the end / on preemption
     keep_checkpoints: int = 2
     resume: str = "auto"  # auto | none | a checkpoint directory
+    # An output_dir holding another run: refused, unless overwrite moves that run to previous_runs/<time>/.
+    overwrite: bool = False
+    allow_config_change: bool = False  # resume a checkpoint whose model/loss/optim/data differ (logged)
+    max_bad_steps: int = 3  # consecutive non-finite steps after which the run stops as diverged (exit 3)
+    verify_checkpoints: Literal["checksum", "size", "none"] = "checksum"  # manifest check before a resume
+    max_restarts: int = 0  # torchrun --max-restarts under slurm/ (every rank restarts from the last checkpoint)
     gradient_checkpointing: bool = False
+    dist_timeout_minutes: float = 30.0  # collectives' timeout: a 13B checkpoint save can take minutes
     progress_bar: bool = True
     tensorboard: bool = False
     wandb: bool = False
@@ -170,6 +191,9 @@ class TrainSection:
         check(self.log_every >= 1, "log_every", self.log_every, "an integer >= 1")
         check(self.checkpoint_every >= 0, "checkpoint_every", self.checkpoint_every, "an integer >= 0")
         check(self.keep_checkpoints >= 1, "keep_checkpoints", self.keep_checkpoints, "an integer >= 1")
+        check(self.dist_timeout_minutes > 0, "dist_timeout_minutes", self.dist_timeout_minutes, "a number > 0")
+        check(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "an integer >= 1")
+        check(self.max_restarts >= 0, "max_restarts", self.max_restarts, "an integer >= 0")
         check(
             self.resume in ("auto", "none") or Path(self.resume).is_dir(),
             "resume",
@@ -202,6 +226,10 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     backend: BackendConfig = field(default_factory=BackendConfig)
     train: TrainSection = field(default_factory=TrainSection)
+
+    def __post_init__(self):
+        if self.backend.bf16 is None:  # one rule for both backends: compute in the dtype the weights are stored in
+            self.backend.bf16 = self.model.dtype == "bfloat16"
 
 
 def _resolve_model_file(value: str, base: Path | None) -> dict:
@@ -246,7 +274,6 @@ def validate_resources(cfg: TrainConfig):
     """Checks that need files: the dataset path exists, the tokenizer loads, and the model's vocabulary
     covers the tokenizer's.  Returns the tokenizer.  Raises ``ConfigError`` before anything is written."""
     from recall_dist.data import load_tokenizer
-    from recall_dist.train.models import model_config
 
     if not cfg.data.is_synthetic and _looks_like_local_file(cfg.data.source):
         path = Path(cfg.data.source).expanduser()
@@ -260,7 +287,7 @@ def validate_resources(cfg: TrainConfig):
         tokenizer = load_tokenizer(cfg.model.tokenizer_name)
     except (OSError, ValueError) as e:
         raise ConfigError("model.tokenizer", f"{cfg.model.tokenizer_name!r}: {e}") from None
-    model_vocab = model_config(cfg.model).vocab_size
+    model_vocab = cfg.model.hf_config().vocab_size
     if model_vocab < len(tokenizer):
         key = "model.config.vocab_size" if cfg.model.config is not None else "model.name_or_path"
         raise ConfigError(

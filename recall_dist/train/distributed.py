@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 from dataclasses import dataclass
 
@@ -53,8 +54,10 @@ def _device(local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def init_distributed() -> DistContext:
-    """Join (or create) the default process group and return this process's ``DistContext``."""
+def init_distributed(timeout_minutes: float | None = None) -> DistContext:
+    """Join (or create) the default process group and return this process's ``DistContext``.
+    ``timeout_minutes`` bounds every collective (default: torch's); saving a 13B checkpoint can keep
+    the other ranks waiting in a barrier for minutes, so large runs raise it (``train.dist_timeout_minutes``)."""
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
@@ -78,7 +81,8 @@ def init_distributed() -> DistContext:
     device = _device(local)
     # DeepSpeed reads these even when the group exists; srun does not set them.
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(local))
-    dist.init_process_group(backend, rank=rank, world_size=world, init_method=init_method)
+    timeout = {} if timeout_minutes is None else {"timeout": datetime.timedelta(minutes=timeout_minutes)}
+    dist.init_process_group(backend, rank=rank, world_size=world, init_method=init_method, **timeout)
     return DistContext(rank, world, local, device, created_group=True)
 
 

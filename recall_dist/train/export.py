@@ -1,66 +1,177 @@
-"""Export a trained model in Hugging Face format (``save_pretrained`` + tokenizer), which the
-temperature sweep loads: from the live engine at the end of training (``export_from_engine``), or
-offline from a checkpoint directory (``export_hf``), both written atomically.
+"""Export a trained model in Hugging Face format (config, sharded safetensors + index, tokenizer), which
+the temperature sweep and ``from_pretrained`` load: from the live engine at the end of training
+(``export_from_engine``), or offline from a checkpoint directory (``export_hf``).
+
+Streamed: parameters arrive one at a time (gathered from their shards), are cast to ``model.dtype`` and
+appended to the current safetensors shard; a shard is written as soon as it reaches ``max_shard_bytes``.
+So the writer holds at most one shard plus one parameter, never the model.
+
+Atomic: everything is written to ``.tmp-<name>/``; then an existing ``<name>/`` is renamed aside, the new
+one renamed into place, and only then the old one deleted.  A crash at any moment leaves either the
+previous complete export or the new complete one under ``<name>/`` (or, between the two renames, the
+previous one under ``.old-<name>/``, which the next export restores first).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
 
 from recall_dist.configtree import load_yaml
+from recall_dist.constants import DTYPES
 from recall_dist.train.config import train_config_from_dict
 
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+INDEX_NAME = "model.safetensors.index.json"
 
-def _save_hf(model, state_dict: dict, tokenizer, out_dir: str | Path) -> Path:
+
+class ShardedSafetensorsWriter:
+    """Appends tensors to numbered safetensors files of at most ``max_shard_bytes`` each."""
+
+    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES):
+        self.directory, self.max_shard_bytes = directory, max_shard_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.files: list[list[str]] = []  # the tensor names of each written file
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.pending and self.pending_bytes + size > self.max_shard_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        save_file(self.pending, self.directory / f"part-{len(self.files):05d}.safetensors", metadata={"format": "pt"})
+        self.files.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Write the last shard, give the files their Hugging Face names and write the index."""
+        if self.pending or not self.files:
+            self._flush()
+        n = len(self.files)
+        weight_map = {}
+        for i, names in enumerate(self.files):
+            final = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.rename(self.directory / f"part-{i:05d}.safetensors", self.directory / final)
+            weight_map.update(dict.fromkeys(names, final))
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(dirpath, name), "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _publish(tmp: Path, out_dir: Path) -> None:
+    """Replace ``out_dir`` by ``tmp`` so that a complete export exists at every moment."""
+    old = out_dir.with_name(f".old-{out_dir.name}")
+    if out_dir.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(out_dir, old)
+    os.rename(tmp, out_dir)
+    fd = os.open(out_dir.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _restore_interrupted(out_dir: Path) -> None:
+    """A crash between the two renames of ``_publish`` left the previous export as ``.old-<name>``."""
+    old = out_dir.with_name(f".old-{out_dir.name}")
+    if old.exists() and not out_dir.exists():
+        os.rename(old, out_dir)
+
+
+def write_hf_directory(
+    hf_config,
+    parameters: Iterable[tuple[str, torch.Tensor | None]],
+    tokenizer,
+    out_dir: str | Path,
+    dtype: torch.dtype,
+    writer: bool = True,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path | None:
+    """Stream ``parameters`` ((name, full tensor) pairs; None where this process does not write) into a
+    Hugging Face directory at ``out_dir``, atomically.  Every process must consume ``parameters`` (the
+    gathers behind it are collective); only ``writer`` writes."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    model.save_pretrained(tmp, state_dict=state_dict)
-    tokenizer.save_pretrained(tmp)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.rename(tmp, out_dir)
+    if writer:
+        _restore_interrupted(out_dir)
+        if tmp.exists():  # left by a crash mid-export
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        shards = ShardedSafetensorsWriter(tmp, max_shard_bytes)
+    for name, tensor in parameters:
+        if writer:
+            shards.add(name, tensor.to(dtype))
+    if not writer:
+        return None
+    shards.close()
+    hf_config.torch_dtype = dtype  # what from_pretrained(dtype="auto") will pick
+    hf_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    _fsync_tree(tmp)
+    _publish(tmp, out_dir)
     return out_dir
 
 
-def export_from_engine(engine, tokenizer, out_dir: str | Path, rank: int) -> Path | None:
-    """Collective: gather the full weights and write them (rank 0) to ``out_dir``."""
-    state = engine.full_state_dict()
-    if rank != 0:
-        return None
-    return _save_hf(engine.module.model, state, tokenizer, out_dir)
+def export_from_engine(engine, tokenizer, out_dir: str | Path, rank: int, dtype: str = "float32") -> Path | None:
+    """Collective: every rank gathers the parameters one at a time, rank 0 writes ``out_dir``."""
+    return write_hf_directory(
+        engine.module.model.config, engine.full_parameters(), tokenizer, out_dir, DTYPES[dtype], writer=rank == 0
+    )
 
 
-def _engine_state_dict(engine_dir: Path, backend: str, model) -> dict[str, torch.Tensor]:
-    """The HF model's full fp32 state dict read from a checkpoint's ``engine/`` directory."""
+def _checkpoint_parameters(engine_dir: Path, backend: str, model):
+    """(name, fp32 tensor) of a checkpoint's ``engine/`` directory, one parameter at a time."""
+    names = list(dict.fromkeys(n for n, _ in model.named_parameters()))  # tied: the first name only
     if backend == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        full = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="engine")
-        return {k[len("model.") :]: v for k, v in full.items() if k.startswith("model.")}
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(engine_dir), tag="engine", lazy_mode=True)
+        for name in names:
+            yield name, lazy[f"model.{name}"].contiguous().float()
+        return
     import torch.distributed.checkpoint as dcp
 
-    model.to_empty(device="cpu")
-    state = {f"model.{k}": v for k, v in model.state_dict().items()}
-    dcp.load({"model": state}, checkpoint_id=str(engine_dir), no_dist=True)
-    return {k[len("model.") :]: v for k, v in state.items()}
+    shapes = dict(model.named_parameters())
+    for name in names:  # DCP reads only the requested keys
+        tensor = torch.empty(shapes[name].shape, dtype=torch.float32)
+        dcp.load({"model": {f"model.{name}": tensor}}, checkpoint_id=str(engine_dir), no_dist=True)
+        yield name, tensor
 
 
 def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
-    """Write the model of training checkpoint ``checkpoint_dir`` (``.../checkpoints/step_X``) and
-    its tokenizer to ``out_dir`` in Hugging Face format.  Runs in one process, no GPU needed."""
+    """Write the model of training checkpoint ``checkpoint_dir`` (``.../checkpoints/step_X``) and its
+    tokenizer to ``out_dir`` in Hugging Face format.  One process, no GPU; streamed like the final export."""
     from recall_dist.data import load_tokenizer
     from recall_dist.train.models import build_model
 
     checkpoint_dir = Path(checkpoint_dir)
     cfg = train_config_from_dict(load_yaml(checkpoint_dir / "config.yaml"))
     model = build_model(cfg.model, meta=True)
-    state = _engine_state_dict(checkpoint_dir / "engine", cfg.backend.name, model)
-    model.to_empty(device="cpu")
-    model.load_state_dict(state, strict=False)
-    return _save_hf(model, state, load_tokenizer(cfg.model.tokenizer_name), out_dir)
+    parameters = _checkpoint_parameters(checkpoint_dir / "engine", cfg.backend.name, model)
+    return write_hf_directory(
+        model.config, parameters, load_tokenizer(cfg.model.tokenizer_name), out_dir, DTYPES[cfg.model.dtype]
+    )

@@ -1,28 +1,35 @@
 """Training metrics: JSON lines at ``<output_dir>/metrics.jsonl`` on rank 0 (TensorBoard and W&B
-optional), plus the reduction of one optimizer step's micro-batch statistics."""
+optional).  A step's statistics come from the loss (``losses/step.py``): they describe the whole step."""
 
 from __future__ import annotations
 
 import json
+import math
+import os
 from pathlib import Path
 
-_SUMMED = ("tokens", "nonfinite_tokens")
-_MAXED = ("weight_max",)
+# What a step's loss reports; a step with a non-finite token has no meaningful value for any of them.
+_LOSS_VALUES = ("loss", "nll", "divergence")
 
 
-def combine_micro_stats(micro_stats: list[dict[str, float]]) -> dict[str, float]:
-    """One step's statistics from its micro-batches' (each already global over DP): counts are
-    summed, maxima maxed, the rest averaged (each micro-batch is one term of the step's objective)."""
-    out = {}
-    for key in micro_stats[0]:
-        values = [float(s[key]) for s in micro_stats if key in s]
-        if key in _SUMMED:
-            out[key] = sum(values)
-        elif key in _MAXED:
-            out[key] = max(values)
-        else:
-            out[key] = sum(values) / len(values)
-    return out
+def nonfinite_step(stats: dict[str, float]) -> bool:
+    """Whether a step's loss or gradient norm was non-finite (the engine skipped its update)."""
+    norm = stats.get("grad_norm")
+    return (
+        stats.get("nonfinite_tokens", 0.0) > 0
+        or not math.isfinite(stats.get("loss", 0.0))
+        or (norm is not None and not math.isfinite(norm))
+    )
+
+
+def mark_nonfinite(stats: dict[str, float]) -> dict[str, float]:
+    """Report a step with non-finite tokens as NaN loss, never as the 0.0 the skipped update used
+    (``json`` writes NaN/Infinity, which Python's ``json`` and pandas read back)."""
+    if stats.get("nonfinite_tokens", 0.0) > 0:
+        for key in _LOSS_VALUES:
+            if key in stats:
+                stats[key] = float("nan")
+    return stats
 
 
 class MetricsLogger:
@@ -53,6 +60,8 @@ class MetricsLogger:
             self._wandb = wandb_module.init(config=run_config or {}, dir=str(output_dir))
 
     def truncate_after(self, step: int) -> None:
+        """Drop the lines of steps after ``step`` (the resumed run logs them again); the file is
+        replaced atomically, so a kill during the rewrite leaves the old one."""
         if not self.enabled or not self.path.is_file():
             return
         lines = [
@@ -60,7 +69,12 @@ class MetricsLogger:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
         ]
-        self.path.write_text("".join(line + "\n" for line in lines))
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -1,5 +1,11 @@
-"""Hugging Face causal LMs for training: built from a hub name, a local directory or a config dict
-(random init, or on the meta device for planning), with the attention kernel chosen for the device.
+"""Hugging Face causal LMs for training, built without a full copy per rank.
+
+``build_model(cfg, meta=True)`` builds the architecture on the meta device (no memory): what the
+backends shard, the planner counts and the exporter fills.  ``build_model(cfg)`` materialises it in
+one process: the same construction, then every parameter written from the model's weight source
+(``weights.py``): the pretrained safetensors of ``name_or_path``, or the seeded per-module
+initialisation for ``config`` models.  So a one-process model and a sharded one start from the same
+weights for the same seed.
 
 In training the model never produces logits: ``decoder_of(model)`` gives the hidden states and the
 loss head (``loss_head.py``) does the output matmul inside the fused loss.
@@ -8,12 +14,16 @@ loss head (``loss_head.py``) does the output matmul inside the fused loss.
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from recall_dist.constants import DTYPES
-from recall_dist.train.config import ModelConfig
+from recall_dist.train.weights import RandomInit, SafetensorsCheckpoint, load_weights, reset_buffers
+
+if TYPE_CHECKING:
+    from recall_dist.train.config import ModelConfig
 
 
 def resolve_attn_implementation(requested: str = "auto", device_type: str | None = None) -> str:
@@ -26,36 +36,71 @@ def resolve_attn_implementation(requested: str = "auto", device_type: str | None
     return "sdpa"
 
 
-def model_config(cfg: ModelConfig):
-    """The ``transformers`` config object of ``cfg`` (no weights loaded)."""
-    from transformers import AutoConfig
+def construct(cfg: ModelConfig, dtype: torch.dtype, device_type: str | None = None) -> nn.Module:
+    """The architecture of ``cfg`` built in the current device context (meta, or inside DeepSpeed's
+    ``zero.Init``), with Hugging Face's weight initialisation skipped: weights come from ``load_weights``."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
-    if cfg.config is not None:
-        params = dict(cfg.config)
-        return AutoConfig.for_model(params.pop("model_type"), **params)
-    return AutoConfig.from_pretrained(cfg.name_or_path)
+    attn = resolve_attn_implementation(cfg.attn_implementation, device_type)
+    with no_init_weights():  # (which also skips the tying done by post_init: tie explicitly)
+        model = AutoModelForCausalLM.from_config(cfg.hf_config(), dtype=dtype, attn_implementation=attn)
+    model.tie_weights()
+    model.config.use_cache = False
+    return model
+
+
+def checkpoint_directory(name_or_path: str) -> Path:
+    """A local directory holding ``name_or_path``'s safetensors: the path itself, or the Hugging Face
+    cache's snapshot of a hub model (downloaded by ``huggingface_hub`` where the network allows)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(name_or_path, allow_patterns=["*.safetensors", "*.json"]))
+
+
+def weight_source(cfg: ModelConfig, model: nn.Module, seed: int):
+    """Where ``model``'s initial weights come from: pretrained safetensors, or the seeded initialisation."""
+    if cfg.name_or_path is not None:
+        return SafetensorsCheckpoint(checkpoint_directory(cfg.name_or_path))
+    return RandomInit(model, seed)
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def build_model(
-    cfg: ModelConfig, *, meta: bool = False, gradient_checkpointing: bool = False, device_type: str | None = None
+    cfg: ModelConfig,
+    *,
+    meta: bool = False,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    gradient_checkpointing: bool = False,
+    device_type: str | None = None,
 ) -> nn.Module:
-    """The causal LM of ``cfg``: pretrained weights from ``name_or_path``, random init from ``config``
-    (seed the RNG first for reproducible weights), or parameters on the meta device (``meta=True``)."""
-    from transformers import AutoModelForCausalLM
-
-    attn = resolve_attn_implementation(cfg.attn_implementation, device_type)
-    dtype = DTYPES[cfg.dtype]
-    if meta:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_config(cfg), dtype=dtype, attn_implementation=attn)
-    elif cfg.config is not None:
-        model = AutoModelForCausalLM.from_config(model_config(cfg), dtype=dtype, attn_implementation=attn)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(cfg.name_or_path, dtype=dtype, attn_implementation=attn)
+    """The causal LM of ``cfg`` in ``dtype``: on the meta device (``meta=True``), or materialised on
+    ``device`` with its weights from ``weight_source`` (pretrained, or initialised from ``seed``)."""
+    with torch.device("meta"):
+        model = construct(cfg, dtype, device_type or torch.device(device).type)
     if gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.config.use_cache = False
+        enable_gradient_checkpointing(model)
+    if meta:
+        return model
+    materialize(model, device)
+    load_weights(model, weight_source(cfg, model, seed))
     return model
+
+
+def materialize(model: nn.Module, device: str | torch.device) -> None:
+    """Allocate the meta (or FSDP2-sharded meta) parameters on ``device``, uninitialised, and recompute
+    the buffers.  ``to_empty`` replaces each module's parameters, which unties shared ones: re-tie."""
+    model.to_empty(device=device)
+    model.tie_weights()
+    reset_buffers(model)
 
 
 def decoder_of(model: nn.Module) -> nn.Module:

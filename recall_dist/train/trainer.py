@@ -18,18 +18,19 @@ import torch
 from tqdm import tqdm
 
 from recall_dist.configtree import to_dict
+from recall_dist.constants import IGNORE_INDEX
 from recall_dist.data.dataset import build_dataset
 from recall_dist.data.loader import DistributedBatchIterator
+from recall_dist.data.validation import validate_data_source
 from recall_dist.distributed.collectives import all_reduce_
 from recall_dist.train.backends import build_engine
-from recall_dist.train.checkpoint import Checkpointer, checkpoint_step, rng_state, set_rng_state
+from recall_dist.train.checkpoint import Checkpointer, checkpoint_step, latest_checkpoint, rng_state, set_rng_state
 from recall_dist.train.config import TrainConfig, validate_resources
 from recall_dist.train.distributed import init_distributed, shutdown
 from recall_dist.train.export import export_from_engine
-from recall_dist.train.loss_head import CausalLMWithLossHead
-from recall_dist.train.metrics import MetricsLogger, combine_micro_stats
-from recall_dist.train.models import build_model
+from recall_dist.train.metrics import MetricsLogger, mark_nonfinite, nonfinite_step
 from recall_dist.train.preemption import PreemptionWatcher, clear_preempted, mark_preempted
+from recall_dist.train.rundir import clear_diverged, mark_diverged, open_run
 
 
 @dataclass
@@ -72,9 +73,8 @@ def setup(cfg: TrainConfig, tokenizer, ctx) -> Run:
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
     loss = cfg.loss.build()
-    model = build_model(cfg.model, gradient_checkpointing=cfg.train.gradient_checkpointing, device_type=ctx.device.type)
-    wrapper = CausalLMWithLossHead(model, loss, ctx.dp_group, chunk_size=cfg.loss.chunk_size)
-    engine = build_engine(cfg, wrapper, ctx, accumulation, total)
+    # The engine builds the model itself, sharded or partitioned from the start (backends/__init__.py).
+    engine = build_engine(cfg, ctx, loss, accumulation, total)
     return Run(cfg, ctx, tokenizer, batches, loss, engine, accumulation, total)
 
 
@@ -84,26 +84,34 @@ def endless(batches: DistributedBatchIterator):
         yield from batches
 
 
+def step_token_count(micro_batches: list[dict[str, torch.Tensor]], dp_group) -> float:
+    """Valid targets of the whole optimizer step (every micro-batch, every data-parallel rank), counted
+    as the loss head counts them: ``labels[:, 1:]`` that are not ``IGNORE_INDEX``."""
+    local = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches)
+    return float(all_reduce_(local.to(torch.float64).reshape(1), "sum", dp_group).item())
+
+
 def train_step(run: Run, data) -> dict[str, float]:
-    """One optimizer step: ``accumulation_steps`` micro-batches forward/backward, then the update.
-    A step with non-finite tokens (the loss already zeroed it on every rank) skips the update."""
-    engine, device = run.engine, run.ctx.device
-    micro_stats, input_tokens = [], torch.zeros(1, device=device)
-    for _ in range(run.accumulation_steps):
-        batch = {k: v.to(device) for k, v in next(data).items()}
-        input_tokens += (batch["sequence_ids"] >= 0).sum()
-        if run.cfg.data.packing:  # attend within each packed example: HF derives it from position_ids
-            batch.pop("attention_mask")
-        loss, stats = engine.forward(batch)
-        engine.backward(loss)
-        micro_stats.append(stats)
-    stats = combine_micro_stats(micro_stats)
-    skip = stats.get("nonfinite_tokens", 0.0) > 0
+    """One optimizer step = one weighted NLL over all of its tokens (``losses/step.py``): every
+    micro-batch's gradient with the step's provisional scale, then the engine rescales the sum by the
+    step's exact normaliser before clipping and the update.  A step with non-finite tokens (the loss
+    already zeroed their gradients on every rank) or a non-finite gradient norm is skipped."""
+    engine, device, dp_group = run.engine, run.ctx.device, run.ctx.dp_group
+    micro = [{k: v.to(device) for k, v in next(data).items()} for _ in range(run.accumulation_steps)]
+    input_tokens = all_reduce_(sum((b["sequence_ids"] >= 0).sum() for b in micro).reshape(1), "sum", dp_group)
+    with run.loss.optimizer_step(step_token_count(micro, dp_group)) as objective:
+        for batch in micro:
+            if run.cfg.data.packing:  # attend within each packed example: HF derives it from position_ids
+                batch.pop("attention_mask")
+            loss, _ = engine.forward(batch)
+            engine.backward(loss)
+        grad_scale = objective.gradient_scale()
+        stats = objective.stats() | run.loss.rule.extra_stats()
     stats["lr"] = engine.lr()  # the rate this step's update uses
-    grad_norm = engine.step(skip=skip)
-    stats.update(skipped=float(skip), input_tokens=float(all_reduce_(input_tokens, "sum", run.ctx.dp_group).item()))
-    if grad_norm is not None:
-        stats["grad_norm"] = grad_norm
+    result = engine.step(grad_scale=grad_scale, skip=stats["nonfinite_tokens"] > 0)
+    stats.update(skipped=float(result.skipped), input_tokens=float(input_tokens.item()))
+    if result.grad_norm is not None:
+        stats["grad_norm"] = result.grad_norm
     return stats
 
 
@@ -119,8 +127,8 @@ def save_checkpoint(run: Run, checkpointer: Checkpointer) -> Path:
     return checkpointer.save(run.engine, run.step, state, to_dict(run.cfg))
 
 
-def resume(run: Run, checkpointer: Checkpointer) -> None:
-    path = checkpointer.resolve(run.cfg.train.resume)
+def resume(run: Run, checkpointer: Checkpointer, path: Path | None) -> None:
+    """Continue from checkpoint ``path`` (picked and verified by ``open_run``); None: a fresh start."""
     if path is None:
         return
     state = checkpointer.load(path, run.engine)
@@ -140,22 +148,52 @@ def run_training(cfg: TrainConfig, on_checkpoint=None) -> dict:
     ``on_checkpoint(path, step)``, when given, is called on every rank right after each complete
     checkpoint (Ray Train reports it, so that its restore hands restarted workers the right one)."""
     tokenizer = validate_resources(cfg)  # config errors surface before anything is written
-    ctx = init_distributed()
+    validate_data_source(cfg.data)  # and a bad data file, before any process group exists
+    ctx = init_distributed(cfg.train.dist_timeout_minutes)
+    lock = None
     try:
-        return _train(cfg, tokenizer, ctx, on_checkpoint)
+        # The output_dir's lock, the rules for a used one, the verified checkpoint of the same experiment.
+        lock, start = open_run(cfg, ctx)
+        return _train(cfg, tokenizer, ctx, start, on_checkpoint)
     finally:
+        if lock is not None:
+            lock.release()
         shutdown(ctx)
 
 
-def _train(cfg: TrainConfig, tokenizer, ctx, on_checkpoint=None) -> dict:
+class TrainingDiverged(RuntimeError):
+    """``train.max_bad_steps`` consecutive non-finite steps: the run stopped, saved nothing, exported nothing."""
+
+    def __init__(self, message: str, step: int):
+        super().__init__(message)
+        self.step = step
+
+
+def _diverged(run: Run, out: Path, bad_steps: int, stats: dict) -> TrainingDiverged:
+    first, is_main = run.step - bad_steps + 1, run.ctx.is_main
+    if is_main:
+        mark_diverged(out, {"step": run.step, "bad_steps": [first, run.step], "last": stats})
+    latest = latest_checkpoint(out / "checkpoints")
+    return TrainingDiverged(
+        f"training diverged: steps {first}-{run.step} ({bad_steps} in a row = train.max_bad_steps) had a "
+        f"non-finite loss or gradient norm (last: loss {stats.get('loss')}, grad_norm {stats.get('grad_norm')}); "
+        f"stopped without saving or exporting (report: {out / 'DIVERGED'}; latest checkpoint: "
+        f"{latest or 'none'}).  Lower optim.lr or check the data, then start over (train.resume=none "
+        f"train.overwrite=true) or continue that checkpoint with train.allow_config_change=true.",
+        run.step,
+    )
+
+
+def _train(cfg: TrainConfig, tokenizer, ctx, start: Path | None = None, on_checkpoint=None) -> dict:
     run = setup(cfg, tokenizer, ctx)
     out = Path(cfg.train.output_dir)
-    checkpointer = Checkpointer(out, ctx.rank, cfg.train.keep_checkpoints)
-    resume(run, checkpointer)
+    checkpointer = Checkpointer(out, ctx.rank, cfg.train.keep_checkpoints, cfg.train.verify_checkpoints)
+    resume(run, checkpointer, start)
     logger = MetricsLogger(out, ctx.is_main, cfg.train.tensorboard, cfg.train.wandb, to_dict(cfg))
     logger.truncate_after(run.step)
     if ctx.is_main:
         clear_preempted(out)
+        clear_diverged(out)
     watcher = PreemptionWatcher(ctx.dp_group, ctx.device)
     bar = tqdm(
         total=run.total_steps,
@@ -166,19 +204,24 @@ def _train(cfg: TrainConfig, tokenizer, ctx, on_checkpoint=None) -> dict:
     )
     # A resumed run already has a checkpoint at its starting step.
     data, stats, saved_at, preempted = endless(run.batches), {}, (run.step or None), False
+    bad_steps = 0  # consecutive non-finite steps (the same count on every rank: the stats are global)
     try:
         while run.step < run.total_steps:
-            start = time.perf_counter()
+            began = time.perf_counter()
             stats = train_step(run, data)
             run.step += 1
             run.skipped_steps += int(stats["skipped"])
+            bad_steps = bad_steps + 1 if nonfinite_step(stats) else 0
+            mark_nonfinite(stats)
             stats.update(
-                tokens_per_s=stats["input_tokens"] / (time.perf_counter() - start), skipped_steps=run.skipped_steps
+                tokens_per_s=stats["input_tokens"] / (time.perf_counter() - began), skipped_steps=run.skipped_steps
             )
-            if run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
+            if bad_steps or run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
                 logger.log(run.step, stats)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+            if bad_steps >= cfg.train.max_bad_steps:
+                break
             if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0:
                 path = save_checkpoint(run, checkpointer)
                 saved_at = run.step
@@ -187,15 +230,18 @@ def _train(cfg: TrainConfig, tokenizer, ctx, on_checkpoint=None) -> dict:
             if run.step < run.total_steps and watcher.should_stop():
                 preempted = True
                 break
-        if saved_at != run.step:
+        diverged = None
+        if bad_steps >= cfg.train.max_bad_steps:  # no checkpoint of a diverged state, no export
+            diverged = _diverged(run, out, bad_steps, stats)
+        elif saved_at != run.step:
             path = save_checkpoint(run, checkpointer)
             if on_checkpoint is not None:
                 on_checkpoint(path, run.step)
-        if preempted:
+        if diverged is None and preempted:
             if ctx.is_main:
                 mark_preempted(out, run.step)
-        elif cfg.train.export_final:
-            export_from_engine(run.engine, tokenizer, out / "final", ctx.rank)
+        elif diverged is None and cfg.train.export_final:
+            export_from_engine(run.engine, tokenizer, out / "final", ctx.rank, cfg.model.dtype)
         # Leave together: a rank that tears down its gloo group while another still writes the
         # export was seen to abort at exit ("terminate called without an active exception").
         # Success path only: after an exception a barrier could wait forever on a dead peer.
@@ -205,6 +251,8 @@ def _train(cfg: TrainConfig, tokenizer, ctx, on_checkpoint=None) -> dict:
         bar.close()
         watcher.close()
         logger.close()
+    if diverged is not None:
+        raise diverged
     return {
         "step": run.step,
         "total_steps": run.total_steps,

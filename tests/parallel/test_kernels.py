@@ -54,9 +54,15 @@ def ours(entry, hidden, weight, target, loss, **kw):
 @pytest.mark.parametrize("case", RULE_CASES, ids=case_id)
 def test_matches_naive_fp64(entry, case):
     name, params = case
+    loss, state = build_loss(name, **params), NaiveTruncState(params.get("buffer_size", 10**6))
+    if name in ("truncr", "truncp"):  # a first step fills the buffer: the second one truncates
+        reference(*make(torch.float64, seed=1), name, params, steps_state=state)
+        ours(entry, *make(torch.float64, seed=1), loss)
     hidden, weight, target = make(torch.float64)
-    ref, rgh, rgw = reference(hidden, weight, target, name, params)
-    out, gh, gw = ours(entry, hidden, weight, target, build_loss(name, **params))
+    ref, rgh, rgw = reference(hidden, weight, target, name, params, steps_state=state)
+    out, gh, gw = ours(entry, hidden, weight, target, loss)
+    if name in ("truncr", "truncp"):
+        assert 0 < out.stats["kept_fraction"] < 1  # the threshold did bite
     assert torch.allclose(out.loss.double(), ref, rtol=1e-10, atol=1e-12)
     assert out.stats["loss"] == pytest.approx(float(ref), rel=1e-10)
     assert torch.allclose(gh, rgh, rtol=1e-9, atol=1e-12)
@@ -94,19 +100,21 @@ def test_truncation_over_steps_and_state_round_trip(entry):
         out, gh, _ = ours(entry, hidden, weight, target, loss)
         assert torch.allclose(out.loss.double(), ref, rtol=1e-10)
         assert torch.allclose(gh, rgh, rtol=1e-9, atol=1e-12)
-        assert (out.stats["tau"] == out.stats["tau"]) == (step >= 1)  # B=4 sequences a step, min_count 6
+        # B=4 sequences a step, min_count 6: the buffer holds 8 values when step 2 starts
+        assert (out.stats["tau"] == out.stats["tau"]) == (step >= 2)
 
 
 def test_truncr_keeps_exactly_the_intended_fraction():
     torch.manual_seed(0)
     n, drop = 400, 0.3
     loss = build_loss("truncr", drop=drop, granularity="token", buffer_size=n, min_count=n)
-    h, w = torch.randn(n, 8), torch.randn(30, 8)
-    out = fused_linear_loss(h, w, torch.randint(0, 30, (n,)), loss)
-    assert out.stats["kept_fraction"] == pytest.approx(1 - drop)
+    h, w, target = torch.randn(n, 8), torch.randn(30, 8), torch.randint(0, 30, (n,))
+    # The first step fills the buffer (and keeps everything); the same tokens again: exactly 1 - drop.
+    assert fused_linear_loss(h, w, target, loss).stats["kept_fraction"] == 1.0
+    assert fused_linear_loss(h, w, target, loss).stats["kept_fraction"] == pytest.approx(1 - drop)
     loss_p = build_loss("truncp", drop=drop, granularity="token", buffer_size=n, min_count=n)
-    out = vocab_parallel_loss(h @ w.t(), torch.randint(0, 30, (n,)), loss_p)
-    assert out.stats["kept_fraction"] == pytest.approx(1 - drop)
+    vocab_parallel_loss(h @ w.t(), target, loss_p)
+    assert vocab_parallel_loss(h @ w.t(), target, loss_p).stats["kept_fraction"] == pytest.approx(1 - drop)
 
 
 @pytest.mark.parametrize("entry", ["fused", "logits"])

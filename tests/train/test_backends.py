@@ -61,7 +61,7 @@ def _reference_grads(data: dict) -> dict[str, torch.Tensor]:
     seed_everything(cfg.train.seed)
     dataset = build_dataset(cfg.data, tokenizer)
     batches = DistributedBatchIterator(dataset, cfg.train.micro_batch_size * WORLD, 0, 1, seed=cfg.train.seed)
-    model = build_model(cfg.model)
+    model = build_model(cfg.model, seed=cfg.train.seed)  # the weights every backend starts from
     reference_loss(model, next(iter(batches)), cfg.loss.params["alpha"]).backward()
     return {f"model.{name}": p.grad for name, p in model.named_parameters()}
 

@@ -1,15 +1,31 @@
-"""Backends behind one seam: each turns the wrapped model and the optimizer config into an
-``Engine`` (forward / backward / step / save / load / export).  The training loop only sees ``Engine``.
+"""Backends behind one seam: each builds the model itself (sharded or partitioned from the start, never
+a full copy per rank) and turns it, with the optimizer config, into an ``Engine`` (forward / backward /
+step / save / load / export).  The training loop only sees ``Engine``: "model config in, sharded engine out".
+
+Precision, one rule for both backends: ``backend.bf16`` is the *compute* dtype (forward and backward
+matmuls in bf16); the master weights and the optimizer states are always fp32.  ``model.dtype`` is the
+dtype of the weights at rest: how ``name_or_path`` is read and what ``final/`` is written in.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
 
 from recall_dist.train.config import OptimConfig, TrainConfig
+
+
+@dataclass
+class StepResult:
+    """What one optimizer step did: the gradient norm before clipping (of the true, rescaled
+    gradient; nan/inf when non-finite) and whether the update was skipped."""
+
+    grad_norm: float | None
+    skipped: bool
 
 
 class Engine(Protocol):
@@ -20,21 +36,26 @@ class Engine(Protocol):
     def forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, float]]: ...
 
     def backward(self, loss: torch.Tensor) -> None:
-        """Accumulate gradients of one micro-batch (scaled by 1/accumulation steps inside)."""
+        """Add one micro-batch's gradient.  ``loss`` is already that micro-batch's share of the step's
+        objective: the engine sums micro-batches (no division by the accumulation steps) and averages
+        over data-parallel ranks (the loss is scaled by the DP size for that)."""
 
-    def step(self, skip: bool = False) -> float | None:
-        """End of an optimizer step: clip, update (unless ``skip``), advance the LR schedule, zero
-        the gradients.  Returns the gradient norm before clipping when the backend reports it."""
+    def step(self, grad_scale: float = 1.0, skip: bool = False) -> StepResult:
+        """End of an optimizer step: multiply the accumulated gradients by ``grad_scale`` (the step's
+        exact normaliser, known only after its last forward), clip, update unless ``skip`` or the norm
+        is non-finite, advance the LR schedule, zero the gradients."""
 
     def lr(self) -> float: ...
 
     def save(self, directory: str) -> None:
-        """Model, optimizer and LR schedule into ``directory`` (shared by all ranks)."""
+        """Model, optimizer and LR schedule into ``directory`` (shared by all ranks), sharded per rank."""
 
-    def load(self, directory: str) -> None: ...
+    def load(self, directory: str) -> None:
+        """Restore from ``directory``, also when it was saved by a different number of ranks."""
 
-    def full_state_dict(self) -> dict[str, torch.Tensor] | None:
-        """The Hugging Face model's full state dict on rank 0 (None elsewhere)."""
+    def full_parameters(self) -> Iterator[tuple[str, torch.Tensor | None]]:
+        """(name, full fp32 master value on rank 0 / None elsewhere) for every distinct parameter of the
+        Hugging Face model, one at a time (collective); tied parameters once, under their first name."""
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         """Full (unsharded, DP-averaged) gradients by parameter name, after ``backward``; for tests."""
@@ -84,19 +105,21 @@ class LRSchedule:
         self._apply()
 
 
-def torch_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+def torch_optimizer(cfg: OptimConfig, params, device_type: str = "cpu") -> torch.optim.Optimizer:
+    """Adam(W) over ``params``; the fused CUDA kernel on GPUs (one launch per step instead of several per
+    tensor), the default multi-tensor path elsewhere."""
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay)
+    fused = {"fused": True} if device_type == "cuda" else {}
+    return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
 
 
-def build_engine(
-    cfg: TrainConfig, wrapper: torch.nn.Module, ctx: Any, accumulation_steps: int, total_steps: int
-) -> Engine:
-    """The engine of ``cfg.backend.name`` around ``wrapper`` (a ``CausalLMWithLossHead``)."""
+def build_engine(cfg: TrainConfig, ctx: Any, loss, accumulation_steps: int, total_steps: int) -> Engine:
+    """The engine of ``cfg.backend.name``: it builds the model of ``cfg.model`` (weights from the pretrained
+    checkpoint or the seeded initialisation, only this rank's part), wraps it with the loss head and shards it."""
     if cfg.backend.name == "deepspeed":
         from recall_dist.train.backends.deepspeed import DeepSpeedEngine
 
-        return DeepSpeedEngine(cfg, wrapper, ctx, accumulation_steps, total_steps)
+        return DeepSpeedEngine(cfg, ctx, loss, accumulation_steps, total_steps)
     from recall_dist.train.backends.fsdp2 import FSDP2Engine
 
-    return FSDP2Engine(cfg, wrapper, ctx, accumulation_steps, total_steps)
+    return FSDP2Engine(cfg, ctx, loss, accumulation_steps, total_steps)

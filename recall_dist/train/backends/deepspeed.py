@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 
 import torch
 
-from recall_dist.train.backends import LRSchedule, lr_lambda, torch_optimizer
+from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, torch_optimizer
+from recall_dist.train.backends.zero_resharding import load_other_world_size, saved_dp_size
 from recall_dist.train.config import TrainConfig
-from recall_dist.train.loss_head import register_zero3_head
+from recall_dist.train.loss_head import CausalLMWithLossHead, register_zero3_head
+from recall_dist.train.models import build_model, construct, enable_gradient_checkpointing, materialize, weight_source
+from recall_dist.train.weights import load_weights
 
 
 def deepspeed_config(cfg: TrainConfig, accumulation_steps: int, world_size: int) -> dict:
@@ -56,17 +60,69 @@ def deepspeed_config(cfg: TrainConfig, accumulation_steps: int, world_size: int)
     return ds
 
 
-class DeepSpeedEngine:
-    """``deepspeed.initialize`` around the ``CausalLMWithLossHead``; DeepSpeed averages gradients over
-    the data-parallel ranks and divides by the accumulation steps itself."""
+@contextlib.contextmanager
+def _zero3_construction(ds_config: dict):
+    """The contexts transformers itself enters to build a model under ZeRO-3 (``from_config`` with a live
+    ``HfDeepSpeedConfig``): ``zero.Init`` partitions every parameter as its module is created, so no rank
+    ever holds the full model.  Hugging Face's own initialisation is skipped (it would gather every module
+    to rank 0): the weights come from ``load_weights``, partition by partition."""
+    import deepspeed
+    from transformers.initialization import no_init_weights
+    from transformers.integrations.deepspeed import HfDeepSpeedConfig, prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
 
-    def __init__(self, cfg: TrainConfig, wrapper: torch.nn.Module, ctx, accumulation_steps: int, total_steps: int):
+    deepspeed.init_distributed()  # joins our process group: zero.Init reads the world size from it
+    hf_ds_config = HfDeepSpeedConfig(ds_config)  # transformers keeps a weakref: alive for the build
+    with (
+        no_init_weights(),
+        prevent_arange_dtype_change(),  # before zero.Init: RoPE buffers keep their fp32 dtype
+        deepspeed.zero.Init(config_dict_or_path=ds_config),
+        set_zero3_state(),  # from_config must not enter a second zero.Init
+    ):
+        yield
+    del hf_ds_config
+
+
+def build_deepspeed_model(cfg: TrainConfig, ctx, ds_config: dict) -> torch.nn.Module:
+    """The model of ``cfg.model`` with this rank's weights: partitioned from construction under ZeRO-3;
+    under ZeRO-2 (every rank holds the parameters) materialised on the device straight from the meta
+    device, in the compute dtype (DeepSpeed keeps the fp32 masters in its optimizer)."""
+    dtype = torch.bfloat16 if cfg.backend.bf16 else torch.float32
+    if cfg.backend.zero_stage == 3:
+        with _zero3_construction(ds_config):
+            model = construct(cfg.model, dtype, ctx.device.type)
+        if cfg.train.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
+    else:
+        model = build_model(
+            cfg.model,
+            meta=True,
+            dtype=dtype,
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+            device_type=ctx.device.type,
+        )
+        materialize(model, ctx.device)
+    load_weights(model, weight_source(cfg.model, model, cfg.train.seed))
+    return model
+
+
+class DeepSpeedEngine:
+    """``deepspeed.initialize`` around the ``CausalLMWithLossHead``.  DeepSpeed averages gradients over
+    the data-parallel ranks; the micro-batch losses are already the step's shares, so ``backward`` does not
+    divide by the accumulation steps, and ``step`` applies the step's exact normaliser through the ZeRO
+    optimizer's loss scale (which it divides out before the norm, the clipping and the update)."""
+
+    def __init__(self, cfg: TrainConfig, ctx, loss, accumulation_steps: int, total_steps: int):
         import deepspeed
 
         self.ds_config = deepspeed_config(cfg, accumulation_steps, ctx.world_size)
+        model = build_deepspeed_model(cfg, ctx, self.ds_config)
+        wrapper = CausalLMWithLossHead(model, loss, ctx.dp_group, chunk_size=cfg.loss.chunk_size)
         if cfg.backend.zero_stage == 3:
             register_zero3_head(wrapper)
-        optimizer = None if "optimizer" in self.ds_config else torch_optimizer(cfg.optim, wrapper.parameters())
+        optimizer = None
+        if "optimizer" not in self.ds_config:
+            optimizer = torch_optimizer(cfg.optim, wrapper.parameters(), ctx.device.type)
         factor = lr_lambda(cfg.optim, total_steps)
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=wrapper,
@@ -76,57 +132,90 @@ class DeepSpeedEngine:
         )
         self.module = self.ds.module
         self.device = ctx.device
+        self.world_size = ctx.world_size
+        self._skip_update = False
+        self._guard_inner_step()
 
     def forward(self, batch):
         return self.ds(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        self.ds.backward(loss)
+        self.ds.backward(loss, scale_wrt_gas=False)
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # only advances DeepSpeed's micro-step counter
 
+    def _guard_inner_step(self) -> None:
+        """Skip the inner torch optimizer's update when we decided to skip the step or when the ZeRO
+        optimizer found a non-finite gradient norm (with bf16 it would otherwise apply NaNs): the fp32
+        masters and Adam moments stay as they were, and ZeRO copies the unchanged masters back."""
+        zero = self.ds.optimizer
+        inner = getattr(zero, "optimizer", zero)
+        original = inner.step
+
+        def guarded(*args, **kwargs):
+            norm = getattr(zero, "_global_grad_norm", None)
+            if self._skip_update or (norm is not None and not math.isfinite(float(norm))):
+                return None
+            return original(*args, **kwargs)
+
+        inner.step = guarded
+
     @contextlib.contextmanager
-    def _frozen_update(self):
-        """Make the ZeRO optimizer's inner torch step a no-op: the fp32 master weights and Adam
-        moments stay as they were, and ZeRO copies the unchanged masters back."""
-        inner = getattr(self.ds.optimizer, "optimizer", self.ds.optimizer)
-        shadowed = inner.__dict__.get("step")
-        inner.step = lambda *args, **kwargs: None
+    def _gradient_scale(self, grad_scale: float):
+        """ZeRO divides the accumulated gradients by its loss scale before the norm, the clipping and the
+        update; a scale of 1 / grad_scale multiplies them by grad_scale.  Restored right after the step,
+        so every backward runs unscaled."""
+        zero = self.ds.optimizer
+        if grad_scale == 1.0 or not hasattr(zero, "override_loss_scale"):
+            yield
+            return
+        zero.override_loss_scale(1.0 / grad_scale)
         try:
             yield
         finally:
-            if shadowed is None:
-                del inner.step
-            else:
-                inner.step = shadowed
+            zero.custom_loss_scaler, zero.external_loss_scale = False, None
 
-    def step(self, skip: bool = False) -> float | None:
-        with self._frozen_update() if skip else contextlib.nullcontext():
-            self.ds.step()
+    def step(self, grad_scale: float = 1.0, skip: bool = False) -> StepResult:
+        self._skip_update = skip
+        try:
+            with self._gradient_scale(grad_scale):
+                self.ds.step()
+        finally:
+            self._skip_update = False
         norm = self.ds.get_global_grad_norm()
-        return None if norm is None else float(norm)
+        norm = None if norm is None else float(norm)
+        return StepResult(norm, skip or (norm is not None and not math.isfinite(norm)))
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory: str) -> None:
+        # DeepSpeed's own format: every rank writes its optimizer partition (no gather).
         self.ds.save_checkpoint(directory, tag="engine", save_latest=False)
 
     def load(self, directory: str) -> None:
+        saved_world = saved_dp_size(directory)
+        if saved_world is not None and saved_world != self.world_size:
+            load_other_world_size(self.ds, directory, saved_world, self.world_size)
+            return
         path, _ = self.ds.load_checkpoint(
             directory, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
 
-    def full_state_dict(self):
-        if self.ds.zero_optimization_partition_weights():
-            state = self.ds._zero3_consolidated_16bit_state_dict()
-        else:
-            state = self.module.state_dict() if torch.distributed.get_rank() == 0 else None
-        if state is None:
-            return None
-        return {k[len("model.") :]: v.detach().cpu().clone() for k, v in state.items() if k.startswith("model.")}
+    def full_parameters(self):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        rank0 = torch.distributed.get_rank() == 0
+        seen: set[int] = set()
+        for name, p in self.module.model.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = safe_get_full_fp32_param(p)  # the fp32 master (collective under ZeRO-3)
+            yield name, (full.detach().float().cpu() if rank0 else None)
+            del full
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_grad

@@ -6,21 +6,20 @@ with a mixed-precision policy, Adam on the sharded (DTensor) parameters, and
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from recall_dist.constants import DTYPES
-from recall_dist.train.backends import LRSchedule, lr_lambda, torch_optimizer
+from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, torch_optimizer
 from recall_dist.train.config import TrainConfig
-from recall_dist.train.models import decoder_layers
+from recall_dist.train.loss_head import CausalLMWithLossHead
+from recall_dist.train.models import build_model, decoder_layers, materialize, weight_source
+from recall_dist.train.weights import load_weights
 
 
 def sharding_plan(model: nn.Module) -> dict[str, list[str]]:
@@ -54,41 +53,58 @@ def apply_fsdp2(wrapper: nn.Module, cfg: TrainConfig) -> nn.Module:
 
 
 class FSDP2Engine:
-    """FSDP2 averages gradients over the data-parallel ranks in its reduce-scatter; we divide the
-    loss by the accumulation steps and skip the optimizer update on a non-finite step."""
+    """Builds the model on the meta device, shards it (``apply_fsdp2``), allocates only this rank's fp32
+    shards (the master weights) and writes them from the weight source; the optimizer steps those fp32
+    shards, so bf16 compute never rounds away a small update.  FSDP2 averages gradients over the
+    data-parallel ranks in its reduce-scatter (in ``fsdp_reduce_dtype``, fp32 by default)."""
 
-    def __init__(self, cfg: TrainConfig, wrapper: nn.Module, ctx, accumulation_steps: int, total_steps: int):
-        # fully_shard moves each rank's shards (and the buffers) to the mesh's device: the full
-        # model never has to fit on one GPU.
+    def __init__(self, cfg: TrainConfig, ctx, loss, accumulation_steps: int, total_steps: int):
+        model = build_model(
+            cfg.model,
+            meta=True,
+            dtype=torch.float32,  # the sharded parameters are the fp32 masters; MixedPrecisionPolicy casts
+            gradient_checkpointing=cfg.train.gradient_checkpointing,
+            device_type=ctx.device.type,
+        )
+        wrapper = CausalLMWithLossHead(model, loss, ctx.dp_group, chunk_size=cfg.loss.chunk_size)
         self.module = apply_fsdp2(wrapper, cfg)
-        self.accumulation_steps = accumulation_steps
+        # With CPU offload the sharded masters live in host memory; FSDP2 copies each unit to the GPU
+        # for its forward/backward.
+        materialize(model, "cpu" if cfg.backend.cpu_offload else ctx.device)
+        source = weight_source(cfg.model, model, cfg.train.seed)
+        load_weights(model, source)
         self.grad_clip = cfg.optim.grad_clip
-        self.optimizer = torch_optimizer(cfg.optim, self.module.parameters())
+        self.optimizer = torch_optimizer(cfg.optim, self.module.parameters(), ctx.device.type)
         self.scheduler = LRSchedule(self.optimizer, lr_lambda(cfg.optim, total_steps), cfg.optim.lr)
 
     def forward(self, batch):
         return self.module(**batch)
 
     def backward(self, loss: torch.Tensor) -> None:
-        (loss / self.accumulation_steps).backward()
+        loss.backward()
 
-    def step(self, skip: bool = False) -> float | None:
+    def step(self, grad_scale: float = 1.0, skip: bool = False) -> StepResult:
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = None
         if params:
+            if grad_scale != 1.0:
+                torch._foreach_mul_([p.grad for p in params], grad_scale)
             max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
             total = torch.nn.utils.clip_grad_norm_(params, max_norm)
             norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
-        if not skip:
+        skipped = skip or (norm is not None and not math.isfinite(norm))
+        if not skipped:
             self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return StepResult(norm, skipped)
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, directory: str) -> None:
+        # Sharded state dicts: each rank writes its own shards, nobody gathers the model; DCP
+        # records the global layout, so a different number of ranks can load it (resharding).
         model_state, optim_state = get_state_dict(self.module, self.optimizer)
         dcp.save(
             {"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict()},
@@ -102,12 +118,16 @@ class FSDP2Engine:
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         self.scheduler.load_state_dict(state["scheduler"])
 
-    def full_state_dict(self):
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        state = get_model_state_dict(self.module, options=options)
-        if torch.distributed.get_rank() != 0:
-            return None
-        return {k[len("model.") :]: v for k, v in state.items() if k.startswith("model.")}
+    def full_parameters(self):
+        rank0 = torch.distributed.get_rank() == 0
+        seen: set[int] = set()
+        for name, p in self.module.model.named_parameters(remove_duplicate=False):
+            if id(p) in seen:
+                continue
+            seen.add(id(p))
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective: all-gather of one tensor
+            yield name, (full.detach().float().cpu() if rank0 else None)
+            del full
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         grads = {}

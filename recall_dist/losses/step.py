@@ -1,0 +1,109 @@
+"""One optimizer step = one weighted NLL, however its batch is split over micro-batches and ranks.
+
+The objective of a step is  L = (1 - m) sum_n w_n l_n / Z + m sum_n l_n / N  over *every* token of the
+step (all micro-batches of the gradient accumulation, all data-parallel ranks), with N the step's count of
+valid tokens and Z = sum_n w_n (``normalize: weights``) or N (``normalize: tokens``).
+
+N is known before the first forward pass (the trainer counts the labels of the step's micro-batches and
+all-reduces the count), Z only after the last one.  So every micro-batch's gradient is formed with the
+provisional scale 1/N, and once the step's forward passes are done the accumulated gradients are
+multiplied by ``gradient_scale() = N / Z`` (exactly 1 for ``tokens``), before clipping and the update --
+no extra forward pass, and the result equals the single-batch gradient up to rounding.
+
+The global sums of every call (already all-reduced over data-parallel ranks) are added up here, so the
+statistics describe the whole step, not an average of micro-batches.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# The order of the per-call global sums the kernels all-reduce (float64).
+SUM_NAMES = ("sum_w", "count", "sum_wl", "sum_l", "sum_w2", "kept", "sum_div", "nonfinite")
+
+STAT_NAMES = (
+    "loss",
+    "nll",
+    "weight_mean",
+    "weight_max",
+    "ess",
+    "kept_fraction",
+    "tokens",
+    "divergence",
+    "nonfinite_tokens",
+)
+
+
+def inverse_or_zero(x: torch.Tensor) -> torch.Tensor:
+    """1 / x, and 0 where x <= 0 (an all-ignored batch, or every weight zero: no division by zero)."""
+    return torch.where(x > 0, 1.0 / x.clamp_min(1e-300), torch.zeros_like(x))
+
+
+def stats_from_sums(sums: torch.Tensor, wmax: torch.Tensor, nll_mix: float, normalize: str) -> torch.Tensor:
+    """The ``STAT_NAMES`` values (float64 tensor) of a set of tokens from their global sums."""
+    sum_w, count, sum_wl, sum_l, sum_w2, kept, sum_div, nonfinite = sums.unbind()
+    z = sum_w if normalize == "weights" else count
+    objective = (1.0 - nll_mix) * sum_wl * inverse_or_zero(z) + nll_mix * sum_l * inverse_or_zero(count)
+    safe_n = count.clamp_min(1.0)
+    mean_nll = sum_l / safe_n
+    skipped = nonfinite > 0  # a skipped step never reports a finite-looking loss (no host sync here)
+    objective = torch.where(skipped, torch.full_like(objective, float("nan")), objective)
+    mean_nll = torch.where(skipped, torch.full_like(mean_nll, float("nan")), mean_nll)
+    ess = torch.where(sum_w2 > 0, sum_w * sum_w / sum_w2.clamp_min(1e-300), torch.zeros_like(sum_w))
+    return torch.stack(
+        [objective, mean_nll, sum_w / safe_n, wmax, ess, kept / safe_n, count, sum_div / safe_n, nonfinite]
+    )
+
+
+class StepAccumulator:
+    """The running global sums of one optimizer step (see the module docstring)."""
+
+    def __init__(self, token_count: float, nll_mix: float, normalize: str):
+        if not token_count >= 0:
+            raise ValueError(f"token_count must be >= 0, got {token_count!r}")
+        self.token_count = float(token_count)
+        self.nll_mix, self.normalize = nll_mix, normalize
+        self.sums: torch.Tensor | None = None
+        self.wmax: torch.Tensor | None = None
+        self.calls = 0
+
+    def coefficients(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of every call inside the step: gradient of sum_n (A w_n + B) l_n, scale 1/N."""
+        inv_n = inverse_or_zero(torch.tensor(self.token_count, dtype=torch.float64, device=like.device))
+        return (1.0 - self.nll_mix) * inv_n, self.nll_mix * inv_n
+
+    def record(self, sums: torch.Tensor, wmax: torch.Tensor) -> None:
+        sums, wmax = sums.detach().to("cpu", torch.float64), wmax.detach().to("cpu", torch.float64)
+        self.sums = sums.clone() if self.sums is None else self.sums + sums
+        self.wmax = wmax.clone() if self.wmax is None else torch.maximum(self.wmax, wmax)
+        self.calls += 1
+
+    def _sum(self, name: str) -> float:
+        return 0.0 if self.sums is None else float(self.sums[SUM_NAMES.index(name)])
+
+    def gradient_scale(self) -> float:
+        """Multiply the step's accumulated gradients by this (before clipping): N / Z for ``weights``."""
+        counted = self._sum("count")
+        if self.sums is not None and abs(counted - self.token_count) > 0.5:
+            raise RuntimeError(
+                f"the step's loss calls saw {counted:.0f} valid tokens but the step was opened with "
+                f"token_count={self.token_count:.0f}: count the labels exactly as the loss does (shifted, "
+                "ignore_index excluded, all micro-batches, all-reduced over data-parallel ranks)"
+            )
+        if self.normalize == "tokens":
+            return 1.0
+        if self.nll_mix > 0 and self.calls > 1:
+            raise RuntimeError(
+                "nll_mix > 0 with normalize='weights' cannot be rescaled exactly after several micro-batches "
+                "(the NLL part is normalised by N, the rule part by Z): use normalize='tokens', or one micro-batch "
+                "per optimizer step"
+            )
+        z = self._sum("sum_w")
+        return self.token_count / z if z > 0 else 0.0
+
+    def stats(self) -> dict[str, float]:
+        """The step's statistics (``STAT_NAMES``), from the sums of all its calls."""
+        if self.sums is None:
+            return dict.fromkeys(STAT_NAMES, 0.0)
+        values = stats_from_sums(self.sums, self.wmax, self.nll_mix, self.normalize).tolist()
+        return dict(zip(STAT_NAMES, values, strict=True))

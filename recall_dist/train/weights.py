@@ -1,0 +1,197 @@
+"""Initial weights written straight into each rank's shards: no rank ever holds the full model.
+
+A *source* says what a parameter's full value is, row by row; ``load_weights`` walks the model one
+module at a time and writes into every parameter only the rows this rank stores:
+
+- a plain tensor (one process, ZeRO-2): every row;
+- an FSDP2 ``DTensor`` sharded on dim 0: the rows of this rank's shard;
+- a ZeRO-3 partitioned parameter: the rows covering this rank's slice of the flattened tensor.
+
+Two sources:
+
+- ``RandomInit(model, seed)``: Hugging Face's own per-module initialisation (``model._init_weights``)
+  applied to a CPU twin of one module at a time, the RNG seeded from ``(seed, module name)``.  The
+  weights depend only on the seed and the architecture -- not on the number of ranks, the backend or
+  the order modules are visited -- so 1, 2 or 8 processes start from the same model.
+- ``SafetensorsCheckpoint(directory)``: a Hugging Face directory with ``model.safetensors`` or sharded
+  ``model-*.safetensors`` + ``model.safetensors.index.json``.  Each rank reads only its own rows of
+  each tensor (``safe_open(...).get_slice``), so host memory stays near one rank's shards.
+
+Parameters shared by two modules (tied embeddings) are written once, by their first owner.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+RowReader = Callable[[int, int], torch.Tensor]  # rows [start, stop) of the full tensor (all rows for 0-D)
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+SAFETENSORS_SINGLE = "model.safetensors"
+
+
+def module_seed(seed: int, module_name: str) -> int:
+    """A 63-bit seed from (run seed, module name): stable across processes and Python versions."""
+    digest = hashlib.sha256(f"{seed}:{module_name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def full_shape(param: torch.Tensor) -> torch.Size:
+    """The logical shape of a parameter, whether plain, a DTensor or a ZeRO-3 partition."""
+    return param.ds_shape if hasattr(param, "ds_shape") else param.shape
+
+
+def owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[tuple[str, nn.Parameter]]]]:
+    """(module name, module, its direct parameters not owned by an earlier module), in module order."""
+    seen: set[int] = set()
+    for name, module in model.named_modules():
+        own = [(n, p) for n, p in module._parameters.items() if p is not None and id(p) not in seen]
+        seen.update(id(p) for _, p in own)
+        if own:
+            yield name, module, own
+
+
+class RandomInit:
+    """Hugging Face's initialisation of ``model``'s architecture, one module at a time, seeded per module."""
+
+    def __init__(self, model: nn.Module, seed: int):
+        if not hasattr(model, "_init_weights"):
+            raise TypeError(f"{type(model).__name__} has no _init_weights: not a Hugging Face PreTrainedModel")
+        self.model, self.seed = model, int(seed)
+
+    def readers(self, module_name: str, module: nn.Module, names: list[str]) -> dict[str, RowReader]:
+        # A CPU twin of this one module (same class, so _init_weights dispatches the same way) with
+        # fresh fp32 parameters of the full shape; the real module may be on meta, sharded or partitioned.
+        twin = copy.copy(module)
+        twin._parameters = {
+            n: nn.Parameter(torch.empty(full_shape(p))) if n in names else None for n, p in module._parameters.items()
+        }
+        twin._buffers = {}
+        twin._modules = {}
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(module_seed(self.seed, module_name))
+            self.model._init_weights(twin)
+        values = {n: twin._parameters[n].detach() for n in names}
+        return {n: _row_reader(values[n]) for n in names}
+
+
+def _row_reader(full: torch.Tensor) -> RowReader:
+    return lambda start, stop: full if full.dim() == 0 else full[start:stop]
+
+
+class SafetensorsCheckpoint:
+    """Row-wise reads from a Hugging Face safetensors checkpoint directory (single file or sharded)."""
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory)
+        index = self.directory / SAFETENSORS_INDEX
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+        elif (self.directory / SAFETENSORS_SINGLE).is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(self.directory / SAFETENSORS_SINGLE), framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), SAFETENSORS_SINGLE)
+        else:
+            raise FileNotFoundError(
+                f"{self.directory}: no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE} (recall_dist loads Hugging Face "
+                "safetensors checkpoints; convert .bin weights with save_pretrained(..., safe_serialization=True))"
+            )
+        self.weight_map: dict[str, str] = weight_map
+        self._handles: dict[str, object] = {}
+
+    def _handle(self, filename: str):
+        if filename not in self._handles:
+            from safetensors import safe_open
+
+            self._handles[filename] = safe_open(str(self.directory / filename), framework="pt")
+        return self._handles[filename]
+
+    def readers(self, module_name: str, module: nn.Module, names: list[str]) -> dict[str, RowReader]:
+        out = {}
+        for name in names:
+            key = f"{module_name}.{name}" if module_name else name
+            if key not in self.weight_map:
+                raise KeyError(f"{self.directory}: the checkpoint has no tensor {key!r} (needed by the model)")
+            out[name] = self._reader(key)
+        return out
+
+    def _reader(self, key: str) -> RowReader:
+        def read(start: int, stop: int) -> torch.Tensor:
+            piece = self._handle(self.weight_map[key]).get_slice(key)
+            if len(piece.get_shape()) == 0:
+                return piece[:]
+            return piece[start:stop]
+
+        return read
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def _write_rows(dest: torch.Tensor, reader: RowReader, start: int, stop: int) -> None:
+    if stop > start:
+        dest.copy_(reader(start, stop).to(dest.dtype))
+
+
+def write_parameter(param: torch.Tensor, reader: RowReader) -> None:
+    """Write this rank's part of ``param``'s full value (rows from ``reader``) into its storage."""
+    shape = full_shape(param)
+    if hasattr(param, "ds_tensor"):  # ZeRO-3: rank r stores flat[r * p : (r + 1) * p] (zero-padded tail)
+        import torch.distributed as dist
+
+        part = param.ds_tensor.data
+        numel, size = param.ds_numel, part.numel()
+        start = size * dist.get_rank(group=param.ds_process_group)
+        stop = min(start + size, numel)
+        if stop <= start:
+            return
+        cols = math.prod(shape[1:]) if len(shape) > 1 else 1
+        first, last = start // cols, -(-stop // cols)
+        flat = reader(first, last).reshape(-1)[start - first * cols : stop - first * cols]
+        part[: stop - start].copy_(flat.to(part.dtype))
+        return
+    if hasattr(param, "device_mesh"):  # FSDP2 DTensor: Shard(0) over the mesh
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        local = param.to_local()
+        local_shape, offset = compute_local_shape_and_global_offset(shape, param.device_mesh, param.placements)
+        if any(offset[1:]):
+            raise NotImplementedError(f"only dim-0 sharding is supported, got placements {param.placements}")
+        with torch.no_grad():
+            _write_rows(local.data.view(local_shape), reader, offset[0], offset[0] + local_shape[0])
+        return
+    with torch.no_grad():
+        if param.dim() == 0:
+            param.data.copy_(reader(0, 0).to(param.dtype))
+        else:
+            _write_rows(param.data, reader, 0, shape[0])
+
+
+def load_weights(model: nn.Module, source) -> int:
+    """Fill every parameter of ``model`` from ``source`` (this rank's part only).  Returns the number of
+    parameter tensors written.  Collective-free: every rank reads its own rows."""
+    count = 0
+    for name, module, own in owned_parameters(model):
+        readers = source.readers(name, module, [n for n, _ in own])
+        for n, param in own:
+            write_parameter(param, readers[n])
+            count += 1
+    return count
+
+
+def reset_buffers(model: nn.Module) -> None:
+    """Recompute the non-persistent buffers (rotary ``inv_freq``) after ``to_empty``: Hugging Face's
+    ``_init_weights`` does it for modules that own buffers but no parameters."""
+    with torch.no_grad():
+        for module in model.modules():
+            if any(b is not None for b in module._buffers.values()) and not module._parameters:
+                model._init_weights(module)
