@@ -93,7 +93,7 @@ if [[ $TINY == 1 ]]; then
 else
   BENCH=(--device cuda --dtype bf16 --tokens 16384 --hidden 4096 --seq-len 4096 --vocabs 32000 128256 --repeats 5
     --warmup 2 --methods naive liger liger_fp32acc nll cdiv lambda_pr truncr nll@cublas cdiv@cublas truncr@cublas
-    nll@torch)
+    nll@single cdiv@single lambda_pr@single nll@torch)
 fi
 want bench && stage loss_bench $(( $(left) - 200 < 170 ? $(left) - 200 : 170 )) \
   "$PY" benchmarks/loss_bench.py "${BENCH[@]}" --json "$OUT/loss_bench.json" > "$OUT/loss_bench.md"

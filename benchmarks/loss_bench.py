@@ -11,7 +11,8 @@ distance to the matmul floor: 6 N H V flops at the peak matmul rate measured in 
 
 A method ``name@variant`` runs our loss ``name`` on one implementation: ``@torch`` the PyTorch path,
 ``@triton`` the Triton path (the default on CUDA), ``@cublas`` the Triton path with cuBLAS logits
-chunks (``RECALL_DIST_HEAD_MATMUL=cublas``); a bare name takes the default dispatch.
+chunks (``RECALL_DIST_HEAD_MATMUL=cublas``), ``@single`` the Triton path's single-pass schedule
+(``RECALL_DIST_HEAD_SCHEDULE=single``); a bare name takes the default dispatch.
 
 Peak memory: on CUDA, ``max_memory_allocated`` minus what the inputs hold, every method in one
 process per vocabulary (the allocator's peak is reset between methods); on CPU, the process's peak
@@ -38,6 +39,8 @@ DEFAULT_METHODS = ["naive", "liger", "nll", "cdiv", "lambda_pr", "truncr"]
 OURS = ("nll", "cdiv", "lambda_pr", "truncr")
 VARIANTS = {"": {}, "torch": {"RECALL_DIST_KERNEL": "torch"}, "triton": {"RECALL_DIST_KERNEL": "triton"}}
 VARIANTS["cublas"] = {"RECALL_DIST_KERNEL": "triton", "RECALL_DIST_HEAD_MATMUL": "cublas"}
+VARIANTS["single"] = {"RECALL_DIST_KERNEL": "triton", "RECALL_DIST_HEAD_SCHEDULE": "single"}
+OPTION_ENV = ("RECALL_DIST_KERNEL", "RECALL_DIST_HEAD_MATMUL", "RECALL_DIST_HEAD_SCHEDULE")
 LOSS_PARAMS = {
     "nll": {},
     "cdiv": {"alpha": 1.4},
@@ -104,8 +107,8 @@ def make_step(method: str, hidden, weight, target, args):
 
         lce = LigerFusedLinearCrossEntropyLoss(accum_dtype=torch.float32 if name == "liger_fp32acc" else None)
         return lambda: lce(weight, hidden, target.view(-1)).backward()
-    os.environ.pop("RECALL_DIST_HEAD_MATMUL", None)
-    os.environ.pop("RECALL_DIST_KERNEL", None)
+    for key in OPTION_ENV:
+        os.environ.pop(key, None)
     os.environ.update(VARIANTS[variant])
     loss = build_loss(name, **LOSS_PARAMS[name])
     h3 = hidden.view(n // seq, seq, hdim)

@@ -17,8 +17,9 @@ seam, TP reduction and DP normaliser as the PyTorch path (``common.global_coeffi
 That is 8 N H V/tp flops (statistics, then recompute and two GEMMs) against 6 for plain
 cross-entropy, bought for an exact fp32 dW without a V x H fp32 accumulator.  As in the PyTorch path
 the gradients are formed in the forward pass, so the backward never needs the (FSDP2 / ZeRO-3
-gathered) weight again.  The PyTorch path stays the CPU implementation and the reference; choose with
-``kernel=`` or ``RECALL_DIST_KERNEL`` (``auto``, ``torch``, ``triton``).
+gathered) weight again.  ``RECALL_DIST_HEAD_SCHEDULE=single`` trades that for 6 N H V/tp flops and an
+fp32 dW accumulator (``triton_single.py``).  The PyTorch path stays the CPU implementation and the
+reference; choose with ``kernel=`` or ``RECALL_DIST_KERNEL`` (``auto``, ``torch``, ``triton``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ import torch
 from recall_dist.losses.base import RecallLoss
 from recall_dist.parallel.common import LossOutput, global_coefficients, prepare_tokens
 from recall_dist.parallel.triton_ops import head_gradients, head_statistics, logits_gradient, logits_statistics
+from recall_dist.parallel.triton_single import single_pass_head, single_pass_requested
 
 KERNEL_ENV = "RECALL_DIST_KERNEL"
 KERNELS = ("auto", "torch", "triton")
@@ -91,19 +93,30 @@ class _TritonFusedLinear(torch.autograd.Function):
         h = h if h.stride(1) == 1 else h.contiguous()
         w = weight if weight.stride(1) == 1 else weight.contiguous()
         tokens, target_col = _tokens(target, seq_ids, ignore_index, vocab_size, w.shape[0], tp_group)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        # fp16 cannot hold unnormalised c-Div weights (e^{(alpha-1) l}) before the global 1/Z
+        if single_pass_requested() and loss.single_pass and h.dtype != torch.float16:
+            local_loss, stats, grad_h, grad_w = single_pass_head(
+                h, w, tokens, target_col, loss, tp_group, dp_group, chunk_size=chunk, need_h=need_h, need_w=need_w
+            )
+            return _TritonFusedLinear._keep(ctx, hidden, grad_h, grad_w, stats, local_loss)
         stats_of = head_statistics(h, w, tokens.index, target_col, tokens.n_cols, chunk_size=chunk)
         parts = [stats_of] if len(tokens) else []
         lse, nll, coef, stats = global_coefficients(loss, tokens, parts, tp_group, dp_group, torch.float32, h.device)
-        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = grad_w = None
         if need_h or need_w:
             grad_h, grad_w = head_gradients(
                 h, w, tokens.index, target_col, lse, coef, tokens.n_cols, need_h=need_h, need_w=need_w, chunk_size=chunk
             )
+        return _TritonFusedLinear._keep(ctx, hidden, grad_h, grad_w, stats, (coef * nll).sum().to(torch.float32))
+
+    @staticmethod
+    def _keep(ctx, hidden, grad_h, grad_w, stats, local_loss):
+        """Gradients formed in forward wait in ``ctx`` for backward."""
         ctx.grad_h = None if grad_h is None else grad_h.view(hidden.shape)
         ctx.grad_w = grad_w
         ctx.mark_non_differentiable(stats)
-        return (coef * nll).sum().to(torch.float32), stats
+        return local_loss, stats
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_stats):

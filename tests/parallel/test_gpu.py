@@ -87,14 +87,17 @@ def _triton_checks():
 
 
 @needs_cuda
-@pytest.mark.parametrize("engine", ["triton", "cublas"])
+@pytest.mark.parametrize("engine", ["triton", "cublas", "single"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("entry", ["fused", "logits"])
 @pytest.mark.parametrize("case", RULE_CASES, ids=case_id)
 def test_triton_path_matches_fp64_reference(entry, case, dtype, engine, monkeypatch):
-    if entry == "logits" and engine == "cublas":
-        pytest.skip("the matmul engine only concerns the fused head")
-    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", engine)
+    if entry == "logits" and engine != "triton":
+        pytest.skip("the matmul engine and the schedule only concern the fused head")
+    if engine == "single":  # the single-pass schedule (per-token rules; the others fall back)
+        monkeypatch.setenv("RECALL_DIST_HEAD_SCHEDULE", "single")
+    else:
+        monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", engine)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     _triton_checks().check_against_reference(entry, case, dtype, "cuda", tol, **GPU_SHAPE)
 

@@ -17,6 +17,7 @@ from recall_dist.distributed.collectives import all_reduce_, group_rank
 from recall_dist.distributed.testing import run_distributed_test, tp_dp_groups
 from recall_dist.parallel import triton_head, triton_ops
 from recall_dist.parallel.triton_kernels import INTERPRET
+from recall_dist.parallel.triton_single import single_pass_requested
 from tests.parallel.cases import RULE_CASES, case_id
 from tests.reference import NaiveTruncState, naive_loss
 
@@ -72,12 +73,13 @@ def close(a, b, tol):
     return float((a - b).abs().max()) <= tol * max(float(b.abs().max()), 1e-30)
 
 
-def check_against_reference(entry, case, dtype, device, tol, **shape):
+def check_against_reference(entry, case, dtype, device, tol, chunk_size=None, **shape):
     name, params = case
     hidden, weight, target = make(dtype, **shape)
     vocab = shape.get("vocab", V)
     ref, rgh, rgw = reference(hidden, weight, target, name, params, vocab)
-    out, gh, gw = run(entry, "triton", hidden, weight, target, build_loss(name, **params), device, vocab_size=vocab)
+    loss = build_loss(name, **params)
+    out, gh, gw = run(entry, "triton", hidden, weight, target, loss, device, vocab_size=vocab, chunk_size=chunk_size)
     assert out.loss.dtype == torch.float32 and gh.shape == rgh.shape
     assert out.stats["loss"] == pytest.approx(float(ref), rel=tol), (out.stats["loss"], float(ref))
     assert float(out.loss.detach()) == pytest.approx(float(ref), rel=tol)
@@ -103,6 +105,15 @@ def test_low_precision_matches_fp64_reference(entry, dtype, case):
 def test_cublas_matmul_engine_matches_fp64_reference(case, monkeypatch):
     monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", "cublas")
     check_against_reference("fused", case, torch.float32, DEVICE, 2e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", RULE_CASES, ids=case_id)
+def test_single_pass_schedule_matches_fp64_reference(case, dtype, monkeypatch):
+    """Per-token rules take the single pass; the others (truncation, nll_mix) fall back to recompute."""
+    monkeypatch.setenv("RECALL_DIST_HEAD_SCHEDULE", "single")
+    tol = 2e-5 if dtype == torch.float32 else 2e-2
+    check_against_reference("fused", case, dtype, DEVICE, tol, chunk_size=7)  # 5 token chunks
 
 
 @pytest.mark.parametrize("engine", ["triton", "cublas"])
@@ -195,7 +206,9 @@ def test_all_ignored_batch_gives_zero_loss_and_zero_grads(entry, name):
     assert gh.abs().max() == 0 and gw.abs().max() == 0
 
 
-def test_non_finite_token_skips_the_step():
+@pytest.mark.parametrize("schedule", ["recompute", "single"])
+def test_non_finite_token_skips_the_step(schedule, monkeypatch):
+    monkeypatch.setenv("RECALL_DIST_HEAD_SCHEDULE", schedule)
     hidden, weight, target = make(torch.float32)
     hidden[1, 3] = float("nan")  # a whole row of NaN logits, target valid
     out, gh, gw = run("fused", "triton", hidden, weight, target, build_loss("cdiv"), DEVICE)
@@ -237,6 +250,9 @@ def test_dispatch_choices(monkeypatch):
     monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", "cutlass")
     with pytest.raises(ValueError, match="allowed: triton, cublas"):
         triton_ops.matmul_engine()
+    monkeypatch.setenv("RECALL_DIST_HEAD_SCHEDULE", "twice")
+    with pytest.raises(ValueError, match="allowed: recompute, single"):
+        single_pass_requested()
     with pytest.raises(ValueError, match="bf16, fp16 and fp32"):
         triton_head.use_triton(cpu.double(), "triton")
     if INTERPRET:
