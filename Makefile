@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 
-.PHONY: setup lint test test-fast demo bench clean
+.PHONY: setup lint test test-fast demo demo-grid bench clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,14 @@ test: setup lint
 test-fast: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu and not slow and not cluster" $(PYTEST_ARGS)
 
+# SEEDS=3 repeats every fine-tune with 3 seeds and reports mean and min-max (default: one seed, fastest).
+SEEDS ?= 1
 demo: setup
-	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo --seeds $(SEEDS)
+
+# TruncR / lambda-PR settings grid on the demo task (not part of `make demo`): results/demo-grid/grid.md
+demo-grid: setup
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo --grid
 
 bench: setup
 	$(PY) benchmarks/loss_bench.py

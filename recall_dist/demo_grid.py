@@ -1,0 +1,138 @@
+"""``recall-dist demo --grid``: TruncR and lambda-PR over a small grid of their settings, on the
+demo's task and sizes, against NLL and c-Div fine-tuned from the same pre-trained model.
+
+TruncR: drop in {0.1, 0.2, 0.3, 0.5} x granularity token / sequence.  lambda-PR: lam in
+{0.3, 0.5, 0.8, 0.95} x nll_mix in {0, 0.5, 0.9}.  A lambda-PR against a reference that mixes the
+observed token with the model's own detached conditional is the same rule at a smaller lam
+(docs/lambda_pr_reference.md), so the lam axis covers it.
+
+The report (``grid.md``, ``grid.csv``) ranks each family by Recall at Precision >= 0.99 (ties
+within the demo's tolerance broken by Recall at Precision >= 0.995) and states the best setting's
+margin over NLL, or that none gains.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from recall_dist.demo_report import PRECISION_LEVELS, TOLERANCE, dominance, read_curves, recall_at
+
+REFERENCES = [("nll", "nll", {}), ("cdiv-1.4", "cdiv", {"alpha": 1.4})]
+TRUNCR = [
+    (f"truncr-{granularity[:3]}-{drop:g}", "truncr", {"drop": drop, "granularity": granularity})
+    for granularity in ("token", "sequence")
+    for drop in (0.1, 0.2, 0.3, 0.5)
+]
+LAMBDA_PR = [
+    (f"lambda_pr-{lam:g}-mix{mix:g}", "lambda_pr", {"lam": lam, "nll_mix": mix})
+    for lam in (0.3, 0.5, 0.8, 0.95)
+    for mix in (0.0, 0.5, 0.9)
+]
+GRID = REFERENCES + TRUNCR + LAMBDA_PR
+FAMILIES = {"truncr": TRUNCR, "lambda_pr": LAMBDA_PR}
+# The settings the demo used before this grid existed, shown beside each family's best.
+PREVIOUS_DEFAULTS = {"truncr": "truncr-seq-0.5", "lambda_pr": "lambda_pr-0.5-mix0"}
+RANK_LEVEL, TIE_LEVEL = 0.99, 0.995
+
+
+def _score(points) -> tuple[float, float]:
+    """Sort key of a model: Recall at Precision >= 0.99, then >= 0.995 (n/a counts as -1)."""
+    return tuple(-1.0 if math.isnan(r) else r for r in (recall_at(points, RANK_LEVEL), recall_at(points, TIE_LEVEL)))
+
+
+def grid_rows(curves: dict, reference: str = "nll") -> list[dict]:
+    """One row per grid model: its settings, Recall at each Precision level, max Recall, the margin
+    over ``reference`` at each level and the dominance verdict."""
+    ref = curves[reference]
+    rows = []
+    for name, loss, params in GRID:
+        if name not in curves:
+            continue
+        points = curves[name]
+        row = {"model": name, "loss": loss, "params": json.dumps(params, sort_keys=True)}
+        for p in PRECISION_LEVELS:
+            row[f"recall_at_p{p:g}"] = recall_at(points, p)
+            row[f"margin_at_p{p:g}"] = recall_at(points, p) - recall_at(ref, p)
+        row["max_recall"] = max(r for _, _, r in points)
+        row["verdict"] = "reference" if name == reference else dominance(points, ref)["verdict"]
+        rows.append(row)
+    return rows
+
+
+def best_of(curves: dict, family: str) -> str | None:
+    """The family's best grid model by (Recall at P >= 0.99, then at P >= 0.995); ties within the
+    demo's tolerance at 0.99 go to the better 0.995 value."""
+    names = [name for name, *_ in FAMILIES[family] if name in curves]
+    if not names:
+        return None
+    top = max(_score(curves[n])[0] for n in names)
+    close = [n for n in names if _score(curves[n])[0] >= top - TOLERANCE]
+    return max(close, key=lambda n: _score(curves[n])[1])
+
+
+def _cell(x: float, signed: bool = False) -> str:
+    return "n/a" if math.isnan(x) else (f"{x:+.3f}" if signed else f"{x:.3f}")
+
+
+def grid_markdown(curves: dict, recipe=None, reference: str = "nll") -> str:
+    """grid.md: every grid model's row, then the best setting of each family against NLL and the previous default."""
+    rows = {r["model"]: r for r in grid_rows(curves, reference)}
+    lines = ["# TruncR and lambda-PR over a grid of settings (demo task)", ""]
+    if recipe is not None:
+        lines += [
+            f"Products a*b, a, b ~ U{{1..{recipe.max_factor}}}; every model is fine-tuned for "
+            f"{recipe.finetune_steps} steps from the same NLL pre-trained model (same data, seed and learning "
+            f"rate as the demo), then swept over T in {{{', '.join(f'{t:g}' for t in recipe.temperatures)}}} "
+            f"with exact Precision and Recall@{recipe.recall_at_n}. One seed per setting: differences within "
+            f"about {TOLERANCE:g} are ties (see the demo's seed spread). Computed by `recall_dist/demo_grid.py` "
+            f"from the grid's `sweep.csv`.",
+            "",
+        ]
+    header = ["model", "settings", *[f"R @ P>={p:g}" for p in PRECISION_LEVELS], "max R"]
+    header += [f"vs NLL @ P>={p:g}" for p in (RANK_LEVEL, TIE_LEVEL)] + ["verdict"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, row in rows.items():
+        cells = [name, f"`{row['params']}`", *[_cell(row[f"recall_at_p{p:g}"]) for p in PRECISION_LEVELS]]
+        cells += [_cell(row["max_recall"])]
+        cells += [_cell(row[f"margin_at_p{p:g}"], signed=True) for p in (RANK_LEVEL, TIE_LEVEL)]
+        lines.append("| " + " | ".join([*cells, row["verdict"]]) + " |")
+    lines += ["", "## Best setting of each family", ""]
+    for family in FAMILIES:
+        best = best_of(curves, family)
+        if best is None:
+            continue
+        old = PREVIOUS_DEFAULTS[family]
+        b = rows[best]
+        gain = b[f"margin_at_p{RANK_LEVEL:g}"]
+        if gain > TOLERANCE:
+            verdict = f"gains {gain:+.3f} over NLL at P >= {RANK_LEVEL:g}"
+        elif gain >= -TOLERANCE:
+            verdict = f"ties NLL at P >= {RANK_LEVEL:g} ({gain:+.3f})"
+        else:
+            verdict = f"no setting gains: the best is still {gain:+.3f} below NLL at P >= {RANK_LEVEL:g}"
+        line = f"- **{family}**: best `{b['params']}` ({best}): {verdict}, {b[f'margin_at_p{TIE_LEVEL:g}']:+.3f} at "
+        line += f"P >= {TIE_LEVEL:g}; verdict vs NLL + temperature: {b['verdict']}."
+        if old in rows and old != best:
+            o = rows[old]
+            line += (
+                f" The previous default `{o['params']}` is at {_cell(o[f'margin_at_p{RANK_LEVEL:g}'], True)} and "
+                f"{_cell(o[f'margin_at_p{TIE_LEVEL:g}'], True)}."
+            )
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def write_grid_report(csv_path: Path, out_dir: Path, recipe=None) -> Path:
+    """Write ``grid.md`` and ``grid.csv`` (one row per grid model) next to the sweep; return grid.md's path."""
+    curves = read_curves(csv_path)
+    rows = grid_rows(curves)
+    with open(out_dir / "grid.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    path = out_dir / "grid.md"
+    path.write_text(grid_markdown(curves, recipe))
+    return path

@@ -1,0 +1,56 @@
+"""The TruncR / lambda-PR grid's report on hand-made curves, and the derivation behind its claim that
+a lambda-PR against a reference softened towards the model is lambda-PR at a smaller lam
+(docs/lambda_pr_reference.md), checked with autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recall_dist import demo_grid
+
+
+def test_grid_best_of_each_family():
+    nll = [(0.5, 0.999, 0.50), (1.0, 0.99, 0.60), (2.0, 0.90, 0.55)]
+
+    def shifted(d):
+        return [(t, p, r + d) for t, p, r in nll]
+
+    curves = {"nll": nll, "truncr-seq-0.5": shifted(-0.05), "truncr-tok-0.1": shifted(-0.01)}
+    curves |= {"lambda_pr-0.5-mix0": shifted(-0.2), "lambda_pr-0.95-mix0.9": shifted(0.03)}
+    curves["lambda_pr-0.8-mix0.9"] = [(0.5, 0.999, 0.53), (1.0, 0.99, 0.629), (2.0, 0.9, 0.6)]  # a tie at 0.99
+    assert demo_grid.best_of(curves, "truncr") == "truncr-tok-0.1"
+    assert demo_grid.best_of(curves, "lambda_pr") == "lambda_pr-0.95-mix0.9"  # better at 0.995 than the tie
+    text = demo_grid.grid_markdown(curves)
+    assert "no setting gains: the best is still -0.010 below NLL" in text
+    assert "gains +0.030 over NLL at P >= 0.99" in text
+    assert 'The previous default `{"drop": 0.5, "granularity": "sequence"}` is at -0.050 and -0.050.' in text
+    rows = {r["model"]: r for r in demo_grid.grid_rows(curves)}
+    assert rows["truncr-tok-0.1"]["margin_at_p0.99"] == pytest.approx(-0.01)
+    assert rows["nll"]["verdict"] == "reference"
+
+
+@pytest.mark.parametrize("lam, beta", [(0.5, 0.5), (0.95, 0.5), (0.8, 0.2), (0.3, 0.9)])
+def test_mixed_reference_is_lambda_pr_at_a_smaller_lam(lam, beta):
+    """grad of D_lam((1 - beta) delta_y + beta sg(Q) || Q) == grad of -1[q < lam'] q, with
+    lam' = lam (1 - beta) / (1 - lam beta), for target probabilities on both sides of lam' and lam."""
+    lam_prime = lam * (1 - beta) / (1 - lam * beta)
+    torch.manual_seed(0)
+    base = torch.randn(12, dtype=torch.float64)
+    checked = set()
+    for boost in torch.linspace(-3.0, 8.0, 60, dtype=torch.float64):
+        z = base.clone()
+        z[3] += boost
+        z.requires_grad_(True)
+        q = torch.softmax(z, dim=0)
+        reference = beta * q.detach()
+        reference[3] += 1 - beta
+        divergence = torch.maximum(lam * reference, q).sum() - max(lam, 1.0)
+        (grad_d,) = torch.autograd.grad(divergence, z)
+        z2 = z.detach().clone().requires_grad_(True)
+        q_y = torch.softmax(z2, dim=0)[3]
+        keep = float(q_y.detach() < lam_prime)
+        (grad_rule,) = torch.autograd.grad(-keep * q_y, z2)
+        torch.testing.assert_close(grad_d, grad_rule, rtol=0, atol=1e-12)
+        checked.add("below" if q_y < lam_prime else ("between" if q_y < lam else "above"))
+    assert checked == {"below", "between", "above"}  # including where one-hot lambda-PR would still push
