@@ -11,7 +11,7 @@
 # Temperature sweep (Precision/Recall per temperature, table + PR-curve plot), spread over all ranks:
 #   sbatch [sbatch options] slurm/sweep.sh [CONFIG.yaml] [key=value ...]       (CONFIG: configs/sweep.yaml)
 # e.g. sbatch --nodes=2 --gpus-per-node=8 slurm/sweep.sh configs/sweep.yaml 'models=[{name: cdiv, path: runs/cdiv/final}]'
-# Every rank computes its shards of the (model, temperature, prompt) grid; rank 0 writes sweep.csv,
+# Every rank computes its shards of the (model, prompt) items, each at every temperature; rank 0 writes sweep.csv,
 # sweep.json and pr_curve.png to output_dir (OUTPUT_DIR overrides it). On USR1 (preemption or the time
 # limit) the job requeues at once: shard files already written are kept, only the others are recomputed.
 # Options and environment: see slurm/common.sh and docs/launchers.md.
