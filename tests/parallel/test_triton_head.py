@@ -287,3 +287,42 @@ def _tp2_public_api():
 @pytest.mark.skipif(not INTERPRET, reason="gloo processes run the CPU interpreter")
 def test_tp2_processes_match_single_process():
     run_distributed_test(_tp2_public_api, 2)
+
+
+def _trainer_steps(kernel: str, backend: dict, out_dir: str, result_path: str):
+    """Three optimizer steps of the tiny trainer (2 ranks, DP) with the loss head on ``kernel``."""
+    import json
+    import os
+
+    from recall_dist.train.config import train_config_from_dict, validate_resources
+    from recall_dist.train.distributed import init_distributed
+    from recall_dist.train.trainer import endless, setup, train_step
+    from tests.train.helpers import tiny_config_dict
+
+    os.environ["RECALL_DIST_KERNEL"] = kernel
+    cfg = train_config_from_dict(tiny_config_dict(out_dir, backend=backend, train={"micro_batch_size": 4}))
+    ctx = init_distributed()
+    run = setup(cfg, validate_resources(cfg), ctx)
+    data = endless(run.batches)
+    steps = [train_step(run, data) for _ in range(3)]
+    if dist.get_rank() == 0:
+        keys = ("loss", "nll", "weight_mean", "grad_norm")
+        with open(result_path, "w") as f:
+            json.dump([{k: s[k] for k in keys} for s in steps], f)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not INTERPRET, reason="gloo processes run the CPU interpreter")
+def test_trainer_steps_equal_on_both_paths(tmp_path):
+    """The trainer's real path (FSDP2, 2 DP ranks, c-Div): three optimizer steps with the loss head on
+    the Triton kernels give the losses and gradient norms of the PyTorch path."""
+    import json
+
+    results = {}
+    for kernel in ("torch", "triton"):
+        path = tmp_path / f"{kernel}.json"
+        run_distributed_test(_trainer_steps, 2, kernel, {"name": "fsdp2"}, str(tmp_path / kernel), str(path))
+        results[kernel] = json.loads(path.read_text())
+    for torch_step, triton_step in zip(results["torch"], results["triton"], strict=True):
+        for key, value in torch_step.items():
+            assert triton_step[key] == pytest.approx(value, rel=1e-5), (key, results)
