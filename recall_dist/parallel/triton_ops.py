@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -77,13 +78,18 @@ def _kernel_flags(dtype: torch.dtype) -> dict:
 _OUT_DTYPE = {"mm": True, "addmm": True}  # torch.(add)mm(..., out_dtype=fp32) exists for CUDA in recent PyTorch
 
 
+def _no_out_dtype(op: str, error: Exception) -> None:
+    _OUT_DTYPE[op] = False
+    warnings.warn(f"torch.{op}(..., out_dtype=float32) is unavailable ({error}); using fp32 GEMMs", stacklevel=3)
+
+
 def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """a @ b accumulated and returned in fp32, whatever the input dtype."""
     if a.dtype != torch.float32 and a.is_cuda and _OUT_DTYPE["mm"]:
         try:
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):  # an older PyTorch: no out_dtype
-            _OUT_DTYPE["mm"] = False
+        except (RuntimeError, TypeError) as e:  # an older PyTorch: no out_dtype
+            _no_out_dtype("mm", e)
     return a.float() @ b.float()
 
 
@@ -96,8 +102,8 @@ def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
         try:
             torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
             return
-        except (RuntimeError, TypeError):
-            _OUT_DTYPE["addmm"] = False
+        except (RuntimeError, TypeError) as e:
+            _no_out_dtype("addmm", e)
     acc.add_(mm_fp32(a, b))
 
 
