@@ -2,7 +2,7 @@
 measured in one run on the same models, machine and config.
 
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/sweep_bench.py [--models-dir results/demo/runs]
-        [--before 78ff28d] [--rounds 1] [--out /tmp/sweep_bench]
+        [--suffix -s0] [--before 78ff28d] [--rounds 1] [--out /tmp/sweep_bench]
 
 *before* is the package as it was at git revision ``--before`` (extracted with ``git archive``),
 *after* is this working tree.  Each runs ``torchrun --nproc-per-node 2 -m recall_dist sweep
@@ -106,13 +106,7 @@ def _sweep(root: Path, models: list[tuple[str, Path]], out: Path, num_samples: i
     recipe = demo.Recipe.full()
     listing = "[" + ", ".join(f"{{name: {n}, path: {p}}}" for n, p in models) + "]"
     count_file = out / "forward_counts"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
+    cmd = demo.torchrun(
         str(Path(__file__).resolve()),
         "--worker",
         str(count_file),
@@ -122,7 +116,7 @@ def _sweep(root: Path, models: list[tuple[str, Path]], out: Path, num_samples: i
         f"task_params={{max_factor: {recipe.max_factor}}}",
         f"recall_at_n={recipe.recall_at_n}",
         f"num_samples={num_samples}",
-    ]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(root))
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, check=False)
@@ -159,6 +153,7 @@ def main() -> int:
         return _worker(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default="results/demo/runs", help="a demo run's runs/ (NAME/final per model)")
+    p.add_argument("--suffix", default="", help="model directories are NAME + suffix (e.g. -s0 of a --seeds run)")
     p.add_argument("--before", default=DEFAULT_BEFORE, help="git revision of the 'before' package")
     p.add_argument("--rounds", type=int, default=1, help="before/after rounds; the best time of each is kept")
     p.add_argument("--out", default=None, help="scratch directory (default: a temporary one)")
@@ -169,7 +164,7 @@ def main() -> int:
 
     models_dir = Path(args.models_dir).resolve()
     names = [name for name, *_ in demo.Recipe.full().losses]
-    models = [(n, models_dir / n / "final") for n in names]
+    models = [(n, models_dir / f"{n}{args.suffix}" / "final") for n in names]
     missing = [str(path) for _, path in models if not (path / "config.json").is_file()]
     if missing:
         print(f"sweep_bench: no fine-tuned models at {', '.join(missing)}; run `make demo` first", file=sys.stderr)

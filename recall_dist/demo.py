@@ -119,6 +119,11 @@ class DemoError(RuntimeError):
 # Running the stages: torchrun subprocesses of the real CLI, with a progress line per stage.
 
 
+def torchrun(*target: str) -> list[str]:
+    """The command that runs ``target`` (``-m module ...`` or ``script.py ...``) in 2 local processes."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target]
+
+
 def _tqdm_progress(log: Path) -> str:
     """'123/500' from the last tqdm update in ``log`` (rank 0's bar), or ''."""
     try:
@@ -134,17 +139,7 @@ def _tqdm_progress(log: Path) -> str:
 def _run_once(label: str, what: str, args: list[str], log: Path, demo_start: float) -> tuple[int, float]:
     """Run ``torchrun --nproc-per-node 2 -m recall_dist ARGS`` with its output in ``log``, printing
     progress; return (exit code, seconds)."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "recall_dist",
-        *args,
-    ]
+    cmd = torchrun("-m", "recall_dist", *args)
     env = dict(
         os.environ,
         OMP_NUM_THREADS="1",

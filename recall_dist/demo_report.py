@@ -254,20 +254,13 @@ def seed_statistics(curves: dict, reference: str = "nll", levels=PRECISION_LEVEL
     return stats
 
 
-def spread(values) -> str:
+def spread(values, signed: bool = False) -> str:
     """'mean [min, max]' of the finite values (n/a if none; '(k of n)' when some are n/a)."""
     finite = [v for v in values if not math.isnan(v)]
     if not finite:
         return "n/a"
-    text = f"{np.mean(finite):.3f} [{min(finite):.3f}, {max(finite):.3f}]"
-    return text if len(finite) == len(values) else f"{text} ({len(finite)} of {len(values)})"
-
-
-def signed_spread(values) -> str:
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return "n/a"
-    text = f"{np.mean(finite):+.3f} [{min(finite):+.3f}, {max(finite):+.3f}]"
+    f = "+.3f" if signed else ".3f"
+    text = f"{np.mean(finite):{f}} [{min(finite):{f}}, {max(finite):{f}}]"
     return text if len(finite) == len(values) else f"{text} ({len(finite)} of {len(values)})"
 
 
@@ -287,7 +280,7 @@ def seeds_markdown(
         "## Does raising the temperature buy NLL more Recall?",
         "",
         f"Best Recall at a T above {effects[0]['t_ref']:g} minus Recall at T = {effects[0]['t_ref']:g}, over "
-        f"the {n_seeds} seeds: {signed_spread(gains)}; more than {tol:g} in {sum(e['rose'] for e in effects)} "
+        f"the {n_seeds} seeds: {spread(gains, signed=True)}; more than {tol:g} in {sum(e['rose'] for e in effects)} "
         f"of {n_seeds}. At the largest T = {effects[0]['t_max']:g} NLL's Recall is "
         f"{spread([e['recall_t_max'] for e in effects])}.",
         "",
@@ -314,7 +307,7 @@ def seeds_markdown(
     for model, per_seed in stats.items():
         if model == reference:
             continue
-        cells = [signed_spread([s["margin"][p] for s in per_seed.values()]) for p in levels]
+        cells = [spread([s["margin"][p] for s in per_seed.values()], signed=True) for p in levels]
         wins = sum(s["verdict"] == "dominates" for s in per_seed.values())
         lines.append("| " + " | ".join([model, *cells, f"{wins} of {n_seeds}"]) + " |")
     lines.append("")

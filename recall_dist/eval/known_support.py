@@ -22,7 +22,7 @@ import torch
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.data.dataset import tokenize_example
 from recall_dist.eval import metrics
-from recall_dist.eval.tokens import pad_batch, prompt_ids
+from recall_dist.eval.tokens import pad_batch, prompt_ids, tempered_generate
 
 
 def derive_seed(*parts) -> int:
@@ -113,18 +113,7 @@ def sample_completions(
         n = min(batch_size, num_samples - start)
         ids = torch.tensor([encoded.prompt_ids] * n, dtype=torch.long, device=device)
         torch.manual_seed(derive_seed(seed, start))
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=torch.ones_like(ids),
-            do_sample=True,
-            temperature=float(temperature),
-            top_k=0,
-            top_p=1.0,
-            max_new_tokens=max_new,
-            min_new_tokens=0,
-            pad_token_id=pad_id,
-            eos_token_id=eos_id,
-        )
+        out = tempered_generate(model, ids, torch.ones_like(ids), temperature, max_new, pad_id, eos_id)
         for row in out[:, len(encoded.prompt_ids) :].tolist():
             cut = row.index(eos_id) + 1 if eos_id in row else len(row)
             samples.append(tuple(row[:cut]))

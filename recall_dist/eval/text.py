@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from recall_dist.eval.tokens import pad_batch, pad_token_id, prompt_ids
+from recall_dist.eval.tokens import pad_batch, pad_token_id, prompt_ids, tempered_generate
 
 
 def pca_project(
@@ -169,17 +169,7 @@ def generate_texts(
     ids, mask = pad_batch([prompt_ids(tokenizer, p) for p in prompts], pad, left=True)
     width = ids.shape[1]
     torch.manual_seed(seed)
-    out = model.generate(
-        input_ids=ids.to(device),
-        attention_mask=mask.to(device),
-        do_sample=True,
-        temperature=float(temperature),
-        top_k=0,
-        top_p=1.0,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=pad,
-        eos_token_id=eos,
-    )
+    out = tempered_generate(model, ids.to(device), mask.to(device), temperature, max_new_tokens, pad, eos)
     texts = []
     for row in out[:, width:].tolist():
         row = row[: row.index(eos)] if eos in row else row

@@ -1,6 +1,6 @@
-"""How the sweep turns text into model inputs: through training's own tokenization
-(``recall_dist.data.tokenize_example``), so the ids evaluated are the ids trained on, and into
-padded batches (one place that knows the pad id and how rows are aligned)."""
+"""How the sweep talks to a model: text into ids through training's own tokenization
+(``recall_dist.data.tokenize_example``), so the ids evaluated are the ids trained on; padded
+batches (one place that knows the pad id and how rows are aligned); and pure tempered sampling."""
 
 from __future__ import annotations
 
@@ -31,3 +31,22 @@ def pad_batch(rows: list[list[int]], pad_id: int, left: bool = False) -> tuple[t
         cols = slice(width - len(row), width) if left else slice(0, len(row))
         ids[i, cols], mask[i, cols] = torch.tensor(row, dtype=torch.long), 1
     return ids, mask
+
+
+def tempered_generate(
+    model, ids: torch.Tensor, mask: torch.Tensor, temperature: float, max_new_tokens: int, pad_id, eos_id
+):
+    """``generate`` from Q_T itself: ``do_sample=True, temperature=T, top_k=0, top_p=1`` (no truncation
+    of the distribution, so samples estimate the metrics of Q_T).  Seed the RNG before calling."""
+    return model.generate(
+        input_ids=ids,
+        attention_mask=mask,
+        do_sample=True,
+        temperature=float(temperature),
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=0,
+        pad_token_id=pad_id,
+        eos_token_id=eos_id,
+    )
