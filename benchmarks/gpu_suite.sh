@@ -12,7 +12,7 @@
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh        # there (carry .whl)
 #   OUT=/tmp/suite SUITE_TINY=1 SUITE_BUDGET_S=1500 PYTHON=.venv/bin/python DS_ACCELERATOR=cpu \
 #     bash benchmarks/gpu_suite.sh                     # the CPU check, tiny shapes
-#   SUITE_STAGES="train" bash benchmarks/gpu_suite.sh # a rerun of some stages (tests, bench, train)
+#   SUITE_STAGES="train" bash benchmarks/gpu_suite.sh # a rerun of some stages (tests, bench, tune, train)
 #
 # Files in $OUT (at most 8, as the lease returns them): suite.log (everything, streamed), env.txt,
 # pytest.txt, loss_bench.md, loss_bench.json, train_7b.md, train_7b.json, plans.txt.
@@ -97,6 +97,15 @@ else
 fi
 want bench && stage loss_bench $(( $(left) - 200 < 170 ? $(left) - 200 : 170 )) \
   "$PY" benchmarks/loss_bench.py "${BENCH[@]}" --json "$OUT/loss_bench.json" > "$OUT/loss_bench.md"
+
+# -- 2b. only when asked (SUITE_STAGES="... tune"): our nll at V=128256 with other Triton tile sizes
+if want tune && [[ $TINY != 1 ]]; then
+  for tiles in 128,256,64,8,3,16 64,128,64,4,4,16 128,128,64,8,4,32; do
+    RECALL_DIST_TRITON_TILES=$tiles stage "tune_$tiles" $(( $(left) - 200 < 60 ? $(left) - 200 : 60 )) \
+      "$PY" benchmarks/loss_bench.py "${BENCH[@]:0:10}" --vocabs 128256 --repeats 5 --warmup 2 --methods nll truncr \
+      >> "$OUT/loss_bench.md"
+  done
+fi
 
 # -- 3. the 7B step through the trainer (FSDP2, one GPU), nll / cdiv / truncr
 TRAIN=(--out "$SCRATCH/train" --steps 3 --warmup 1)
