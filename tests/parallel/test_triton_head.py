@@ -284,6 +284,7 @@ def _tp2_public_api():
     dist.barrier()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not INTERPRET, reason="gloo processes run the CPU interpreter")
 def test_tp2_processes_match_single_process():
     run_distributed_test(_tp2_public_api, 2)
