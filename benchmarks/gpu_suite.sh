@@ -92,8 +92,8 @@ if [[ $TINY == 1 ]]; then
     --methods naive liger nll cdiv lambda_pr truncr nll@torch)
 else
   BENCH=(--device cuda --dtype bf16 --tokens 16384 --hidden 4096 --seq-len 4096 --vocabs 32000 128256 --repeats 5
-    --warmup 2 --methods naive liger liger_fp32acc nll cdiv lambda_pr truncr nll@cublas cdiv@cublas truncr@cublas
-    nll@single cdiv@single lambda_pr@single nll@torch)
+    --warmup 1 --methods naive liger liger_fp32acc nll cdiv lambda_pr truncr nll@cublas truncr@cublas nll@single
+    cdiv@single nll@torch)
 fi
 want bench && stage loss_bench $(( $(left) - 200 < 170 ? $(left) - 200 : 170 )) \
   "$PY" benchmarks/loss_bench.py "${BENCH[@]}" --json "$OUT/loss_bench.json" > "$OUT/loss_bench.md"
@@ -102,7 +102,7 @@ want bench && stage loss_bench $(( $(left) - 200 < 170 ? $(left) - 200 : 170 )) 
 if want tune && [[ $TINY != 1 ]]; then
   for tiles in 128,256,64,8,3,16 64,128,64,4,4,16 128,128,64,8,4,32; do
     RECALL_DIST_TRITON_TILES=$tiles stage "tune_$tiles" $(( $(left) - 200 < 60 ? $(left) - 200 : 60 )) \
-      "$PY" benchmarks/loss_bench.py "${BENCH[@]:0:10}" --vocabs 128256 --repeats 5 --warmup 2 --methods nll truncr \
+      "$PY" benchmarks/loss_bench.py "${BENCH[@]:0:10}" --vocabs 128256 --repeats 5 --warmup 1 --methods nll truncr \
       >> "$OUT/loss_bench.md"
   done
 fi
