@@ -28,6 +28,8 @@ import triton
 import triton.language as tl
 
 INTERPRET = bool(triton.knobs.runtime.interpret)  # fixed when the kernels below are decorated
+# Token counts change every step (ignored and truncated tokens): never specialise on them, or a new
+# divisibility of the count would recompile a kernel in the middle of training.
 
 
 @triton.jit
@@ -63,7 +65,7 @@ def _logits_tile(
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])
 def head_stats_kernel(
     h_ptr,
     w_ptr,
@@ -115,7 +117,7 @@ def head_stats_kernel(
     tl.store(target_logit_ptr + out, zt, mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens", "col0", "n_chunk_cols"])
 def head_grad_kernel(
     h_ptr,
     w_ptr,
@@ -160,7 +162,7 @@ def head_grad_kernel(
     tl.store(d_ptrs, p.to(d_ptr.dtype.element_ty), mask=mask_n[:, None] & mask_v[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])
 def logits_stats_kernel(
     x_ptr,
     rows_ptr,
@@ -200,7 +202,7 @@ def logits_stats_kernel(
     tl.store(target_logit_ptr + offs, tl.sum(zt, axis=1), mask=mask_n)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["n_tokens"])
 def logits_grad_kernel(
     x_ptr,
     grad_ptr,
