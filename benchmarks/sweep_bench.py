@@ -2,7 +2,7 @@
 measured in one run on the same models, machine and config.
 
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/sweep_bench.py [--models-dir results/demo/runs]
-        [--suffix -s0] [--before 78ff28d] [--rounds 1] [--out /tmp/sweep_bench]
+        [--suffix -s0] [--before b286d4a] [--rounds 1] [--out /tmp/sweep_bench]
 
 *before* is the package as it was at git revision ``--before`` (extracted with ``git archive``),
 *after* is this working tree.  Each runs ``torchrun --nproc-per-node 2 -m recall_dist sweep
@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_BEFORE = "78ff28d"  # the last revision with one work item per (model, temperature, prompt)
+DEFAULT_BEFORE = "b286d4a"  # the parent of 147f5cb, which made the work item (model, prompt) at every T
 
 
 def _worker(argv: list[str]) -> int:
@@ -176,6 +176,10 @@ def main() -> int:
     after_rev = subprocess.run(
         ["git", "describe", "--always", "--dirty"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.strip()
+    eval_changes = subprocess.run(
+        ["git", "status", "--porcelain", "recall_dist/eval"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    after_rev += " (recall_dist/eval uncommitted changes!)" if eval_changes else " (recall_dist/eval as committed)"
     roots = {"before": _extract(before_rev, scratch / "before-src"), "after": REPO}
     from recall_dist.data import build_task
 
