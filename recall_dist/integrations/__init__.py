@@ -1,3 +1,3 @@
-"""Thin integrations with trainers we do not own: Megatron (``integrations.megatron``) and
-Hugging Face ``Trainer`` / TRL (``integrations.hf``).  Each imports its framework lazily, so
-``recall_dist`` itself never needs megatron-core or TRL installed."""
+"""Thin integrations with trainers we do not own: Megatron (``integrations.megatron``, which
+imports megatron-core only when called) and Hugging Face ``Trainer`` / TRL (``integrations.hf``);
+``integrations.step`` holds the step-level normalisation both use for gradient accumulation."""

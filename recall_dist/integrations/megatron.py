@@ -94,7 +94,7 @@ def loss_func(
         )
     dp = ps.get_data_parallel_world_size()
     if step is not None and output_tensor.requires_grad:
-        backprop = step.add(out)
+        backprop = step.add(out.loss, out.stats)
     else:
         backprop = out.loss
     num_tokens = torch.ones((), dtype=torch.int, device=output_tensor.device)

@@ -19,26 +19,28 @@ import math
 import torch
 
 from recall_dist.losses.base import RecallLoss
-from recall_dist.parallel.common import LossOutput
 
 
 class StepNormalizer:
     """Exact step-level Z for one ``RecallLoss`` over the micro-batches of an optimizer step.
 
-    For each micro-batch, ``add(out)`` returns the tensor to backpropagate,
+    For each micro-batch, ``add(loss, stats)`` (a kernel call's ``.loss`` and ``.stats``) returns
+    the tensor to backpropagate,
 
-        out.loss * D_mb / D_0  =  dp * sum_{n local} w_n l_n / D_0,
+        loss * D_mb / D_0  =  dp * sum_{n local} w_n l_n / D_0,
 
     where D_mb is the call's DP-global normaliser (sum of weights; the valid-token count under
-    ``normalize="tokens"``) and D_0 that of the step's first micro-batch with a non-zero one (so a
-    one-micro-batch step backpropagates ``out.loss`` unchanged).  Once every micro-batch is in,
-    gradients averaged over DP ranks and summed over micro-batches, times ``grad_scale() = D_0 / D_step``,
-    equal the gradient of  sum_{step} w_n l_n / D_step.  ``objective()`` is that loss's value.
+    ``normalize="tokens"``) and D_0 a constant of the step: the ``provisional`` value given to
+    ``reset`` (e.g. the step's token count, known before its first forward), else the first
+    micro-batch's own D (so a one-micro-batch step backpropagates ``loss`` unchanged).  Once every
+    micro-batch is in, gradients averaged over DP ranks and summed over micro-batches, times
+    ``grad_scale() = D_0 / D_step``, equal the gradient of  sum_{step} w_n l_n / D_step;
+    ``objective()`` is that loss's value.
 
     ``nll_mix > 0`` with ``normalize="weights"`` has two normalisers (Z and the token count); one
     gradient rescale cannot apply both, so it is refused (use ``normalize="tokens"``, where both are
     the token count).  A micro-batch with non-finite logits skips the whole step: ``grad_scale()``
-    is 0 and ``objective()`` NaN, as a single call skips (``LossOutput.stats["nonfinite_tokens"]``).
+    is 0 and ``objective()`` NaN, as a single call skips (``stats["nonfinite_tokens"]``).
     """
 
     def __init__(self, loss: RecallLoss):
@@ -51,12 +53,14 @@ class StepNormalizer:
         self.loss = loss
         self.reset()
 
-    def reset(self) -> None:
+    def reset(self, provisional: float | None = None) -> None:
+        """Start a step; ``provisional`` (> 0, the same on every rank) fixes D_0 in advance."""
         self.micro_batches = 0
-        self._first = 0.0  # D_0
+        self._first = float(provisional) if provisional is not None and provisional > 0 else 0.0
         self._total = 0.0  # D_step
-        self._numerator = 0.0  # sum_step of the objective's numerator
+        self._sums = dict.fromkeys(("objective", "nll", "weight_mean", "kept_fraction", "tokens"), 0.0)
         self._skipped = False
+        self._extra: dict[str, float] = {}
 
     def normaliser(self, stats: dict[str, float]) -> float:
         """D of one call from its (DP-global) statistics: sum of weights or token count."""
@@ -64,19 +68,28 @@ class StepNormalizer:
             return stats["tokens"]
         return stats["weight_mean"] * stats["tokens"]
 
-    def add(self, out: LossOutput) -> torch.Tensor:
+    def add(self, loss: torch.Tensor, stats: dict[str, float]) -> torch.Tensor:
         """Record one micro-batch; returns the tensor to backpropagate (see the class docstring)."""
-        stats = out.stats
         d = self.normaliser(stats)
         self.micro_batches += 1
         self._skipped |= stats["nonfinite_tokens"] > 0
+        tokens = stats["tokens"]
+        for key in ("nll", "weight_mean", "kept_fraction"):  # token-weighted means over the step
+            self._sums[key] += stats[key] * tokens
+        self._sums["tokens"] += tokens
+        self._extra = {k: v for k, v in stats.items() if k == "tau"}
         if d <= 0:  # nothing to normalise: the call's loss and gradients are zero
-            return out.loss * 0.0
+            return loss * 0.0
         if self._first == 0.0:
             self._first = d
         self._total += d
-        self._numerator += stats["loss"] * d
-        return out.loss if d == self._first else out.loss * (d / self._first)
+        self._sums["objective"] += stats["loss"] * d
+        return loss if d == self._first else loss * (d / self._first)
+
+    @property
+    def skipped(self) -> bool:
+        """A micro-batch of this step had non-finite logits."""
+        return self._skipped
 
     def grad_scale(self) -> float:
         """Factor that turns the accumulated gradients into the step objective's gradient."""
@@ -88,7 +101,13 @@ class StepNormalizer:
         """The step's loss value, sum_{step} w_n l_n / D_step (NaN when the step was skipped)."""
         if self._skipped:
             return math.nan
-        return self._numerator / self._total if self._total > 0 else 0.0
+        return self._sums["objective"] / self._total if self._total > 0 else 0.0
+
+    def stats(self) -> dict[str, float]:
+        """The step's statistics: the objective, token-weighted means, the token count, ``tau``."""
+        n = max(self._sums["tokens"], 1.0)
+        means = {k: self._sums[k] / n for k in ("nll", "weight_mean", "kept_fraction")}
+        return {"loss": self.objective(), **means, "tokens": self._sums["tokens"], **self._extra}
 
 
 def scale_gradients_(modules, factor: float) -> None:

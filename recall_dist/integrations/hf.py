@@ -1,0 +1,225 @@
+"""Hugging Face ``Trainer`` and TRL ``SFTTrainer`` with the recall loss in place of cross-entropy.
+
+    trainer = RecallTrainer(model=model, args=args, train_dataset=ds, data_collator=collator,
+                            recall_loss="cdiv", recall_loss_params={"alpha": 1.4})
+
+    class RecallSFTTrainer(RecallTrainerMixin, SFTTrainer):  # TRL: text datasets, packing, templates
+        pass
+
+What the mixin changes (needs transformers >= 5.19; tested with 5.24 and TRL 1.16; README, "API"):
+
+- **Fused head.** The model runs to its final hidden states (``logits_to_keep=1``: one position's
+  logits); ``LossHead`` (``recall_dist.train.loss_head``), attached to the model as
+  ``recall_loss_head``, does the lm_head matmul inside ``fused_linear_loss``: no ``N x V`` logits.
+- **Packing.** ``position_ids`` and the flash-attention varlen arguments (``cu_seq_lens_q/k``,
+  ``max_length_q/k``, ``seq_idx``) reach the model, so packed sequences attend only to themselves;
+  sequence ids come from the ``position_ids`` resets, so sequence-level rules (TruncR/TruncP) see
+  sequences, not rows; a target that starts a sequence is never predicted from the one before.
+- **Gradient accumulation.** Z is the sum over the whole optimizer step: each micro-batch
+  backpropagates its unnormalised weighted sum over D_0 (``num_items_in_batch``, the step's token
+  count, when it is global), and after the step's last backward (DDP's reduction done, before
+  clipping) the gradients are multiplied by D_0 / Z (``integrations.step``).  The logged ``loss`` is
+  that step objective, reported at the step's last micro-batch (the others report 0, Trainer sums
+  them): 2 x 4 gives the update and the log of one batch of 8.  The last step's statistics are
+  logged with ``recall/`` names.
+- **DeepSpeed.** The engine steps inside the last micro-batch's backward, so no rescale can follow:
+  with gradient accumulation only token-normalised losses (``nll``, ``normalize="tokens"``, factor
+  exactly 1) are allowed; others raise at construction (use accumulation 1 there).  Under ZeRO-3 the
+  head weight is registered as an external parameter of ``recall_loss_head``, so ZeRO gathers it for
+  the loss (a fused head that reads it outside a forward sees a 0-element shard: TRL #3368).
+- FSDP through ``Trainer`` is not supported (the weight is a shard outside a forward): use
+  ``recall-dist train``.  Evaluation reports the loss (``prediction_loss_only``); there are no logits.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import transformers
+from transformers import Trainer
+
+from recall_dist.constants import IGNORE_INDEX
+from recall_dist.integrations.step import StepNormalizer, scale_gradients_
+from recall_dist.losses.base import RecallLoss, build_loss
+from recall_dist.train.loss_head import LossHead
+
+# Batch keys of packed (padding-free) batches that the model needs to keep sequences apart.
+PACKING_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
+HEAD_NAME = "recall_loss_head"
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    while hasattr(model, "module"):  # DDP, DeepSpeed engine
+        model = model.module
+    return model
+
+
+def default_dp_group():
+    """The world group when training on several processes (DDP, ZeRO), else None."""
+    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def sequence_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` ids, one per packed sequence: a new one starts wherever ``position_ids`` is 0 and at
+    every row start (``[[0, 1, 2, 0, 1]] -> [[0, 0, 0, 1, 1]]``)."""
+    starts = position_ids == 0
+    starts[..., 0] = True
+    return starts.reshape(-1).long().cumsum(0).view_as(position_ids) - 1
+
+
+def attach_loss_head(model: torch.nn.Module) -> LossHead:
+    """The model's ``recall_loss_head`` (created on first use): a parameter-free module that owns the
+    fused loss, so that ZeRO-3 hooks can gather the head weight around it.  Attach it before
+    DeepSpeed wraps the model (``Trainer.train`` does that): ZeRO-3 hooks the modules it finds then."""
+    base = unwrap(model)
+    head = getattr(base, HEAD_NAME, None)
+    if head is None:
+        head = LossHead(base.get_output_embeddings(), None, vocab_size=base.config.vocab_size)
+        base.add_module(HEAD_NAME, head)
+    return head
+
+
+def _register_zero3(head: LossHead) -> None:
+    weight = head.weight
+    if hasattr(weight, "ds_id") and not getattr(head, "_zero3_registered", False):
+        import deepspeed
+
+        deepspeed.zero.register_external_parameter(head, weight)
+        head._zero3_registered = True
+
+
+def recall_loss_and_stats(model, inputs: dict, loss: RecallLoss, dp_group="auto", chunk_size: int | None = None):
+    """``(loss, stats)`` of a Hugging Face causal LM on ``inputs`` (``input_ids``, ``labels`` aligned
+    with them, -100 where no loss; optional ``attention_mask`` and ``PACKING_KEYS``).  ``loss`` is
+    this rank's share of the objective normalised over this call (``dp_group="auto"``: the world
+    group under DDP/ZeRO, so averaged gradients are the global objective's)."""
+    head = attach_loss_head(model)
+    head.loss, head.chunk_size = loss, chunk_size
+    head.dp_group = default_dp_group() if dp_group == "auto" else dp_group
+    _register_zero3(head)
+    labels, sequence_ids = inputs["labels"], None
+    packing = {k: inputs[k] for k in PACKING_KEYS if k in inputs}
+    if "position_ids" in packing:
+        sequence_ids = sequence_ids_from_positions(packing["position_ids"])
+        # the first token of a packed sequence is not a prediction of the sequence before it
+        labels = labels.masked_fill(packing["position_ids"] == 0, IGNORE_INDEX)
+    outputs = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs.get("attention_mask"),
+        output_hidden_states=True,
+        logits_to_keep=1,
+        use_cache=False,
+        **packing,
+    )
+    hidden = outputs.hidden_states[-1]  # after the final norm: what lm_head consumes
+    return head(hidden, labels, sequence_ids)
+
+
+def recall_compute_loss(model, inputs: dict, loss: RecallLoss, dp_group="auto", chunk_size=None, return_outputs=False):
+    """The recall loss of one batch (no accumulation bookkeeping): for your own training loop or
+    ``Trainer.compute_loss``.  Attaches ``recall_loss_head`` to the model on first use."""
+    value, stats = recall_loss_and_stats(model, inputs, loss, dp_group, chunk_size)
+    return (value, {"stats": stats}) if return_outputs else value
+
+
+def _token_normalised(loss: RecallLoss) -> bool:
+    return loss.normalize == "tokens" or (loss.name == "nll" and loss.max_weight is None)
+
+
+class RecallTrainerMixin:
+    """Mix into a ``transformers.Trainer`` subclass (``RecallTrainer``, or TRL's ``SFTTrainer``) before
+    it: ``compute_loss`` becomes the recall loss ``build_loss(recall_loss, **recall_loss_params)``
+    with the semantics of the module docstring."""
+
+    loss_is_scaled_for_ga = True  # our loss is normalised over the step (transformers >= 5.19 reads this)
+
+    def __init__(
+        self,
+        *args,
+        recall_loss: str = "cdiv",
+        recall_loss_params: dict | None = None,
+        chunk_size: int | None = None,
+        **kwargs,
+    ):
+        if not hasattr(Trainer, "loss_is_scaled_for_ga"):
+            raise ImportError(
+                "RecallTrainerMixin needs transformers >= 5.19 (Trainer.loss_is_scaled_for_ga); "
+                f"found {transformers.__version__}"
+            )
+        super().__init__(*args, **kwargs)
+        self.recall_loss = build_loss(recall_loss, **(recall_loss_params or {}))
+        if self.is_fsdp_enabled:
+            raise ValueError("RecallTrainer does not support FSDP through Trainer; use `recall-dist train` (FSDP2)")
+        accumulating = self.args.gradient_accumulation_steps > 1
+        if self.is_deepspeed_enabled and accumulating and not _token_normalised(self.recall_loss):
+            raise ValueError(
+                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps} under DeepSpeed with loss "
+                f"{recall_loss!r} (normalize={self.recall_loss.normalize!r}): DeepSpeed steps inside the last "
+                "backward, so the step's sum of weights cannot normalise it; use gradient_accumulation_steps=1 "
+                "(a larger micro-batch), normalize='tokens', or `recall-dist train`"
+            )
+        self._step = StepNormalizer(self.recall_loss)
+        self.chunk_size = chunk_size
+        attach_loss_head(self.model)
+        self._micro_batch = 0
+        self._in_training_step = False
+        self.last_recall_stats: dict[str, float] = {}
+
+    def train(self, *args, **kwargs):
+        self._micro_batch = 0  # a run stopped inside a step must not shift the next one's bookkeeping
+        return super().train(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        value, stats = recall_loss_and_stats(model, inputs, self.recall_loss, chunk_size=self.chunk_size)
+        if self._in_training_step:
+            value = self._step.add(value, stats)
+        else:
+            self.last_recall_stats = stats
+        return (value, {"stats": stats}) if return_outputs else value
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if self._micro_batch == 0:
+            self._step.reset(self._provisional(num_items_in_batch))
+        self._micro_batch += 1
+        self._in_training_step = True
+        try:
+            super().training_step(model, inputs, num_items_in_batch)
+        finally:
+            self._in_training_step = False
+        device = self.args.device
+        if self._micro_batch < getattr(
+            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+        ):
+            return torch.zeros((), device=device)  # the step's loss is reported at its last micro-batch
+        self._micro_batch = 0
+        self._finish_step(model)
+        self.last_recall_stats = self._step.stats()
+        return torch.tensor(self._step.objective(), device=device)
+
+    def _provisional(self, num_items_in_batch) -> float | None:
+        """D_0 of a token-normalised loss: HF's token count of the step (when the same on every rank),
+        so that the final factor is exactly 1 (what DeepSpeed needs).  Otherwise the first micro-batch's
+        own normaliser (a one-micro-batch step is then left unchanged)."""
+        global_count = self.args.world_size == 1 or self.args.average_tokens_across_devices
+        if num_items_in_batch is None or not global_count or not _token_normalised(self.recall_loss):
+            return None
+        return float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
+
+    def _finish_step(self, model) -> None:
+        scale = self._step.grad_scale()
+        if not self.is_deepspeed_enabled:
+            scale_gradients_([model], scale)
+        elif abs(scale - 1.0) > 1e-9 and not self._step.skipped:
+            raise RuntimeError(
+                f"DeepSpeed already stepped, but the step's normaliser needs a gradient factor {scale:.6g}: the loss "
+                "counted other tokens than num_items_in_batch (labels[..., 1:] != -100), or non-finite logits"
+            )
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:
+            logs = {**logs, **{f"recall/{k}": v for k, v in self.last_recall_stats.items()}}
+        super().log(logs, *args, **kwargs)
+
+
+class RecallTrainer(RecallTrainerMixin, Trainer):
+    """``transformers.Trainer`` whose loss is a recall loss (``recall_loss``, ``recall_loss_params``)."""
