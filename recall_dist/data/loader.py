@@ -27,8 +27,11 @@ class DistributedBatchIterator:
     ``order[s*G:(s+1)*G]`` with ``G = micro_batch_size * dp_size``, and rank ``r`` takes its slice
     ``[r*mbs:(r+1)*mbs]`` -- so the union over ranks of one step is exactly the global batch that
     a single process (``dp_size=1``, ``micro_batch_size=G``) gets at the same step.
-    drop_last: an epoch has ``len(dataset) // G`` steps; the last ``len(dataset) % G`` examples of
-    each epoch's order are skipped in that epoch (with shuffling, different ones every epoch).
+    drop_last by optimizer step: with ``accumulation_steps`` micro-batches per optimizer step, an
+    optimizer step takes ``S = G * accumulation_steps`` examples, an epoch has ``len(dataset) // S``
+    optimizer steps, and the last ``len(dataset) % S`` examples of each epoch's order are skipped in that
+    epoch (with shuffling, different ones every epoch).  So for the same S, every split of the step
+    (micro-batch size x ranks x accumulation) sees the same examples in the same global order.
 
     Each batch is a dict of int64 tensors ``[B, T]``:
     ``input_ids`` (``pad_token_id`` on padding), ``labels`` (aligned with input_ids, the trainer
@@ -56,7 +59,9 @@ class DistributedBatchIterator:
         packing: bool = False,
         max_length: int | None = None,
         pad_token_id: int = 0,
+        accumulation_steps: int = 1,
     ):
+        self.accumulation_steps = _check_int(accumulation_steps, "accumulation_steps", 1)
         self.micro_batch_size = _check_int(micro_batch_size, "micro_batch_size", 1)
         self.dp_size = _check_int(dp_size, "dp_size", 1)
         self.dp_rank = _check_int(dp_rank, "dp_rank", 0)
@@ -67,10 +72,11 @@ class DistributedBatchIterator:
             _check_int(max_length, "max_length", 1)
         if packing and max_length is None:
             raise ValueError("packing = True needs max_length (the length of a packed row)")
-        if len(dataset) < self.global_batch_size:
+        if len(dataset) < self.step_batch_size:
             raise ValueError(
-                f"dataset has {len(dataset)} examples, fewer than one global batch "
-                f"(micro_batch_size {micro_batch_size} x dp_size {dp_size}); no step is possible"
+                f"dataset has {len(dataset)} examples, fewer than one optimizer step's batch (micro_batch_size "
+                f"{micro_batch_size} x dp_size {dp_size} x accumulation_steps {accumulation_steps}): no step is "
+                "possible"
             )
         self.dataset, self.shuffle, self.packing = dataset, shuffle, packing
         self.max_length, self.pad_token_id = max_length, pad_token_id
@@ -80,9 +86,14 @@ class DistributedBatchIterator:
     def global_batch_size(self) -> int:
         return self.micro_batch_size * self.dp_size
 
+    @property
+    def step_batch_size(self) -> int:
+        """Examples per optimizer step, over all ranks and micro-batches."""
+        return self.global_batch_size * self.accumulation_steps
+
     def __len__(self) -> int:
-        """Steps per epoch (drop_last)."""
-        return len(self.dataset) // self.global_batch_size
+        """Micro-batches per epoch (drop_last by optimizer step)."""
+        return len(self.dataset) // self.step_batch_size * self.accumulation_steps
 
     def epoch_order(self, epoch: int) -> list[int]:
         """The order in which epoch ``epoch`` visits the dataset (same on every rank)."""
@@ -174,21 +185,27 @@ class DistributedBatchIterator:
         }
 
     def state_dict(self) -> dict:
-        """Position (epoch, batches consumed in it) plus what fixes the batch order."""
+        """Position (epoch, examples consumed in it) plus what fixes the batch order."""
         return {
             "epoch": self.epoch,
             "step": self.step,
+            "consumed": self.step * self.global_batch_size,
             "seed": self.seed,
             "shuffle": self.shuffle,
             "global_batch_size": self.global_batch_size,
+            "step_batch_size": self.step_batch_size,
             "dataset_size": len(self.dataset),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Resume at ``state``'s position.  The order must be the same (seed, shuffle, dataset size,
-        global batch size); dp_size may change if the global batch size does not."""
+        examples per optimizer step); how a step is split (micro-batch size, ranks, accumulation) may
+        change, as long as the position falls on a micro-batch boundary of the new split (it always does
+        at an optimizer-step boundary, where checkpoints are taken)."""
         mine = self.state_dict()
-        for key in ("seed", "shuffle", "global_batch_size", "dataset_size"):
+        # States written before step_batch_size existed had one micro-batch per step.
+        state = {"step_batch_size": state.get("global_batch_size"), **state}
+        for key in ("seed", "shuffle", "step_batch_size", "dataset_size"):
             if key not in state:
                 raise ValueError(f"data loader state has no {key!r}; keys: {sorted(state)}")
             if state[key] != mine[key]:
@@ -196,9 +213,16 @@ class DistributedBatchIterator:
                     f"data loader state {key} = {state[key]!r} differs from this iterator's "
                     f"{mine[key]!r}: the batch order would not continue"
                 )
-        if not 0 <= state["step"] <= len(self) or state["epoch"] < 0:
+        consumed = int(state.get("consumed", state["step"] * state["global_batch_size"]))
+        if consumed % self.global_batch_size:
             raise ValueError(
-                f"data loader state (epoch {state['epoch']}, step {state['step']}) is out of "
-                f"range for {len(self)} steps per epoch"
+                f"data loader state: {consumed} examples consumed in the epoch is not a multiple of this "
+                f"iterator's {self.global_batch_size} examples per micro-batch (resume at an optimizer-step boundary)"
             )
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
+        step = consumed // self.global_batch_size
+        if not 0 <= step <= len(self) or state["epoch"] < 0:
+            raise ValueError(
+                f"data loader state (epoch {state['epoch']}, {consumed} examples consumed) is out of range for "
+                f"{len(self)} micro-batches of {self.global_batch_size} per epoch"
+            )
+        self.epoch, self.step = int(state["epoch"]), step

@@ -127,7 +127,7 @@ def write_hf_directory(
     if not writer:
         return None
     shards.close()
-    hf_config.torch_dtype = dtype  # what from_pretrained(dtype="auto") will pick
+    hf_config.dtype = dtype  # what from_pretrained(dtype="auto") will pick
     hf_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)

@@ -58,6 +58,7 @@ def seed_everything(seed: int) -> None:
 def setup(cfg: TrainConfig, tokenizer, ctx) -> Run:
     seed_everything(cfg.train.seed)
     dataset = build_dataset(cfg.data, tokenizer)
+    accumulation = cfg.train.accumulation_steps(ctx.world_size)
     batches = DistributedBatchIterator(
         dataset,
         cfg.train.micro_batch_size,
@@ -67,8 +68,8 @@ def setup(cfg: TrainConfig, tokenizer, ctx) -> Run:
         packing=cfg.data.packing,
         max_length=cfg.data.max_length,
         pad_token_id=tokenizer.pad_token_id or 0,
+        accumulation_steps=accumulation,
     )
-    accumulation = cfg.train.accumulation_steps(ctx.world_size)
     total = cfg.train.epochs * len(batches) // accumulation
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)

@@ -161,11 +161,69 @@ def test_dp_size_may_change_if_global_batch_does_not():
     assert union == unpack(next(iter(a)))
 
 
+def _step_examples(iterators, accumulation, steps):
+    """The examples of each optimizer step, over all ranks and micro-batches, in global order."""
+    streams = [iter(_endless(it)) for it in iterators]
+    out = []
+    for _ in range(steps):
+        step = []
+        for _ in range(accumulation):
+            for stream in streams:  # rank order
+                step += unpack(next(stream))
+        out.append(step)
+    return out
+
+
+def _endless(it):
+    while True:
+        yield from it
+
+
+# (micro_batch_size, dp_size, accumulation_steps): three splits of an 8-example optimizer step
+SPLITS = [(8, 1, 1), (2, 1, 4), (2, 2, 2), (4, 2, 1)]
+
+
+@pytest.mark.parametrize("split", SPLITS[1:], ids=str)
+def test_every_split_of_a_step_sees_the_same_examples_across_epochs(split):
+    data = make_dataset(21, seed=2)  # 21 = 2 steps of 8 + 5 dropped per epoch, for every split
+    micro, dp, acc = split
+    ref = _step_examples([DistributedBatchIterator(data, 8, seed=4)], 1, 6)
+    ranks = [DistributedBatchIterator(data, micro, r, dp, seed=4, accumulation_steps=acc) for r in range(dp)]
+    assert len(ranks[0]) == 2 * acc
+    assert _step_examples(ranks, acc, 6) == ref
+
+
+@pytest.mark.parametrize("before,after", [(SPLITS[2], SPLITS[0]), (SPLITS[0], SPLITS[2]), (SPLITS[1], SPLITS[3])])
+def test_resume_on_another_split_continues_the_same_steps(before, after):
+    data = make_dataset(21, seed=2)
+    ref = _step_examples([DistributedBatchIterator(data, 8, seed=4)], 1, 5)
+    micro, dp, acc = before
+    first = [DistributedBatchIterator(data, micro, r, dp, seed=4, accumulation_steps=acc) for r in range(dp)]
+    head = _step_examples(first, acc, 3)  # crosses the first epoch's end
+    micro, dp, acc = after
+    second = [DistributedBatchIterator(data, micro, r, dp, seed=4, accumulation_steps=acc) for r in range(dp)]
+    for it in second:
+        it.load_state_dict(first[0].state_dict())
+    assert head + _step_examples(second, acc, 2) == ref
+
+
+def test_resume_refuses_another_step_batch_or_a_position_inside_a_micro_batch():
+    data = make_dataset(21, seed=2)
+    a = DistributedBatchIterator(data, 4, seed=4)
+    next(iter(a))
+    with pytest.raises(ValueError, match="step_batch_size = 4 differs"):
+        DistributedBatchIterator(data, 8, seed=4).load_state_dict(a.state_dict())
+    with pytest.raises(ValueError, match="not a multiple of this iterator's 8 examples per micro-batch"):
+        DistributedBatchIterator(data, 8, seed=4, accumulation_steps=1).load_state_dict(
+            {**a.state_dict(), "step_batch_size": 8}
+        )
+
+
 def test_errors_name_the_problem():
     data = make_dataset(5)
     with pytest.raises(ValueError, match="packing = True needs max_length"):
         DistributedBatchIterator(data, 2, packing=True)
-    with pytest.raises(ValueError, match="5 examples, fewer than one global batch"):
+    with pytest.raises(ValueError, match="5 examples, fewer than one optimizer step"):
         DistributedBatchIterator(data, 3, dp_size=2)
     with pytest.raises(ValueError, match="dp_rank = 2"):
         DistributedBatchIterator(data, 1, dp_rank=2, dp_size=2)
@@ -176,5 +234,5 @@ def test_errors_name_the_problem():
     state = DistributedBatchIterator(data, 2, seed=1).state_dict()
     with pytest.raises(ValueError, match="seed = 1 differs"):
         DistributedBatchIterator(data, 2, seed=2).load_state_dict(state)
-    with pytest.raises(ValueError, match="global_batch_size = 2 differs"):
+    with pytest.raises(ValueError, match="step_batch_size = 2 differs"):
         DistributedBatchIterator(data, 1, seed=1).load_state_dict(state)
