@@ -1,4 +1,4 @@
-"""Command-line entry point: ``recall-dist {train,plan,sweep,demo} ...`` (also ``python -m recall_dist``).
+"""Command-line entry point: ``recall-dist {train,torchrun,plan,sweep,demo} ...`` (also ``python -m recall_dist``).
 
 Each sub-command lives with its component and is imported lazily, so ``recall-dist --help`` is fast
 and a missing optional dependency only affects the command that needs it.
@@ -7,10 +7,12 @@ and a missing optional dependency only affects the command that needs it.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 COMMANDS = {
     "train": ("recall_dist.train.cli", "Train a causal LM with a recall loss (DeepSpeed ZeRO or FSDP2)."),
+    "torchrun": ("recall_dist.torchrun", "torchrun with the run's exit code and safe signals (docs/robustness.md)."),
     "plan": ("recall_dist.train.plan", "Per-GPU memory plan of a training config for N nodes x G GPUs."),
     "sweep": ("recall_dist.eval.cli", "Temperature sweep: Precision/Recall table and PR-curve plot."),
     "demo": ("recall_dist.demo", "Train NLL and recall losses on a sparse task, sweep, write the PR curves."),
@@ -19,13 +21,17 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: recall-dist COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<6} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'recall-dist COMMAND --help' for the options of a command."]
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun worker: never outlive torchrun (orphans hold GPUs)
+        from recall_dist.train.preemption import die_with_parent
+
+        die_with_parent()
     if not argv or argv[0] in ("-h", "--help"):
         print(_usage())
         return 0

@@ -1,24 +1,33 @@
-"""Atomic training checkpoints under ``<output_dir>/checkpoints/step_XXXXXXXX/``.
+"""Atomic, verified training checkpoints under ``<output_dir>/checkpoints/step_XXXXXXXX/``.
 
 Layout of one checkpoint::
 
-    engine/                   the backend's own state: model, optimizer, LR schedule
-                              (DeepSpeed ``save_checkpoint`` or ``torch.distributed.checkpoint``)
-    trainer_rank00000.pt ...  per rank: step, data position, RNG states, loss state (truncation buffer)
-    config.yaml               the TrainConfig (what ``export_hf`` rebuilds the model from)
-    COMPLETE                  written last
+    engine/                         the backend's own state: model, optimizer, LR schedule
+                                    (DeepSpeed ``save_checkpoint`` or ``torch.distributed.checkpoint``)
+    trainer_rank00000.json          per rank, plain data: step, data position, RNG states, loss state ...
+    trainer_rank00000.tensors.pt    ... and its tensors (truncation buffer, RNG states), read back with
+                                    ``torch.load(weights_only=True)``: loading never runs code from the file
+    config.yaml                     the TrainConfig (what ``export_hf`` rebuilds the model from)
+    fingerprint.json                the experiment's keys (model, loss, optim, data; ``fingerprint.py``)
+    MANIFEST.json                   every file above: size and SHA-256 (``manifest.py``), written after them
+    COMPLETE                        written last
 
-Atomicity: everything goes to ``.tmp-step_X`` first; files are fsynced, ``COMPLETE`` is written,
-then the directory is renamed into place and the parent fsynced.  A crash at any point leaves the
-previous complete checkpoints untouched, and ``latest_checkpoint`` never picks a partial one.
+Atomicity: everything goes to ``.tmp-step_X`` first; files are fsynced, the manifest and ``COMPLETE``
+are written, then the directory is renamed into place and the parent fsynced.  A crash (or a full disk)
+at any point leaves the previous complete checkpoints untouched, and a partial one is never picked.
+Before a resume the manifest is checked; a damaged checkpoint is renamed ``step_X.damaged`` and the
+previous complete one is used (``Checkpointer.select``).
 """
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -26,31 +35,177 @@ import torch
 import torch.distributed as dist
 import yaml
 
+from recall_dist.configtree import ConfigError
+from recall_dist.train.fingerprint import FINGERPRINT, config_fingerprint
+from recall_dist.train.manifest import build_manifest, read_manifest, verify, write_manifest
+
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
+_NEARLY_FULL = 64 << 20  # bytes free under which a failed write is reported as a full disk
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names it and says what to do."""
+
+
+class CheckpointDiskFull(CheckpointError):
+    """No space (or quota) left while saving; the earlier checkpoints are untouched."""
+
+
+class UnsafeCheckpoint(CheckpointError):
+    """A trainer-state file holds something other than plain data and tensors: refused, not executed."""
+
+
+# ------------------------------------------------------------------------- trainer state as plain data
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    version, internal, gauss = random.getstate()
+    state = {
+        "python": {"version": version, "state": list(internal), "gauss": gauss},
+        "numpy": np.random.get_state(legacy=False),
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_dir(Path(dirpath))
+def _encode(obj, tensors: dict, path: str):
+    """JSON-able copy of ``obj``; tensors and numpy arrays go to ``tensors`` under their path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().cpu().clone()
+        return {"__tensor__": path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "iu" else obj.copy())
+        return {"__ndarray__": path, "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, dict):
+        if not all(isinstance(k, str) for k in obj):
+            raise TypeError(f"trainer state {path or '<root>'}: dict keys must be strings, got {list(obj)!r}")
+        return {k: _encode(v, tensors, f"{path}.{k}" if path else k) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"trainer state {path}: {type(obj).__name__} is not plain data (JSON values or tensors)")
+
+
+def _decode(obj, tensors: dict):
+    if isinstance(obj, dict):
+        if "__tensor__" in obj:
+            return tensors[obj["__tensor__"]]
+        if "__ndarray__" in obj:
+            return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
+        return {k: _decode(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    return obj
+
+
+def _state_files(directory: Path, rank: int) -> tuple[Path, Path]:
+    return directory / f"trainer_rank{rank:05d}.json", directory / f"trainer_rank{rank:05d}.tensors.pt"
+
+
+def write_trainer_state(directory: str | Path, rank: int, state: dict) -> None:
+    tensors: dict = {}
+    plain = _encode(state, tensors, "")
+    json_path, tensor_path = _state_files(Path(directory), rank)
+    torch.save(tensors, tensor_path)
+    json_path.write_text(json.dumps(plain, indent=1))
+
+
+def read_trainer_state(directory: str | Path, rank: int) -> dict:
+    """This rank's trainer state (rank 0's when the checkpoint was written by fewer ranks: the data
+    position and the loss buffer are identical on every rank)."""
+    directory = Path(directory)
+    json_path, tensor_path = _state_files(directory, rank)
+    if not json_path.is_file():
+        json_path, tensor_path = _state_files(directory, 0)
+    if not json_path.is_file():
+        legacy = directory / "trainer_rank00000.pt"
+        if legacy.is_file():
+            raise UnsafeCheckpoint(
+                f"{legacy}: trainer state written by an older recall_dist as a pickle, which can run code "
+                f"when loaded; it is not loaded.  Start a new run (another train.output_dir, or "
+                f"train.overwrite=true), or export its model with recall_dist.train.export.export_hf."
+            )
+        raise CheckpointError(f"{directory}: no trainer state ({json_path.name})")
+    try:
+        tensors = torch.load(tensor_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # the unpickler raises UnpicklingError or RuntimeError, depending on the payload
+        if "weights_only" in str(e) or "Weights only load failed" in str(e):
+            raise UnsafeCheckpoint(
+                f"{tensor_path}: refused: it holds pickled objects other than tensors, and loading them "
+                f"could run code from the file (recall_dist writes only tensors there).  Details: "
+                f"{str(e).splitlines()[0]}"
+            ) from None
+        raise CheckpointError(f"{tensor_path}: unreadable: {type(e).__name__}: {e}") from e
+    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
+        raise UnsafeCheckpoint(f"{tensor_path}: refused: expected a dict of tensors, got {type(tensors).__name__}")
+    return _decode(json.loads(json_path.read_text()), tensors)
+
+
+# --------------------------------------------------------------------------------------- disk full
+
+
+def _exception_chain(exc: BaseException):
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+        if isinstance(failures, dict):
+            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values() if f is not None]
+
+
+def is_disk_full(exc: BaseException, path: str | Path) -> bool:
+    """Whether ``exc`` (raised while writing under ``path``) comes from a full disk or quota.  torch's
+    zip writer drops the errno ("file write failed"), so then the free space decides."""
+    write_failed = False
+    for e in _exception_chain(exc):
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(e)
+        if "No space left on device" in text or "Disk quota exceeded" in text:
+            return True
+        write_failed |= any(s in text for s in ("file write failed", "PytorchStreamWriter failed", "unexpected pos"))
+    return write_failed and _free_bytes(path) < _NEARLY_FULL
+
+
+def _free_bytes(path: str | Path) -> int:
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    try:
+        return shutil.disk_usage(path).free
+    except OSError:
+        return 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+# ---------------------------------------------------------------------------------------- checkpoints
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,13 +221,27 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The complete checkpoint with the highest step under ``root`` (``<output_dir>/checkpoints``)."""
+def _from_rank0(value):
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def complete_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints under ``root`` (``<output_dir>/checkpoints``), newest first."""
     root = Path(root)
     if not root.is_dir():
-        return None
+        return []
     done = [p for p in root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()]
-    return max(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), default=None)
+    return sorted(done, key=lambda p: int(_STEP_DIR.match(p.name).group(1)), reverse=True)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step under ``root`` (``<output_dir>/checkpoints``)."""
+    done = complete_checkpoints(root)
+    return done[0] if done else None
 
 
 def checkpoint_step(path: str | Path) -> int:
@@ -83,11 +252,12 @@ def checkpoint_step(path: str | Path) -> int:
 
 
 class Checkpointer:
-    """Saves and restores checkpoints of one run; every method is collective over the world."""
+    """Saves and restores checkpoints of one run; every method is collective over the world.
+    ``verify``: ``checksum`` | ``size`` | ``none`` (``train.verify_checkpoints``, see ``manifest.py``)."""
 
-    def __init__(self, output_dir: str | Path, rank: int, keep: int = 2):
+    def __init__(self, output_dir: str | Path, rank: int, keep: int = 2, verify: str = "checksum"):
         self.root = Path(output_dir) / "checkpoints"
-        self.rank, self.keep = rank, keep
+        self.rank, self.keep, self.verify = rank, keep, verify
 
     def save(self, engine, step: int, trainer_state: dict, config: dict) -> Path:
         name = f"step_{step:08d}"
@@ -97,19 +267,45 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         _barrier()
-        engine.save(str(tmp / "engine"))
-        torch.save(trainer_state, tmp / f"trainer_rank{self.rank:05d}.pt")
-        _barrier()
-        if self.rank == 0:
-            with open(tmp / "config.yaml", "w") as f:
-                yaml.safe_dump(config, f, sort_keys=False)
-            _fsync_tree(tmp)
-            (tmp / COMPLETE).write_text(f"{step}\n")
-            _fsync_tree(tmp)
-            self._publish(tmp, final)
-            self._prune()
+        try:
+            engine.save(str(tmp / "engine"))
+            write_trainer_state(tmp, self.rank, trainer_state)
+            _barrier()
+            if self.rank == 0:
+                with open(tmp / "config.yaml", "w") as f:
+                    yaml.safe_dump(config, f, sort_keys=False)
+                (tmp / FINGERPRINT).write_text(json.dumps(config_fingerprint(config), indent=1))
+            _barrier()
+            manifest = build_manifest(tmp, checksum=self.verify == "checksum")  # also fsyncs every file
+            if self.rank == 0:
+                write_manifest(tmp, manifest)
+                with open(tmp / COMPLETE, "w") as f:
+                    f.write(f"{step}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                for dirpath, _, _ in os.walk(tmp):  # the directory entries too, before the rename
+                    _fsync_dir(Path(dirpath))
+                self._publish(tmp, final)
+                self._prune()
+        except BaseException as e:
+            if is_disk_full(e, self.root):
+                raise self._disk_full(step, tmp) from e
+            raise
         _barrier()
         return final
+
+    def _disk_full(self, step: int, tmp: Path) -> CheckpointDiskFull:
+        usage = shutil.disk_usage(self.root) if self.root.exists() else None
+        if self.rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint: give the space back
+        kept = [p.name for p in complete_checkpoints(self.root)]
+        space = f" ({_size(usage.free)} free of {_size(usage.total)})" if usage else ""
+        earlier = f"The earlier checkpoints are intact: {', '.join(kept)}." if kept else "No earlier checkpoint."
+        return CheckpointDiskFull(
+            f"disk full: no space left on the file system of {self.root}{space} while saving the checkpoint "
+            f"of step {step} (the partial {tmp.name} was removed). {earlier} Free space (or lower "
+            f"train.keep_checkpoints, or move train.output_dir) and run again with train.resume=auto."
+        )
 
     def _publish(self, tmp: Path, final: Path) -> None:
         if final.exists():  # the same step saved again (e.g. preemption right after a periodic save)
@@ -124,29 +320,66 @@ class Checkpointer:
         _fsync_dir(self.root)
 
     def _prune(self) -> None:
-        done = sorted(
-            (p for p in self.root.iterdir() if _STEP_DIR.match(p.name) and (p / COMPLETE).is_file()),
-            key=lambda p: p.name,
-        )
-        for path in done[: -self.keep]:
+        for path in complete_checkpoints(self.root)[self.keep :]:
             shutil.rmtree(path)
 
-    def resolve(self, resume: str) -> Path | None:
-        """The checkpoint to resume from: ``auto`` -> latest complete one (or None), ``none`` -> None,
-        otherwise the given directory (which must be complete)."""
+    def _problems(self, path: Path) -> list[str]:
+        manifest = _from_rank0(read_manifest(path) if self.rank == 0 else None)
+        if manifest is None:
+            raise CheckpointError(
+                f"{path} has no MANIFEST.json: written by an older recall_dist, whose trainer state this "
+                f"version does not load (a pickle can run code).  Start a new run (another "
+                f"train.output_dir, or train.overwrite=true)."
+            )
+        return verify(path, manifest, self.verify)
+
+    def select(self, resume: str) -> Path | None:
+        """The checkpoint to resume from, verified against its manifest: ``none`` -> None; a directory ->
+        it (``CheckpointError`` if damaged); ``auto`` -> the newest complete one that verifies.  A
+        damaged newest one is renamed ``<name>.damaged`` (kept, never picked again) with a warning,
+        and the previous one is tried."""
         if resume == "none":
             return None
-        if resume == "auto":
-            return latest_checkpoint(self.root)
-        path = Path(resume)
-        if not (path / COMPLETE).is_file():
-            raise FileNotFoundError(f"train.resume = {resume!r}: not a complete checkpoint (no {COMPLETE} file)")
-        return path
+        if resume != "auto":
+            path = Path(resume)
+            if not (path / COMPLETE).is_file():
+                raise ConfigError("train.resume", f"{resume!r} is not a complete checkpoint (no {COMPLETE} file)")
+            problems = self._problems(path)
+            if problems:
+                raise CheckpointError(f"train.resume = {resume!r} is damaged:\n  " + "\n  ".join(problems))
+            return path
+        candidates = _from_rank0(complete_checkpoints(self.root) if self.rank == 0 else None)
+        for path in candidates:
+            problems = self._problems(path)
+            if not problems:
+                return path
+            if self.rank == 0:
+                aside = self._set_aside(path)
+                print(
+                    f"recall-dist train: WARNING: checkpoint {path} is damaged, renamed {aside.name}; "
+                    f"trying the previous one:\n  " + "\n  ".join(problems[:10]),
+                    file=sys.stderr,
+                    flush=True,
+                )
+            _barrier()
+        if candidates:
+            raise CheckpointError(
+                f"every checkpoint under {self.root} is damaged (renamed *.damaged; see the warnings above); "
+                f"nothing to resume.  Start over with train.resume=none train.overwrite=true."
+            )
+        return None
+
+    @staticmethod
+    def _set_aside(path: Path) -> Path:
+        aside, n = path.with_name(f"{path.name}.damaged"), 1
+        while aside.exists():
+            aside, n = path.with_name(f"{path.name}.damaged-{n}"), n + 1
+        os.rename(path, aside)
+        return aside
 
     def load(self, path: Path, engine) -> dict:
-        """Restore the engine from ``path`` and return this rank's trainer state."""
+        """Restore the engine from ``path`` and return this rank's trainer state (read first: a
+        refused state file stops before the engine is touched)."""
+        state = read_trainer_state(path, self.rank)
         engine.load(str(path / "engine"))
-        mine = path / f"trainer_rank{self.rank:05d}.pt"
-        if not mine.is_file():  # a different world size: the data position and loss buffer are
-            mine = path / "trainer_rank00000.pt"  # identical on every rank, take rank 0's
-        return torch.load(mine, weights_only=False)
+        return state

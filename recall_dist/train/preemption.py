@@ -4,12 +4,20 @@ A stop is requested by SIGTERM or SIGUSR1 on any worker, or by the file named in
 ``RECALL_DIST_STOP_FILE`` existing (the batch script touches it: torchrun does not forward SIGUSR1,
 pytorch #154849).  Workers agree at the next step boundary (all-reduce MAX of the flag), save a
 checkpoint, write ``<output_dir>/PREEMPTED`` holding the step, and exit 0; ``resume: auto`` continues.
+
+Launchers: ``recall-dist torchrun`` (``recall_dist/torchrun.py``) sets ``RECALL_DIST_OUTCOME_FILE``;
+local rank 0 writes the run's outcome and exit code there (``write_outcome``), because torchrun itself
+reports 1 for anything but a clean exit of every worker (and after any signal).  Workers under torchrun
+die with it (``die_with_parent``): a SIGKILLed torchrun leaves no orphan holding GPUs.
 """
 
 from __future__ import annotations
 
+import ctypes
+import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
@@ -18,6 +26,8 @@ import torch
 from recall_dist.distributed.collectives import all_reduce_
 
 STOP_FILE_ENV = "RECALL_DIST_STOP_FILE"
+OUTCOME_FILE_ENV = "RECALL_DIST_OUTCOME_FILE"
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 PREEMPTED = "PREEMPTED"
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -60,3 +70,29 @@ def mark_preempted(output_dir: str | Path, step: int) -> Path:
 
 def clear_preempted(output_dir: str | Path) -> None:
     (Path(output_dir) / PREEMPTED).unlink(missing_ok=True)
+
+
+def write_outcome(outcome: str, exit_code: int, **details) -> None:
+    """Tell the launcher how the run ended (``recall-dist torchrun`` exits with ``exit_code``): written
+    atomically by local rank 0 when ``RECALL_DIST_OUTCOME_FILE`` is set, a no-op otherwise."""
+    path = os.environ.get(OUTCOME_FILE_ENV)
+    if not path or os.environ.get("LOCAL_RANK", "0") != "0":
+        return
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"outcome": outcome, "exit_code": exit_code, **details}))
+    os.replace(tmp, path)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Have the kernel send ``sig`` to this process when its parent exits (Linux ``PR_SET_PDEATHSIG``);
+    returns False where that does not exist.  If the parent is already gone, die now."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+    if os.getppid() != parent:  # the parent died between getppid() and prctl(): no signal will come
+        os.kill(os.getpid(), sig)
+    return True

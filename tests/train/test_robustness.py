@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from recall_dist.configtree import ConfigError
 from recall_dist.distributed.testing import run_distributed_test
 from recall_dist.train.checkpoint import COMPLETE, Checkpointer, latest_checkpoint
 from recall_dist.train.metrics import read_metrics
@@ -96,7 +97,7 @@ def test_crash_mid_save_keeps_the_last_complete_checkpoint(tmp_path):
     with pytest.raises(KeyboardInterrupt):
         ckpt.save(_FileEngine(crash=True), 8, {"step": 8}, {"model": {}})
     assert latest_checkpoint(tmp_path / "checkpoints") == first
-    assert ckpt.resolve("auto") == first and ckpt.resolve("none") is None
+    assert ckpt.select("auto") == first and ckpt.select("none") is None
     assert (tmp_path / "checkpoints" / ".tmp-step_00000008").is_dir()  # the debris is ignored...
     ckpt.save(_FileEngine(), 8, {"step": 8}, {"model": {}})  # ...and replaced by the next save
     assert not (tmp_path / "checkpoints" / ".tmp-step_00000008").exists()
@@ -104,8 +105,8 @@ def test_crash_mid_save_keeps_the_last_complete_checkpoint(tmp_path):
     names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
     assert names == ["step_00000008", "step_00000012"]  # keep=2 pruned step 4
     assert (tmp_path / "checkpoints" / "step_00000012" / COMPLETE).read_text() == "12\n"
-    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
-        ckpt.resolve(str(tmp_path / "checkpoints" / ".tmp-step_00000008"))
+    with pytest.raises(ConfigError, match="not a complete checkpoint"):
+        ckpt.select(str(tmp_path / "checkpoints" / ".tmp-step_00000008"))
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,55 @@
+"""The experiment fingerprint a checkpoint carries: the config keys that change the experiment (model,
+loss, optim, data), flattened (``loss.params.alpha``), with their SHA-256.  Not fingerprinted: keys that
+change how the run is computed, not what (``model.attn_implementation``, ``loss.chunk_size``), and the
+train/backend sections (run length, batching checks of their own, checkpoints, logging, the backend).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import yaml
+
+FINGERPRINT = "fingerprint.json"
+SECTIONS = ("model", "loss", "optim", "data")
+NOT_FINGERPRINTED = ("model.attn_implementation", "loss.chunk_size")
+
+
+def _flatten(value, prefix: str, out: dict) -> None:
+    if isinstance(value, dict) and value:
+        for key in sorted(value):
+            _flatten(value[key], f"{prefix}.{key}", out)
+    else:
+        out[prefix] = json.loads(json.dumps(value))  # tuples -> lists, as they come back from a file
+
+
+def config_fingerprint(config: dict) -> dict:
+    """``{"sha256": ..., "keys": {"loss.params.alpha": 1.4, ...}}`` of a config dict (``to_dict(cfg)``)."""
+    keys: dict = {}
+    for section in SECTIONS:
+        _flatten(config.get(section), section, keys)
+    keys = {k: v for k, v in keys.items() if k not in NOT_FINGERPRINTED}
+    digest = hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()
+    return {"sha256": digest, "keys": keys}
+
+
+def fingerprint_differences(saved: dict, current: dict) -> list[str]:
+    """``key: saved -> current`` for every fingerprinted key whose value differs (absent: ``(not set)``)."""
+    a, b = saved["keys"], current["keys"]
+    missing = "(not set)"
+    lines = []
+    for key in sorted(set(a) | set(b)):
+        old, new = a.get(key, missing), b.get(key, missing)
+        if old != new:
+            lines.append(f"{key}: {old!r} -> {new!r}")
+    return lines
+
+
+def read_fingerprint(checkpoint: str | Path) -> dict:
+    """The fingerprint saved with ``checkpoint`` (derived from its config.yaml when it has none)."""
+    checkpoint = Path(checkpoint)
+    if (checkpoint / FINGERPRINT).is_file():
+        return json.loads((checkpoint / FINGERPRINT).read_text())
+    return config_fingerprint(yaml.safe_load((checkpoint / "config.yaml").read_text()))
