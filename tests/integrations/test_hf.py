@@ -26,14 +26,13 @@ from pathlib import Path
 
 import pytest
 import torch
+import trl
+from transformers import TrainerCallback
 
 from recall_dist import build_loss
 from recall_dist.distributed.testing import run_distributed_test
 from recall_dist.integrations.hf import RecallTrainerMixin, recall_compute_loss, sequence_ids_from_positions
 from tests.integrations.hf_setup import char_tokenizer, reference_loss, text_dataset, tiny_llama
-
-trl = pytest.importorskip("trl", reason="TRL is in the dev extra")
-from transformers import TrainerCallback  # noqa: E402
 
 ALPHA = 1.4
 

@@ -33,8 +33,6 @@ from tests.integrations.megatron_cpu import (
     tiny_gpt,
 )
 
-pytest.importorskip("megatron.core", reason="megatron-core is in the dev extra")
-
 README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
 SEQ, PADDED_VOCAB, REAL_VOCAB = 8, 64, 60
 
@@ -130,8 +128,9 @@ def _batches(micro_batches: int, rows: int, rank_rows: slice | None = None) -> l
     return out
 
 
-def _readme_namespace(step_block: bool, dp_average=None) -> dict:
-    """The README's Megatron code, executed with what Megatron-LM's pretrain_gpt.py provides."""
+def _readme_namespace(step_block: bool, dp_average=None, config=None) -> dict:
+    """The README's Megatron code, executed with what Megatron-LM's pretrain_gpt.py provides
+    (``config``: the model's, whose ``finalize_model_grads_func`` the step block sets)."""
 
     def get_batch(data_iterator):
         b = next(data_iterator)
@@ -140,7 +139,7 @@ def _readme_namespace(step_block: bool, dp_average=None) -> dict:
     ns = {"get_batch": get_batch, "get_tokenizer": lambda: types.SimpleNamespace(vocab_size=REAL_VOCAB)}
     exec(compile(readme_block("integrations.megatron import loss_func"), "README.md", "exec"), ns)
     if step_block:
-        ns["config"] = types.SimpleNamespace(finalize_model_grads_func=None)
+        ns["config"] = types.SimpleNamespace(finalize_model_grads_func=None) if config is None else config
         ns["finalize_model_grads"] = dp_average
         exec(compile(readme_block("step_finalize"), "README.md", "exec"), ns)
     return ns
