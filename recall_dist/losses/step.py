@@ -83,6 +83,8 @@ class StepAccumulator:
 
     def gradient_scale(self) -> float:
         """Multiply the step's accumulated gradients by this (before clipping): N / Z for ``weights``."""
+        if self._sum("nonfinite") > 0:  # a skipped step: its calls zeroed their sums and gradients
+            return 1.0
         counted = self._sum("count")
         if self.sums is not None and abs(counted - self.token_count) > 0.5:
             raise RuntimeError(
