@@ -15,18 +15,19 @@ What the mixin changes (needs transformers >= 5.19; tested with 5.24 and TRL 1.1
   ``max_length_q/k``, ``seq_idx``) reach the model, so packed sequences attend only to themselves;
   sequence ids come from the ``position_ids`` resets, so sequence-level rules (TruncR/TruncP) see
   sequences, not rows; a target that starts a sequence is never predicted from the one before.
-- **Gradient accumulation.** Z is the sum over the whole optimizer step: each micro-batch
-  backpropagates its unnormalised weighted sum over D_0 (``num_items_in_batch``, the step's token
-  count, when it is global), and after the step's last backward (DDP's reduction done, before
-  clipping) the gradients are multiplied by D_0 / Z (``integrations.step``).  The logged ``loss`` is
-  that step objective, reported at the step's last micro-batch (the others report 0, Trainer sums
-  them): 2 x 4 gives the update and the log of one batch of 8.  The last step's statistics are
-  logged with ``recall/`` names.
-- **DeepSpeed.** The engine steps inside the last micro-batch's backward, so no rescale can follow:
-  with gradient accumulation only token-normalised losses (``nll``, ``normalize="tokens"``, factor
-  exactly 1) are allowed; others raise at construction (use accumulation 1 there).  Under ZeRO-3 the
-  head weight is registered as an external parameter of ``recall_loss_head``, so ZeRO gathers it for
-  the loss (a fused head that reads it outside a forward sees a 0-element shard: TRL #3368).
+- **Gradient accumulation.** One optimizer step is one objective, Z summed over all of its
+  micro-batches and ranks (``RecallLoss.optimizer_step``, as ``recall-dist train`` does): Trainer
+  fetches a step's micro-batches first, ``get_batch_samples`` counts their tokens N as the loss does,
+  every micro-batch backpropagates with the provisional scale 1/N, and after the last backward (DDP's
+  reduction done, before clipping) the gradients are multiplied by N / Z; truncation rules fix tau
+  at the step's start.  The logged ``loss`` is that step objective, reported at the step's last
+  micro-batch (the others report 0, Trainer sums them): 2 x 4 gives the update and the log of one
+  batch of 8.  The step's statistics are logged with ``recall/`` names.
+- **DeepSpeed.** The engine steps inside the last micro-batch's backward, so the factor N / Z goes
+  through ZeRO's external loss scale, which divides the accumulated gradients before the norm, the
+  clipping and the update.  Under ZeRO-3 the head weight is registered as an external parameter of
+  ``recall_loss_head``, so ZeRO gathers it for the loss (a fused head that reads it outside a
+  forward sees a 0-element shard: TRL #3368).
 - FSDP through ``Trainer`` is not supported (the weight is a shard outside a forward): use
   ``recall-dist train``.  Evaluation reports the loss (``prediction_loss_only``); there are no logits.
 """
@@ -39,7 +40,7 @@ import transformers
 from transformers import Trainer
 
 from recall_dist.constants import IGNORE_INDEX
-from recall_dist.integrations.step import StepNormalizer, scale_gradients_
+from recall_dist.integrations.step import scale_gradients_
 from recall_dist.losses.base import RecallLoss, build_loss
 from recall_dist.train.loss_head import LossHead
 
@@ -122,8 +123,23 @@ def recall_compute_loss(model, inputs: dict, loss: RecallLoss, dp_group="auto", 
     return (value, {"stats": stats}) if return_outputs else value
 
 
-def _token_normalised(loss: RecallLoss) -> bool:
-    return loss.normalize == "tokens" or (loss.name == "nll" and loss.max_weight is None)
+def step_token_count(batches: list[dict], dp_group) -> float:
+    """The valid targets of a step's micro-batches, counted as the loss counts them (shifted, -100
+    and the first token of every packed sequence excluded), summed over the data-parallel group."""
+    count = torch.zeros((), dtype=torch.float64)
+    for batch in batches:
+        labels = batch["labels"]
+        if "position_ids" in batch:
+            labels = labels.masked_fill(batch["position_ids"] == 0, IGNORE_INDEX)
+        count += (labels[..., 1:] != IGNORE_INDEX).sum().cpu()
+    if dp_group is not None:
+        count = count.to(_collective_device())
+        dist.all_reduce(count, group=dp_group)
+    return float(count)
+
+
+def _collective_device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
 
 
 class RecallTrainerMixin:
@@ -150,70 +166,85 @@ class RecallTrainerMixin:
         self.recall_loss = build_loss(recall_loss, **(recall_loss_params or {}))
         if self.is_fsdp_enabled:
             raise ValueError("RecallTrainer does not support FSDP through Trainer; use `recall-dist train` (FSDP2)")
-        accumulating = self.args.gradient_accumulation_steps > 1
-        if self.is_deepspeed_enabled and accumulating and not _token_normalised(self.recall_loss):
+        loss = self.recall_loss
+        if self.args.gradient_accumulation_steps > 1 and loss.nll_mix > 0 and loss.normalize == "weights":
             raise ValueError(
-                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps} under DeepSpeed with loss "
-                f"{recall_loss!r} (normalize={self.recall_loss.normalize!r}): DeepSpeed steps inside the last "
-                "backward, so the step's sum of weights cannot normalise it; use gradient_accumulation_steps=1 "
-                "(a larger micro-batch), normalize='tokens', or `recall-dist train`"
+                f"gradient_accumulation_steps={self.args.gradient_accumulation_steps} with nll_mix={loss.nll_mix} and "
+                "normalize='weights': two normalisers (the sum of weights and the token count) cannot both be "
+                "applied over an accumulated step; use normalize='tokens' or gradient_accumulation_steps=1"
             )
-        self._step = StepNormalizer(self.recall_loss)
         self.chunk_size = chunk_size
         attach_loss_head(self.model)
         self._micro_batch = 0
-        self._in_training_step = False
+        self._step_context = self._objective = None
         self.last_recall_stats: dict[str, float] = {}
 
     def train(self, *args, **kwargs):
-        self._micro_batch = 0  # a run stopped inside a step must not shift the next one's bookkeeping
+        self._close_step()  # a run stopped inside a step must not leave it open
         return super().train(*args, **kwargs)
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        """Trainer fetches a step's micro-batches before the first forward: count their tokens here,
+        as the loss does (``num_items_in_batch`` becomes that count)."""
+        batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
+        return batches, (step_token_count(batches, default_dp_group()) if batches else None)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         value, stats = recall_loss_and_stats(model, inputs, self.recall_loss, chunk_size=self.chunk_size)
-        if self._in_training_step:
-            value = self._step.add(value, stats)
-        else:
+        if self._objective is None:  # evaluation, or a call outside Trainer's loop: one batch, one step
             self.last_recall_stats = stats
+        elif self._micro_batch == self._micro_batches_in_step() and self.is_deepspeed_enabled:
+            value = self._deepspeed_step_scale(value)
         return (value, {"stats": stats}) if return_outputs else value
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if self._micro_batch == 0:
-            self._step.reset(self._provisional(num_items_in_batch))
+            if num_items_in_batch is None:
+                raise RuntimeError("RecallTrainerMixin: no token count for the step (Trainer.get_batch_samples)")
+            self._step_context = self.recall_loss.optimizer_step(float(num_items_in_batch))
+            self._objective = self._step_context.__enter__()
         self._micro_batch += 1
-        self._in_training_step = True
         try:
             super().training_step(model, inputs, num_items_in_batch)
-        finally:
-            self._in_training_step = False
-        device = self.args.device
-        if self._micro_batch < getattr(
-            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
-        ):
-            return torch.zeros((), device=device)  # the step's loss is reported at its last micro-batch
+        except BaseException:
+            self._close_step()
+            raise
+        if self._micro_batch < self._micro_batches_in_step():
+            return torch.zeros((), device=self.args.device)  # the step's loss is reported at its last micro-batch
+        scale, stats = self._objective.gradient_scale(), self._objective.stats()
+        self._close_step()
+        if not self.is_deepspeed_enabled:  # DeepSpeed applied it inside its step (_deepspeed_step_scale)
+            scale_gradients_([model], 0.0 if stats["nonfinite_tokens"] > 0 else scale)
+        self.last_recall_stats = stats | self.recall_loss.rule.extra_stats()
+        return torch.tensor(stats["loss"], device=self.args.device)
+
+    def _micro_batches_in_step(self) -> int:
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+
+    def _deepspeed_step_scale(self, value: torch.Tensor) -> torch.Tensor:
+        """DeepSpeed steps inside the last micro-batch's backward.  Its ZeRO optimizer multiplies that
+        backward's loss by an external loss scale S and divides every accumulated gradient by S before
+        the norm, the clipping and the update: S = 1 / g with the last loss times g multiplies the whole
+        step's gradient by g = N / Z, which is known once the last forward is done."""
+        g = self._objective.gradient_scale()
+        if g in (0.0, 1.0):
+            return value
+        zero = self.model_wrapped.optimizer
+        if not hasattr(zero, "override_loss_scale"):
+            raise RuntimeError(f"{type(zero).__name__} has no external loss scale: use gradient_accumulation_steps=1")
+        zero.override_loss_scale(1.0 / g)
+        self._zero_with_scale = zero
+        return value * g
+
+    def _close_step(self) -> None:
+        zero = getattr(self, "_zero_with_scale", None)
+        if zero is not None:  # every later backward runs unscaled
+            zero.custom_loss_scaler, zero.external_loss_scale = False, None
+            self._zero_with_scale = None
+        if self._step_context is not None:
+            self._step_context.__exit__(None, None, None)
+        self._step_context = self._objective = None
         self._micro_batch = 0
-        self._finish_step(model)
-        self.last_recall_stats = self._step.stats()
-        return torch.tensor(self._step.objective(), device=device)
-
-    def _provisional(self, num_items_in_batch) -> float | None:
-        """D_0 of a token-normalised loss: HF's token count of the step (when the same on every rank),
-        so that the final factor is exactly 1 (what DeepSpeed needs).  Otherwise the first micro-batch's
-        own normaliser (a one-micro-batch step is then left unchanged)."""
-        global_count = self.args.world_size == 1 or self.args.average_tokens_across_devices
-        if num_items_in_batch is None or not global_count or not _token_normalised(self.recall_loss):
-            return None
-        return float(num_items_in_batch.sum() if torch.is_tensor(num_items_in_batch) else num_items_in_batch)
-
-    def _finish_step(self, model) -> None:
-        scale = self._step.grad_scale()
-        if not self.is_deepspeed_enabled:
-            scale_gradients_([model], scale)
-        elif abs(scale - 1.0) > 1e-9 and not self._step.skipped:
-            raise RuntimeError(
-                f"DeepSpeed already stepped, but the step's normaliser needs a gradient factor {scale:.6g}: the loss "
-                "counted other tokens than num_items_in_batch (labels[..., 1:] != -100), or non-finite logits"
-            )
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:

@@ -1,20 +1,14 @@
-"""Step-level normalisation over gradient-accumulation micro-batches, for trainers we do not own.
+"""Step-level normalisation over gradient-accumulation micro-batches when the step's token count is
+not known in advance (Megatron: its schedule fetches each micro-batch inside the step).
 
-The objective's normaliser Z is the sum over the whole optimizer step (README, "How the losses
-work"): every micro-batch on every data-parallel rank.  A micro-batch's weights, hence Z, are known
-only after its forward, so no loss value formed per micro-batch can be divided by the step's Z.
-What is exact instead: backpropagate each micro-batch's *unnormalised* weighted sum (times a
-constant of the step), record its normaliser, and rescale the accumulated gradients once, after the
-last micro-batch and before clipping and the optimizer step.  Megatron's per-token loss mode does
-the same with an integer token count; ours is a float (a sum of weights).
-
-``StepNormalizer`` holds that bookkeeping; the Megatron and Hugging Face integrations apply the
-rescale where their trainers allow it.
+The objective's normaliser Z sums over the whole optimizer step (README, "How the losses work").
+Where the step's token count N is known before its first forward (``recall-dist train``, Hugging
+Face's Trainer), ``RecallLoss.optimizer_step(N)`` does this: scale 1/N per micro-batch, N / Z once
+at the end.  Without N, ``StepNormalizer`` takes the first micro-batch's own normaliser as the
+step's constant instead; the final rescale makes the result the same.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -30,17 +24,16 @@ class StepNormalizer:
         loss * D_mb / D_0  =  dp * sum_{n local} w_n l_n / D_0,
 
     where D_mb is the call's DP-global normaliser (sum of weights; the valid-token count under
-    ``normalize="tokens"``) and D_0 a constant of the step: the ``provisional`` value given to
-    ``reset`` (e.g. the step's token count, known before its first forward), else the first
-    micro-batch's own D (so a one-micro-batch step backpropagates ``loss`` unchanged).  Once every
-    micro-batch is in, gradients averaged over DP ranks and summed over micro-batches, times
-    ``grad_scale() = D_0 / D_step``, equal the gradient of  sum_{step} w_n l_n / D_step;
-    ``objective()`` is that loss's value.
+    ``normalize="tokens"``) and D_0 that of the step's first micro-batch with a non-zero one (so a
+    one-micro-batch step backpropagates ``loss`` unchanged).  Once every micro-batch is in,
+    gradients averaged over DP ranks and summed over micro-batches, times
+    ``grad_scale() = D_0 / D_step``, equal the gradient of  sum_{step} w_n l_n / D_step.
 
     ``nll_mix > 0`` with ``normalize="weights"`` has two normalisers (Z and the token count); one
     gradient rescale cannot apply both, so it is refused (use ``normalize="tokens"``, where both are
     the token count).  A micro-batch with non-finite logits skips the whole step: ``grad_scale()``
-    is 0 and ``objective()`` NaN, as a single call skips (``stats["nonfinite_tokens"]``).
+    is 0, as a single call skips (``stats["nonfinite_tokens"]``).  Truncation thresholds move with
+    every call here (each micro-batch is pushed to the buffer), unlike inside ``optimizer_step``.
     """
 
     def __init__(self, loss: RecallLoss):
@@ -53,14 +46,12 @@ class StepNormalizer:
         self.loss = loss
         self.reset()
 
-    def reset(self, provisional: float | None = None) -> None:
-        """Start a step; ``provisional`` (> 0, the same on every rank) fixes D_0 in advance."""
+    def reset(self) -> None:
+        """Start a step."""
         self.micro_batches = 0
-        self._first = float(provisional) if provisional is not None and provisional > 0 else 0.0
+        self._first = 0.0  # D_0
         self._total = 0.0  # D_step
-        self._sums = dict.fromkeys(("objective", "nll", "weight_mean", "kept_fraction", "tokens"), 0.0)
         self._skipped = False
-        self._extra: dict[str, float] = {}
 
     def normaliser(self, stats: dict[str, float]) -> float:
         """D of one call from its (DP-global) statistics: sum of weights or token count."""
@@ -73,17 +64,11 @@ class StepNormalizer:
         d = self.normaliser(stats)
         self.micro_batches += 1
         self._skipped |= stats["nonfinite_tokens"] > 0
-        tokens = stats["tokens"]
-        for key in ("nll", "weight_mean", "kept_fraction"):  # token-weighted means over the step
-            self._sums[key] += stats[key] * tokens
-        self._sums["tokens"] += tokens
-        self._extra = {k: v for k, v in stats.items() if k == "tau"}
-        if d <= 0:  # nothing to normalise: the call's loss and gradients are zero
+        if not d > 0:  # nothing to normalise (or a skipped call): its loss and gradients are zero
             return loss * 0.0
         if self._first == 0.0:
             self._first = d
         self._total += d
-        self._sums["objective"] += stats["loss"] * d
         return loss if d == self._first else loss * (d / self._first)
 
     @property
@@ -96,18 +81,6 @@ class StepNormalizer:
         if self._skipped:
             return 0.0
         return self._first / self._total if self._total > 0 else 1.0
-
-    def objective(self) -> float:
-        """The step's loss value, sum_{step} w_n l_n / D_step (NaN when the step was skipped)."""
-        if self._skipped:
-            return math.nan
-        return self._sums["objective"] / self._total if self._total > 0 else 0.0
-
-    def stats(self) -> dict[str, float]:
-        """The step's statistics: the objective, token-weighted means, the token count, ``tau``."""
-        n = max(self._sums["tokens"], 1.0)
-        means = {k: self._sums[k] / n for k in ("nll", "weight_mean", "kept_fraction")}
-        return {"loss": self.objective(), **means, "tokens": self._sums["tokens"], **self._extra}
 
 
 def scale_gradients_(modules, factor: float) -> None:
