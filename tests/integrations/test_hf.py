@@ -103,6 +103,7 @@ def max_abs(a: dict, b: dict) -> float:
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
+@pytest.mark.slow
 def test_trl_accumulation_2x4_equals_one_batch_of_8(tmp_path):
     one, grads_8, losses_8, logits_rows, model_kwargs = run_sft(tmp_path / "b8")
     acc, grads_4x2, losses_4x2, _, _ = run_sft(
