@@ -1,7 +1,8 @@
 """The training config tree: ``TrainConfig`` and its sections, validated when built.
 
-YAML lives at the edge (``load_train_config``); ``model:`` may name a file of ``configs/models/``
-(``model: llama2-7b`` or ``model: path/to/model.yaml``).  Checks that need the tokenizer or the
+YAML lives at the edge (``load_train_config``); ``model:`` may name a preset of
+``recall_dist/presets/models/`` (``configs/models/`` in a checkout) or a file (``model: llama2-7b`` or
+``model: path/to/model.yaml``).  Checks that need the tokenizer or the
 model's config (vocabulary sizes, dataset files) run in ``validate_resources``, still before anything
 is written.
 """
@@ -16,10 +17,7 @@ import yaml
 
 from recall_dist.configtree import ConfigError, apply_overrides, check, from_dict, load_yaml
 from recall_dist.data.dataset import DataConfig
-
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
-MODEL_PRESET_DIR = CONFIG_DIR / "models"
-DEEPSPEED_CONFIG_DIR = CONFIG_DIR / "deepspeed"
+from recall_dist.presets import DEEPSPEED_CONFIG_DIR, MODEL_PRESET_DIR
 
 
 @dataclass
@@ -120,12 +118,12 @@ class OptimConfig:
 
 @dataclass
 class BackendConfig:
-    """DeepSpeed ZeRO (stage 2 or 3, JSON in ``configs/deepspeed/``) or PyTorch FSDP2 (``fully_shard``
-    per decoder layer, then the root)."""
+    """DeepSpeed ZeRO (stage 2 or 3, JSON presets in ``recall_dist/presets/deepspeed/``) or PyTorch FSDP2
+    (``fully_shard`` per decoder layer, then the root)."""
 
     name: Literal["deepspeed", "fsdp2"] = "deepspeed"
     zero_stage: int = 2
-    deepspeed_config: str | None = None  # JSON path; None: configs/deepspeed/zero{stage}[_offload].json
+    deepspeed_config: str | None = None  # JSON path; None: the zero{stage}[_offload].json preset
     bf16: bool | None = None  # bf16 compute (fp32 masters either way); None: model.dtype == bfloat16
     cpu_offload: bool = False  # DeepSpeed: optimizer (and at stage 3 parameter) offload; FSDP2: CPUOffloadPolicy
     fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"

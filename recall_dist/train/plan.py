@@ -5,7 +5,15 @@ Adam accounting of the ZeRO paper (bf16 parameters and gradients, fp32 master co
 moments); DeepSpeed's own ``estimate_zero{2,3}_model_states_mem_needs`` is printed next to ours.
 Activations use Korthikanti et al. (2022): per layer s*b*h*(34 + 5*a*s/h) bytes in 16 bit, only the
 layer inputs kept under gradient checkpointing (plus one layer being recomputed).  The fused loss head
-adds one fp32 logits chunk and the fp32 output-weight gradient it accumulates.
+adds one fp32 logits chunk (sized by the head's own ``chunk_rows``), the fp32 output-weight gradient and
+the fp32 hidden gradient it accumulates.
+
+Host memory per rank follows the construction path of ``train/backends`` (``train/weights.py``): a rank
+allocates only its own shards (FSDP2: fp32 masters; ZeRO-3: partitions in the compute dtype; ZeRO-2: every
+parameter) plus one module at a time being built -- the fp32 CPU twin of the largest module for a seeded
+init, or the rows of one tensor read from safetensors.  On GPUs the shards live on the device and the host
+holds the transient and anything offloaded; ``--device cpu`` (CPU training) puts everything on the host.
+``tests/train/test_construction_memory.py`` checks the construction estimate against measured peaks.
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ from torch import nn
 from recall_dist.configtree import ConfigError
 
 GIB = 1024**3
-CHUNK_ELEMENTS = 1 << 22  # the fused head's default fp32 logits chunk (recall_dist.parallel.common)
 
 
 @dataclass
@@ -33,10 +40,16 @@ class Plan:
     deepspeed_cpu_gib: float | None
     sharding_units: int
     covered_params: int
+    host_rows: dict[str, float]  # component -> host bytes per rank
+    construction_bytes: float  # host bytes one rank adds while the engine builds its model
 
     @property
     def total_bytes(self) -> float:
         return sum(self.rows.values())
+
+    @property
+    def host_bytes(self) -> float:
+        return sum(self.host_rows.values())
 
 
 def largest_layer_params(model: nn.Module) -> int:
@@ -87,9 +100,40 @@ def _activation_bytes(cfg, model_cfg, seq_len: int) -> dict[str, float]:
         kept = layers * s * b * h * 2 * scale + per_layer
     else:
         kept = layers * per_layer
-    vocab = model_cfg.vocab_size
-    head = min(CHUNK_ELEMENTS, s * b * vocab) * 4 + vocab * h * 4 + s * b * h * 4
-    return {"activations": kept, "loss head (fused chunk + fp32 weight grad)": head}
+    from recall_dist.parallel.common import chunk_rows
+
+    vocab, tokens = model_cfg.vocab_size, s * b
+    rows = min(tokens, chunk_rows(cfg.loss.chunk_size, vocab, tokens, h))  # what the head allocates
+    chunk = rows * vocab * (4 + (2 if cfg.backend.bf16 else 0))  # fp32 logits (+ their bf16 copy for the matmuls)
+    head = chunk + vocab * h * 4 + tokens * h * 4  # + fp32 dW and dH accumulators
+    return {"activations": kept, "loss head (logits chunk + fp32 dW, dH)": head}
+
+
+def _construction_bytes(cfg, params: int, largest: int, world: int, device: str) -> float:
+    """Host bytes one rank adds while its engine builds the model (see the module docstring)."""
+    b = cfg.backend
+    compute = 2 if b.bf16 else 4
+    if b.name == "fsdp2":
+        stored, offloaded = 4 * params / world, b.cpu_offload
+    elif b.zero_stage == 3:
+        stored, offloaded = compute * params / world, b.cpu_offload
+    else:
+        stored, offloaded = compute * params, False
+    on_host = stored if (device == "cpu" or offloaded) else 0.0
+    # One module at a time: the fp32 twin of a seeded init (a pretrained read holds less: one tensor's rows);
+    # under zero.Init the module is also created whole in the compute dtype before it is partitioned.
+    transient = 4 * largest if cfg.model.name_or_path is None else 0.0
+    if b.name == "deepspeed" and b.zero_stage == 3:
+        transient += compute * largest
+    return on_host + transient
+
+
+def _host_rows(cfg, params: int, largest: int, world: int, device: str, construction: float) -> dict[str, float]:
+    b = cfg.backend
+    rows = {"building the model (peak, per rank)": construction}
+    if b.cpu_offload:  # offloaded fp32 masters, gradients and Adam moments live in host memory
+        rows["offloaded optimizer states + gradients"] = 16 * params / world
+    return rows
 
 
 def _deepspeed_estimate(cfg, params: int, largest: int, nodes: int, gpus: int) -> tuple[float | None, float | None]:
@@ -108,7 +152,8 @@ def _deepspeed_estimate(cfg, params: int, largest: int, nodes: int, gpus: int) -
     return gpu / GIB, cpu / GIB
 
 
-def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None) -> Plan:
+def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None, device: str = "cuda") -> Plan:
+    """The memory plan of ``cfg`` on ``nodes`` x ``gpus_per_node`` ranks (``device="cpu"``: CPU ranks)."""
     from recall_dist.train.backends.fsdp2 import sharding_plan
     from recall_dist.train.models import build_model, count_parameters
 
@@ -124,7 +169,9 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None) -
     if covered != named:
         raise RuntimeError(f"sharding plan misses {sorted(named - covered)[:5]}")
     ds_gpu, ds_cpu = _deepspeed_estimate(cfg, params, largest, nodes, gpus_per_node)
-    return Plan(rows, world, params, largest, ds_gpu, ds_cpu, len(units), len(covered))
+    construction = _construction_bytes(cfg, params, largest, world, device)
+    host = _host_rows(cfg, params, largest, world, device, construction)
+    return Plan(rows, world, params, largest, ds_gpu, ds_cpu, len(units), len(covered), host, construction)
 
 
 def format_plan(plan: Plan, cfg, gpu_mem_gib: float) -> str:
@@ -144,6 +191,9 @@ def format_plan(plan: Plan, cfg, gpu_mem_gib: float) -> str:
         lines.append(f"{'(DeepSpeed estimator, CPU RAM per node)':<48}{plan.deepspeed_cpu_gib:>10.2f}")
     verdict = "FITS" if total <= gpu_mem_gib else "DOES NOT FIT"
     lines.append(f"verdict: {verdict} in {gpu_mem_gib:g} GiB per GPU")
+    lines.append(f"{'host memory':<48}{'GiB/rank':>10}")
+    lines += [f"{name:<48}{value / GIB:>10.2f}" for name, value in plan.host_rows.items()]
+    lines.append(f"{'(plus the Python/CUDA runtime, ~1-3 GiB)':<48}")
     return "\n".join(lines)
 
 
@@ -162,6 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="tokens per sequence (default: data.max_length or the model's context)",
     )
+    p.add_argument("--device", choices=["cuda", "cpu"], default="cuda", help="where the shards live (cpu: CPU ranks)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     args = p.parse_args(argv)
     from recall_dist.train.config import load_train_config
@@ -170,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_train_config(args.config, args.overrides)
         if args.nodes < 1 or args.gpus_per_node < 1:
             raise ConfigError("--nodes/--gpus-per-node", "must be >= 1")
-        plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.seq_len)
+        plan = make_plan(cfg, args.nodes, args.gpus_per_node, args.seq_len, args.device)
     except ConfigError as e:
         print(f"recall-dist plan: config error: {e}", file=sys.stderr)
         return 2
@@ -185,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
                     "total_params": plan.total_params,
                     "deepspeed_estimate_gib": plan.deepspeed_estimate_gib,
                     "deepspeed_cpu_gib": plan.deepspeed_cpu_gib,
+                    "host_rows_gib": {k: v / GIB for k, v in plan.host_rows.items()},
+                    "host_gib": plan.host_bytes / GIB,
                 }
             )
         )

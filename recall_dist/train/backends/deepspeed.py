@@ -1,6 +1,6 @@
 """DeepSpeed ZeRO stage 2 / 3 engine (bf16, optional CPU offload) behind the trainer's ``Engine`` seam.
 
-Our JSON under ``configs/deepspeed/`` holds the ZeRO knobs; batch sizes, clipping, precision,
+Our JSON presets (``recall_dist/presets/deepspeed/``) hold the ZeRO knobs; batch sizes, clipping, precision,
 stage and offload are filled in from the ``TrainConfig`` so the two cannot disagree.
 """
 
