@@ -38,6 +38,8 @@ class DataConfig:
     packing: pack several examples per row in the batch iterator (rows of ``max_length`` tokens).
     seed: seed of the synthetic samples (the batch order has its own seed in the iterator).
     split: the dataset split to read.
+    cache_dir: where the tokenised dataset is cached for the ranks to share (``data/cache.py``);
+        None: ``$RECALL_DIST_CACHE`` or ``~/.cache/recall_dist``.
     """
 
     source: str = "synthetic:product"
@@ -50,6 +52,7 @@ class DataConfig:
     packing: bool = False
     seed: int = 0
     split: str = "train"
+    cache_dir: str | None = None
 
     def __post_init__(self):
         check(

@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from recall_dist.configtree import to_dict
 from recall_dist.constants import IGNORE_INDEX
-from recall_dist.data.dataset import build_dataset
+from recall_dist.data.cache import load_dataset
 from recall_dist.data.loader import DistributedBatchIterator
 from recall_dist.data.validation import validate_data_source
 from recall_dist.distributed.collectives import all_reduce_
@@ -57,7 +57,9 @@ def seed_everything(seed: int) -> None:
 
 def setup(cfg: TrainConfig, tokenizer, ctx) -> Run:
     seed_everything(cfg.train.seed)
-    dataset = build_dataset(cfg.data, tokenizer)
+    # Tokenised once (rank 0) and memory-mapped by every rank (data/cache.py).
+    barrier = torch.distributed.barrier if ctx.world_size > 1 else None
+    dataset = load_dataset(cfg.data, tokenizer, ctx.rank, barrier)
     accumulation = cfg.train.accumulation_steps(ctx.world_size)
     batches = DistributedBatchIterator(
         dataset,
