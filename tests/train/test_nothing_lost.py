@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -128,23 +129,27 @@ def _train_cli(config: dict, tmp_path: Path, *overrides: str, prefix=(), **popen
 @pytest.mark.slow
 def test_a_second_run_on_the_same_output_dir_is_refused(tmp_path):
     out = tmp_path / "run"
-    steps = 30
-    first = _train_cli(tiny_config_dict(out, train={"max_steps": steps}), tmp_path)
-    deadline = time.monotonic() + 180
-    while not (out / "metrics.jsonl").exists():
-        assert first.poll() is None, first.communicate()[1][-3000:]
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    holder = json.loads((out / LOCK_NAME).read_text())
-    second = _train_cli(tiny_config_dict(out, train={"max_steps": steps}), tmp_path)
-    _, err = second.communicate(timeout=180)
-    assert second.returncode == 2, err[-3000:]
-    assert (
-        f"cannot start: train.output_dir: {out} is in use by another run (host {holder['host']}, pid {first.pid}" in err
-    )
-    _, err = first.communicate(timeout=300)
+    data = tiny_config_dict(out, data={"num_samples": 50_000}, train={"max_steps": 5000})
+    first = _train_cli(data, tmp_path)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "metrics.jsonl").exists():
+            assert first.poll() is None, first.communicate()[1][-3000:]
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        holder = json.loads((out / LOCK_NAME).read_text())
+        second = _train_cli(data, tmp_path)
+        _, err = second.communicate(timeout=300)
+        assert second.returncode == 2, err[-3000:]
+        assert f"{out} is in use by another run (host {holder['host']}, pid {first.pid}" in err
+        first.send_signal(signal.SIGTERM)  # stop the first run cleanly: checkpoint, PREEMPTED, exit 0
+        _, err = first.communicate(timeout=300)
+    finally:
+        if first.poll() is None:
+            first.kill()
     assert first.returncode == 0, err[-3000:]
-    assert [r["step"] for r in read_metrics(out)] == list(range(1, steps + 1))
+    stopped_at = int((out / "PREEMPTED").read_text())
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, stopped_at + 1)), "interleaved metrics"
     assert not (out / LOCK_NAME).exists()
 
 
