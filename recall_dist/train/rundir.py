@@ -78,10 +78,12 @@ def _read_holder(path: Path) -> dict | None:
         return None
 
 
-def _describe(holder: dict, path: Path) -> str:
+def _describe(holder: dict | None, path: Path) -> str:
     age = ""
     with contextlib.suppress(OSError):
         age = f", last heartbeat {time.time() - path.stat().st_mtime:.0f} s ago"
+    if holder is None:
+        return f"a lock file being written or unreadable{age}"
     return f"host {holder.get('host')}, pid {holder.get('pid')}, started {holder.get('started')}{age}"
 
 

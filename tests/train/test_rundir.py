@@ -173,3 +173,13 @@ def test_fingerprint_names_the_keys_that_change_the_experiment(tmp_path):
     with pytest.raises(RunDirError, match=r"(?s)different experiment.*loss.params.alpha: 1.4 -> 2.0.*optim.lr"):
         check_same_experiment(a, b, tmp_path / "step_00000004", allow_change=False)
     assert len(check_same_experiment(a, b, tmp_path, allow_change=True)) == 2
+
+
+def test_an_unreadable_fresh_lock_is_respected_and_an_old_one_taken_over(tmp_path):
+    path = tmp_path / LOCK_NAME
+    path.write_text("")  # another starter between create and write
+    with pytest.raises(RunDirError, match="a lock file being written or unreadable"):
+        OutputDirLock(tmp_path).acquire()
+    old = time.time() - 120
+    os.utime(path, (old, old))
+    OutputDirLock(tmp_path).acquire().release()
