@@ -101,7 +101,9 @@ class StepAccumulator:
                 "per optimizer step"
             )
         z = self._sum("sum_w")
-        return self.token_count / z if z > 0 else 0.0
+        # Z = 0 (every token truncated): the rule's part of every gradient is already zero, and the NLL part
+        # of a one-call nll_mix step must stay as it is.
+        return self.token_count / z if z > 0 else 1.0
 
     def stats(self) -> dict[str, float]:
         """The step's statistics (``STAT_NAMES``), from the sums of all its calls."""

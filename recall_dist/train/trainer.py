@@ -94,11 +94,13 @@ def step_token_count(micro_batches: list[dict[str, torch.Tensor]], dp_group) -> 
     return float(all_reduce_(local.to(torch.float64).reshape(1), "sum", dp_group).item())
 
 
-def train_step(run: Run, data) -> dict[str, float]:
+def train_step(run: Run, data, before_update=None) -> dict[str, float]:
     """One optimizer step = one weighted NLL over all of its tokens (``losses/step.py``): every
     micro-batch's gradient with the step's provisional scale, then the engine rescales the sum by the
     step's exact normaliser before clipping and the update.  A step with non-finite tokens (the loss
-    already zeroed their gradients on every rank) or a non-finite gradient norm is skipped."""
+    already zeroed their gradients on every rank) or a non-finite gradient norm is skipped.
+    ``before_update(grad_scale, stats)``, if given, runs after the backward passes, before the update
+    (the accumulated gradients times ``grad_scale`` are the step's gradient)."""
     engine, device, dp_group = run.engine, run.ctx.device, run.ctx.dp_group
     micro = [{k: v.to(device) for k, v in next(data).items()} for _ in range(run.accumulation_steps)]
     input_tokens = all_reduce_(sum((b["sequence_ids"] >= 0).sum() for b in micro).reshape(1), "sum", dp_group)
@@ -111,6 +113,8 @@ def train_step(run: Run, data) -> dict[str, float]:
         grad_scale = objective.gradient_scale()
         stats = objective.stats() | run.loss.rule.extra_stats()
     stats["lr"] = engine.lr()  # the rate this step's update uses
+    if before_update is not None:
+        before_update(grad_scale, stats)
     result = engine.step(grad_scale=grad_scale, skip=stats["nonfinite_tokens"] > 0)
     stats.update(skipped=float(result.skipped), input_tokens=float(input_tokens.item()))
     if result.grad_norm is not None:

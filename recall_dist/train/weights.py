@@ -15,7 +15,7 @@ Two sources:
   the order modules are visited -- so 1, 2 or 8 processes start from the same model.
 - ``SafetensorsCheckpoint(directory)``: a Hugging Face directory with ``model.safetensors`` or sharded
   ``model-*.safetensors`` + ``model.safetensors.index.json``.  Each rank reads only its own rows of
-  each tensor (``safe_open(...).get_slice``), so host memory stays near one rank's shards.
+  each tensor (``pread`` of their byte range), so host memory stays near one rank's shards.
 
 Parameters shared by two modules (tied embeddings) are written once, by their first owner.
 """
@@ -26,6 +26,8 @@ import copy
 import hashlib
 import json
 import math
+import os
+import struct
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -87,6 +89,55 @@ def _row_reader(full: torch.Tensor) -> RowReader:
     return lambda start, stop: full if full.dim() == 0 else full[start:stop]
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+class SafetensorsFile:
+    """Row-range reads from one ``.safetensors`` file with ``pread``: only the requested bytes are read, and
+    nothing is memory-mapped (mapped file pages would count towards this process's resident memory)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(size))
+        header.pop("__metadata__", None)
+        self.base = 8 + size
+        self.tensors = header
+
+    def read_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        info = self.tensors[key]
+        dtype, shape = _SAFETENSORS_DTYPES[info["dtype"]], info["shape"]
+        begin, end = info["data_offsets"]
+        if not shape:
+            start, stop, row_bytes, rows_shape = 0, 1, end - begin, []
+        else:
+            start, stop = max(0, start), min(stop, shape[0])
+            row_bytes, rows_shape = (end - begin) // max(shape[0], 1), [max(stop - start, 0), *shape[1:]]
+        buffer = bytearray(max(stop - start, 0) * row_bytes)
+        with open(self.path, "rb", buffering=0) as f:
+            view, offset = memoryview(buffer), self.base + begin + start * row_bytes
+            while view:  # pread may return fewer bytes than asked
+                n = os.preadv(f.fileno(), [view], offset)
+                if n == 0:
+                    raise OSError(f"{self.path}: truncated file (tensor {key!r})")
+                view, offset = view[n:], offset + n
+        if not buffer:
+            return torch.empty(rows_shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(rows_shape)
+
+
 class SafetensorsCheckpoint:
     """Row-wise reads from a Hugging Face safetensors checkpoint directory (single file or sharded)."""
 
@@ -96,24 +147,19 @@ class SafetensorsCheckpoint:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
         elif (self.directory / SAFETENSORS_SINGLE).is_file():
-            from safetensors import safe_open
-
-            with safe_open(str(self.directory / SAFETENSORS_SINGLE), framework="pt") as f:
-                weight_map = dict.fromkeys(f.keys(), SAFETENSORS_SINGLE)
+            weight_map = dict.fromkeys(SafetensorsFile(self.directory / SAFETENSORS_SINGLE).tensors, SAFETENSORS_SINGLE)
         else:
             raise FileNotFoundError(
                 f"{self.directory}: no {SAFETENSORS_INDEX} or {SAFETENSORS_SINGLE} (recall_dist loads Hugging Face "
                 "safetensors checkpoints; convert .bin weights with save_pretrained(..., safe_serialization=True))"
             )
         self.weight_map: dict[str, str] = weight_map
-        self._handles: dict[str, object] = {}
+        self._files: dict[str, SafetensorsFile] = {}
 
-    def _handle(self, filename: str):
-        if filename not in self._handles:
-            from safetensors import safe_open
-
-            self._handles[filename] = safe_open(str(self.directory / filename), framework="pt")
-        return self._handles[filename]
+    def _file(self, filename: str) -> SafetensorsFile:
+        if filename not in self._files:  # headers only: a few KB per file
+            self._files[filename] = SafetensorsFile(self.directory / filename)
+        return self._files[filename]
 
     def readers(self, module_name: str, module: nn.Module, names: list[str]) -> dict[str, RowReader]:
         out = {}
@@ -125,16 +171,7 @@ class SafetensorsCheckpoint:
         return out
 
     def _reader(self, key: str) -> RowReader:
-        def read(start: int, stop: int) -> torch.Tensor:
-            piece = self._handle(self.weight_map[key]).get_slice(key)
-            if len(piece.get_shape()) == 0:
-                return piece[:]
-            return piece[start:stop]
-
-        return read
-
-    def close(self) -> None:
-        self._handles.clear()
+        return lambda start, stop: self._file(self.weight_map[key]).read_rows(key, start, stop)
 
 
 def _write_rows(dest: torch.Tensor, reader: RowReader, start: int, stop: int) -> None:
