@@ -4,23 +4,34 @@
         python launch/ray_train.py configs/tiny_cpu.yaml train.output_dir=/shared/runs/tiny [ray.num_workers=2 ...]
 
 Arguments are those of ``recall-dist train`` (a config and ``key=value`` overrides) plus ``ray.*`` keys
-(``RayConfig`` below: workers, GPUs, failure handling, Ray's storage).  Ray sets up the process group
-(gloo on CPU, NCCL on GPU); the trainer joins it.
+(``RayConfig`` below: workers, GPUs, placement over the nodes, failure handling, Ray's storage).  Ray
+sets up the process group (gloo on CPU, NCCL on GPU); the trainer joins it.
+
+Checkpoints: after each complete checkpoint of ours (``run_training``'s ``on_checkpoint``), every rank
+calls ``ray.train.report``; rank 0 attaches a *pointer* checkpoint, a tiny directory naming our
+checkpoint directory, which Ray copies into its run state (``ray.storage_path``/``ray.name``).  Our
+checkpoints are not copied: they hold the sharded model and optimizer, the data position, RNG and
+truncation buffer, and are already on storage every node sees.
 
 Failure handling: when a worker or its node dies, Ray restarts the worker group (up to
-``ray.max_failures`` times) and each worker calls ``run_training`` again; ``train.resume: auto`` makes
-it continue from the latest checkpoint in ``train.output_dir`` (our own checkpoint, not a Ray one: it
-holds the optimizer, data position, RNG and truncation buffer).  So ``train.output_dir`` must be on
-storage every node sees, and it must not be relative to the job's working dir (a temporary copy): a
-relative ``train.output_dir`` is placed under ``$RECALL_DIST_OUTPUT_ROOT`` (default ``~/recall_dist``).
-Re-submitting with the same output dir (and ``ray.storage_path``/``ray.name``) also resumes.
+``ray.max_failures`` times; on the nodes left, or on a node that joins, as the placement allows) and
+each worker asks ``ray.train.get_checkpoint()``: the last reported pointer names the checkpoint to
+resume from (``train.resume`` is set to it).  Re-submitting the same command resumes the same way
+(Ray Train restores its run state from ``(ray.storage_path, ray.name)``), or, without Ray's state,
+from ``train.resume: auto`` (the latest complete checkpoint in ``train.output_dir``).  So
+``train.output_dir`` must be on storage every node sees, and it must not be relative to the job's
+working dir (a temporary copy): a relative ``train.output_dir`` is placed under
+``$RECALL_DIST_OUTPUT_ROOT`` (default ``~/recall_dist``).
 
-Every rank calls ``ray.train.report`` exactly once, after training, with the run's summary.
+Every rank calls ``ray.train.report`` the same number of times: once per checkpoint, then once with
+the run's summary.
 """
 
 from __future__ import annotations
 
+import json
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +44,11 @@ from ray_cli import split_args, under_output_root
 
 from recall_dist.configtree import ConfigError, check
 
+# SPREAD: one worker per node as far as the nodes allow (soft: a restart after a lost node may pack
+# the group on the nodes left); STRICT_SPREAD: never two on one node; PACK / STRICT_PACK: fewest nodes.
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+POINTER_FILE = "recall_dist_checkpoint.json"  # in the checkpoints reported to Ray: {"path": ..., "step": ...}
+
 
 @dataclass
 class RayConfig:
@@ -41,6 +57,7 @@ class RayConfig:
     num_workers: int = 2  # training ranks (one per GPU with use_gpu)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has any
     cpus_per_worker: float = 1.0
+    placement_strategy: str = "PACK"  # of the workers over the nodes (a Ray placement group strategy)
     max_failures: int = 2  # worker-group restarts; each resumes from the latest checkpoint
     storage_path: str | None = None  # Ray Train's run state; None: <train.output_dir>/ray
     name: str | None = None  # Ray Train run name; None: the basename of train.output_dir
@@ -48,6 +65,12 @@ class RayConfig:
     def __post_init__(self):
         check(self.num_workers >= 1, "num_workers", self.num_workers, "an integer >= 1")
         check(self.cpus_per_worker > 0, "cpus_per_worker", self.cpus_per_worker, "a number > 0")
+        check(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            "placement_strategy",
+            self.placement_strategy,
+            f"one of {', '.join(PLACEMENT_STRATEGIES)}",
+        )
         check(self.max_failures >= -1, "max_failures", self.max_failures, "an integer >= 0, or -1 (unlimited)")
 
 
@@ -61,13 +84,48 @@ def parse_args(argv: list[str]):
     return cfg, ray_cfg
 
 
-def train_loop_per_worker(loop_config: dict) -> None:
-    """One Ray Train worker: the process group exists (Ray made it); train, then report once."""
+def report_checkpoint(path, step: int, rank: int) -> None:
+    """``on_checkpoint``: report our complete checkpoint ``path`` to Ray Train (every rank; rank 0
+    attaches a pointer to it, which Ray keeps in its run state and hands back after a restart)."""
     import ray.train
 
+    metrics = {"step": step, "checkpoint_dir": str(path)}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory(prefix="recall_dist_pointer_") as tmp:
+        (Path(tmp) / POINTER_FILE).write_text(json.dumps({"path": str(path), "step": step}))
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+
+def restored_checkpoint() -> Path | None:
+    """Our checkpoint directory named by the checkpoint Ray Train hands this worker (None: a fresh run)."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as pointer_dir:
+        return Path(json.loads((Path(pointer_dir) / POINTER_FILE).read_text())["path"])
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """One Ray Train worker: the process group exists (Ray made it); resume from the checkpoint Ray
+    hands back (if any), train while reporting each checkpoint, then report the summary."""
+    import ray.train
+
+    from recall_dist.train.checkpoint import COMPLETE
     from recall_dist.train.trainer import run_training
 
-    summary = run_training(loop_config["cfg"])
+    cfg, rank = loop_config["cfg"], ray.train.get_context().get_world_rank()
+    restored = restored_checkpoint()
+    if restored is not None and (restored / COMPLETE).is_file():
+        cfg.train.resume = str(restored)
+        if rank == 0:
+            print(f"ray_train: Ray Train restored checkpoint {restored}; resuming from it", flush=True)
+    elif restored is not None and rank == 0:  # pruned by a later save whose report did not land
+        print(f"ray_train: Ray's checkpoint {restored} is gone; train.resume={cfg.train.resume}", flush=True)
+    summary = run_training(cfg, on_checkpoint=lambda path, step: report_checkpoint(path, step, rank))
     last = summary.get("last") or {}
     ray.train.report(
         {
@@ -84,7 +142,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
 def build_trainer(cfg, ray_cfg: RayConfig):
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     use_gpu = ray_cfg.use_gpu
@@ -96,12 +154,17 @@ def build_trainer(cfg, ray_cfg: RayConfig):
         train_loop_per_worker,
         train_loop_config={"cfg": cfg},
         scaling_config=ScalingConfig(
-            num_workers=ray_cfg.num_workers, use_gpu=use_gpu, resources_per_worker={"CPU": ray_cfg.cpus_per_worker}
+            num_workers=ray_cfg.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker={"CPU": ray_cfg.cpus_per_worker},
+            placement_strategy=ray_cfg.placement_strategy,
         ),
         run_config=RunConfig(
             storage_path=str(storage),
             name=ray_cfg.name or output_dir.name,
             failure_config=FailureConfig(max_failures=ray_cfg.max_failures),
+            # Ray keeps the last pointers only; our own checkpoints are pruned by train.keep_checkpoints.
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
         ),
     )
 

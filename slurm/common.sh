@@ -12,17 +12,31 @@
 #   LAUNCHER           torchrun (one torchrun per node)  [torchrun] | srun (one Slurm task per rank)
 #   OUTPUT_DIR         overrides train.output_dir        [the config's]
 #   RECALL_DIST_STOP_FILE  the preemption sentinel       [$OUTPUT_DIR/STOP]
+#   RECALL_DIST_MAX_REQUEUES  restarts after failures     [3] (a lost node, `scontrol requeue`; not
+#                      preemptions) before a training job gives up
 #
 # Preemption: submit with `--signal=B:USR1@<seconds>` and `--requeue` (the scripts' defaults).  Slurm
 # signals only this batch shell (torchrun would not forward USR1 to the workers, pytorch #154849);
 # the trap touches $RECALL_DIST_STOP_FILE, the workers agree at the next step boundary, save a
 # checkpoint, write $OUTPUT_DIR/PREEMPTED and exit 0; then the script runs `scontrol requeue` and the
 # requeued job (same job id, same OUTPUT_DIR) resumes from that checkpoint (train.resume: auto).
+#
+# A lost node: its slurmd stops answering, slurmctld declares it DOWN after SlurmdTimeout and ends
+# the job as NODE_FAIL ("srun: error: Node failure on <node>" in the job log); with --requeue Slurm
+# requeues it, it waits for enough healthy nodes, and resumes from the last complete checkpoint.
+# A failing rank on healthy nodes: torchrun restarts every rank in place, train.max_restarts times.
 
 set -euo pipefail
 
 rd_log() { echo "[recall_dist $(date +%H:%M:%S)] $*"; }
 rd_die() { echo "[recall_dist] ERROR: $*" >&2; exit 1; }
+
+# The latest complete checkpoint under $OUTPUT_DIR (step_XXXXXXXX: the glob sorts them by step).
+rd_latest_checkpoint() {
+  local d latest="none yet"
+  for d in "$OUTPUT_DIR"/checkpoints/step_*; do [ -f "$d/COMPLETE" ] && latest=$d; done
+  echo "$latest"
+}
 
 # Repository, virtualenv, python.
 rd_setup_env() {
@@ -109,9 +123,10 @@ rd_run_step() {
   trap - USR1 TERM
 }
 
-# rd_python_step PYTHON_ARGS...: `python PYTHON_ARGS` on every rank (a script or -m module).
+# rd_python_step PYTHON_ARGS...: `python PYTHON_ARGS` on every rank (a script or -m module), through
+# slurm/rank.sh (which logs the rank's host and address).
 rd_python_step() {
-  if [ "$LAUNCHER" = torchrun ]; then rd_run_step "$@"; else rd_run_step "$PY" "$@"; fi
+  if [ "$LAUNCHER" = torchrun ]; then rd_run_step "$@"; else rd_run_step bash slurm/rank.sh "$@"; fi
 }
 
 # The training job: config + key=value overrides from the command line.
@@ -129,14 +144,18 @@ rd_train() {
   rd_setup_rendezvous
   [ -f "$CONFIG" ] || rd_die "config not found: $CONFIG (relative to $RECALL_DIST_HOME)"
   # Validate the config before the step starts, and learn where it writes.
-  OUTPUT_DIR=$("$PY" - "$CONFIG" "${OVERRIDES[@]}" <<'PYEOF'
+  local settings
+  settings=$("$PY" - "$CONFIG" "${OVERRIDES[@]}" <<'PYEOF'
 import sys
 from recall_dist.train.config import load_train_config
-print(load_train_config(sys.argv[1], sys.argv[2:]).train.output_dir)
+train = load_train_config(sys.argv[1], sys.argv[2:]).train
+print(train.max_restarts, train.output_dir)
 PYEOF
 ) || rd_die "invalid config $CONFIG ${OVERRIDES[*]}"
-  OUTPUT_DIR=$(tail -n1 <<<"$OUTPUT_DIR")
+  read -r MAX_RESTARTS OUTPUT_DIR <<<"$(tail -n1 <<<"$settings")"
+  export MAX_RESTARTS  # torchrun's --max-restarts (slurm/torchrun_node.sh)
   mkdir -p "$OUTPUT_DIR"
+  rd_check_restart
   export RECALL_DIST_STOP_FILE=${RECALL_DIST_STOP_FILE:-$OUTPUT_DIR/STOP}
   rm -f "$RECALL_DIST_STOP_FILE"  # a sentinel left by the run before a requeue
 
@@ -150,11 +169,39 @@ PYEOF
   rd_finish "$started"
 }
 
+# Why a training job runs again.  A restart without $OUTPUT_DIR/PREEMPTED (which the trainer writes
+# when it stops for a preemption, and clears when it starts) followed a failure: Slurm's requeue
+# after a node failure, or an administrator's `scontrol requeue`.  Those are counted per job in
+# $OUTPUT_DIR/FAILURE_REQUEUES; past RECALL_DIST_MAX_REQUEUES the job gives up (a failure that
+# keeps coming back needs a person).  Preemption requeues are not counted.
+rd_check_restart() {
+  local restart=${SLURM_RESTART_COUNT:-0} max=${RECALL_DIST_MAX_REQUEUES:-3} ledger n
+  [ "$restart" -gt 0 ] || return 0
+  if [ -f "$OUTPUT_DIR/PREEMPTED" ]; then
+    rd_log "restart $restart after a preemption at step $(cat "$OUTPUT_DIR/PREEMPTED")"
+    return 0
+  fi
+  ledger=$OUTPUT_DIR/FAILURE_REQUEUES
+  grep -qx "$SLURM_JOB_ID $restart" "$ledger" 2>/dev/null || echo "$SLURM_JOB_ID $restart" >>"$ledger"
+  n=$(grep -c "^$SLURM_JOB_ID " "$ledger")
+  if [ "$n" -gt "$max" ]; then
+    rd_die "job $SLURM_JOB_ID was requeued after a failure $n times (a lost node, or scontrol requeue)," \
+           "more than RECALL_DIST_MAX_REQUEUES=$max: giving up. The last complete checkpoint is" \
+           "$(rd_latest_checkpoint); submit the same command again to resume from it"
+  fi
+  rd_log "restart $restart after a failure (a lost node, or scontrol requeue; not a preemption):" \
+         "failure requeue $n of at most $max; resuming from $(rd_latest_checkpoint)"
+}
+
 # After the step: requeue if we were signalled and the workers checkpointed cleanly.
 rd_finish() {
   local started=$1
   if [ -z "$RD_SIGNALLED" ]; then
     rd_log "step exited $RD_RC after $(( $(date +%s) - started ))s"
+    if [ "$RD_RC" -ne 0 ]; then
+      rd_log "the step failed: after a node failure Slurm requeues the job (--requeue) and it resumes;" \
+             "otherwise submit the same command again to resume from $(rd_latest_checkpoint)"
+    fi
     exit "$RD_RC"
   fi
   if [ "$RD_RC" -ne 0 ]; then

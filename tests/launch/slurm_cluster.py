@@ -1,10 +1,13 @@
-"""A real one-node Slurm cluster on 127.0.0.1 for the launcher tests (Debian's slurm-wlm + munge).
+"""A real Slurm cluster for the launcher tests (Debian's slurm-wlm + munge): one node on 127.0.0.1,
+or one node per host of ``tests/launch/two_host.py`` (node1 and node2 on their own network stacks).
 
-Everything lives in a temp dir: a munge key and socket, ``slurm.conf``/``cgroup.conf``, state and
-spool dirs, pid and log files.  The daemons (munged, slurmctld, slurmd) run in the foreground as our
-own children, so teardown stops exactly those PIDs and nothing else on the machine.  Clients find
-the cluster through ``SLURM_CONF`` (see :meth:`SlurmCluster.env`); the munge socket is named in
-``AuthInfo=socket=...``, which both auth/munge and cred/munge read.
+Everything lives in a temp dir: a munge key and socket, ``slurm.conf``/``cgroup.conf``, state dirs,
+per-node spool dirs, pid and log files (``%n``: the node's name).  The daemons (munged, slurmctld on
+the first host, one slurmd per host) run in the foreground as our own children, so teardown stops
+exactly those PIDs and nothing else on the machine.  One munged serves every host: its socket is a
+file, which all network namespaces see.  Clients run on the first host and find the cluster through
+``SLURM_CONF`` (see :meth:`SlurmCluster.env`); the munge socket is named in ``AuthInfo=socket=...``,
+which both auth/munge and cred/munge read.
 
     with SlurmCluster() as cluster:
         out = cluster.run("sbatch", "--parsable", "slurm/train_cdiv.sh", ...)
@@ -21,6 +24,7 @@ import time
 from pathlib import Path
 
 from recall_dist.distributed.net import free_port
+from tests.launch.two_host import Host
 
 DAEMONS = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "sinfo", "squeue")
 INSTALL_HINT = (
@@ -28,6 +32,7 @@ INSTALL_HINT = (
     "`bash tests/launch/install_slurm.sh` as root (or `apt-get install -y slurm-wlm munge`)"
 )
 NODE = "localhost"  # resolves to 127.0.0.1 everywhere; it is also the job's rendezvous host
+LOCALHOST = Host(NODE, "127.0.0.1")
 
 
 class SlurmError(RuntimeError):
@@ -43,9 +48,19 @@ def _which(name: str) -> str:
 
 
 class SlurmCluster:
-    """One slurmctld + one slurmd (node ``localhost``, all real CPUs) + a private munged."""
+    """slurmctld on the first host, one slurmd per host (``CPUs=cpus`` each), a private munged.
 
-    def __init__(self, cpus: int | None = None, cred_expire: int = 10, root: str | None = None):
+    Default: one node, ``localhost``.  ``slurmd_timeout`` is how long a silent slurmd takes to be
+    declared DOWN (and its jobs NODE_FAIL); slurmctld pings the nodes every third of it."""
+
+    def __init__(
+        self,
+        cpus: int | None = None,
+        cred_expire: int = 10,
+        root: str | None = None,
+        hosts: list[Host] | None = None,
+        slurmd_timeout: int = 60,
+    ):
         missing = missing_binaries()
         if missing:
             raise SlurmError(f"missing {', '.join(missing)}: {INSTALL_HINT}")
@@ -53,6 +68,9 @@ class SlurmCluster:
             # slurmd must run as root to launch job steps (setuid to the job's user).
             raise SlurmError("the Slurm test cluster must run as root (slurmd launches the job steps)")
         self.cpus = cpus or os.cpu_count() or 1
+        self.hosts = hosts or [LOCALHOST]
+        self.head = self.hosts[0]
+        self.slurmd_timeout = slurmd_timeout
         # cred_expire also sets how long a requeued job waits before it may start again (default 120 s).
         self.cred_expire = cred_expire
         # A short path: the munge socket path must fit in sun_path (108 bytes).
@@ -64,17 +82,21 @@ class SlurmCluster:
     # ---------------------------------------------------------------- set-up
     def _write_files(self) -> None:
         d = self.dir
-        for sub in ("munge", "state", "spool", "log", "run"):
-            (d / sub).mkdir(mode=0o700, exist_ok=True)
+        for sub in ("munge", "state", "log", "run", *(f"spool/{h.name}" for h in self.hosts)):
+            (d / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(d, 0o755)  # job steps (root here) read slurm.conf; munged checks its dirs' modes
         key = d / "munge" / "munge.key"
         subprocess.run([_which("mungekey"), "--create", f"--keyfile={key}", "--force"], check=True, capture_output=True)
         os.chmod(key, 0o600)
         ctld_port, slurmd_port = free_port(), free_port()
+        nodes = "\n".join(
+            f"NodeName={h.name} NodeAddr={h.addr} NodeHostname={h.name} CPUs={self.cpus} State=UNKNOWN"
+            for h in self.hosts
+        )
         self.conf.write_text(f"""\
-# Written by tests/launch/slurm_cluster.py: a one-node cluster on loopback.
+# Written by tests/launch/slurm_cluster.py: {len(self.hosts)} node(s), {", ".join(h.name for h in self.hosts)}.
 ClusterName=rdtest{ctld_port}
-SlurmctldHost=localhost(127.0.0.1)
+SlurmctldHost={self.head.name}({self.head.addr})
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
 SlurmUser=root
@@ -83,11 +105,11 @@ AuthType=auth/munge
 CredType=cred/munge
 AuthInfo=socket={self.munge_socket},cred_expire={self.cred_expire}
 StateSaveLocation={d}/state
-SlurmdSpoolDir={d}/spool
+SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/run/slurmctld.pid
-SlurmdPidFile={d}/run/slurmd.pid
+SlurmdPidFile={d}/run/slurmd-%n.pid
 SlurmctldLogFile={d}/log/slurmctld.log
-SlurmdLogFile={d}/log/slurmd.log
+SlurmdLogFile={d}/log/slurmd-%n.log
 SlurmctldDebug=info
 SlurmdDebug=info
 # No cgroups: the test machines are containers; linuxproc tracks steps by parent pid.
@@ -109,21 +131,28 @@ MinJobAge=600
 KillWait=10
 InactiveLimit=0
 SlurmctldTimeout=30
-SlurmdTimeout=60
-NodeName={NODE} NodeAddr=127.0.0.1 NodeHostname={NODE} CPUs={self.cpus} State=UNKNOWN
-PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
+SlurmdTimeout={self.slurmd_timeout}
+{nodes}
+PartitionName=debug Nodes={",".join(h.name for h in self.hosts)} Default=YES MaxTime=INFINITE State=UP
 """)
         (d / "cgroup.conf").write_text(
             "# No cgroup enforcement on the test cluster.\n"
             "ConstrainCores=no\nConstrainRAMSpace=no\nConstrainDevices=no\n"
         )
 
-    def _spawn(self, name: str, argv: list[str]) -> None:
+    def _spawn(self, name: str, argv: list[str], host: Host | None = None) -> None:
         log = open(self.dir / "log" / f"{name}.stdout", "ab")  # noqa: SIM115 - handed to Popen, closed below
+        argv = host.argv(argv) if host else argv
         self.procs[name] = subprocess.Popen(
             argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=self.env()
         )
         log.close()
+
+    def start_slurmd(self, host: Host, timeout: float = 90.0) -> None:
+        """(Re)start ``host``'s slurmd and wait for its node to be idle (a node coming back)."""
+        self.procs.pop(f"slurmd-{host.name}", None)
+        self._spawn(f"slurmd-{host.name}", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", host.name], host)
+        self._wait_for(lambda: self.node_states().get(host.name, "").startswith("idle"), timeout, f"{host.name} idle")
 
     def start(self, timeout: float = 90.0) -> SlurmCluster:
         try:
@@ -144,14 +173,22 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
                 ],
             )
             self._wait_for(self.munge_socket.exists, timeout, "munged socket")
-            self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)])
+            self._spawn("slurmctld", [_which("slurmctld"), "-D", "-c", "-f", str(self.conf)], self.head)
             self._wait_for(
                 lambda: self._ok("scontrol", "ping") and "UP" in self.run("scontrol", "ping"),
                 timeout,
                 "slurmctld to answer `scontrol ping`",
             )
-            self._spawn("slurmd", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", NODE])
-            self._wait_for(lambda: self.node_state().startswith("idle"), timeout, "the node to be idle")
+            for h in self.hosts:
+                self._spawn(f"slurmd-{h.name}", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", h.name], h)
+            self._wait_for(
+                lambda: (
+                    all(s.startswith("idle") for s in self.node_states().values())
+                    and len(self.node_states()) == len(self.hosts)
+                ),
+                timeout,
+                "every node to be idle",
+            )
         except BaseException:
             self.stop()
             raise
@@ -180,7 +217,13 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
         self, *argv: str, check: bool = True, env: dict | None = None, cwd: str | None = None, timeout: float = 60.0
     ) -> str:
         r = subprocess.run(
-            list(argv), capture_output=True, text=True, env=env or self.env(), cwd=cwd, timeout=timeout, check=False
+            self.head.argv(list(argv)),
+            capture_output=True,
+            text=True,
+            env=env or self.env(),
+            cwd=cwd,
+            timeout=timeout,
+            check=False,
         )
         if check and r.returncode != 0:
             raise SlurmError(f"`{' '.join(argv)}` failed ({r.returncode}):\n{r.stdout}{r.stderr}")
@@ -188,22 +231,28 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
 
     def _ok(self, *argv: str) -> bool:
         try:
-            return (
-                subprocess.run(list(argv), capture_output=True, env=self.env(), timeout=20, check=False).returncode == 0
-            )
+            argv = self.head.argv(list(argv))
+            return subprocess.run(argv, capture_output=True, env=self.env(), timeout=20, check=False).returncode == 0
         except subprocess.TimeoutExpired:
             return False
 
-    def node_state(self) -> str:
+    def node_states(self) -> dict[str, str]:
+        """{node: state} as sinfo says (idle, allocated, down*, ...; a ``*`` is "not responding")."""
         r = subprocess.run(
-            ["sinfo", "-h", "-N", "-o", "%T"], capture_output=True, text=True, env=self.env(), timeout=20, check=False
+            self.head.argv(["sinfo", "-h", "-N", "-o", "%N %T"]),
+            capture_output=True,
+            text=True,
+            env=self.env(),
+            timeout=20,
+            check=False,
         )
-        return r.stdout.strip() if r.returncode == 0 else ""
+        lines = r.stdout.split("\n") if r.returncode == 0 else []
+        return dict(line.split(None, 1) for line in lines if len(line.split()) == 2)
 
     def job(self, job_id: str) -> dict[str, str]:
         """``scontrol show job`` as a dict (JobState, Restarts, ExitCode, NodeList, ...); {} once purged."""
         r = subprocess.run(
-            ["scontrol", "show", "job", "-o", str(job_id)],
+            self.head.argv(["scontrol", "show", "job", "-o", str(job_id)]),
             capture_output=True,
             text=True,
             env=self.env(),
@@ -256,7 +305,7 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
     def cancel_all_jobs(self, timeout: float = 30.0) -> None:
         """Cancel every job of this (private) cluster and wait for slurmd to kill their processes."""
         ctld = self.procs.get("slurmctld")
-        if ctld is None or ctld.poll() is not None or "slurmd" not in self.procs:
+        if ctld is None or ctld.poll() is not None:
             return
         try:
             ids = self.run("squeue", "-h", "-o", "%i", check=False, timeout=20).split()
@@ -270,9 +319,9 @@ PartitionName=debug Nodes={NODE} Default=YES MaxTime=INFINITE State=UP
             pass
 
     def stop(self) -> None:
-        """Cancel leftover jobs, then stop our daemons by PID: slurmd, slurmctld, munged."""
+        """Cancel leftover jobs, then stop our daemons by PID: the slurmds, slurmctld, munged."""
         self.cancel_all_jobs()
-        for name in ("slurmd", "slurmctld", "munged"):
+        for name in [*(f"slurmd-{h.name}" for h in self.hosts), "slurmctld", "munged"]:
             p = self.procs.get(name)
             if p is None or p.poll() is not None:
                 continue

@@ -7,16 +7,12 @@ import json
 import re
 import signal
 import time
-from pathlib import Path
 
 import pytest
 
-from tests.launch.test_slurm import checkpoint_steps, read_metrics
+from tests.launch.runs import REPO, TINY, checkpoint_steps, read_metrics
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
-TINY = ["configs/tiny_cpu.yaml", "train.epochs=100", "train.log_every=1", "train.progress_bar=false"]
 
 
 def submit(head, *args: str) -> str:

@@ -12,13 +12,10 @@ import pytest
 import yaml
 
 from recall_dist.distributed.net import free_port
+from tests.launch.runs import REPO, TINY, checkpoint_steps, read_metrics
 from tests.launch.slurm_cluster import SlurmCluster
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
-
-REPO = Path(__file__).resolve().parents[2]
-# A tiny run: 2 CPU ranks; epochs high enough that max_steps is what ends it.
-TINY = ["configs/tiny_cpu.yaml", "train.epochs=100", "train.log_every=1", "train.progress_bar=false"]
 
 
 def sbatch(cluster: SlurmCluster, tmp_path: Path, *args: str, ranks: int = 2, **env: str) -> str:
@@ -41,15 +38,6 @@ def sbatch(cluster: SlurmCluster, tmp_path: Path, *args: str, ranks: int = 2, **
 def job_log(tmp_path: Path, job_id: str) -> str:
     logs = list(tmp_path.glob(f"*-{job_id}.out"))
     return logs[0].read_text(errors="replace") if logs else "(no job log)"
-
-
-def read_metrics(output_dir: Path) -> list[dict]:
-    path = output_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
-def checkpoint_steps(output_dir: Path) -> list[int]:
-    return sorted(int(p.name.split("_")[-1]) for p in (output_dir / "checkpoints").glob("step_*"))
 
 
 def assert_completed(cluster: SlurmCluster, tmp_path: Path, job_id: str, timeout: float) -> dict:

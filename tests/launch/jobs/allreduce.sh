@@ -10,10 +10,6 @@
 source "${RECALL_DIST_HOME:-${SLURM_SUBMIT_DIR:-.}}/slurm/common.sh"
 rd_setup_env
 rd_setup_rendezvous
-if [ "$LAUNCHER" = srun ]; then  # the srun launcher gives SLURM_* only; torch's env:// wants these
-  rd_python_step -c 'import os,runpy,sys; os.environ.update(RANK=os.environ["SLURM_PROCID"], WORLD_SIZE=os.environ["SLURM_NTASKS"]); sys.argv=sys.argv[1:]; runpy.run_path(sys.argv[0], run_name="__main__")' tests/launch/jobs/allreduce.py "$1"
-else
-  rd_python_step tests/launch/jobs/allreduce.py "$1"
-fi
+rd_python_step tests/launch/jobs/allreduce.py "$1"  # slurm/rank.sh sets RANK etc. under srun too
 rd_log "step exited $RD_RC"
 exit "$RD_RC"
