@@ -129,15 +129,20 @@ def test_the_runs_exit_code_comes_through(tmp_path):
 @pytest.mark.parametrize("launcher", ["torchrun", "recall-dist"])
 def test_sigkill_to_the_launcher_leaves_no_orphan_workers(tmp_path, launcher):
     out = tmp_path / "run"
-    proc = _start(tmp_path, out, launcher=launcher, train={"max_steps": 1000})
+    # Long enough (thousands of steps) that an orphan would still be training when checked.
+    proc = _start(tmp_path, out, launcher=launcher, data={"num_samples": 50_000}, train={"max_steps": 5000})
     _wait_for_steps(proc, out)
     workers = _workers(proc)
     assert len(workers) == 2, workers
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(30)
-    deadline = time.monotonic() + 30
-    while not all(_gone(w) for w in workers):
-        assert time.monotonic() < deadline, (
-            f"orphaned workers still running: {[w.pid for w in workers if not _gone(w)]}"
-        )
-        time.sleep(0.1)
+    try:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+        deadline = time.monotonic() + 30
+        while not all(_gone(w) for w in workers):
+            orphans = [w.pid for w in workers if not _gone(w)]
+            assert time.monotonic() < deadline, f"orphaned workers still running: {orphans}"
+            time.sleep(0.1)
+    finally:
+        for worker in workers:  # orphans are no longer the launcher's descendants: kill them here
+            with contextlib.suppress(psutil.Error):
+                worker.kill()
