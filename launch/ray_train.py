@@ -30,8 +30,10 @@ the run's summary.
 from __future__ import annotations
 
 import json
+import socket
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -109,6 +111,37 @@ def restored_checkpoint() -> Path | None:
         return Path(json.loads((Path(pointer_dir) / POINTER_FILE).read_text())["path"])
 
 
+def release_lock_of_dead_node(output_dir: Path, wait_s: float = 60.0) -> None:
+    """Remove ``<output_dir>/LOCK`` when its holder ran on a node Ray has declared dead.
+
+    The lock (docs/robustness.md) keeps a second run out of the directory; a holder on another host
+    is only judged by its heartbeat, so the previous worker group's rank 0, lost with its node, would
+    keep the restarted group out for minutes.  Ray knows that node is gone, and its processes with
+    it.  The group can restart before Ray has noticed (the lost worker's connection is refused at
+    once; the node is declared dead after missed heartbeats): wait up to ``wait_s`` for the verdict."""
+    import ray
+
+    from recall_dist.train.rundir import LOCK_NAME
+
+    lock, deadline = output_dir / LOCK_NAME, time.monotonic() + wait_s
+    while True:
+        try:
+            host = json.loads(lock.read_text()).get("host")
+        except (OSError, ValueError):
+            return  # released, or none
+        if host == socket.gethostname():
+            return  # the trainer sees for itself whether the holder's process is alive
+        nodes = ray.nodes()
+        alive = {n["NodeManagerHostname"] for n in nodes if n["Alive"]}
+        if host in {n["NodeManagerHostname"] for n in nodes if not n["Alive"]} - alive:
+            lock.unlink(missing_ok=True)
+            print(f"ray_train: removed {lock}: its holder ran on {host}, which Ray declared dead", flush=True)
+            return
+        if time.monotonic() > deadline:
+            return  # a live holder: the trainer refuses to start and names it
+        time.sleep(1.0)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker: the process group exists (Ray made it); resume from the checkpoint Ray
     hands back (if any), train while reporting each checkpoint, then report the summary."""
@@ -119,6 +152,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
 
     cfg, rank = loop_config["cfg"], ray.train.get_context().get_world_rank()
     restored = restored_checkpoint()
+    if restored is not None and rank == 0:  # a restarted group: the previous one is gone
+        release_lock_of_dead_node(Path(cfg.train.output_dir))
     if restored is not None and (restored / COMPLETE).is_file():
         cfg.train.resume = str(restored)
         if rank == 0:

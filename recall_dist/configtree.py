@@ -29,8 +29,17 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or out of range.  The message starts with the dotted key."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"{key}: {message}" if key else message)
+
+    def __reduce__(self):  # pickled across processes (a Ray worker's error reaches the driver)
+        return _rebuild_config_error, (type(self), self.key, self.message)
+
+
+def _rebuild_config_error(cls: type, key: str, message: str) -> ConfigError:
+    error = cls.__new__(cls)  # subclasses have their own __init__ signatures
+    ConfigError.__init__(error, key, message)
+    return error
 
 
 def check(condition: bool, key: str, value: Any, allowed: str) -> None:
