@@ -28,9 +28,12 @@ lint: setup
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
+# The venv's bin first on PATH, as in the Slurm jobs (they activate it) and on the Ray nodes: DeepSpeed
+# JIT-builds its CPU op with the first `ninja` on PATH, and the venv's and the system's ninja do not
+# trust each other's build log, so each switch between them rebuilds it (1-2 minutes on 2 cores).
 test: setup lint
 	@bash tests/setup_clusters.sh
-	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 test-fast: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu and not slow and not cluster" $(PYTEST_ARGS)

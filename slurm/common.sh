@@ -33,7 +33,7 @@ rd_die() { echo "[recall_dist] ERROR: $*" >&2; exit 1; }
 
 # The latest complete checkpoint under $OUTPUT_DIR (step_XXXXXXXX: the glob sorts them by step).
 rd_latest_checkpoint() {
-  local d latest="none yet"
+  local d latest=none
   for d in "$OUTPUT_DIR"/checkpoints/step_*; do [ -f "$d/COMPLETE" ] && latest=$d; done
   echo "$latest"
 }
@@ -186,11 +186,11 @@ rd_check_restart() {
   n=$(grep -c "^$SLURM_JOB_ID " "$ledger")
   if [ "$n" -gt "$max" ]; then
     rd_die "job $SLURM_JOB_ID was requeued after a failure $n times (a lost node, or scontrol requeue)," \
-           "more than RECALL_DIST_MAX_REQUEUES=$max: giving up. The last complete checkpoint is" \
-           "$(rd_latest_checkpoint); submit the same command again to resume from it"
+           "more than RECALL_DIST_MAX_REQUEUES=$max: giving up. Last complete checkpoint:" \
+           "$(rd_latest_checkpoint) (submitting the same command again resumes from it)"
   fi
   rd_log "restart $restart after a failure (a lost node, or scontrol requeue; not a preemption):" \
-         "failure requeue $n of at most $max; resuming from $(rd_latest_checkpoint)"
+         "failure requeue $n of at most $max; last complete checkpoint: $(rd_latest_checkpoint)"
 }
 
 # After the step: requeue if we were signalled and the workers checkpointed cleanly.
@@ -200,7 +200,7 @@ rd_finish() {
     rd_log "step exited $RD_RC after $(( $(date +%s) - started ))s"
     if [ "$RD_RC" -ne 0 ]; then
       rd_log "the step failed: after a node failure Slurm requeues the job (--requeue) and it resumes;" \
-             "otherwise submit the same command again to resume from $(rd_latest_checkpoint)"
+             "otherwise submitting the same command again resumes from $(rd_latest_checkpoint)"
     fi
     exit "$RD_RC"
   fi

@@ -250,7 +250,7 @@ def test_node_lost_mid_run_is_requeued_and_resumes(slurm2, two_hosts, reference_
     info = assert_completed(slurm2, tmp_path, job_id, timeout=400)
     log = job_log(tmp_path, job_id)
     print(f"node2 back: job {job_id} JobState={info['JobState']} Restarts={info['Restarts']}")
-    assert f"failure requeue 1 of at most 3; resuming from {run}/checkpoints/step_{ckpt:08d}" in log, log
+    assert f"failure requeue 1 of at most 3; last complete checkpoint: {run}/checkpoints/step_{ckpt:08d}" in log, log
     assert f"resumed from {run}/checkpoints/step_{ckpt:08d} at step {ckpt}" in log, log
     # The first run's metrics are kept up to the checkpoint, byte for byte (tokens_per_s is wall
     # clock: a run from step 0 would not reproduce it); after it, the resumed run's.

@@ -190,3 +190,39 @@ def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path)
     assert [json.loads(line)["step"] for line in lines] == list(range(1, max_steps + 1)), log
     assert checkpoint_steps(run) == [preempted_at, max_steps]
     assert not (run / "PREEMPTED").exists() and not (run / "STOP").exists()
+
+
+def test_failure_requeues_are_counted_and_limited(slurm_cluster, tmp_path):
+    """A training job that runs again without having been preempted (Slurm's requeue after a node
+    failure, or `scontrol requeue`) says so and counts it; past RECALL_DIST_MAX_REQUEUES it gives up,
+    naming the checkpoint to resume from.  A restart after a preemption is not counted."""
+    out = tmp_path / "run"
+    job_id = sbatch(
+        slurm_cluster, tmp_path, "tests/launch/jobs/restart_check.sh", str(out), ranks=1, RECALL_DIST_MAX_REQUEUES="1"
+    )
+
+    def requeue_when_ready(n: int) -> str:
+        deadline = time.monotonic() + 120
+        while job_log(tmp_path, job_id).count("ready (restart") < n:
+            assert time.monotonic() < deadline, f"run {n} not ready\n{job_log(tmp_path, job_id)}"
+            time.sleep(0.5)
+        slurm_cluster.run("scontrol", "requeue", job_id)
+        return job_log(tmp_path, job_id)
+
+    requeue_when_ready(1)
+    (out / "PREEMPTED").write_text("7\n")  # as the trainer leaves it when it stops for a preemption
+    log = requeue_when_ready(2)
+    assert "restart 1 after a preemption at step 7" in log, log
+    (out / "PREEMPTED").unlink()
+    log = requeue_when_ready(3)
+    assert (
+        "restart 2 after a failure" in log and "failure requeue 1 of at most 1; last complete checkpoint: none" in log
+    ), log
+    info = slurm_cluster.wait_job(job_id, 120)
+    log = job_log(tmp_path, job_id)
+    print(f"job {job_id}: JobState={info['JobState']} Restarts={info['Restarts']}")
+    print("\n".join(line for line in log.splitlines() if "restart" in line or "ERROR" in line))
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "3", info
+    assert "requeued after a failure 2 times" in log and "more than RECALL_DIST_MAX_REQUEUES=1: giving up" in log, log
+    assert log.count("ready (restart") == 3
+    assert (out / "FAILURE_REQUEUES").read_text().split("\n")[:2] == [f"{job_id} 2", f"{job_id} 3"]
