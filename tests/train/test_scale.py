@@ -113,6 +113,7 @@ def test_fsdp2_fp32_master(tmp_path):
         active = grad != 0
         moved += int(((got["after"][name] != before) & active).sum())
         total += int(active.sum())
+    print(f"fp32 masters: {moved}/{total} = {moved / total:.4f} of the weights with a gradient moved")
     assert total > 0 and moved / total > 0.9, f"only {moved}/{total} of the weights with a gradient moved"
 
 
