@@ -49,7 +49,7 @@ LOSSES = [
     ("cdiv-1.4", "cdiv", {"alpha": 1.4}),
     ("cdiv-2.0", "cdiv", {"alpha": 2.0}),
     ("truncr", "truncr", {}),
-    ("lambda_pr", "lambda_pr", {}),
+    ("lambda_pr", "lambda_pr", {"nll_mix": 0.5}),  # nll_mix is a shared option: not part of the rule's defaults
 ]
 
 

@@ -2,9 +2,10 @@
 demo's task and sizes, against NLL and c-Div fine-tuned from the same pre-trained model.
 
 TruncR: drop in {0.1, 0.2, 0.3, 0.5} x granularity token / sequence.  lambda-PR: lam in
-{0.3, 0.5, 0.8, 0.95} x nll_mix in {0, 0.5, 0.9}.  A lambda-PR against a reference that mixes the
-observed token with the model's own detached conditional is the same rule at a smaller lam
-(docs/lambda_pr_reference.md), so the lam axis covers it.
+{0.3, 0.5, 0.8, 0.95} x nll_mix in {0, 0.5, 0.9}, and the variant against a reference softened
+towards the model's own detached conditional, (1 - beta) delta_y + beta Q: the same rule at
+lam' = lam (1 - beta) / (1 - lam beta) (docs/lambda_pr_reference.md), run from lam = 0.3 with
+beta in {0.5, 0.75} (lam' = 0.176, 0.097: below the one-hot grid) x nll_mix in {0.5, 0.9}.
 
 The report (``grid.md``, ``grid.csv``) ranks each family by Recall at Precision >= 0.99 (ties
 within the demo's tolerance broken by Recall at Precision >= 0.995) and states the best setting's
@@ -30,6 +31,18 @@ LAMBDA_PR = [
     (f"lambda_pr-{lam:g}-mix{mix:g}", "lambda_pr", {"lam": lam, "nll_mix": mix})
     for lam in (0.3, 0.5, 0.8, 0.95)
     for mix in (0.0, 0.5, 0.9)
+]
+
+
+def softened_lam(lam: float, beta: float) -> float:
+    """The threshold of lambda-PR against the reference (1 - beta) delta_y + beta sg(Q), lam < 1."""
+    return lam * (1 - beta) / (1 - lam * beta)
+
+
+LAMBDA_PR += [
+    (f"lambda_pr-soft{beta:g}-mix{mix:g}", "lambda_pr", {"lam": round(softened_lam(0.3, beta), 4), "nll_mix": mix})
+    for beta in (0.5, 0.75)
+    for mix in (0.5, 0.9)
 ]
 GRID = REFERENCES + TRUNCR + LAMBDA_PR
 FAMILIES = {"truncr": TRUNCR, "lambda_pr": LAMBDA_PR}

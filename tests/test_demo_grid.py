@@ -34,7 +34,8 @@ def test_grid_best_of_each_family():
 def test_mixed_reference_is_lambda_pr_at_a_smaller_lam(lam, beta):
     """grad of D_lam((1 - beta) delta_y + beta sg(Q) || Q) == grad of -1[q < lam'] q, with
     lam' = lam (1 - beta) / (1 - lam beta), for target probabilities on both sides of lam' and lam."""
-    lam_prime = lam * (1 - beta) / (1 - lam * beta)
+    lam_prime = demo_grid.softened_lam(lam, beta)
+    assert lam_prime == pytest.approx(lam * (1 - beta) / (1 - lam * beta)) and lam_prime <= lam
     torch.manual_seed(0)
     base = torch.randn(12, dtype=torch.float64)
     checked = set()
@@ -54,3 +55,11 @@ def test_mixed_reference_is_lambda_pr_at_a_smaller_lam(lam, beta):
         torch.testing.assert_close(grad_d, grad_rule, rtol=0, atol=1e-12)
         checked.add("below" if q_y < lam_prime else ("between" if q_y < lam else "above"))
     assert checked == {"below", "between", "above"}  # including where one-hot lambda-PR would still push
+
+
+def test_grid_settings():
+    names = [name for name, *_ in demo_grid.GRID]
+    assert len(names) == len(set(names)) == 2 + 8 + 12 + 4
+    soft = {name: params for name, _, params in demo_grid.LAMBDA_PR if "soft" in name}
+    assert soft["lambda_pr-soft0.5-mix0.5"] == {"lam": 0.1765, "nll_mix": 0.5}
+    assert soft["lambda_pr-soft0.75-mix0.9"] == {"lam": 0.0968, "nll_mix": 0.9}

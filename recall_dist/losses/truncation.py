@@ -23,6 +23,8 @@ number of ranks continues the same trajectory.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
 from recall_dist.distributed.buffer import RollingQuantileBuffer
@@ -40,16 +42,21 @@ def sequence_means(nll: torch.Tensor, sequence_ids: torch.Tensor) -> tuple[torch
 class _Truncation(WeightRule):
     per_token = False  # needs every token of a sequence and the gathered buffer before weighting
     keep_high: bool
+    # Each rule's own defaults of drop and granularity (None in the signature: this rule's default).
+    default_drop: ClassVar[float] = 0.5
+    default_granularity: ClassVar[str] = "sequence"
 
     def __init__(
         self,
-        drop: float = 0.5,
-        granularity: str = "sequence",
+        drop: float | None = None,
+        granularity: str | None = None,
         buffer_size: int = 1024,
         min_count: int | None = None,
         recompute_every: int = 1,
     ):
         name = type(self).name or type(self).__name__.lower()
+        drop = type(self).default_drop if drop is None else drop
+        granularity = type(self).default_granularity if granularity is None else granularity
         if not (isinstance(drop, (int, float)) and 0.0 < drop < 1.0):
             raise LossParamError("drop", f"{name}: drop must be a fraction in (0, 1), got {drop!r}")
         if granularity not in ("sequence", "token"):
@@ -150,9 +157,12 @@ class _Truncation(WeightRule):
 @register_rule("truncr")
 class TruncR(_Truncation):
     """TruncR: w = 1[s >= tau], tau the drop-quantile of recent s; trains on the hardest samples
-    (those the model covers least), which pushes towards Recall."""
+    (those the model covers least), which pushes towards Recall.  Defaults: token level, drop 0.3,
+    the best setting of the demo's grid (README; docs/demo/grid.md)."""
 
     keep_high = True
+    default_drop = 0.3
+    default_granularity = "token"
 
 
 @register_rule("truncp")

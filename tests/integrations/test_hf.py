@@ -175,7 +175,8 @@ def test_packed_batch_sequences_are_kept_apart(tmp_path):
     # sequence-level TruncR: the packed row's sequences are the unpacked rows (same kept set, loss, gradient)
     def truncr(inputs, **kw):
         model.zero_grad()
-        loss = recall_compute_loss(model, inputs, build_loss("truncr", drop=0.5, min_count=1), **kw)
+        truncr_loss = build_loss("truncr", drop=0.5, granularity="sequence", min_count=1)
+        loss = recall_compute_loss(model, inputs, truncr_loss, **kw)
         loss.backward()
         return float(loss), {n: p.grad.clone() for n, p in model.named_parameters()}
 

@@ -17,7 +17,7 @@ CASES = [
     ("cdiv", {"alpha": 0.6, "max_weight": 3.0}),
     ("lambda_pr", {"lam": 0.2}),
     ("cdiv", {"alpha": 2.0, "nll_mix": 0.3, "normalize": "tokens"}),
-    ("truncr", {"drop": 0.4, "buffer_size": 64, "min_count": 8}),
+    ("truncr", {"drop": 0.4, "granularity": "sequence", "buffer_size": 64, "min_count": 8}),
     ("truncp", {"drop": 0.3, "granularity": "token", "buffer_size": 200, "min_count": 8}),
 ]
 

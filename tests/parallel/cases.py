@@ -5,7 +5,7 @@ RULE_CASES = [
     ("cdiv", {"alpha": 1.4}),
     ("cdiv", {"alpha": 0.7}),
     ("lambda_pr", {"lam": 0.08}),
-    ("truncr", {"drop": 0.5, "min_count": 1, "buffer_size": 64}),
+    ("truncr", {"drop": 0.5, "granularity": "sequence", "min_count": 1, "buffer_size": 64}),
     ("truncp", {"drop": 0.3, "granularity": "token", "min_count": 1, "buffer_size": 64}),
     ("cdiv", {"alpha": 2.0, "nll_mix": 0.25}),
     ("cdiv", {"alpha": 2.0, "max_weight": 40.0}),

@@ -87,7 +87,7 @@ def test_low_precision_inputs(entry, dtype, case):
 
 @pytest.mark.parametrize("entry", ["fused", "logits"])
 def test_truncation_over_steps_and_state_round_trip(entry):
-    params = {"drop": 0.5, "buffer_size": 10, "min_count": 6, "recompute_every": 1}
+    params = {"drop": 0.5, "granularity": "sequence", "buffer_size": 10, "min_count": 6, "recompute_every": 1}
     loss = build_loss("truncr", **params)
     state = NaiveTruncState(10)
     for step in range(4):
@@ -175,7 +175,8 @@ def test_shape_and_weight_errors():
     with pytest.raises(ValueError, match="ZeRO-3"):
         fused_linear_loss(hidden, weight.new_empty(0), target, build_loss("nll"))
     with pytest.raises(ValueError, match="granularity='token'"):
-        fused_linear_loss(hidden.reshape(-1, H), weight, target.reshape(-1), build_loss("truncr"))
+        sequence_level = build_loss("truncr", granularity="sequence")
+        fused_linear_loss(hidden.reshape(-1, H), weight, target.reshape(-1), sequence_level)
 
 
 def test_gradient_accumulation_scale_and_no_grad():

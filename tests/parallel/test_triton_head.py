@@ -270,7 +270,8 @@ def _tp2_public_api():
     tp_group, _ = tp_dp_groups(2, 1)
     rank = group_rank(tp_group)
     hidden, weight, target = make(torch.float32, pad=4)  # 44 rows: 22 per rank, the second one padded
-    for name, params in (("cdiv", {"alpha": 1.4}), ("truncr", {"drop": 0.5, "min_count": 1, "buffer_size": 64})):
+    truncr = {"drop": 0.5, "granularity": "sequence", "min_count": 1, "buffer_size": 64}
+    for name, params in (("cdiv", {"alpha": 1.4}), ("truncr", truncr)):
         ref, rgh, rgw = reference(hidden, weight, target, name, params, V)
         for entry in ("fused", "logits"):
             shard = weight[rank * 22 : (rank + 1) * 22]

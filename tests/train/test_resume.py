@@ -30,7 +30,7 @@ def _write_config(tmp_path: Path, backend: dict) -> Path:
         "unused",
         backend=backend,
         data={"num_samples": 1024},
-        loss={"name": "truncr", "params": {"drop": 0.5, "buffer_size": 64, "min_count": 16}},
+        loss={"name": "truncr", "params": {"drop": 0.5, "granularity": "sequence", "buffer_size": 64, "min_count": 16}},
         train={"max_steps": STEPS, "checkpoint_every": 4, "keep_checkpoints": 2, "export_final": True},
     )
     path = tmp_path / "config.yaml"

@@ -305,7 +305,7 @@ def test_resume_other_world_size(tmp_path, backend, first, second):
     data = tiny_config_dict(
         "unused",
         backend=backend,
-        loss={"name": "truncr", "params": {"drop": 0.5, "buffer_size": 64, "min_count": 8}},
+        loss={"name": "truncr", "params": {"drop": 0.5, "granularity": "sequence", "buffer_size": 64, "min_count": 8}},
         train={"max_steps": 4, "checkpoint_every": 2, "global_batch_size": 16, "micro_batch_size": 8},
     )
     config = tmp_path / "config.yaml"
