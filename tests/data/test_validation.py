@@ -69,6 +69,7 @@ def test_parquet_columns_are_checked(tmp_path):
         validate_data_source(DataConfig(source=str(path)))
 
 
+@pytest.mark.slow
 def test_train_exits_2_naming_the_line_before_any_process_group(tmp_path):
     data = tmp_path / "train.jsonl"
     data.write_text(GOOD * 3 + '{"prompt": "2*2=", "completion": 4}\n')

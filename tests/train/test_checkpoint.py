@@ -101,6 +101,7 @@ def _manifest_worker(root: str) -> None:
         Path(root, "gathered.json").write_text(json.dumps(manifest))
 
 
+@pytest.mark.slow
 def test_manifest_split_over_three_ranks_equals_the_single_process_one(tmp_path):
     root = tmp_path / "ckpt"
     rng = np.random.default_rng(0)
