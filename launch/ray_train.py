@@ -15,8 +15,9 @@ truncation buffer, and are already on storage every node sees.
 
 Failure handling: when a worker or its node dies, Ray restarts the worker group (up to
 ``ray.max_failures`` times; on the nodes left, or on a node that joins, as the placement allows) and
-each worker asks ``ray.train.get_checkpoint()``: the last reported pointer names the checkpoint to
-resume from (``train.resume`` is set to it).  Re-submitting the same command resumes the same way
+each worker asks ``ray.train.get_checkpoint()``: the last reported pointer names the checkpoint all
+ranks reported, and the run resumes from it, or from a later complete one saved before the failure
+but not yet registered by Ray (``resume_after_restore``).  Re-submitting the same command resumes the same way
 (Ray Train restores its run state from ``(ray.storage_path, ray.name)``), or, without Ray's state,
 from ``train.resume: auto`` (the latest complete checkpoint in ``train.output_dir``).  So
 ``train.output_dir`` must be on storage every node sees, and it must not be relative to the job's
@@ -142,24 +143,39 @@ def release_lock_of_dead_node(output_dir: Path, wait_s: float = 60.0) -> None:
         time.sleep(1.0)
 
 
+def resume_after_restore(restored: Path, output_dir: Path, rank: int) -> str:
+    """``train.resume`` for a worker group that Ray restarted with checkpoint ``restored``.
+
+    A pointer into this run's own checkpoints: ``auto``, the newest complete one, which is that one
+    or a later one saved before the failure but not yet registered by Ray (the trainer refuses to
+    resume an older checkpoint of a directory holding newer ones).  A pointer elsewhere (the run
+    moved): that directory."""
+    from recall_dist.train.checkpoint import COMPLETE
+
+    own = restored.resolve().parent == (output_dir / "checkpoints").resolve()
+    if rank == 0:
+        then = "the newest complete checkpoint at or after it" if own else "it"
+        print(f"ray_train: Ray Train restored checkpoint {restored}; resuming from {then}", flush=True)
+    if own:
+        return "auto"
+    if not (restored / COMPLETE).is_file():
+        raise FileNotFoundError(f"Ray Train restored checkpoint {restored}, which is not a complete checkpoint")
+    return str(restored)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """One Ray Train worker: the process group exists (Ray made it); resume from the checkpoint Ray
     hands back (if any), train while reporting each checkpoint, then report the summary."""
     import ray.train
 
-    from recall_dist.train.checkpoint import COMPLETE
     from recall_dist.train.trainer import run_training
 
     cfg, rank = loop_config["cfg"], ray.train.get_context().get_world_rank()
     restored = restored_checkpoint()
     if restored is not None and rank == 0:  # a restarted group: the previous one is gone
         release_lock_of_dead_node(Path(cfg.train.output_dir))
-    if restored is not None and (restored / COMPLETE).is_file():
-        cfg.train.resume = str(restored)
-        if rank == 0:
-            print(f"ray_train: Ray Train restored checkpoint {restored}; resuming from it", flush=True)
-    elif restored is not None and rank == 0:  # pruned by a later save whose report did not land
-        print(f"ray_train: Ray's checkpoint {restored} is gone; train.resume={cfg.train.resume}", flush=True)
+    if restored is not None:
+        cfg.train.resume = resume_after_restore(restored, Path(cfg.train.output_dir), rank)
     summary = run_training(cfg, on_checkpoint=lambda path, step: report_checkpoint(path, step, rank))
     last = summary.get("last") or {}
     ray.train.report(

@@ -101,7 +101,7 @@ def grid_markdown(curves: dict, recipe=None, reference: str = "nll") -> str:
             f"rate as the demo), then swept over T in {{{', '.join(f'{t:g}' for t in recipe.temperatures)}}} "
             f"with exact Precision and Recall@{recipe.recall_at_n}. One seed per setting: differences within "
             f"about {TOLERANCE:g} are ties (see the demo's seed spread). Computed by `recall_dist/demo_grid.py` "
-            f"from the grid's `sweep.csv`.",
+            f"from the grid's `sweep.csv` (kept as `docs/demo/grid_sweep.csv`).",
             "",
         ]
     header = ["model", "settings", *[f"R @ P>={p:g}" for p in PRECISION_LEVELS], "max R"]

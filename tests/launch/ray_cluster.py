@@ -38,6 +38,14 @@ class RayError(RuntimeError):
     pass
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands out for bind(port 0) (free_port)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 class RayNode:
     """One Ray node on ``host``: the head when ``head_address`` is None, else a worker joining it."""
 
@@ -50,7 +58,9 @@ class RayNode:
         self._env = env
 
     def _argv(self) -> list[str]:
-        worker_base = random.randrange(20000, 60000, 200)
+        # Worker ports below the kernel's ephemeral range, where free_port() picks the other components'
+        # ports: the two can never collide (Ray refuses to start when they do).
+        worker_base = random.randrange(10000, _ephemeral_low() - 200, 200)
         role = (
             [
                 "--head",

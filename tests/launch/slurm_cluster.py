@@ -149,10 +149,16 @@ PartitionName=debug Nodes={",".join(h.name for h in self.hosts)} Default=YES Max
         log.close()
 
     def start_slurmd(self, host: Host, timeout: float = 90.0) -> None:
-        """(Re)start ``host``'s slurmd and wait for its node to be idle (a node coming back)."""
+        """(Re)start ``host``'s slurmd and wait until its node is back in service (idle, or already
+        running the job that waited for it: mixed, allocated)."""
         self.procs.pop(f"slurmd-{host.name}", None)
         self._spawn(f"slurmd-{host.name}", [_which("slurmd"), "-D", "-f", str(self.conf), "-N", host.name], host)
-        self._wait_for(lambda: self.node_states().get(host.name, "").startswith("idle"), timeout, f"{host.name} idle")
+
+        def in_service() -> bool:
+            state = self.node_states().get(host.name, "")
+            return state.startswith(("idle", "mix", "alloc", "completing")) and not state.endswith("*")
+
+        self._wait_for(in_service, timeout, f"{host.name} back in service")
 
     def start(self, timeout: float = 90.0) -> SlurmCluster:
         try:

@@ -88,9 +88,21 @@ def _load(results: Path, split: str, backend: str, loss: str) -> dict:
     return torch.load(results / f"{split}-{backend}-{loss}.pt")
 
 
+def _assert_close(got: torch.Tensor, ref: torch.Tensor, where: str) -> None:
+    """Equal up to float32 summation order.  c-Div weights span orders of magnitude, so a gradient
+    entry is a sum of large terms that cancel: its rounding error scales with the tensor's largest
+    entries, not with the entry itself.  The tolerance is relative to the tensor's max |entry|; a wrong
+    normaliser (what this file guards against) is off by tens of percent."""
+    scale = ref.abs().max().item()
+    print(f"{where}: max |diff| / max |ref| = {(got - ref).abs().max().item() / max(scale, 1e-30):.2e}")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6 * scale, msg=lambda m: f"{where}: {m}")
+
+
 def test_the_weights_really_vary(results):
     stats = _load(results, "1x8", "fsdp2", "cdiv-weights")["stats"]
-    assert stats["weight_max"] > 10 * stats["weight_mean"] and stats["ess"] < 0.5 * stats["tokens"], stats
+    print(f"c-Div weights on the 8-sequence step: {stats}")
+    # ESS (sum w)^2 / sum w^2 well below the token count: a few tokens carry most of the weight.
+    assert stats["weight_max"] > 5 * stats["weight_mean"] and stats["ess"] < 0.25 * stats["tokens"], stats
 
 
 @pytest.mark.parametrize("loss", sorted(LOSSES))
@@ -103,16 +115,12 @@ def test_every_split_gives_the_same_step(results, backend, loss):
         assert got["accum"] == (4 if split == "1x4x2" else 2)
         where = f"{split} {backend} {loss}"
         for name, g in ref["grads"].items():
-            torch.testing.assert_close(
-                got["grads"][name], g, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, w=where: f"{w} {n}: {m}"
-            )
+            _assert_close(got["grads"][name], g, f"{where} grad {name}")
         assert got["stats"]["grad_norm"] == pytest.approx(ref["stats"]["grad_norm"], rel=1e-5), where
         for key in STATS:
             assert got["stats"][key] == pytest.approx(ref["stats"][key], rel=1e-6), (where, key)
         for name, p in ref["params"].items():
-            torch.testing.assert_close(
-                got["params"][name], p, rtol=1e-5, atol=1e-7, msg=lambda m, n=name, w=where: f"{w} {n}: {m}"
-            )
+            _assert_close(got["params"][name], p, f"{where} param {name}")
 
 
 def test_backends_agree(results):
@@ -122,4 +130,4 @@ def test_backends_agree(results):
         got = _load(results, "1x8", backend, "cdiv-weights")
         assert got["stats"]["grad_norm"] == pytest.approx(ref["stats"]["grad_norm"], rel=1e-5), backend
         for name, g in ref["grads"].items():
-            torch.testing.assert_close(got["grads"][name], g, rtol=1e-5, atol=1e-7)
+            _assert_close(got["grads"][name], g, f"{backend} grad {name}")

@@ -105,6 +105,17 @@ class LRSchedule:
         self._apply()
 
 
+def stream_full_parameters(model: torch.nn.Module, gather) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(name, fp32 CPU value on rank 0 / None elsewhere) of every distinct parameter of ``model``, one at a
+    time; ``gather(param)`` returns its full value and is collective.  Tied parameters come once, under their
+    first name (``named_parameters`` removes duplicates)."""
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    for name, param in model.named_parameters():
+        full = gather(param)
+        yield name, (full.detach().float().cpu() if rank0 else None)
+        del full
+
+
 def torch_optimizer(cfg: OptimConfig, params, device_type: str = "cpu") -> torch.optim.Optimizer:
     """Adam(W) over ``params``; the fused CUDA kernel on GPUs (one launch per step instead of several per
     tensor), the default multi-tensor path elsewhere."""

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, torch_optimizer
+from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, stream_full_parameters, torch_optimizer
 from recall_dist.train.backends.zero_resharding import load_other_world_size, saved_dp_size
 from recall_dist.train.config import TrainConfig
 from recall_dist.train.loss_head import CausalLMWithLossHead, register_zero3_head
@@ -207,15 +207,8 @@ class DeepSpeedEngine:
     def full_parameters(self):
         from deepspeed.utils import safe_get_full_fp32_param
 
-        rank0 = torch.distributed.get_rank() == 0
-        seen: set[int] = set()
-        for name, p in self.module.model.named_parameters(remove_duplicate=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            full = safe_get_full_fp32_param(p)  # the fp32 master (collective under ZeRO-3)
-            yield name, (full.detach().float().cpu() if rank0 else None)
-            del full
+        # The fp32 masters (collective under ZeRO-3), not the compute-dtype module weights.
+        return stream_full_parameters(self.module.model, safe_get_full_fp32_param)
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_grad

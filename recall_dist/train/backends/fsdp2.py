@@ -15,7 +15,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from recall_dist.constants import DTYPES
-from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, torch_optimizer
+from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, stream_full_parameters, torch_optimizer
 from recall_dist.train.config import TrainConfig
 from recall_dist.train.loss_head import CausalLMWithLossHead
 from recall_dist.train.models import build_model, decoder_layers, materialize, weight_source
@@ -119,15 +119,8 @@ class FSDP2Engine:
         self.scheduler.load_state_dict(state["scheduler"])
 
     def full_parameters(self):
-        rank0 = torch.distributed.get_rank() == 0
-        seen: set[int] = set()
-        for name, p in self.module.model.named_parameters(remove_duplicate=False):
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            full = p.full_tensor() if hasattr(p, "full_tensor") else p  # collective: all-gather of one tensor
-            yield name, (full.detach().float().cpu() if rank0 else None)
-            del full
+        # The sharded parameters are the fp32 masters; full_tensor all-gathers one of them.
+        return stream_full_parameters(self.module.model, lambda p: p.full_tensor() if hasattr(p, "full_tensor") else p)
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         grads = {}
