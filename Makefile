@@ -6,8 +6,10 @@ STAMP  := $(VENV)/.installed
 # CPU torch build on machines without an NVIDIA GPU; a bare `torch` requirement would pull a 5 GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
+# pytest-xdist workers: the cluster tests run on one (in order), the rest share them (tests/conftest.py).
+PYTEST_WORKERS ?= 2
 
-.PHONY: setup lint test test-fast demo demo-grid bench clean
+.PHONY: setup lint ds-ops test test-fast demo demo-grid bench clean
 
 setup: $(STAMP)
 
@@ -31,12 +33,23 @@ lint: setup
 # The venv's bin first on PATH, as in the Slurm jobs (they activate it) and on the Ray nodes: DeepSpeed
 # JIT-builds its CPU op with the first `ninja` on PATH, and the venv's and the system's ninja do not
 # trust each other's build log, so each switch between them rebuilds it (1-2 minutes on 2 cores).
-test: setup lint
+test: setup lint ds-ops
 	@bash tests/setup_clusters.sh
-	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu" \
+	  -n $(PYTEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
+
+# DeepSpeed's CPU communication op, JIT-built on first use: built once here, before any test starts
+# ranks that would build it concurrently.  A lock left by a build that was killed (torch waits on it
+# forever) is removed first when it is older than 10 minutes.
+DS_EXT := $(HOME)/.cache/torch_extensions
+ds-ops: setup
+	@find $(DS_EXT) -path '*deepspeed_shm_comm/lock' -mmin +10 -print -delete 2>/dev/null || true
+	@PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu $(PY) -c \
+	  "from deepspeed.ops.op_builder.cpu.comm import ShareMemCommBuilder as B; B().load(verbose=False)" \
+	  2>&1 | grep -v '^\[' || true
 
 test-fast: setup
-	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu and not slow and not cluster" $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu and not slow and not cluster" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # SEEDS=3 repeats every fine-tune with 3 seeds and reports mean and min-max (default: one seed, fastest).
 SEEDS ?= 1

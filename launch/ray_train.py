@@ -46,6 +46,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
 from ray_cli import split_args, under_output_root
 
 from recall_dist.configtree import ConfigError, check
+from recall_dist.train.cli import EXIT_DIVERGED, EXIT_REFUSED
 
 # SPREAD: one worker per node as far as the nodes allow (soft: a restart after a lost node may pack
 # the group on the nodes left); STRICT_SPREAD: never two on one node; PACK / STRICT_PACK: fewest nodes.
@@ -168,7 +169,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
     hands back (if any), train while reporting each checkpoint, then report the summary."""
     import ray.train
 
-    from recall_dist.train.trainer import run_training
+    from recall_dist.train.trainer import TrainingDiverged, run_training
 
     cfg, rank = loop_config["cfg"], ray.train.get_context().get_world_rank()
     restored = restored_checkpoint()
@@ -176,7 +177,13 @@ def train_loop_per_worker(loop_config: dict) -> None:
         release_lock_of_dead_node(Path(cfg.train.output_dir))
     if restored is not None:
         cfg.train.resume = resume_after_restore(restored, Path(cfg.train.output_dir), rank)
-    summary = run_training(cfg, on_checkpoint=lambda path, step: report_checkpoint(path, step, rank))
+    try:
+        summary = run_training(cfg, on_checkpoint=lambda path, step: report_checkpoint(path, step, rank))
+    except TrainingDiverged as e:
+        # Every rank sees the same all-reduced non-finite steps and stops here.  Not a failure for Ray
+        # to retry: a restarted group would resume the same checkpoint and diverge again.
+        ray.train.report({"diverged": True, "step": e.step, "message": str(e)})
+        return
     last = summary.get("last") or {}
     ray.train.report(
         {
@@ -226,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, ray_cfg = parse_args(argv)
     except ConfigError as e:
         print(f"ray_train: config error: {e}", file=sys.stderr)
-        return 2
+        return EXIT_REFUSED
     import ray
 
     ray.init()  # inside `ray job submit`: the job's cluster; otherwise RAY_ADDRESS or a local one
@@ -235,6 +242,9 @@ def main(argv: list[str] | None = None) -> int:
     if result.error is not None:
         print(f"ray_train: failed: {result.error}", file=sys.stderr)
         return 1
+    if (result.metrics or {}).get("diverged"):
+        print(f"ray_train: {result.metrics['message']}", file=sys.stderr)
+        return EXIT_DIVERGED
     preempted = Path(cfg.train.output_dir) / "PREEMPTED"
     if preempted.exists():  # the stop file (RECALL_DIST_STOP_FILE) was touched: checkpointed, not finished
         print(

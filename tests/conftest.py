@@ -16,4 +16,19 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# Under pytest-xdist (`make test` runs 2 workers) each worker takes its share of the cores.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
+
+
+def pytest_collection_modifyitems(config, items):
+    """The tests that start real clusters run one after another on one xdist worker (they share the
+    session's Slurm cluster, and the two-host network is one per machine); the rest spread over the
+    other workers.  Their waits on schedulers and daemons overlap with the CPU-bound tests."""
+    import pytest
+
+    cluster = [item for item in items if item.get_closest_marker("cluster")]
+    for item in cluster:
+        item.add_marker(pytest.mark.xdist_group("cluster"))
+    # The longest group first, so that it never runs alone at the end.
+    items[:] = cluster + [item for item in items if not item.get_closest_marker("cluster")]

@@ -1,6 +1,7 @@
-"""Fixtures of the launcher tests: real local clusters (a one-node Slurm cluster and a Ray head on
-127.0.0.1, one per session; two hosts on their own network stacks, one pair per multi-node module)
-and the one-node reference runs the multi-node runs are compared with."""
+"""Fixtures of the launcher tests: real local clusters (a one-node Slurm cluster on 127.0.0.1, one
+per session; two hosts on their own network stacks, one pair per multi-node module, which carry the
+two-node Slurm cluster and the two-node Ray cluster) and the one-node reference runs the multi-node
+runs are compared with."""
 
 from __future__ import annotations
 
@@ -26,20 +27,6 @@ def slurm_cluster():
     finally:
         cluster.stop()
         cluster.cleanup()
-
-
-@pytest.fixture(scope="session")
-def ray_head():
-    """A running Ray head on 127.0.0.1 (2 CPUs, dashboard/job server on), stopped by PID at the end."""
-    from tests.launch.ray_cluster import RayHead
-
-    head = RayHead(num_cpus=2, env={"DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"})
-    try:
-        head.start()
-        yield head
-    finally:
-        head.stop()
-        head.cleanup()
 
 
 @pytest.fixture(scope="module")

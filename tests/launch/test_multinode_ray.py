@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.launch.ray_cluster import RayCluster
-from tests.launch.runs import MULTINODE_RUN, MULTINODE_STEPS, REPO, SWEEP, first_difference, loss_curve
+from tests.launch.runs import MULTINODE_RUN, MULTINODE_STEPS, REPO, SWEEP, TINY, first_difference, loss_curve
 from tests.launch.two_host import IFACE
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -138,3 +138,21 @@ def test_ray_sweep_on_both_nodes(ray2, reference_run, reference_sweep, tmp_path)
     assert ran_on == ["10.77.0.1", "10.77.0.2"], (tasks, logs)
     csv = (out / "sweep.csv").read_text()
     assert csv == (reference_sweep / "sweep.csv").read_text(), csv
+
+
+def test_ray_diverged_run_is_not_retried(ray2, tmp_path):
+    """A run that diverges (lr 1e30: every step non-finite) under Ray Train stops once, with exit code
+    3 and the trainer's message: Ray does not restart the worker group (it would diverge again)."""
+    run = tmp_path / "run"
+    job_id = submit(
+        ray2, "launch/ray_train.py", *TINY, "optim.lr=1e30", "train.max_steps=12", f"train.output_dir={run}",
+        "ray.num_workers=2", "ray.max_failures=2",
+    )  # fmt: skip
+    status = ray2.wait_job(job_id, timeout=300)
+    logs = ray2.job_logs(job_id)
+    status_text = ray2.ray("job", "status", "--address", ray2.address, job_id, timeout=60)
+    print(ray2.last_status_line)
+    assert status == "FAILED" and "failed with exit code 3" in status_text, f"{status_text}\n{logs}"
+    assert "ray_train: training diverged" in logs, logs
+    assert logs.count("Started training worker group of size 2") == 1, logs
+    assert (run / "DIVERGED").is_file() and not (run / "final").exists()

@@ -1,10 +1,10 @@
 """The Slurm launchers (slurm/*.sh) on a real one-node Slurm cluster on 127.0.0.1: real munged,
-slurmctld, slurmd, `sbatch`, job steps, signals and requeue (tests/launch/slurm_cluster.py)."""
+slurmctld, slurmd, `sbatch`, job steps, signals and requeue (tests/launch/slurm_cluster.py).  The
+rendezvous through both launchers, preemption with requeue and the sweep run on two hosts in
+test_multinode_slurm.py (a superset of their one-node forms, which are not repeated here)."""
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from pathlib import Path
 
@@ -48,20 +48,6 @@ def assert_completed(cluster: SlurmCluster, tmp_path: Path, job_id: str, timeout
     return info
 
 
-def test_allreduce_job_through_both_launchers(slurm_cluster, tmp_path):
-    """slurm/common.sh's rendezvous and launch path, without the trainer: srun -> torchrun -> 2 ranks,
-    and srun -> 2 ranks directly; the head comes from the allocation (localhost here)."""
-    for launcher in ("torchrun", "srun"):
-        out = tmp_path / launcher
-        out.mkdir()
-        job_id = sbatch(slurm_cluster, tmp_path, "tests/launch/jobs/allreduce.sh", str(out), LAUNCHER=launcher)
-        assert_completed(slurm_cluster, tmp_path, job_id, timeout=120)
-        ranks = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
-        assert [r["rank"] for r in ranks] == [0, 1], job_log(tmp_path, job_id)
-        assert all(r["world_size"] == 2 and r["sum"] == 3.0 for r in ranks)
-        assert all(r["master_addr"] == "localhost" and r["slurm_job_id"] == job_id for r in ranks)
-
-
 @pytest.fixture(scope="module")
 def slurm_trained_run(slurm_cluster, tmp_path_factory):
     """`sbatch slurm/train_cdiv.sh configs/tiny_cpu.yaml ...`: 2 ranks, 6 steps of c-Div."""
@@ -85,32 +71,6 @@ def test_sbatch_train_cdiv(slurm_trained_run):
     assert (run / "checkpoints" / "step_00000006" / "COMPLETE").exists()
     assert (run / "final" / "config.json").exists(), log
     assert not (run / "PREEMPTED").exists()
-
-
-def test_sbatch_sweep(slurm_cluster, slurm_trained_run, tmp_path):
-    """`sbatch slurm/sweep.sh configs/sweep.yaml ...`: 2 ranks compute a shard each, rank 0 aggregates."""
-    run = slurm_trained_run[0]
-    out = tmp_path / "sweep"
-    job_id = sbatch(
-        slurm_cluster,
-        tmp_path,
-        "slurm/sweep.sh",
-        "configs/sweep.yaml",
-        f"models=[{{name: cdiv, path: {run}/final}}]",
-        "temperatures=[0.5,1.0]",
-        "num_samples=20",
-        OUTPUT_DIR=str(out),
-    )
-    info = assert_completed(slurm_cluster, tmp_path, job_id, timeout=240)
-    print(f"job {job_id}: JobState={info['JobState']} ExitCode={info['ExitCode']}")
-    log = job_log(tmp_path, job_id)
-    assert sorted(p.name for p in (out / "shards").glob("*.json")) == [
-        "shard-00000-of-00002.json",
-        "shard-00001-of-00002.json",
-    ], log
-    table = json.loads((out / "sweep.json").read_text())
-    assert sorted({(r["model"], r["temperature"]) for r in table["rows"]}) == [("cdiv", 0.5), ("cdiv", 1.0)], log
-    assert (out / "pr_curve.png").stat().st_size > 0 and (out / "sweep.csv").exists()
 
 
 def test_grid_cdiv_job_array(slurm_cluster, tmp_path):
@@ -137,59 +97,6 @@ def test_grid_cdiv_job_array(slurm_cluster, tmp_path):
         assert [m["step"] for m in read_metrics(run)] == [1, 2]
         saved = yaml.safe_load((run / "checkpoints" / "step_00000002" / "config.yaml").read_text())
         assert saved["loss"]["name"] == "cdiv" and saved["loss"]["params"]["alpha"] == float(alpha), saved["loss"]
-
-
-def test_preempted_job_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
-    """USR1 to the batch shell mid-run (what `--signal=B:USR1@N` sends before the time limit): the
-    script touches the stop file, the ranks checkpoint at a step boundary and exit 0, the script
-    requeues the job, and the requeued job (same id, Restarts=1) resumes from that checkpoint."""
-    run, max_steps = tmp_path / "run", 150
-    job_id = sbatch(
-        slurm_cluster,
-        tmp_path,
-        "slurm/train_cdiv.sh",
-        *TINY,
-        f"train.max_steps={max_steps}",
-        "train.checkpoint_every=0",
-        "train.export_final=false",
-        OUTPUT_DIR=str(run),
-    )
-    deadline = time.monotonic() + 180
-    while not any(m["step"] >= 3 for m in read_metrics(run)):
-        assert slurm_cluster.job(job_id).get("JobState") in ("PENDING", "RUNNING", "CONFIGURING"), (
-            f"{slurm_cluster.job(job_id)}\n{job_log(tmp_path, job_id)}"
-        )
-        assert time.monotonic() < deadline, f"no training progress\n{job_log(tmp_path, job_id)}"
-        time.sleep(0.3)
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", job_id)
-
-    # Requeued: Restarts=1.  Its first run's metrics are kept up to the preempted step, byte for byte
-    # (tokens_per_s is a wall-clock measurement: a run from scratch would not reproduce it).
-    deadline = time.monotonic() + 120
-    while int(slurm_cluster.job(job_id).get("Restarts", 0)) < 1:
-        assert time.monotonic() < deadline, f"not requeued: {slurm_cluster.job(job_id)}\n{job_log(tmp_path, job_id)}"
-        time.sleep(0.3)
-    first_run_lines = (run / "metrics.jsonl").read_text().splitlines()
-    log = job_log(tmp_path, job_id)
-    match = re.search(r"workers checkpointed at step (\d+); requeueing", log)
-    assert match, log
-    preempted_at = int(match.group(1))
-    assert 3 <= preempted_at < max_steps
-    assert [json.loads(line)["step"] for line in first_run_lines] == list(range(1, preempted_at + 1))
-    assert checkpoint_steps(run) == [preempted_at]
-
-    info = assert_completed(slurm_cluster, tmp_path, job_id, timeout=300)
-    print(
-        f"job {job_id}: preempted at step {preempted_at}; JobState={info['JobState']} "
-        f"ExitCode={info['ExitCode']} Restarts={info.get('Restarts')}"
-    )
-    log = job_log(tmp_path, job_id)  # --open-mode=append: both runs
-    assert "caught SIGUSR1" in log and "restart 1:" in log, log
-    lines = (run / "metrics.jsonl").read_text().splitlines()
-    assert lines[:preempted_at] == first_run_lines, "the resumed run kept the first run's metrics"
-    assert [json.loads(line)["step"] for line in lines] == list(range(1, max_steps + 1)), log
-    assert checkpoint_steps(run) == [preempted_at, max_steps]
-    assert not (run / "PREEMPTED").exists() and not (run / "STOP").exists()
 
 
 def test_failure_requeues_are_counted_and_limited(slurm_cluster, tmp_path):
