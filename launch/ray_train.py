@@ -47,6 +47,7 @@ from ray_cli import split_args, under_output_root
 
 from recall_dist.configtree import ConfigError, check
 from recall_dist.train.cli import EXIT_DIVERGED, EXIT_REFUSED
+from recall_dist.train.rundir import DIVERGED
 
 # SPREAD: one worker per node as far as the nodes allow (soft: a restart after a lost node may pack
 # the group on the nodes left); STRICT_SPREAD: never two on one node; PACK / STRICT_PACK: fewest nodes.
@@ -179,10 +180,10 @@ def train_loop_per_worker(loop_config: dict) -> None:
         cfg.train.resume = resume_after_restore(restored, Path(cfg.train.output_dir), rank)
     try:
         summary = run_training(cfg, on_checkpoint=lambda path, step: report_checkpoint(path, step, rank))
-    except TrainingDiverged as e:
+    except TrainingDiverged:
         # Every rank sees the same all-reduced non-finite steps and stops here.  Not a failure for Ray
-        # to retry: a restarted group would resume the same checkpoint and diverge again.
-        ray.train.report({"diverged": True, "step": e.step, "message": str(e)})
+        # to retry (a restarted group would resume the same checkpoint and diverge again): the workers
+        # end normally and the driver reads <output_dir>/DIVERGED, which each start of a run clears.
         return
     last = summary.get("last") or {}
     ray.train.report(
@@ -242,8 +243,16 @@ def main(argv: list[str] | None = None) -> int:
     if result.error is not None:
         print(f"ray_train: failed: {result.error}", file=sys.stderr)
         return 1
-    if (result.metrics or {}).get("diverged"):
-        print(f"ray_train: {result.metrics['message']}", file=sys.stderr)
+    diverged = Path(cfg.train.output_dir) / DIVERGED
+    if diverged.is_file():
+        report = json.loads(diverged.read_text())
+        first, last = report.get("bad_steps", ["?", "?"])
+        print(
+            f"ray_train: training diverged: steps {first}-{last} had a non-finite loss or gradient norm; "
+            f"stopped without saving or exporting, not retried (report: {diverged}). Lower optim.lr or "
+            "check the data (docs/robustness.md).",
+            file=sys.stderr,
+        )
         return EXIT_DIVERGED
     preempted = Path(cfg.train.output_dir) / "PREEMPTED"
     if preempted.exists():  # the stop file (RECALL_DIST_STOP_FILE) was touched: checkpointed, not finished

@@ -24,11 +24,12 @@ torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 def pytest_collection_modifyitems(config, items):
     """The tests that start real clusters run one after another on one xdist worker (they share the
     session's Slurm cluster, and the two-host network is one per machine); the rest spread over the
-    other workers.  Their waits on schedulers and daemons overlap with the CPU-bound tests."""
+    workers file by file.  The clusters' waits on schedulers and daemons overlap with the CPU-bound tests."""
     import pytest
 
     cluster = [item for item in items if item.get_closest_marker("cluster")]
-    for item in cluster:
-        item.add_marker(pytest.mark.xdist_group("cluster"))
+    for item in items:
+        # Other tests go by file, so a module-scoped fixture (a demo run, a trained model) is built once.
+        item.add_marker(pytest.mark.xdist_group("cluster" if item in cluster else item.nodeid.split("::")[0]))
     # The longest group first, so that it never runs alone at the end.
     items[:] = cluster + [item for item in items if not item.get_closest_marker("cluster")]

@@ -235,18 +235,15 @@ def _zero3_step(tmp, loss: str, alpha: float | None, **overrides) -> tuple[float
 def _zero3_two_ranks(tmp):
     import torch.distributed as dist
 
-    # c-Div, one micro-batch of 4 per rank: the global batch of 8
-    cdiv_loss_diff, cdiv_param_diff = _zero3_step(f"{tmp}/cdiv", "cdiv", ALPHA, per_device_train_batch_size=4)
-    assert cdiv_loss_diff < 1e-5 and cdiv_param_diff < 1e-6
-    # c-Div with 2 micro-batches of 2 per rank: the step's N / Z goes through ZeRO's loss scale
+    # c-Div with 2 micro-batches of 2 per rank (the global batch of 8): the head weight is gathered in
+    # every forward, and the step's N / Z goes through ZeRO's loss scale.
     acc_loss_diff, acc_param_diff = _zero3_step(
         f"{tmp}/cdiv_acc", "cdiv", ALPHA, per_device_train_batch_size=2, gradient_accumulation_steps=2
     )
     assert acc_loss_diff < 1e-5 and acc_param_diff < 1e-6
     if dist.get_rank() == 0:
-        print(f"\n[trl] ZeRO-3, 2 ranks, vs full-logits reference: cdiv |logged loss diff| {cdiv_loss_diff:.2e}, "
-              f"max |param diff| after one SGD step {cdiv_param_diff:.3e}; with 2 micro-batches per rank: "
-              f"{acc_loss_diff:.2e}, {acc_param_diff:.3e}", flush=True)  # fmt: skip
+        print(f"\n[trl] ZeRO-3, 2 ranks x 2 micro-batches, vs full-logits reference: cdiv |logged loss diff| "
+              f"{acc_loss_diff:.2e}, max |param diff| after one SGD step {acc_param_diff:.3e}", flush=True)  # fmt: skip
 
 
 @pytest.mark.slow

@@ -91,11 +91,12 @@ def _load(results: Path, split: str, backend: str, loss: str) -> dict:
 def _assert_close(got: torch.Tensor, ref: torch.Tensor, where: str) -> None:
     """Equal up to float32 summation order.  c-Div weights span orders of magnitude, so a gradient
     entry is a sum of large terms that cancel: its rounding error scales with the tensor's largest
-    entries, not with the entry itself.  The tolerance is relative to the tensor's max |entry|; a wrong
-    normaliser (what this file guards against) is off by tens of percent."""
+    entries, not with the entry itself.  The tolerance is relative to the tensor's max |entry| (measured:
+    up to 5e-7 between splits, 1.4e-6 between backends); a wrong normaliser (what this file guards
+    against) is off by tens of percent."""
     scale = ref.abs().max().item()
     print(f"{where}: max |diff| / max |ref| = {(got - ref).abs().max().item() / max(scale, 1e-30):.2e}")
-    torch.testing.assert_close(got, ref, rtol=1e-5, atol=2e-6 * scale, msg=lambda m: f"{where}: {m}")
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5 * scale, msg=lambda m: f"{where}: {m}")
 
 
 def test_the_weights_really_vary(results):

@@ -78,3 +78,26 @@ def test_global_batch_must_split_over_ranks():
     assert cfg.train.accumulation_steps(8) == 1 and cfg.train.accumulation_steps(2) == 4
     with pytest.raises(ConfigError, match=r"train.global_batch_size"):
         cfg.train.accumulation_steps(3)
+
+
+def test_override_numbers_and_the_key_a_loss_error_names():
+    """`optim.lr=1e-4` on the command line is a number (YAML 1.1 would read a string); a loss
+    parameter error names the parameter at fault, as the rule that owns it reports it."""
+    assert load_train_config("configs/tiny_cpu.yaml", ["optim.lr=1e-4"]).optim.lr == 1e-4
+    for overrides, key in [
+        (["loss.name=cdiv", "loss.params={alpha: 1.4, beta: 2}"], "loss.params.beta"),
+        (["loss.name=truncr", "loss.params={buffer_size: 8, min_count: 9}"], "loss.params.min_count"),
+    ]:
+        with pytest.raises(ConfigError) as info:
+            load_train_config("configs/tiny_cpu.yaml", overrides)
+        assert str(info.value).startswith(f"{key}:"), str(info.value)
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_sweep_temperatures_must_be_finite(bad):
+    from recall_dist.configtree import from_dict
+    from recall_dist.eval import SweepConfig
+
+    data = {"models": [{"name": "m", "path": "."}], "temperatures": [0.5, bad]}
+    with pytest.raises(ConfigError, match=r"temperatures\[1\]: expected a finite number"):
+        from_dict(SweepConfig, data)

@@ -111,12 +111,8 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(tmp_path, who):
     assert 3 <= stopped_at < STEPS
     assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped_at:08d}"
     assert Checkpointer(out, 0).select("auto").name == f"step_{stopped_at:08d}"  # complete and verified
-    if who == "every process":
+    if who == "every process":  # (resuming after such a stop: tests/train/test_resume.py)
         assert "torchrun exited 1" in output, "plain torchrun's own code (the reason for the wrapper) changed"
-        code, output = _finish(_start(tmp_path, out, train={"max_steps": STEPS}))
-        assert code == 0, output[-4000:]
-        assert [r["step"] for r in read_metrics(out)] == list(range(1, STEPS + 1))
-        assert not (out / "PREEMPTED").exists()
 
 
 def test_the_runs_exit_code_comes_through(tmp_path):
