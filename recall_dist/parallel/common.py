@@ -231,3 +231,19 @@ class LossOutput:
 
     def __repr__(self) -> str:
         return f"LossOutput(loss={self.loss!r}, stats={self.stats})"
+
+
+class FusedHeadFunction(torch.autograd.Function):
+    """Base of the fused-head autograd functions (PyTorch and Triton paths): forward forms the
+    gradients of ``hidden`` and ``weight`` (its first two inputs, of ten) and leaves them in
+    ``ctx.grad_h`` / ``ctx.grad_w``; backward hands them out, scaled when the incoming gradient is not
+    1 (gradient accumulation, a loss scale)."""
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_stats):
+        grad_h, grad_w = ctx.grad_h, ctx.grad_w
+        ctx.grad_h = ctx.grad_w = None
+        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+            grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
+        return grad_h, grad_w, None, None, None, None, None, None, None, None

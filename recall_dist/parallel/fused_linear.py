@@ -23,6 +23,7 @@ from recall_dist.constants import IGNORE_INDEX
 from recall_dist.distributed.collectives import group_size
 from recall_dist.losses.base import RecallLoss
 from recall_dist.parallel.common import (
+    FusedHeadFunction,
     LossOutput,
     Tokens,
     acc_dtype,
@@ -123,6 +124,7 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
         _subtract_at_target(p, target, in_shard, w_chunk)
         grads.add(p, hc, idx, w)
         nlls.append(nll), weights.append(wt), finites.append(finite)
+        del z, p  # before the next chunk's logits exist: one chunk alive at a time, as plan counts
     empty = torch.zeros(0, dtype=torch.float64, device=h.device)
     nll = torch.cat(nlls) if nlls else empty
     wt = torch.cat(weights) if weights else empty
@@ -155,10 +157,11 @@ def _two_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, rows, 
             p = _logits(hc, w).sub_(shift[k].to(lse.dtype).unsqueeze(1)).exp_()
             _subtract_at_target(p, target, in_shard, coef[k])
             grads.add(p, hc, idx, w)
+            del p  # one logits chunk alive at a time
     return (coef * nll).sum().to(acc_dtype(h.dtype)), stats, grads.finish(torch.ones((), dtype=torch.float64))
 
 
-class _FusedLinearLoss(torch.autograd.Function):
+class _FusedLinearLoss(FusedHeadFunction):
     @staticmethod
     def forward(
         ctx,
@@ -192,15 +195,6 @@ class _FusedLinearLoss(torch.autograd.Function):
         ctx.grad_w = None if grad_w is None else grad_w.to(weight.dtype)
         ctx.mark_non_differentiable(stats)
         return local_loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        grad_h, grad_w = ctx.grad_h, ctx.grad_w
-        ctx.grad_h = ctx.grad_w = None
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # e.g. gradient accumulation scaling
-            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 def fused_linear_loss(

@@ -30,7 +30,7 @@ import os
 import torch
 
 from recall_dist.losses.base import RecallLoss
-from recall_dist.parallel.common import LossOutput, global_coefficients, prepare_tokens
+from recall_dist.parallel.common import FusedHeadFunction, LossOutput, global_coefficients, prepare_tokens
 from recall_dist.parallel.triton_ops import head_gradients, head_statistics, logits_gradient, logits_statistics
 from recall_dist.parallel.triton_single import single_pass_head, single_pass_requested
 
@@ -86,7 +86,7 @@ def _tokens(target, sequence_ids, ignore_index, vocab_size, local_vocab, tp_grou
     return tokens, torch.where(tokens.in_shard, tokens.local_target, -1)
 
 
-class _TritonFusedLinear(torch.autograd.Function):
+class _TritonFusedLinear(FusedHeadFunction):
     @staticmethod
     def forward(ctx, hidden, weight, target, loss, tp_group, dp_group, ignore_index, vocab_size, seq_ids, chunk):
         h = hidden.reshape(-1, hidden.shape[-1])
@@ -117,15 +117,6 @@ class _TritonFusedLinear(torch.autograd.Function):
         ctx.grad_w = grad_w
         ctx.mark_non_differentiable(stats)
         return local_loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        grad_h, grad_w = ctx.grad_h, ctx.grad_w
-        ctx.grad_h = ctx.grad_w = None
-        if not torch.equal(grad_loss, torch.ones_like(grad_loss)):  # e.g. gradient accumulation scaling
-            grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
-            grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
 
 
 class _TritonVocabParallel(torch.autograd.Function):

@@ -100,13 +100,21 @@ def _activation_bytes(cfg, model_cfg, seq_len: int) -> dict[str, float]:
         kept = layers * s * b * h * 2 * scale + per_layer
     else:
         kept = layers * per_layer
+    head = head_bytes(s * b, h, model_cfg.vocab_size, cfg.loss.chunk_size, cfg.backend.bf16)
+    return {"activations": kept, "loss head (logits chunk + fp32 dW, dH)": head}
+
+
+def head_bytes(tokens: int, hidden: int, vocab: int, chunk_size: int | None, bf16: bool) -> int:
+    """What the fused loss head allocates beyond its inputs for ``tokens`` rows (PyTorch path): one fp32
+    logits chunk of ``chunk_rows`` rows (the head's own choice; plus its 16-bit copy for the matmuls
+    under bf16), the fp32 accumulators of dW [vocab, hidden] and dH [tokens, hidden], and under bf16
+    their 16-bit copies handed to autograd at the end.  Checked against the measured peak of live
+    tensors in tests/train/test_models_plan.py."""
     from recall_dist.parallel.common import chunk_rows
 
-    vocab, tokens = model_cfg.vocab_size, s * b
-    rows = min(tokens, chunk_rows(cfg.loss.chunk_size, vocab, tokens, h))  # what the head allocates
-    chunk = rows * vocab * (4 + (2 if cfg.backend.bf16 else 0))  # fp32 logits (+ their bf16 copy for the matmuls)
-    head = chunk + vocab * h * 4 + tokens * h * 4  # + fp32 dW and dH accumulators
-    return {"activations": kept, "loss head (logits chunk + fp32 dW, dH)": head}
+    rows = min(tokens, chunk_rows(chunk_size, vocab, tokens, hidden))
+    chunk = rows * vocab * (4 + (2 if bf16 else 0))
+    return chunk + (vocab * hidden + tokens * hidden) * (4 + (2 if bf16 else 0))
 
 
 def _construction_bytes(cfg, params: int, largest: int, world: int, device: str) -> float:

@@ -99,3 +99,84 @@ def test_local_pretrained_directory_round_trip(tmp_path):
     loaded = build_model(cfg.model)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=False):
         torch.testing.assert_close(a, b, msg=name)
+
+
+class _LiveTensorBytes:
+    """Peak bytes of the tensors created while active (a TorchDispatchMode sees every aten op's
+    outputs; a storage counts from its first tensor until its last one is garbage): what an allocator
+    without caching would hold, independent of the host allocator.  Storages of ``inputs`` are the
+    caller's and do not count."""
+
+    def __init__(self, *inputs: torch.Tensor):
+        import weakref
+
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_leaves
+
+        self.peak = self.current = 0
+        refs: dict[int, int] = {}
+        sizes: dict[int, int] = {}
+        external = {t.untyped_storage().data_ptr() for t in inputs}
+        tracker = self
+
+        def release(key: int) -> None:
+            refs[key] -= 1
+            if refs[key] == 0:
+                tracker.current -= sizes.pop(key)
+                del refs[key]
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in tree_leaves(out):
+                    if not isinstance(t, torch.Tensor):
+                        continue
+                    key = t.untyped_storage().data_ptr()
+                    if key == 0 or key in external:
+                        continue
+                    if key not in refs:
+                        refs[key], sizes[key] = 0, t.untyped_storage().nbytes()
+                        tracker.current += sizes[key]
+                        tracker.peak = max(tracker.peak, tracker.current)
+                    refs[key] += 1
+                    weakref.finalize(t, release, key)
+                return out
+
+        self.mode = Mode()
+
+    def __enter__(self):
+        self.mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize(
+    "loss,tokens,hidden,vocab,chunk",
+    [  # single-pass (cdiv) and two-pass (truncr) schedules; default and explicit chunk sizes
+        ("cdiv", 4096, 256, 8192, None),
+        ("cdiv", 2048, 512, 32000, None),
+        ("truncr", 2048, 512, 32000, None),
+        ("cdiv", 4096, 128, 16000, 1024),
+    ],
+)
+def test_plan_head_row_is_the_heads_measured_peak(loss, tokens, hidden, vocab, chunk):
+    """`recall-dist plan`'s loss-head row (train/plan.py::head_bytes, chunk from the head's own
+    chunk_rows) vs the peak of the tensors the fused head creates in forward + backward (fp32, where
+    the CPU and CUDA PyTorch paths allocate alike): within 10%.  (Before the head dropped each chunk
+    before computing the next, two chunks were alive: 1.33x the plan at V=32000.)"""
+    from recall_dist import build_loss, fused_linear_loss
+    from recall_dist.train.plan import head_bytes
+
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(tokens, hidden, generator=g).requires_grad_()
+    w = (0.02 * torch.randn(vocab, hidden, generator=g)).requires_grad_()
+    target = torch.randint(0, vocab, (tokens,), generator=g)
+    with _LiveTensorBytes(h, w, target) as live:
+        fused_linear_loss(h, w, target, build_loss(loss), chunk_size=chunk).loss.backward()
+    planned = head_bytes(tokens, hidden, vocab, chunk, bf16=False)
+    print(
+        f"{loss} N={tokens} H={hidden} V={vocab}: measured {live.peak / 2**20:.1f} MiB, plan {planned / 2**20:.1f} MiB"
+    )
+    assert planned <= live.peak <= 1.1 * planned, (live.peak, planned)
