@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 # CPU torch build on machines without an NVIDIA GPU; a bare `torch` requirement would pull a 5 GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-# pytest-xdist workers: the cluster tests run on one (in order), the rest share them (tests/conftest.py).
+# pytest-xdist workers: whole files per worker, the cluster tests together on one (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
 .PHONY: setup lint ds-ops test test-fast demo demo-grid bench clean
@@ -36,7 +36,7 @@ lint: setup
 test: setup lint ds-ops
 	@bash tests/setup_clusters.sh
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu" \
-	  -n $(PYTEST_WORKERS) --dist loadgroup --durations=30 $(PYTEST_ARGS)
+	  -n $(PYTEST_WORKERS) --durations=30 $(PYTEST_ARGS)
 
 # DeepSpeed's CPU communication op, JIT-built on first use: built once here, before any test starts
 # ranks that would build it concurrently.  A lock left by a build that was killed (torch waits on it

@@ -21,15 +21,25 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
-def pytest_collection_modifyitems(config, items):
-    """The tests that start real clusters run one after another on one xdist worker (they share the
-    session's Slurm cluster, and the two-host network is one per machine); the rest spread over the
-    workers file by file.  The clusters' waits on schedulers and daemons overlap with the CPU-bound tests."""
-    import pytest
+def _is_cluster_test(nodeid: str) -> bool:
+    return nodeid.startswith("tests/launch/test_") and "test_ray_args" not in nodeid
 
-    cluster = [item for item in items if item.get_closest_marker("cluster")]
-    for item in items:
-        # Other tests go by file, so a module-scoped fixture (a demo run, a trained model) is built once.
-        item.add_marker(pytest.mark.xdist_group("cluster" if item in cluster else item.nodeid.split("::")[0]))
-    # The longest group first, so that it never runs alone at the end.
-    items[:] = cluster + [item for item in items if not item.get_closest_marker("cluster")]
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist (`make test` runs 2 workers) hands out whole files, and all the tests that start
+    real clusters as one unit: they run one after another on one worker (they share the session's
+    Slurm cluster, and the two-host network exists once per machine).  A file as a unit builds its
+    module fixtures (a demo run, a trained model) once.  The clusters' waits on schedulers and daemons
+    overlap with the CPU-bound tests of the other worker."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByFileClustersTogether(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return "cluster" if _is_cluster_test(nodeid) else nodeid.split("::")[0]
+
+    return ByFileClustersTogether(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The cluster tests first: the longest unit never runs alone at the end."""
+    items[:] = sorted(items, key=lambda item: not _is_cluster_test(item.nodeid))

@@ -148,8 +148,10 @@ def pretrained(tmp_path_factory) -> Path:
     return directory
 
 
-@pytest.mark.parametrize("backend", sorted(BACKENDS))
-@pytest.mark.parametrize("source", ["init", "pretrained"])
+# Each backend and each weight source once (CI time): ZeRO-3 through zero.Init with the seeded init,
+# FSDP2 from meta with the multi-shard pretrained reader.  The two other pairs share that code and were
+# measured too (docs/training_at_scale.md): fsdp2/init 0.52 x, zero3/pretrained 0.51-0.52 x.
+@pytest.mark.parametrize("source,backend", [("init", "zero3"), ("pretrained", "fsdp2")])
 def test_construction_memory(tmp_path, request, monkeypatch, backend, source):
     if source == "init":
         model = {"config": BIG, "tokenizer": "char:product", "attn_implementation": "sdpa"}
