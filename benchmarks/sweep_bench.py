@@ -2,7 +2,7 @@
 measured in one run on the same models, machine and config.
 
     DS_ACCELERATOR=cpu .venv/bin/python benchmarks/sweep_bench.py [--models-dir results/demo/runs]
-        [--suffix -s0] [--before b286d4a] [--rounds 1] [--out /tmp/sweep_bench]
+        [--suffix=-s0] [--before b286d4a] [--rounds 1] [--out /tmp/sweep_bench]
 
 *before* is the package as it was at git revision ``--before`` (extracted with ``git archive``),
 *after* is this working tree.  Each runs ``torchrun --nproc-per-node 2 -m recall_dist sweep
@@ -153,7 +153,7 @@ def main() -> int:
         return _worker(sys.argv[2:])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models-dir", default="results/demo/runs", help="a demo run's runs/ (NAME/final per model)")
-    p.add_argument("--suffix", default="", help="model directories are NAME + suffix (e.g. -s0 of a --seeds run)")
+    p.add_argument("--suffix", default="", help="model dirs are NAME + suffix (--suffix=-s0 for a --seeds run)")
     p.add_argument("--before", default=DEFAULT_BEFORE, help="git revision of the 'before' package")
     p.add_argument("--rounds", type=int, default=1, help="before/after rounds; the best time of each is kept")
     p.add_argument("--out", default=None, help="scratch directory (default: a temporary one)")

@@ -21,10 +21,14 @@ _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, (os.cpu_count() or 1) // _workers)))
 
 
+import pytest  # noqa: E402  (after the environment settings above)
+
+
 def _is_cluster_test(nodeid: str) -> bool:
     return nodeid.startswith("tests/launch/test_") and "test_ray_args" not in nodeid
 
 
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook: plain `pytest` (or -p no:xdist) runs too
 def pytest_xdist_make_scheduler(config, log):
     """pytest-xdist (`make test` runs 2 workers) hands out whole files, and all the tests that start
     real clusters as one unit: they run one after another on one worker (they share the session's
