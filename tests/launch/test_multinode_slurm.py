@@ -228,8 +228,12 @@ def test_node_lost_mid_run_is_requeued_and_resumes(slurm2, two_hosts, reference_
             lambda: (j := slurm2.job(job_id)).get("JobState") == "PENDING" and int(j.get("Restarts", 0)) >= 1 and j,
             120, slurm2, job_id, tmp_path, poll=1.0,
         )  # fmt: skip
+        # slurmctld marks node2 DOWN after SlurmdTimeout (10 s) whichever way the job ended.
+        node2_state = wait_for(
+            "node2 marked down", lambda: (st := slurm2.node_states()["node2"]).startswith("down") and st,
+            60, slurm2, job_id, tmp_path, poll=1.0,
+        )  # fmt: skip
         waited = time.monotonic() - killed_at
-        node2_state = slurm2.node_states()["node2"]
         first_run = (run / "metrics.jsonl").read_text().splitlines()
         log = job_log(tmp_path, job_id)
         print(
@@ -238,8 +242,10 @@ def test_node_lost_mid_run_is_requeued_and_resumes(slurm2, two_hosts, reference_
             f"node2 {node2_state}"
         )
         print("\n".join(line for line in log.splitlines() if "node2" in line.lower() and "error" in line.lower()))
-        assert node2_state.startswith("down"), node2_state
-        assert "Node failure on node2" in log and "DUE TO NODE FAILURE" in log, log
+        # Two ways to the same requeue, a race between them: slurmctld declares node2 dead first (the
+        # job ends as a NODE_FAIL naming node2), or rank 0's lost connection fails the step first (our
+        # script requeues the failed job itself).  Either way it waits for two nodes and resumes.
+        assert ("Node failure on node2" in log and "DUE TO NODE FAILURE" in log) or "DUE TO JOB REQUEUE" in log, log
         # node2 comes back as after a reboot, not at once: when rank 0 failed, srun's
         # --kill-on-bad-exit asked Slurm to signal the step on node2, which missed it; slurmctld
         # retries such a signal once, 60 s later, by job and step id, and a node back before that
