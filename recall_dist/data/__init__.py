@@ -1,6 +1,8 @@
 """Data: synthetic tasks with a known target distribution, tokenizers, datasets with
-prompt/completion masking, and the distributed batch iterator."""
+prompt/completion masking, chat conversations through the tokenizer's template, and the distributed
+batch iterator."""
 
+from recall_dist.data.chat import chat_prompt_ids, set_chat_template, tokenize_messages
 from recall_dist.data.dataset import (
     IGNORE_INDEX,
     DataConfig,
@@ -29,9 +31,12 @@ __all__ = [
     "ProductTask",
     "build_dataset",
     "build_task",
+    "chat_prompt_ids",
     "encode_text",
     "known_tasks",
     "load_records",
     "load_tokenizer",
+    "set_chat_template",
     "tokenize_example",
+    "tokenize_messages",
 ]
