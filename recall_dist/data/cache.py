@@ -27,7 +27,7 @@ from recall_dist.data.dataset import DataConfig, build_dataset
 
 logger = logging.getLogger(__name__)
 
-ENCODING_VERSION = 1  # bump when tokenize_example's output changes for the same inputs
+ENCODING_VERSION = 2  # bump when tokenize_example's / tokenize_messages's output changes for the same inputs
 COMPLETE = "COMPLETE"
 
 
@@ -36,7 +36,8 @@ def default_cache_dir() -> Path:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of everything that decides the token ids: the class, the vocabulary, the special tokens."""
+    """A hash of everything that decides the token ids: the class, the vocabulary, the special tokens and
+    the chat template (which renders conversations)."""
     if hasattr(tokenizer, "backend_tokenizer"):  # a fast Hugging Face tokenizer: its full JSON
         body = tokenizer.backend_tokenizer.to_str()
     elif hasattr(tokenizer, "get_vocab"):
@@ -44,7 +45,9 @@ def tokenizer_fingerprint(tokenizer) -> str:
     else:
         body = json.dumps(vars(tokenizer), sort_keys=True, default=str)
     specials = [getattr(tokenizer, f"{k}_token_id", None) for k in ("bos", "eos", "pad")]
-    return hashlib.sha256(f"{type(tokenizer).__name__}|{len(tokenizer)}|{specials}|{body}".encode()).hexdigest()
+    template = getattr(tokenizer, "chat_template", None)
+    payload = f"{type(tokenizer).__name__}|{len(tokenizer)}|{specials}|{template}|{body}"
+    return hashlib.sha256(payload.encode()).hexdigest()
 
 
 def cache_key(cfg: DataConfig, tokenizer) -> str:

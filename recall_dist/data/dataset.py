@@ -1,16 +1,20 @@
-"""Training examples: read (prompt, completion) records from a synthetic task, a local jsonl/json/
-parquet file or a Hugging Face hub dataset, and tokenize them with the loss on the completion only.
+"""Training examples: read records from a synthetic task or a user's data (``data/sources.py``: local
+files and folders, ``save_to_disk`` folders, hub datasets; ``data/records.py``: chat ``messages``,
+prompt/completion, text), and tokenize them with the loss on the completion / assistant turns only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from recall_dist.configtree import ConfigError, check
 from recall_dist.constants import IGNORE_INDEX
+from recall_dist.data.chat import ASSISTANT_TURNS, tokenize_messages
+from recall_dist.data.records import RecordError, detect_form, form_fields, to_record
+from recall_dist.data.sources import SINGLE_SPLIT, open_split, parse_split
 from recall_dist.data.synthetic import KnownSupportTask, build_task, known_tasks
 from recall_dist.data.tokenizer import CharTokenizer
 
@@ -18,26 +22,37 @@ logger = logging.getLogger(__name__)
 
 SYNTHETIC_PREFIX = "synthetic:"
 DEFAULT_SYNTHETIC_SAMPLES = 10_000
-_LOCAL_BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+SOURCES = (
+    "a 'synthetic:<task>' name, a .jsonl/.json/.parquet/.csv/.txt file or folder, a save_to_disk folder, "
+    "or a hub dataset name"
+)
 
 
 @dataclass
 class DataConfig:
-    """Where the training examples come from and how they are tokenized.
+    """Where the training (and validation) examples come from and how they are tokenized.
 
-    source: ``"synthetic:<task>"`` (see ``known_tasks()``), a local ``.jsonl``/``.json``/``.parquet``
-        file, or a Hugging Face hub dataset name (or a local dataset directory).
+    source: ``"synthetic:<task>"`` (see ``known_tasks()``), a local ``.jsonl``/``.json``/``.parquet``/
+        ``.csv``/``.txt`` file, a folder of such files, a ``datasets.save_to_disk`` folder, or a Hugging
+        Face hub dataset name (``data/sources.py``).
     task_params: parameters of the synthetic task (e.g. ``{max_factor: 30}``); empty otherwise.
     num_samples: synthetic: number of i.i.d. samples (None -> 10000); files/hub: keep the first
-        ``num_samples`` rows (None -> all rows).
-    prompt_field / completion_field: column names; ``prompt_field: ""`` means no prompt.
+        ``num_samples`` rows of the training split (None -> all rows).
+    prompt_field / completion_field: column names; ``prompt_field: ""`` or null means no prompt.  Both may
+        hold message lists (TRL's conversational prompt/completion: the completion's assistant turns train).
+    messages_field: the column of chat conversations (lists of ``{role, content}``), used when present.
+    assistant_turns: which assistant turns of a conversation carry the loss: ``all`` or ``last``.
+    chat_template: a Jinja chat template string, or a ``.jinja`` file, replacing the tokenizer's own.
     max_length: longest tokenized sequence, bos and eos included (None: no limit).
     truncation: what to do with a longer sequence: ``right`` cuts it to ``max_length`` tokens
         (the eos is then cut too, so the model is never taught to stop where the text was cut; a
         sequence whose completion is cut entirely carries no loss and is dropped); ``drop`` drops it.
     packing: pack several examples per row in the batch iterator (rows of ``max_length`` tokens).
     seed: seed of the synthetic samples (the batch order has its own seed in the iterator).
-    split: the dataset split to read.
+    split: the split to train on, optionally sliced: ``train``, ``train[:90%]``, ``train[:1000]``.
+    eval_source / eval_split: the validation set (``train.eval_every``): ``eval_split`` of ``eval_source``
+        (default: of ``source``; with ``eval_source`` the split defaults to ``train``, all of a file).
+        Every row is used (``num_samples`` applies to training only).
     cache_dir: where the tokenised dataset is cached for the ranks to share (``data/cache.py``);
         None: ``$RECALL_DIST_CACHE`` or ``~/.cache/recall_dist``.
     """
@@ -45,34 +60,30 @@ class DataConfig:
     source: str = "synthetic:product"
     task_params: dict[str, Any] = field(default_factory=dict)
     num_samples: int | None = None
-    prompt_field: str = "prompt"
+    prompt_field: str | None = "prompt"
     completion_field: str = "completion"
+    messages_field: str = "messages"
+    assistant_turns: Literal["all", "last"] = "all"
+    chat_template: str | None = None
     max_length: int | None = None
     truncation: Literal["right", "drop"] = "right"
     packing: bool = False
     seed: int = 0
     split: str = "train"
+    eval_source: str | None = None
+    eval_split: str | None = None
     cache_dir: str | None = None
 
+    # The config keys that name this config's source and split in errors (a validation set's differ).
+    source_key: ClassVar[str] = "data.source"
+    split_key: ClassVar[str] = "data.split"
+
     def __post_init__(self):
-        check(
-            isinstance(self.source, str) and self.source.strip() != "",
-            "source",
-            self.source,
-            "a 'synthetic:<task>' name, a .jsonl/.json/.parquet path or a hub dataset name",
-        )
+        check(isinstance(self.source, str) and self.source.strip() != "", "source", self.source, SOURCES)
+        if self.prompt_field is None:  # null and "" both mean "no prompt"
+            self.prompt_field = ""
         if self.is_synthetic:
-            name = self.source[len(SYNTHETIC_PREFIX) :]
-            check(
-                name in known_tasks(),
-                "source",
-                self.source,
-                f"synthetic tasks: {', '.join(SYNTHETIC_PREFIX + t for t in known_tasks())}",
-            )
-            try:
-                build_task(name, **self.task_params)
-            except (ValueError, TypeError) as e:
-                raise ConfigError("task_params", f"{self.task_params!r}: {e}") from None
+            self._check_synthetic()
         else:
             check(
                 not self.task_params,
@@ -87,6 +98,8 @@ class DataConfig:
             "an integer >= 1, or null",
         )
         check(self.completion_field != "", "completion_field", self.completion_field, "a column name")
+        check(self.messages_field != "", "messages_field", self.messages_field, "a column name")
+        check(self.assistant_turns in ASSISTANT_TURNS, "assistant_turns", self.assistant_turns, "allowed: all, last")
         check(
             self.max_length is None or self.max_length >= 2,
             "max_length",
@@ -100,11 +113,48 @@ class DataConfig:
             self.packing,
             "packing needs max_length (the length of a packed row)",
         )
-        check(self.split != "", "split", self.split, "a split name such as 'train'")
+        parse_split(self.split, "split")
+        self._check_eval_set()
+
+    def _check_synthetic(self) -> None:
+        name = self.source[len(SYNTHETIC_PREFIX) :]
+        check(
+            name in known_tasks(),
+            "source",
+            self.source,
+            f"synthetic tasks: {', '.join(SYNTHETIC_PREFIX + t for t in known_tasks())}",
+        )
+        try:
+            build_task(name, **self.task_params)
+        except (ValueError, TypeError) as e:
+            raise ConfigError("task_params", f"{self.task_params!r}: {e}") from None
+
+    def _check_eval_set(self) -> None:
+        if self.eval_split is not None:
+            parse_split(self.eval_split, "eval_split")
+        if self.eval_source is not None:
+            check(self.eval_source.strip() != "", "eval_source", self.eval_source, f"null, or {SOURCES}")
+            check(
+                not self.eval_source.startswith(SYNTHETIC_PREFIX),
+                "eval_source",
+                self.eval_source,
+                "a file, folder or hub dataset (a synthetic task is scored exactly by the temperature sweep)",
+            )
+        elif self.eval_split is not None:
+            check(
+                not self.is_synthetic,
+                "eval_split",
+                self.eval_split,
+                "null: a synthetic task has no splits (give data.eval_source, a file or hub dataset)",
+            )
 
     @property
     def is_synthetic(self) -> bool:
         return self.source.startswith(SYNTHETIC_PREFIX)
+
+    @property
+    def has_eval_set(self) -> bool:
+        return self.eval_source is not None or self.eval_split is not None
 
     def task(self) -> KnownSupportTask | None:
         """The synthetic task with its known target distribution, or None for file/hub data."""
@@ -112,47 +162,50 @@ class DataConfig:
             return None
         return build_task(self.source[len(SYNTHETIC_PREFIX) :], **self.task_params)
 
+    def eval_config(self) -> DataConfig | None:
+        """The validation set as a config of its own (every row, no packing; errors name the
+        ``data.eval_*`` keys), or None when there is none."""
+        if not self.has_eval_set:
+            return None
+        config = dataclasses.replace(
+            self,
+            source=self.eval_source or self.source,
+            split=self.eval_split or (SINGLE_SPLIT if self.eval_source else self.split),
+            num_samples=None,
+            packing=False,
+            eval_source=None,
+            eval_split=None,
+        )
+        config.source_key = "data.eval_source" if self.eval_source is not None else "data.source"
+        config.split_key = "data.eval_split"
+        return config
 
-def _open_hf_dataset(cfg: DataConfig):
-    import datasets
 
-    path = Path(cfg.source).expanduser()
-    builder = _LOCAL_BUILDERS.get(path.suffix.lower())
-    if (builder is not None or cfg.source.startswith((".", "/", "~"))) and not path.is_file() and not path.is_dir():
-        raise FileNotFoundError(f"data.source: file not found: {path}")
-    if builder is not None:
-        return datasets.load_dataset(builder, data_files={cfg.split: str(path)}, split=cfg.split)
-    try:
-        return datasets.load_dataset(str(path) if path.exists() else cfg.source, split=cfg.split)
-    except Exception as e:  # the hub client raises many types; all mean "cannot get it here"
-        raise OSError(
-            f"data.source = {cfg.source!r}: cannot load split {cfg.split!r} as a Hugging Face "
-            f"dataset (not a local .jsonl/.json/.parquet file; offline or unknown hub name?): "
-            f"{type(e).__name__}: {e}"
-        ) from e
-
-
-def load_records(cfg: DataConfig) -> list[dict[str, str]]:
-    """The raw ``{"prompt": str, "completion": str}`` records described by ``cfg``, in source order."""
+def load_records(cfg: DataConfig) -> list[dict]:
+    """The raw records of ``cfg`` in source order (``data/records.py``): ``{"prompt", "completion"}``
+    strings, or ``{"messages": [...]}`` (with ``"completion_start"`` for a conversational prompt/completion)."""
     if cfg.is_synthetic:
         return cfg.task().sample(cfg.num_samples or DEFAULT_SYNTHETIC_SAMPLES, cfg.seed)
-    ds = _open_hf_dataset(cfg)
-    for key, column in (("prompt_field", cfg.prompt_field), ("completion_field", cfg.completion_field)):
-        if column and column not in ds.column_names:
+    ds = open_split(cfg.source, cfg.split, cfg.source_key, cfg.split_key)
+    form = detect_form(ds.column_names, cfg, cfg.source_key, cfg.source)
+    fields = form_fields(form, cfg)
+    for key, column in fields:
+        if column not in ds.column_names:
             raise ConfigError(
-                f"data.{key}",
+                f"data.{key}" if key else cfg.source_key,
                 f"{column!r} is not a column of {cfg.source!r}; available columns: {', '.join(ds.column_names)}",
             )
     if cfg.num_samples is not None:
         ds = ds.select(range(min(cfg.num_samples, len(ds))))
-    prompts = ds[cfg.prompt_field] if cfg.prompt_field else [""] * len(ds)
-    completions = ds[cfg.completion_field]
+    columns = {column: list(ds[column]) for _, column in fields}
     records = []
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=False)):
-        for column, value in ((cfg.prompt_field, prompt), (cfg.completion_field, completion)):
-            if not isinstance(value, str):
-                raise ValueError(f"{cfg.source}: row {row}, column {column!r} = {value!r}: expected a string")
-        records.append({"prompt": prompt, "completion": completion})
+    for row in range(len(ds)):
+        try:
+            record = to_record({column: values[row] for column, values in columns.items()}, form, cfg)
+        except RecordError as e:
+            raise ConfigError(cfg.source_key, f"{cfg.source}, row {row}: {e}") from None
+        if record is not None:
+            records.append(record)
     return records
 
 
@@ -192,19 +245,39 @@ def tokenize_example(
     return {"input_ids": input_ids, "labels": labels}
 
 
+def tokenize_record(record: dict, tokenizer, cfg: DataConfig) -> dict[str, list[int]] | None:
+    """One record of ``load_records`` tokenized: a conversation through the chat template
+    (``chat.tokenize_messages``), a prompt/completion pair by ``tokenize_example``."""
+    if "messages" in record:
+        return tokenize_messages(
+            record["messages"],
+            tokenizer,
+            assistant_turns=cfg.assistant_turns,
+            max_length=cfg.max_length,
+            truncation=cfg.truncation,
+            completion_start=record.get("completion_start", 0),
+        )
+    return tokenize_example(record["prompt"], record["completion"], tokenizer, cfg.max_length, cfg.truncation)
+
+
 def build_dataset(cfg: DataConfig, tokenizer) -> list[dict[str, list[int]]]:
     """Tokenized examples ``{"input_ids": list[int], "labels": list[int]}`` for ``cfg``, in source
     order (the batch iterator shuffles).  Examples dropped by truncation are counted in a warning."""
     examples, dropped = [], 0
-    for record in load_records(cfg):
-        example = tokenize_example(record["prompt"], record["completion"], tokenizer, cfg.max_length, cfg.truncation)
+    for row, record in enumerate(load_records(cfg)):
+        try:
+            example = tokenize_record(record, tokenizer, cfg)
+        except ConfigError:
+            raise
+        except ValueError as e:  # a conversation the template cannot place: say which one
+            raise ConfigError(cfg.source_key, f"{cfg.source}, record {row}: {e}") from None
         if example is None:
             dropped += 1
         else:
             examples.append(example)
     if dropped:
         logger.warning(
-            "%s: dropped %d of %d examples longer than max_length=%d (truncation=%s)",
+            "%s: dropped %d of %d examples longer than max_length=%s (truncation=%s)",
             cfg.source,
             dropped,
             dropped + len(examples),
@@ -213,7 +286,7 @@ def build_dataset(cfg: DataConfig, tokenizer) -> list[dict[str, list[int]]]:
         )
     if not examples:
         raise ValueError(
-            f"data.source = {cfg.source!r}: no example left (max_length={cfg.max_length}, "
+            f"{cfg.source_key} = {cfg.source!r}: no example left (max_length={cfg.max_length}, "
             f"truncation={cfg.truncation!r})"
         )
     return examples

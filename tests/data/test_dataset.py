@@ -73,19 +73,19 @@ def test_local_files(tmp_path, fmt):
 
 def test_missing_file_and_field_are_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(FileNotFoundError, match=r"nope.jsonl"):
+    with pytest.raises(ConfigError, match=r"^data.source: '.*nope.jsonl': no such file or directory"):
         load_records(DataConfig(source=str(missing)))
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "x", "text": "y"}))
     with pytest.raises(ConfigError, match=r"completion_field.*'completion'.*available columns: prompt, text"):
         load_records(DataConfig(source=str(path)))
     path.write_text(json.dumps({"prompt": "x", "completion": 3}))
-    with pytest.raises(ValueError, match="row 0, column 'completion' = 3"):
+    with pytest.raises(ConfigError, match=r"d\.jsonl, row 0: 'completion' is 3; expected a string"):
         load_records(DataConfig(source=str(path)))
 
 
 def test_hub_name_offline_gives_clear_error():
-    with pytest.raises(OSError, match=r"'no-such-org/no-such-dataset-xyz'.*split 'train'"):
+    with pytest.raises(ConfigError, match=r"^data.source: 'no-such-org/no-such-dataset-xyz'.*split 'train'"):
         load_records(DataConfig(source="no-such-org/no-such-dataset-xyz"))
 
 
