@@ -9,14 +9,18 @@ from recall_dist.losses.base import (
     known_rules,
     register_rule,
 )
+from recall_dist.losses.prob_rules import DFT, ProbPower, ProbThreshold
 from recall_dist.losses.rules import NLL, CDiv, LambdaPR
 from recall_dist.losses.truncation import TruncP, TruncR
 
 __all__ = [
+    "DFT",
     "NLL",
     "CDiv",
     "LambdaPR",
     "LossParamError",
+    "ProbPower",
+    "ProbThreshold",
     "RecallLoss",
     "TokenBatch",
     "TruncP",

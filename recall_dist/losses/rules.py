@@ -31,9 +31,13 @@ class CDiv(WeightRule):
     The Tsallis alpha-divergence between the one-hot conditional and the model,
     D_alpha(delta_y || Q) = (q^(1-alpha) - 1) / (alpha (alpha - 1)), has gradient
     -(1/alpha) q^(1-alpha) grad log q, i.e. a weighted NLL with weight q^(1-alpha) (the 1/alpha is
-    absorbed by the normaliser).  alpha > 1 favours Recall (paper's best: 1.4), alpha < 1
-    Precision, alpha = 1 is NLL.  Over a context with true conditional P, the population minimiser
-    is q proportional to P^(1/alpha) on the support of P: it flattens among valid continuations only.
+    absorbed by the normaliser).  alpha > 1 favours Recall (paper's best: 1.4), alpha = 1 is NLL.
+    Over a context with true conditional P, the population minimiser is q proportional to
+    P^(1/alpha) on the support of P: it flattens among valid continuations only.
+
+    alpha < 1 is the Precision side: the minimiser P^(1/alpha) is *sharper* than P, and the weight
+    q^(1-alpha) down-weights targets the model finds unlikely.  alpha -> 0 approaches DFT (``dft``,
+    w = q); the weight is Li et al.'s ``prob_power`` at alpha_p = 1 - alpha (``losses/prob_rules.py``).
     """
 
     def __init__(self, alpha: float = 1.4):
