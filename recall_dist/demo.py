@@ -1,6 +1,7 @@
 """``recall-dist demo``: the paper's claim, reproduced on CPU in minutes with the real trainer and sweep.
 
-    recall-dist demo [--out results/demo] [--seeds S] [--grid] [--pretrained DIR] [--steps N] [--quick]
+    recall-dist demo [--out results/demo] [--seeds S] [--grid] [--only NAME[,NAME]] [--pretrained DIR]
+                     [--steps N] [--quick]
 
 Three stages, each a ``torchrun --nproc-per-node 2`` subprocess of the real CLI (logs in ``OUT/logs/``):
 
@@ -21,8 +22,11 @@ The sizes (steps, A, batch, temperatures, N) are read from those three configs: 
 one place they are written.  Outputs in ``OUT``: ``pr_curve.png`` (the sweep's figure),
 ``pr_curve_zoom.png`` (the high-Precision corner), ``sweep.csv``, ``sweep.json`` and
 ``summary.md``, computed from ``sweep.csv`` by ``demo_report.py``.  ``--grid`` fine-tunes the
-TruncR / lambda-PR grid of ``demo_grid.py`` instead and writes ``grid.md`` and ``grid.csv``
-(default output ``results/demo-grid``).  ``--quick`` is the CI-sized run (tests/test_demo_smoke.py).
+TruncR / lambda-PR grid of ``demo_grid.py`` (and its Precision-side family) instead and writes
+``grid.md`` and ``grid.csv``, plus ``precision_rules.md`` / ``.csv`` (default output
+``results/demo-grid``).  ``--only NAME[,NAME]`` trains and sweeps only those models of the demo (or,
+with ``--grid``, of the grid), with the ``nll`` reference always included: e.g. ``recall-dist demo
+--grid --only dft,cdiv-0.5``.  ``--quick`` is the CI-sized run (tests/test_demo_smoke.py).
 """
 
 from __future__ import annotations
@@ -309,6 +313,20 @@ def run_pipeline(out: Path, recipe: Recipe, pretrained: Path | None = None, grid
     return report
 
 
+def select_models(losses: list[tuple], only: str) -> list[tuple] | str:
+    """The (name, loss, params) entries of ``losses`` named in the comma-separated ``only``, in the
+    order of ``losses``, and the ``nll`` reference (every report compares with it); an error message
+    if no name is given or one is not among them."""
+    names = [n.strip() for n in only.split(",") if n.strip()]
+    known = [name for name, *_ in losses]
+    unknown = [n for n in names if n not in known]
+    if not names:
+        return "no model named"
+    if unknown:
+        return f"unknown model {unknown[0]!r}; choices: {', '.join(known)}"
+    return [entry for entry in losses if entry[0] == "nll" or entry[0] in names]
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recall-dist demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -317,6 +335,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per loss (default: 1)")
     p.add_argument(
         "--grid", action="store_true", help="fine-tune the TruncR / lambda-PR grid instead of the demo's losses"
+    )
+    p.add_argument(
+        "--only",
+        default=None,
+        metavar="NAME[,NAME]",
+        help="train and sweep only these models (of the demo, or of the grid with --grid); nll is always included",
     )
     p.add_argument("--pretrained", default=None, help="use this NLL model (HF export) instead of pre-training")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per loss (default: configs/demo)")
@@ -351,6 +375,12 @@ def main(argv: list[str] | None = None) -> int:
         from recall_dist.demo_grid import GRID
 
         recipe.losses = list(GRID)
+    if args.only is not None:
+        chosen = select_models(recipe.losses, args.only)
+        if isinstance(chosen, str):
+            print(f"recall-dist demo: --only {args.only}: {chosen}", file=sys.stderr)
+            return 2
+        recipe.losses = chosen
     out = Path(args.out or ("results/demo-grid" if args.grid else "results/demo"))
     try:
         run_pipeline(out, recipe, pretrained, grid=args.grid)

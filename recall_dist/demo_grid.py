@@ -10,6 +10,11 @@ beta in {0.5, 0.75} (lam' = 0.176, 0.097: below the one-hot grid) x nll_mix in {
 The report (``grid.md``, ``grid.csv``) ranks each family by Recall at Precision >= 0.99 (ties
 within the demo's tolerance broken by Recall at Precision >= 0.995) and states the best setting's
 margin over NLL, or that none gains.
+
+A third family, ``PRECISION``, holds the Precision-side rules (``losses/prob_rules.py``): DFT,
+Li et al.'s prob_power (alpha 3, 10) and prob_threshold (tau 0.1, top, objectives p and log_p), and
+cdiv at alpha 0.5 and 0.8.  Its report, ``precision_rules.md`` / ``precision_rules.csv``, places
+each on the PR plane against NLL: Precision and Recall at T = 1, max Recall, Recall at P >= 0.99.
 """
 
 from __future__ import annotations
@@ -19,7 +24,14 @@ import json
 import math
 from pathlib import Path
 
-from recall_dist.demo_report import PRECISION_LEVELS, TOLERANCE, dominance, read_curves, recall_at
+from recall_dist.demo_report import (
+    PRECISION_LEVELS,
+    PRECISION_TOLERANCE,
+    TOLERANCE,
+    dominance,
+    read_curves,
+    recall_at,
+)
 
 REFERENCES = [("nll", "nll", {}), ("cdiv-1.4", "cdiv", {"alpha": 1.4})]
 TRUNCR = [
@@ -44,7 +56,18 @@ LAMBDA_PR += [
     for beta in (0.5, 0.75)
     for mix in (0.5, 0.9)
 ]
-GRID = REFERENCES + TRUNCR + LAMBDA_PR
+# Precision-side rules: each down-weights targets the model finds unlikely.
+PRECISION = [
+    ("dft", "dft", {}),
+    *[(f"prob_power-{alpha:g}", "prob_power", {"alpha": alpha}) for alpha in (3.0, 10.0)],
+    *[
+        (f"prob_threshold-{objective}-top-{tau:g}", "prob_threshold", {"tau": tau, "objective": objective})
+        for objective in ("p", "log_p")
+        for tau in (0.1,)
+    ],
+    *[(f"cdiv-{alpha:g}", "cdiv", {"alpha": alpha}) for alpha in (0.5, 0.8)],
+]
+GRID = REFERENCES + TRUNCR + LAMBDA_PR + PRECISION
 FAMILIES = {"truncr": TRUNCR, "lambda_pr": LAMBDA_PR}
 # The settings the demo used before this grid existed, shown beside each family's best.
 PREVIOUS_DEFAULTS = {"truncr": "truncr-seq-0.5", "lambda_pr": "lambda_pr-0.5-mix0"}
@@ -135,17 +158,129 @@ def grid_markdown(curves: dict, recipe=None, reference: str = "nll") -> str:
                 f"{_cell(o[f'margin_at_p{TIE_LEVEL:g}'], True)}."
             )
         lines.append(line)
+    lines += [
+        "",
+        "The Precision-side family (dft, prob_power, prob_threshold, cdiv alpha < 1) has its own report: "
+        "[precision_rules.md](precision_rules.md).",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def write_grid_report(csv_path: Path, out_dir: Path, recipe=None) -> Path:
-    """Write ``grid.md`` and ``grid.csv`` (one row per grid model) next to the sweep; return grid.md's path."""
-    curves = read_curves(csv_path)
-    rows = grid_rows(curves)
-    with open(out_dir / "grid.csv", "w", newline="") as f:
+def _at_t1(points) -> tuple[float, float]:
+    """(Precision, Recall) at the grid temperature closest to 1."""
+    _, p, r = min(points, key=lambda point: abs(point[0] - 1.0))
+    return p, r
+
+
+def precision_rows(curves: dict, reference: str = "nll") -> list[dict]:
+    """One row per model of ``reference`` + ``PRECISION`` in the sweep: Precision and Recall at T = 1,
+    max Recall, Recall at P >= 0.99, their differences from ``reference`` and the dominance verdict."""
+    ref = curves[reference]
+    ref_p, ref_r = _at_t1(ref)
+    rows = []
+    for name, loss, params in [REFERENCES[0], *PRECISION]:
+        if name not in curves:
+            continue
+        points = curves[name]
+        p1, r1 = _at_t1(points)
+        r99 = recall_at(points, RANK_LEVEL)
+        rows.append(
+            {
+                "model": name,
+                "loss": loss,
+                "params": json.dumps(params, sort_keys=True),
+                "precision_t1": p1,
+                "recall_t1": r1,
+                "max_recall": max(r for _, _, r in points),
+                f"recall_at_p{RANK_LEVEL:g}": r99,
+                "delta_precision_t1": p1 - ref_p,
+                "delta_recall_t1": r1 - ref_r,
+                f"margin_at_p{RANK_LEVEL:g}": r99 - recall_at(ref, RANK_LEVEL),
+                "verdict": "reference" if name == reference else dominance(points, ref)["verdict"],
+            }
+        )
+    return rows
+
+
+def reproduce_command(curves: dict) -> str:
+    """The command that trains and sweeps the grid models of ``curves`` (nll is always included)."""
+    names = [name for name, *_ in GRID if name in curves]
+    if len(names) == len(GRID):
+        return "make demo-grid"
+    return "recall-dist demo --grid --only " + ",".join(n for n in names if n != "nll")
+
+
+def _precision_reading(rows: list[dict]) -> list[str]:
+    """What the rows say about the claim: higher Precision at T = 1 than NLL, and less Recall."""
+    rules = [r for r in rows if r["verdict"] != "reference"]
+    up = [r["model"] for r in rules if r["delta_precision_t1"] > PRECISION_TOLERANCE]
+    down = [r["model"] for r in rules if r["delta_recall_t1"] < -TOLERANCE]
+    both = [m for m in up if m in down]
+    lines = [
+        f"- Higher Precision at T = 1 than NLL (by more than {PRECISION_TOLERANCE:g}): {len(up)} of {len(rules)}"
+        + (f" ({', '.join(up)})" if up else "")
+        + ".",
+        f"- Lower Recall at T = 1 than NLL (by more than {TOLERANCE:g}): {len(down)} of {len(rules)}"
+        + (f" ({', '.join(down)})" if down else "")
+        + ".",
+        f"- Both (the expected Precision-side trade at T = 1): {len(both)} of {len(rules)}.",
+    ]
+    for r in rules:
+        lines.append(
+            f"- **{r['model']}**: P {r['precision_t1']:.4f} ({r['delta_precision_t1']:+.4f}), R "
+            f"{r['recall_t1']:.3f} ({r['delta_recall_t1']:+.3f}) at T = 1; R @ P>={RANK_LEVEL:g} "
+            f"{_cell(r[f'recall_at_p{RANK_LEVEL:g}'])} ({_cell(r[f'margin_at_p{RANK_LEVEL:g}'], True)}); "
+            f"vs NLL + temperature: {r['verdict']}."
+        )
+    return lines
+
+
+def precision_markdown(curves: dict, recipe=None, reference: str = "nll") -> str:
+    """precision_rules.md: where each Precision-side rule lands on the PR plane, against NLL."""
+    rows = precision_rows(curves, reference)
+    lines = ["# Precision-side rules on the PR plane (demo task)", ""]
+    if recipe is not None:
+        lines += [
+            f"Products a*b, a, b ~ U{{1..{recipe.max_factor}}}; every model is fine-tuned for "
+            f"{recipe.finetune_steps} steps from the same NLL pre-trained model (same data, seed and learning "
+            f"rate as the demo), then swept over T in {{{', '.join(f'{t:g}' for t in recipe.temperatures)}}} "
+            f"with exact Precision and Recall@{recipe.recall_at_n}. One seed per setting: Recall differences "
+            f"within about {TOLERANCE:g} are ties.",
+            "",
+        ]
+    lines += [
+        f"Produced by `{reproduce_command(curves)}` (pre-training included); every number is computed by "
+        "`recall_dist/demo_grid.py` from that run's `sweep.csv` (kept as `docs/demo/precision_sweep.csv`).",
+        "",
+    ]
+    header = ["model", "settings", "P @ T=1", "R @ T=1", "max R", f"R @ P>={RANK_LEVEL:g}"]
+    header += ["ΔP @ T=1 vs NLL", "ΔR @ T=1 vs NLL", f"vs NLL @ P>={RANK_LEVEL:g}", "verdict"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["model"], f"`{r['params']}`", f"{r['precision_t1']:.4f}", f"{r['recall_t1']:.3f}"]
+        cells += [f"{r['max_recall']:.3f}", _cell(r[f"recall_at_p{RANK_LEVEL:g}"])]
+        cells += [f"{r['delta_precision_t1']:+.4f}", f"{r['delta_recall_t1']:+.3f}"]
+        cells += [_cell(r[f"margin_at_p{RANK_LEVEL:g}"], signed=True), r["verdict"]]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "## What was measured", "", *_precision_reading(rows)]
+    return "\n".join(lines) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
+
+
+def write_grid_report(csv_path: Path, out_dir: Path, recipe=None) -> Path:
+    """Write ``grid.md`` and ``grid.csv`` (one row per grid model) next to the sweep, and
+    ``precision_rules.md`` / ``.csv`` when Precision-side models ran; return grid.md's path."""
+    curves = read_curves(csv_path)
+    _write_csv(out_dir / "grid.csv", grid_rows(curves))
     path = out_dir / "grid.md"
     path.write_text(grid_markdown(curves, recipe))
+    if any(name in curves for name, *_ in PRECISION):
+        _write_csv(out_dir / "precision_rules.csv", precision_rows(curves))
+        (out_dir / "precision_rules.md").write_text(precision_markdown(curves, recipe))
     return path
