@@ -187,7 +187,7 @@ def load_records(cfg: DataConfig) -> list[dict]:
     if cfg.is_synthetic:
         return cfg.task().sample(cfg.num_samples or DEFAULT_SYNTHETIC_SAMPLES, cfg.seed)
     ds = open_split(cfg.source, cfg.split, cfg.source_key, cfg.split_key)
-    form = detect_form(ds.column_names, cfg, cfg.source_key, cfg.source)
+    form = detect_form(ds.column_names, cfg, cfg.source_key, repr(cfg.source))
     fields = form_fields(form, cfg)
     for key, column in fields:
         if column not in ds.column_names:

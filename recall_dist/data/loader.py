@@ -4,6 +4,7 @@ ranks, each rank collating its own disjoint slice (optionally packed), resumable
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -127,62 +128,9 @@ class DistributedBatchIterator:
         if self.epoch == epoch:
             self.epoch, self.step = epoch + 1, 0
 
-    def _rows(self, lengths: list[int]) -> list[list[int]]:
-        """Example indices of each row: one per row, or first-fit packing into max_length."""
-        if not self.packing:
-            return [[i] for i in range(len(lengths))]
-        rows, free = [], []
-        for i, n in enumerate(lengths):
-            for r, space in enumerate(free):
-                if n <= space:
-                    rows[r].append(i)
-                    free[r] -= n
-                    break
-            else:
-                rows.append([i])
-                free.append(self.max_length - n)
-        return rows
-
     def collate(self, examples: list[dict]) -> dict[str, torch.Tensor]:
         """Pad (or pack) ``examples`` into the ``[B, T]`` tensors described in the class docstring."""
-        lengths = [len(e["input_ids"]) for e in examples]
-        for i, (e, n) in enumerate(zip(examples, lengths, strict=False)):
-            if len(e["labels"]) != n or n == 0:
-                raise ValueError(
-                    f"example {i} of the micro-batch: input_ids ({n}) and labels "
-                    f"({len(e['labels'])}) must have the same, non-zero length"
-                )
-            if self.max_length is not None and n > self.max_length:
-                raise ValueError(
-                    f"example {i} of the micro-batch has {n} tokens > max_length "
-                    f"{self.max_length} (truncate it when building the dataset)"
-                )
-        rows = self._rows(lengths)
-        width = max(sum(lengths[i] for i in row) for row in rows)
-        shape = (len(rows), width)
-        input_ids = torch.full(shape, self.pad_token_id, dtype=torch.long)
-        labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
-        sequence_ids = torch.full(shape, -1, dtype=torch.long)
-        position_ids = torch.zeros(shape, dtype=torch.long)
-        for r, row in enumerate(rows):
-            t = 0
-            for i in row:
-                n = lengths[i]
-                input_ids[r, t : t + n] = torch.tensor(examples[i]["input_ids"])
-                labels[r, t : t + n] = torch.tensor(examples[i]["labels"])
-                # Nothing precedes an example's first token inside the example: after the shift it
-                # would be predicted from the previous packed example, so it is never a target.
-                labels[r, t] = IGNORE_INDEX
-                sequence_ids[r, t : t + n] = i
-                position_ids[r, t : t + n] = torch.arange(n)
-                t += n
-        return {
-            "input_ids": input_ids,
-            "labels": labels,
-            "attention_mask": (sequence_ids >= 0).long(),
-            "sequence_ids": sequence_ids,
-            "position_ids": position_ids,
-        }
+        return collate(examples, self.pad_token_id, self.packing, self.max_length)
 
     def state_dict(self) -> dict:
         """Position (epoch, examples consumed in it) plus what fixes the batch order."""
@@ -226,3 +174,84 @@ class DistributedBatchIterator:
                 f"{len(self)} micro-batches of {self.global_batch_size} per epoch"
             )
         self.epoch, self.step = int(state["epoch"]), step
+
+
+def _rows(lengths: list[int], packing: bool, max_length: int | None) -> list[list[int]]:
+    """Example indices of each row: one per row, or first-fit packing into max_length."""
+    if not packing:
+        return [[i] for i in range(len(lengths))]
+    rows, free = [], []
+    for i, n in enumerate(lengths):
+        for r, space in enumerate(free):
+            if n <= space:
+                rows[r].append(i)
+                free[r] -= n
+                break
+        else:
+            rows.append([i])
+            free.append(max_length - n)
+    return rows
+
+
+def collate(
+    examples: list[dict], pad_token_id: int = 0, packing: bool = False, max_length: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Pad (or pack) ``examples`` into the ``[B, T]`` tensors of ``DistributedBatchIterator``'s docstring."""
+    lengths = [len(e["input_ids"]) for e in examples]
+    for i, (e, n) in enumerate(zip(examples, lengths, strict=False)):
+        if len(e["labels"]) != n or n == 0:
+            raise ValueError(
+                f"example {i} of the micro-batch: input_ids ({n}) and labels "
+                f"({len(e['labels'])}) must have the same, non-zero length"
+            )
+        if max_length is not None and n > max_length:
+            raise ValueError(
+                f"example {i} of the micro-batch has {n} tokens > max_length "
+                f"{max_length} (truncate it when building the dataset)"
+            )
+    rows = _rows(lengths, packing, max_length)
+    width = max(sum(lengths[i] for i in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_token_id, dtype=torch.long)
+    labels = torch.full(shape, IGNORE_INDEX, dtype=torch.long)
+    sequence_ids = torch.full(shape, -1, dtype=torch.long)
+    position_ids = torch.zeros(shape, dtype=torch.long)
+    for r, row in enumerate(rows):
+        t = 0
+        for i in row:
+            n = lengths[i]
+            input_ids[r, t : t + n] = torch.tensor(examples[i]["input_ids"])
+            labels[r, t : t + n] = torch.tensor(examples[i]["labels"])
+            # Nothing precedes an example's first token inside the example: after the shift it
+            # would be predicted from the previous packed example, so it is never a target.
+            labels[r, t] = IGNORE_INDEX
+            sequence_ids[r, t : t + n] = i
+            position_ids[r, t : t + n] = torch.arange(n)
+            t += n
+    return {
+        "input_ids": input_ids,
+        "labels": labels,
+        "attention_mask": (sequence_ids >= 0).long(),
+        "sequence_ids": sequence_ids,
+        "position_ids": position_ids,
+    }
+
+
+def eval_batches(
+    dataset: Sequence[dict], micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, pad_token_id: int = 0
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded micro-batches of the validation set for rank ``dp_rank``: the examples ``dp_rank``,
+    ``dp_rank + dp_size``, ... in order, so the ranks together see every example exactly once (no
+    shuffling, nothing dropped).  Every rank yields the same number of batches,
+    ``ceil(ceil(len(dataset) / dp_size) / micro_batch_size)`` (the loss is a collective): a rank whose
+    examples have run out yields a filler batch of one row of two pad tokens, with no target."""
+    _check_int(micro_batch_size, "micro_batch_size", 1)
+    mine = list(range(dp_rank, len(dataset), dp_size))
+    per_rank = math.ceil(len(dataset) / dp_size)
+    calls = math.ceil(per_rank / micro_batch_size)
+    for call in range(calls):
+        indices = mine[call * micro_batch_size : (call + 1) * micro_batch_size]
+        if indices:
+            yield collate([dataset[i] for i in indices], pad_token_id)
+        else:
+            yield collate([{"input_ids": [pad_token_id] * 2, "labels": [IGNORE_INDEX] * 2}], pad_token_id)

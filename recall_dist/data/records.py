@@ -33,15 +33,16 @@ class RecordError(ValueError):
     """A row does not have the form of its source (the message says what is wrong, not where)."""
 
 
-def detect_form(columns, cfg: DataConfig, key: str = "data.source", source: str = "") -> str:
-    """``"messages"``, ``"prompt_completion"`` or ``"text"`` for a source with these column names."""
+def detect_form(columns, cfg: DataConfig, key: str = "data.source", where: str = "") -> str:
+    """``"messages"``, ``"prompt_completion"`` or ``"text"`` for a source with these column names
+    (``where``: the source, or the record, that errors name)."""
     columns = list(columns)
     if cfg.messages_field in columns:
         return "messages"
     if cfg.messages_field != DEFAULT_MESSAGES_FIELD:  # set on purpose: its absence is the error
         raise ConfigError(
             "data.messages_field",
-            f"{cfg.messages_field!r} is not a column of {source!r}; columns: {', '.join(columns)}",
+            f"{cfg.messages_field!r} is not a column of {where}; columns: {', '.join(columns) or 'none'}",
         )
     if cfg.completion_field in columns or (cfg.prompt_field and cfg.prompt_field in columns):
         return "prompt_completion"
@@ -49,7 +50,7 @@ def detect_form(columns, cfg: DataConfig, key: str = "data.source", source: str 
         return "text"
     raise ConfigError(
         key,
-        f"{source!r}: no column for any data form: chat {cfg.messages_field!r} (data.messages_field), "
+        f"{where}: no column for any data form: chat {cfg.messages_field!r} (data.messages_field), "
         f"{cfg.prompt_field!r}/{cfg.completion_field!r} (data.prompt_field/data.completion_field) or 'text'; "
         f"its columns: {', '.join(columns) or 'none'} (set data.prompt_field/completion_field to yours)",
     )

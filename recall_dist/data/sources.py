@@ -3,8 +3,8 @@ such files (splits from the file names, as ``datasets`` names them: ``train.json
 ...), a ``datasets.save_to_disk`` folder (a ``Dataset`` or a ``DatasetDict``), or a Hugging Face hub
 dataset; and the split to read, optionally sliced (``train[:90%]``, ``train[90%:]``, ``test[:500]``).
 
-A source that looks local (it exists, starts with ``.``, ``/`` or ``~``, has a data file's suffix, or has
-more than one ``/``) never reaches the network: a missing one is a ``ConfigError`` naming the key.
+A source that looks local (``looks_local``) never reaches the network: a missing one is a ``ConfigError``
+naming the key.
 """
 
 from __future__ import annotations
@@ -58,15 +58,18 @@ def parse_split(spec: str, key: str = "data.split") -> SplitSpec:
     return SplitSpec(match["name"], match["start"], match["stop"])
 
 
-def looks_local(source: str) -> bool:
-    """Whether ``source`` names a local path rather than a hub dataset (``name`` or ``org/name``)."""
-    path = Path(source).expanduser()
+def looks_local(name: str) -> bool:
+    """Whether ``name`` is a local path rather than a hub name (``name`` or ``org/name``): it exists,
+    starts with ``.``, ``/`` or ``~``, has a data file's suffix, has more than one ``/``, or its first
+    component is a local directory (``data/typo.jsonl``, ``models/typo``)."""
+    path = Path(name).expanduser()
     return (
         path.exists()
-        or source.startswith((".", "/", "~"))
+        or name.startswith((".", "/", "~"))
         or path.suffix.lower() in BUILDERS
-        or source.count("/") > 1
-        or "\\" in source
+        or name.count("/") > 1
+        or "\\" in name
+        or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir())
     )
 
 

@@ -8,6 +8,8 @@ import json
 import os
 from pathlib import Path
 
+from recall_dist.data.sources import looks_local
+
 TOKENIZER_FILE = "recall_dist_tokenizer.json"
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>")
 
@@ -113,17 +115,17 @@ def load_tokenizer(name_or_path: str | os.PathLike):
     if (Path(name) / TOKENIZER_FILE).is_file():
         return CharTokenizer.from_pretrained(name)
     # Hub ids are "name" or "org/name": anything else that is path-like must exist locally, so a
-    # typo in a path fails here with the path, not deep inside the hub client.
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
-    if looks_local and not Path(name).expanduser().exists():
+    # typo in a path fails here with the path, before any request to the hub.
+    if looks_local(name) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"tokenizer path {name!r} does not exist")
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(os.path.expanduser(name))
     except (OSError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OSError(
             f"cannot load tokenizer {name!r}: not a directory with {TOKENIZER_FILE}, not "
             f"'char:<task>', and transformers.AutoTokenizer failed (offline, or no such local "
-            f"path / hub repo): {e}"
+            f"path / hub repo): {reason}"
         ) from e

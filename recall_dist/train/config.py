@@ -163,6 +163,9 @@ class TrainSection:
     max_bad_steps: int = 3  # consecutive non-finite steps after which the run stops as diverged (exit 3)
     verify_checkpoints: Literal["checksum", "size", "none"] = "checksum"  # manifest check before a resume
     max_restarts: int = 0  # torchrun --max-restarts under slurm/ (every rank restarts from the last checkpoint)
+    # Optimizer steps between passes over the validation set (data.eval_split / data.eval_source), and
+    # after the last step; 0: after the last step only (when a validation set is given).
+    eval_every: int = 0
     gradient_checkpointing: bool = False
     dist_timeout_minutes: float = 30.0  # collectives' timeout: a 13B checkpoint save can take minutes
     progress_bar: bool = True
@@ -192,6 +195,7 @@ class TrainSection:
         check(self.dist_timeout_minutes > 0, "dist_timeout_minutes", self.dist_timeout_minutes, "a number > 0")
         check(self.max_bad_steps >= 1, "max_bad_steps", self.max_bad_steps, "an integer >= 1")
         check(self.max_restarts >= 0, "max_restarts", self.max_restarts, "an integer >= 0")
+        check(self.eval_every >= 0, "eval_every", self.eval_every, "an integer >= 0 (0: after the last step only)")
         check(
             self.resume in ("auto", "none") or Path(self.resume).is_dir(),
             "resume",
@@ -228,6 +232,13 @@ class TrainConfig:
     def __post_init__(self):
         if self.backend.bf16 is None:  # one rule for both backends: compute in the dtype the weights are stored in
             self.backend.bf16 = self.model.dtype == "bfloat16"
+        if self.train.eval_every and not self.data.has_eval_set:
+            raise ConfigError(
+                "train.eval_every",
+                f"{self.train.eval_every}: there is no validation set: set data.eval_split (a split of "
+                "data.source, e.g. test, or train[90%:] with data.split train[:90%]) or data.eval_source "
+                "(a file, folder or hub dataset)",
+            )
 
 
 def _resolve_model_file(value: str, base: Path | None) -> dict:
@@ -264,28 +275,35 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
     return train_config_from_dict(data, base)
 
 
-def _looks_like_local_file(source: str) -> bool:
-    return source.startswith((".", "/", "~")) or Path(source).suffix.lower() in (".jsonl", ".json", ".parquet")
-
-
 def validate_resources(cfg: TrainConfig):
-    """Checks that need files: the dataset path exists, the tokenizer loads, and the model's vocabulary
-    covers the tokenizer's.  Returns the tokenizer.  Raises ``ConfigError`` before anything is written."""
-    from recall_dist.data import load_tokenizer
+    """Checks that need files: the data sources exist, the model and tokenizer paths exist or are hub
+    names, the tokenizer loads (with ``data.chat_template`` set), and the model's vocabulary covers the
+    tokenizer's.  Returns the tokenizer.  Raises ``ConfigError`` before anything is written."""
+    from recall_dist.data import load_tokenizer, set_chat_template
+    from recall_dist.data.sources import local_path
+    from recall_dist.train.models import check_model_path, first_line
 
-    if not cfg.data.is_synthetic and _looks_like_local_file(cfg.data.source):
-        path = Path(cfg.data.source).expanduser()
-        check(
-            path.exists(),
-            "data.source",
-            cfg.data.source,
-            "an existing .jsonl/.json/.parquet file (file not found), a hub dataset name or 'synthetic:<task>'",
-        )
+    for data in (cfg.data, cfg.data.eval_config()):
+        if data is not None and not data.is_synthetic:
+            local_path(data.source, data.source_key)
+    if cfg.model.name_or_path is not None:
+        check_model_path(cfg.model.name_or_path)
+    tokenizer_key = "model.tokenizer" if cfg.model.tokenizer is not None else "model.name_or_path"
+    if not cfg.model.tokenizer_name.startswith("char:"):
+        check_model_path(cfg.model.tokenizer_name, tokenizer_key)
     try:
         tokenizer = load_tokenizer(cfg.model.tokenizer_name)
     except (OSError, ValueError) as e:
-        raise ConfigError("model.tokenizer", f"{cfg.model.tokenizer_name!r}: {e}") from None
-    model_vocab = cfg.model.hf_config().vocab_size
+        raise ConfigError(tokenizer_key, f"{cfg.model.tokenizer_name!r}: {e}") from None
+    set_chat_template(tokenizer, cfg.data.chat_template)
+    try:
+        model_vocab = cfg.model.hf_config().vocab_size
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            "model.name_or_path",
+            f"{cfg.model.name_or_path!r}: cannot read the model's config.json (not a model directory, or a hub "
+            f"model that cannot be reached: offline?): {first_line(e)}",
+        ) from None
     if model_vocab < len(tokenizer):
         key = "model.config.vocab_size" if cfg.model.config is not None else "model.name_or_path"
         raise ConfigError(

@@ -1,7 +1,8 @@
 """The experiment fingerprint a checkpoint carries: the config keys that change the experiment (model,
 loss, optim, data), flattened (``loss.params.alpha``), with their SHA-256.  Not fingerprinted: keys that
-change how the run is computed, not what (``model.attn_implementation``, ``loss.chunk_size``), and the
-train/backend sections (run length, batching checks of their own, checkpoints, logging, the backend).
+change how the run is computed, not what (``model.attn_implementation``, ``loss.chunk_size``), the
+validation set (``data.eval_source``, ``data.eval_split``), and the train/backend sections (run length,
+batching checks of their own, checkpoints, logging, the backend).
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ import yaml
 
 FINGERPRINT = "fingerprint.json"
 SECTIONS = ("model", "loss", "optim", "data")
-NOT_FINGERPRINTED = ("model.attn_implementation", "loss.chunk_size")
+# The validation set is measured, not trained on: adding or changing it continues the same experiment.
+NOT_FINGERPRINTED = ("model.attn_implementation", "loss.chunk_size", "data.eval_source", "data.eval_split")
 
 
 def _flatten(value, prefix: str, out: dict) -> None:

@@ -49,9 +49,12 @@ class LossHead(nn.Module):
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None):
         target = labels[:, 1:]
         seq = sequence_ids[:, 1:] if sequence_ids is not None else None
+        # Evaluation runs under no_grad, but the fused head forms its gradients in the forward pass
+        # whenever an input requires grad (a parameter always does): a detached weight skips that work.
+        weight = self.weight if torch.is_grad_enabled() else self.weight.detach()
         out = fused_linear_loss(
             hidden[:, :-1],
-            self.weight,
+            weight,
             target,
             self.loss,
             dp_group=self.dp_group,

@@ -10,6 +10,7 @@ from pathlib import Path
 
 # What a step's loss reports; a step with a non-finite token has no meaningful value for any of them.
 _LOSS_VALUES = ("loss", "nll", "divergence")
+EVAL_PREFIX = "eval_"  # the validation set's values in a step's record: eval_loss, eval_nll, eval_tokens
 
 
 def nonfinite_step(stats: dict[str, float]) -> bool:
@@ -30,6 +31,11 @@ def mark_nonfinite(stats: dict[str, float]) -> dict[str, float]:
             if key in stats:
                 stats[key] = float("nan")
     return stats
+
+
+def _tensorboard_tag(key: str) -> str:
+    """``eval_loss`` -> ``eval/loss`` (the validation set's values), anything else -> ``train/<key>``."""
+    return f"eval/{key[len(EVAL_PREFIX) :]}" if key.startswith(EVAL_PREFIX) else f"train/{key}"
 
 
 class MetricsLogger:
@@ -85,7 +91,7 @@ class MetricsLogger:
         if self._tb is not None:
             for key, value in metrics.items():
                 if isinstance(value, (int, float)):
-                    self._tb.add_scalar(f"train/{key}", value, step)
+                    self._tb.add_scalar(_tensorboard_tag(key), value, step)
         if self._wandb is not None:
             self._wandb.log(metrics, step=step)
 

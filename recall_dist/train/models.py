@@ -50,6 +50,25 @@ def construct(cfg: ModelConfig, dtype: torch.dtype, device_type: str | None = No
     return model
 
 
+def check_model_path(name_or_path: str, key: str = "model.name_or_path") -> None:
+    """A ``name_or_path`` that looks local (``data.sources.looks_local``: ``./x``, ``/x``, ``~/x``,
+    ``a/b/c``, ``models/x`` with ``models/`` a local directory) must be an existing directory: a typo
+    fails here as a ``ConfigError`` naming ``key``, before any request to the hub."""
+    from recall_dist.configtree import ConfigError
+    from recall_dist.data.sources import looks_local
+
+    path = Path(name_or_path).expanduser()
+    if looks_local(name_or_path) and not path.is_dir():
+        problem = "is a file, not a model directory" if path.exists() else "no such local directory"
+        raise ConfigError(key, f"{name_or_path!r}: {problem} (a hub model is named 'name' or 'org/name')")
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (hub clients write several, with URLs and advice)."""
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0] if text else ''}"
+
+
 def checkpoint_directory(name_or_path: str) -> Path:
     """A local directory holding ``name_or_path``'s safetensors: the path itself, or the Hugging Face
     cache's snapshot of a hub model (downloaded by ``huggingface_hub`` where the network allows)."""

@@ -1,5 +1,5 @@
 """The trainer, read top to bottom: set-up (process group, data, loss, model, engine, checkpoint),
-one ``train_step``, the loop, the end (final checkpoint and Hugging Face export).
+one ``train_step``, the held-out ``evaluate``, the loop, the end (final checkpoint and Hugging Face export).
 
 ``run_training(cfg)`` is the whole run; ``recall-dist train`` and Ray Train's
 ``train_loop_per_worker`` both call it (under Ray the process group already exists).
@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from tqdm import tqdm
 from recall_dist.configtree import to_dict
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.data.cache import load_dataset
-from recall_dist.data.loader import DistributedBatchIterator
+from recall_dist.data.loader import DistributedBatchIterator, eval_batches
 from recall_dist.data.validation import validate_data_source
 from recall_dist.distributed.collectives import all_reduce_
 from recall_dist.train.backends import build_engine
@@ -28,7 +29,7 @@ from recall_dist.train.checkpoint import Checkpointer, checkpoint_step, latest_c
 from recall_dist.train.config import TrainConfig, validate_resources
 from recall_dist.train.distributed import init_distributed, shutdown
 from recall_dist.train.export import export_from_engine
-from recall_dist.train.metrics import MetricsLogger, mark_nonfinite, nonfinite_step
+from recall_dist.train.metrics import EVAL_PREFIX, MetricsLogger, mark_nonfinite, nonfinite_step
 from recall_dist.train.preemption import PreemptionWatcher, clear_preempted, mark_preempted
 from recall_dist.train.rundir import clear_diverged, mark_diverged, open_run
 
@@ -45,6 +46,7 @@ class Run:
     engine: object
     accumulation_steps: int
     total_steps: int
+    eval_set: Sequence[dict] | None = None  # the tokenised validation set (data.eval_split / eval_source)
     step: int = 0
     skipped_steps: int = 0
 
@@ -75,10 +77,12 @@ def setup(cfg: TrainConfig, tokenizer, ctx) -> Run:
     total = cfg.train.epochs * len(batches) // accumulation
     if cfg.train.max_steps is not None:
         total = min(total, cfg.train.max_steps)
+    eval_cfg = cfg.data.eval_config()
+    eval_set = None if eval_cfg is None else load_dataset(eval_cfg, tokenizer, ctx.rank, barrier)
     loss = cfg.loss.build()
     # The engine builds the model itself, sharded or partitioned from the start (backends/__init__.py).
     engine = build_engine(cfg, ctx, loss, accumulation, total)
-    return Run(cfg, ctx, tokenizer, batches, loss, engine, accumulation, total)
+    return Run(cfg, ctx, tokenizer, batches, loss, engine, accumulation, total, eval_set)
 
 
 def endless(batches: DistributedBatchIterator):
@@ -122,6 +126,41 @@ def train_step(run: Run, data, before_update=None) -> dict[str, float]:
     return stats
 
 
+EVAL_STATS = ("loss", "nll", "tokens")
+
+
+def evaluate(run: Run) -> dict[str, float]:
+    """The validation set's objective and NLL (``eval_loss``, ``eval_nll``, ``eval_tokens``) with the
+    current weights: the whole set is one step of the loss (``losses/step.py``), so
+    ``eval_loss = (1 - m) sum_n w_n l_n / Z + m sum_n l_n / N`` over every token of the set on every
+    data-parallel rank, exact and global (each example on one rank, once).  The weights are those the
+    next training step would use (a truncation rule's threshold comes from the training buffer); the
+    loss's state is put back afterwards, so evaluating never changes the training trajectory.  No
+    gradient, no update; collective (every rank calls it at the same step)."""
+    engine, ctx, loss = run.engine, run.ctx, run.loss
+    pad = run.tokenizer.pad_token_id or 0
+    mine = list(range(ctx.rank, len(run.eval_set), ctx.world_size))
+    local = sum(np.count_nonzero(np.asarray(run.eval_set[i]["labels"][1:]) != IGNORE_INDEX) for i in mine)
+    token_count = all_reduce_(torch.tensor([float(local)], dtype=torch.float64), "sum", ctx.dp_group).item()
+    state, module = loss.state_dict(), engine.module
+    module.train(False)
+    try:
+        with torch.no_grad(), loss.optimizer_step(token_count) as objective:
+            for batch in eval_batches(run.eval_set, run.cfg.train.micro_batch_size, ctx.rank, ctx.world_size, pad):
+                engine.forward({k: v.to(ctx.device) for k, v in batch.items()})
+            stats = objective.stats()
+    finally:
+        loss.load_state_dict(state)
+        module.train(True)
+    return {f"{EVAL_PREFIX}{key}": stats[key] for key in EVAL_STATS}
+
+
+def eval_due(run: Run) -> bool:
+    """Evaluate after every ``train.eval_every`` steps and after the last one (when there is a validation set)."""
+    every = run.cfg.train.eval_every
+    return run.eval_set is not None and (run.step == run.total_steps or (every > 0 and run.step % every == 0))
+
+
 def save_checkpoint(run: Run, checkpointer: Checkpointer) -> Path:
     state = {
         "step": run.step,
@@ -155,7 +194,7 @@ def run_training(cfg: TrainConfig, on_checkpoint=None) -> dict:
     ``on_checkpoint(path, step)``, when given, is called on every rank right after each complete
     checkpoint (Ray Train reports it, so that its restore hands restarted workers the right one)."""
     tokenizer = validate_resources(cfg)  # config errors surface before anything is written
-    validate_data_source(cfg.data)  # and a bad data file, before any process group exists
+    validate_data_source(cfg.data, tokenizer)  # and bad data, before any process group exists
     ctx = init_distributed(cfg.train.dist_timeout_minutes)
     lock = None
     try:
@@ -212,6 +251,7 @@ def _train(cfg: TrainConfig, tokenizer, ctx, start: Path | None = None, on_check
     # A resumed run already has a checkpoint at its starting step.
     data, stats, saved_at, preempted = endless(run.batches), {}, (run.step or None), False
     bad_steps = 0  # consecutive non-finite steps (the same count on every rank: the stats are global)
+    last_eval = {}  # the progress line shows the last validation loss
     try:
         while run.step < run.total_steps:
             began = time.perf_counter()
@@ -223,10 +263,14 @@ def _train(cfg: TrainConfig, tokenizer, ctx, start: Path | None = None, on_check
             stats.update(
                 tokens_per_s=stats["input_tokens"] / (time.perf_counter() - began), skipped_steps=run.skipped_steps
             )
-            if bad_steps or run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
+            evaluated = eval_due(run)
+            if evaluated:
+                stats.update(evaluate(run))
+                last_eval = {"eval_loss": f"{stats['eval_loss']:.4f}"}
+            if evaluated or bad_steps or run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
                 logger.log(run.step, stats)
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}")
+            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", **last_eval)
             if bad_steps >= cfg.train.max_bad_steps:
                 break
             if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0:
