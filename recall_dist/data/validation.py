@@ -32,14 +32,14 @@ class DataError(ConfigError):
         super().__init__(key, message)
 
 
-def _json_lines(path: Path) -> Rows:
+def _json_lines(path: Path, key: str) -> Rows:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             where = f"{path}, line {lineno}"
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})", key) from None
             if not line.strip():
                 continue
             try:
@@ -47,16 +47,17 @@ def _json_lines(path: Path) -> Rows:
             except json.JSONDecodeError as e:
                 raise DataError(
                     f"{where}, column {e.colno}: not valid JSON ({e.msg}); expected one object per line: "
-                    f"{line.strip()[:80]!r}"
+                    f"{line.strip()[:80]!r}",
+                    key,
                 ) from None
 
 
-def _json(path: Path) -> Rows:
+def _json(path: Path, key: str) -> Rows:
     """A ``.json`` file: a JSON array of records, or JSON lines (what ``datasets`` reads from it)."""
     try:
         document = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        yield from _json_lines(path)  # not one document: JSON lines, reported per line
+        yield from _json_lines(path, key)  # not one document: JSON lines, reported per line
         return
     if isinstance(document, dict):  # a single record on one line is JSON lines of length 1
         yield f"{path}, line 1", document
@@ -64,30 +65,30 @@ def _json(path: Path) -> Rows:
         for i, record in enumerate(document):
             yield f"{path}, record {i}", record
     else:
-        raise DataError(
-            f"{path}: expected a JSON array of records or one record per line, got a {type(document).__name__}"
-        )
+        kind = type(document).__name__
+        raise DataError(f"{path}: expected a JSON array of records or one record per line, got a {kind}", key)
 
 
-def _csv(path: Path) -> Rows:
+def _csv(path: Path, key: str) -> Rows:
     try:
         with open(path, newline="", encoding="utf-8") as f:
             reader = csv.DictReader(f)
             for row in reader:
                 yield f"{path}, line {reader.line_num}", {k: v for k, v in row.items() if k is not None}
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        raise DataError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})", key) from None
     except csv.Error as e:
-        raise DataError(f"{path}: not readable as CSV ({e})") from None
+        raise DataError(f"{path}: not readable as CSV ({e})", key) from None
 
 
-def _text(path: Path) -> Rows:
+def _text(path: Path, key: str) -> Rows:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
                 yield f"{path}, line {lineno}", {"text": raw.decode("utf-8").rstrip("\r\n")}
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+                where = f"{path}, line {lineno}"
+                raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})", key) from None
 
 
 def _table_rows(label: str, batches) -> Rows:
@@ -99,37 +100,41 @@ def _table_rows(label: str, batches) -> Rows:
             i += 1
 
 
-def _parquet(path: Path):
+def _parquet(path: Path, key: str):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         file = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise DataError(f"{path}: not a readable Parquet file ({e})") from None
+        raise DataError(f"{path}: not a readable Parquet file ({e})", key) from None
     return file.schema_arrow, _table_rows(str(path), file.iter_batches(batch_size=1024))
 
 
-def _check_schema(label: str, schema, form: str, cfg: DataConfig) -> None:
+def _check_schema(label: str, schema, form: str, cfg: DataConfig, key: str) -> None:
     """Columns of a typed table: present, strings for text fields, lists for message fields."""
     import pyarrow as pa
 
     for key, field in form_fields(form, cfg):
         if field not in schema.names:
             where = f" (data.{key})" if key else ""
-            raise DataError(f"{label}: no column {field!r}{where}; columns: {', '.join(schema.names) or 'none'}")
+            columns = ", ".join(schema.names) or "none"
+            raise DataError(f"{label}: no column {field!r}{where}; columns: {columns}", key)
         kind = schema.field(field).type
         is_text = pa.types.is_string(kind) or pa.types.is_large_string(kind)
         is_list = pa.types.is_list(kind) or pa.types.is_large_list(kind)
         if form == "messages" and not is_list:
-            raise DataError(f"{label}: column {field!r} has type {kind}; expected lists of {{role, content}} messages")
+            raise DataError(
+                f"{label}: column {field!r} has type {kind}; expected lists of {{role, content}} messages", key
+            )
         if form != "messages" and not (is_text or (form == "prompt_completion" and is_list)):
-            raise DataError(f"{label}: column {field!r} has type {kind}; expected strings (or lists of messages)")
+            raise DataError(f"{label}: column {field!r} has type {kind}; expected strings (or lists of messages)", key)
 
 
-def _form_of(row: dict, cfg: DataConfig, where: str, key: str) -> str:
+def _form_of(columns, cfg: DataConfig, where: str, key: str) -> str:
+    """``records.detect_form`` with its error as a ``DataError`` (the data is at fault, not a key's value)."""
     try:
-        return detect_form(row, cfg, key, where)
+        return detect_form(columns, cfg, key, where)
     except ConfigError as e:
         raise DataError(e.message, e.key) from None
 
@@ -153,24 +158,24 @@ def _check_rows(rows: Rows, cfg: DataConfig, form: str | None, key: str) -> tupl
     return count, chat
 
 
-def _file_rows(path: Path) -> tuple[object, Rows]:
+def _file_rows(path: Path, key: str) -> tuple[object, Rows]:
     """(Arrow schema or None, rows) of one data file."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        return _parquet(path)
+        return _parquet(path, key)
     readers = {".jsonl": _json_lines, ".json": _json, ".csv": _csv, ".txt": _text}
-    return None, readers[suffix](path)
+    return None, readers[suffix](path, key)
 
 
 def _check_files(files: list[Path], cfg: DataConfig, key: str) -> tuple[int, bool]:
     count, chat, form = 0, False, None
     for path in files:
-        schema, rows = _file_rows(path)
+        schema, rows = _file_rows(path, key)
         if schema is not None:
-            form = form or detect_form(schema.names, cfg, key, str(path))
-            _check_schema(str(path), schema, form, cfg)
+            form = form or _form_of(schema.names, cfg, str(path), key)
+            _check_schema(str(path), schema, form, cfg, key)
         if path.suffix.lower() == ".csv":
-            form = form or detect_form(csv_header(path), cfg, key, str(path))
+            form = form or _form_of(csv_header(path), cfg, str(path), key)
         n, c = _check_rows(rows, cfg, form, key)
         count, chat = count + n, chat or c
         if n == 0:
@@ -186,8 +191,8 @@ def _check_saved(path: Path, split: str, cfg: DataConfig, key: str) -> tuple[int
     loaded = datasets.load_from_disk(str(path))
     ds = loaded[split] if saved_kind(path) == "dict" else loaded
     label = f"{path} (split {split!r})"
-    form = detect_form(ds.column_names, cfg, key, label)
-    _check_schema(label, ds.data.schema, form, cfg)
+    form = _form_of(ds.column_names, cfg, label, key)
+    _check_schema(label, ds.data.schema, form, cfg, key)
     count, chat = _check_rows(_table_rows(label, ds.data.to_batches(max_chunksize=1024)), cfg, form, key)
     if count == 0:
         raise DataError(f"{label}: no records", key)
