@@ -1,4 +1,4 @@
-"""Command-line entry point: ``recall-dist {train,torchrun,plan,sweep,demo} ...`` (also ``python -m recall_dist``).
+"""Command-line entry point: ``recall-dist {train,torchrun,plan,sweep,demo,demo-text,convert-gguf} ...`` (also ``python -m recall_dist``).
 
 Each sub-command lives with its component and is imported lazily, so ``recall-dist --help`` is fast
 and a missing optional dependency only affects the command that needs it.
@@ -16,12 +16,14 @@ COMMANDS = {
     "plan": ("recall_dist.train.plan", "Per-GPU memory plan of a training config for N nodes x G GPUs."),
     "sweep": ("recall_dist.eval.cli", "Temperature sweep: Precision/Recall table and PR-curve plot."),
     "demo": ("recall_dist.demo", "Train NLL and recall losses on a sparse task, sweep, write the PR curves."),
+    "demo-text": ("recall_dist.demo_text", "The same on a real pretrained LM and human text (SmolLM2, fortunes)."),
+    "convert-gguf": ("recall_dist.convert", "A GGUF model file into a Hugging Face safetensors directory."),
 }
 
 
 def _usage() -> str:
     lines = ["usage: recall-dist COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += [f"  {name:<12} {help_}" for name, (_, help_) in COMMANDS.items()]
     lines += ["", "Run 'recall-dist COMMAND --help' for the options of a command."]
     return "\n".join(lines)
 

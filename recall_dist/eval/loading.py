@@ -8,13 +8,19 @@ from pathlib import Path
 
 import torch
 
+from recall_dist.constants import DTYPES
 from recall_dist.eval.config import ModelSpec
 
 
-def load_model(spec: ModelSpec, cache_dir: Path, fingerprint: str):
+def _dtype(name: str, auto):
+    return auto if name == "auto" else DTYPES[name]
+
+
+def load_model(spec: ModelSpec, cache_dir: Path, fingerprint: str, dtype: str = "auto"):
     """(model, tokenizer) on this rank's device, in eval mode.  ``fingerprint`` (the checkpoint's
     content, ``plan.model_fingerprint``) names the export of a raw checkpoint, so a retrained
-    checkpoint at the same path is exported again instead of reusing the old export."""
+    checkpoint at the same path is exported again instead of reusing the old export.  ``dtype``:
+    ``auto`` (the saved dtype on a GPU, float32 on a CPU), ``float32`` or ``bfloat16``."""
     from transformers import AutoModelForCausalLM
 
     from recall_dist.data import load_tokenizer
@@ -30,7 +36,7 @@ def load_model(spec: ModelSpec, cache_dir: Path, fingerprint: str):
     if torch.cuda.is_available():
         local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").to(device)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, "auto")).to(device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, torch.float32))
     return model.eval(), load_tokenizer(spec.tokenizer or path)

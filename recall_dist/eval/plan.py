@@ -46,7 +46,21 @@ def reference_rows(cfg: SweepConfig) -> list[dict]:
                 break
     if len(rows) < cfg.text.num_texts:
         raise ValueError(f"text.references {cfg.text.references!r} holds {len(rows)} rows < text.num_texts")
-    return [{"prompt": r.get("prompt", ""), "completion": r["completion"]} for r in rows]
+    return [_reference_row(r, cfg.text.references, i) for i, r in enumerate(rows)]
+
+
+def _reference_row(row: dict, source: str, index: int) -> dict:
+    """``{"prompt", "completion"}`` of a references row: given as such, or as chat ``messages`` whose last
+    turn is the assistant's reference reply and whose earlier turns are the prompt (a message list,
+    which generation renders through the chat template)."""
+    if "messages" in row:
+        messages = row["messages"]
+        if not (isinstance(messages, list) and messages and messages[-1].get("role") == "assistant"):
+            raise ValueError(f"text.references {source!r}, row {index}: 'messages' must end with an assistant turn")
+        return {"prompt": messages[:-1], "completion": messages[-1]["content"]}
+    if "completion" not in row:
+        raise ValueError(f"text.references {source!r}, row {index}: needs 'completion' (and 'prompt') or 'messages'")
+    return {"prompt": row.get("prompt", ""), "completion": row["completion"]}
 
 
 def work_items(cfg: SweepConfig) -> list[WorkItem]:

@@ -64,11 +64,15 @@ def _text_record(cfg: SweepConfig, item: WorkItem, model, tokenizer, cache: dict
     rows = cache.setdefault("rows", reference_rows(cfg))[item.row_start : item.row_stop]
     max_new = cfg.text.max_new_tokens or cfg.build_task().max_completion_chars + 1
     encoder = _text_encoder(cfg, model, tokenizer, cache)
-    generations = []
-    for t in cfg.temperatures:
-        seed = known_support.derive_seed(cfg.seed, item.model, t, "text", item.row_start)
-        texts = text.generate_texts(model, tokenizer, [r["prompt"] for r in rows], t, seed, max_new)
-        generations.append({"texts": texts, "embeddings": encode_array(encoder.encode(texts))})
+    # One seed per (model, T, reference row): a text does not depend on the chunking or the rank.
+    seeds = [
+        [known_support.derive_seed(cfg.seed, item.model, t, "text", row) for row in range(item.row_start, item.row_stop)]
+        for t in cfg.temperatures
+    ]
+    per_t = text.generate_texts(
+        model, tokenizer, [r["prompt"] for r in rows], cfg.temperatures, seeds, max_new, cfg.generate_batch_size
+    )
+    generations = [{"texts": texts, "embeddings": encode_array(encoder.encode(texts))} for texts in per_t]
     record = {"row_start": item.row_start, "row_stop": item.row_stop, "temperatures": generations}
     # References are embedded per model with the LM encoder (its own hidden states), once otherwise.
     if cfg.text.encoder == "lm" or item.model == cfg.models[0].name:
@@ -96,7 +100,7 @@ def compute_shard(cfg: SweepConfig, shard_index: int, num_shards: int, progress:
         if loaded[0] != item.model:
             loaded = None  # free the previous model before loading the next
             exported = Path(cfg.output_dir) / "exported"
-            loaded = (item.model, *load_model(specs[item.model], exported, key["models"][item.model]))
+            loaded = (item.model, *load_model(specs[item.model], exported, key["models"][item.model], cfg.dtype))
         _, model, tokenizer = loaded
         if cfg.metric == "known_support":
             record = _known_support_record(cfg, item, model, tokenizer, task)

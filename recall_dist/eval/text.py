@@ -17,7 +17,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from recall_dist.eval.tokens import pad_batch, pad_token_id, prompt_ids, tempered_generate
+from recall_dist.eval.tokens import pad_batch, pad_token_id, prompt_ids
 
 
 def pca_project(
@@ -158,20 +158,25 @@ class HiddenStateEncoder:
         return np.concatenate(feats).astype(np.float32)
 
 
-@torch.no_grad()
 def generate_texts(
-    model, tokenizer, prompts: Sequence[str], temperature: float, seed: int, max_new_tokens: int
-) -> list[str]:
-    """One tempered sample (``top_k=0, top_p=1``) per prompt, in one left-padded ``generate`` batch
-    seeded with ``seed``; each text is decoded up to its first eos, specials skipped."""
-    device = next(model.parameters()).device
-    pad, eos = pad_token_id(tokenizer), tokenizer.eos_token_id
-    ids, mask = pad_batch([prompt_ids(tokenizer, p) for p in prompts], pad, left=True)
-    width = ids.shape[1]
-    torch.manual_seed(seed)
-    out = tempered_generate(model, ids.to(device), mask.to(device), temperature, max_new_tokens, pad, eos)
-    texts = []
-    for row in out[:, width:].tolist():
-        row = row[: row.index(eos)] if eos in row else row
-        texts.append(tokenizer.decode(row, skip_special_tokens=True))
-    return texts
+    model,
+    tokenizer,
+    prompts: Sequence[str | list[dict]],
+    temperatures: Sequence[float],
+    seeds: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    batch_rows: int = 256,
+) -> list[list[str]]:
+    """One tempered sample (full Q_T: no top-k/top-p) per (temperature, prompt): ``texts[i][j]`` for
+    ``temperatures[i]`` and ``prompts[j]``, drawn with ``seeds[i][j]`` (``generate.sample_rows``: all
+    temperatures and prompts decoded together with a KV cache).  Each text is decoded up to its first
+    stop token, specials skipped."""
+    from recall_dist.eval.generate import SampleRow, sample_rows, stop_token_ids, strip_stop
+
+    heads = [tuple(prompt_ids(tokenizer, p)) for p in prompts]
+    rows = [SampleRow(head, float(t), int(seed)) for t, row_seeds in zip(temperatures, seeds, strict=True)
+            for head, seed in zip(heads, row_seeds, strict=True)]
+    stops = stop_token_ids(model, tokenizer)
+    out = sample_rows(model, rows, max_new_tokens, stops, pad_token_id(tokenizer), batch_rows)
+    texts = [tokenizer.decode(strip_stop(ids, stops), skip_special_tokens=True) for ids in out]
+    return [texts[i * len(prompts) : (i + 1) * len(prompts)] for i in range(len(temperatures))]

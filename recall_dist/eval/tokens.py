@@ -9,9 +9,15 @@ import torch
 from recall_dist.data.dataset import tokenize_example
 
 
-def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """The ids a training example of ``prompt`` starts with (bos, if any, then the prompt): the
-    unlabelled head of ``tokenize_example``, so generation conditions on exactly what training saw."""
+def prompt_ids(tokenizer, prompt: str | list[dict]) -> list[int]:
+    """The ids a training example of ``prompt`` starts with: for a string, bos (if any) then the
+    prompt, the unlabelled head of ``tokenize_example``; for chat messages (role/content turns
+    before the reply), the conversation rendered by the chat template with its generation prompt,
+    the head of ``data.chat.tokenize_messages``.  So generation conditions on exactly what training saw."""
+    if isinstance(prompt, list):
+        from recall_dist.data.chat import chat_prompt_ids
+
+        return chat_prompt_ids(tokenizer, prompt)
     example = tokenize_example(prompt, "", tokenizer)
     return example["input_ids"][: len(example["input_ids"]) - 1]  # drop the eos of the empty completion
 

@@ -109,10 +109,13 @@ def write_hf_directory(
     dtype: torch.dtype,
     writer: bool = True,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    generation_config=None,
+    extra_files: dict[str, str] | None = None,
 ) -> Path | None:
     """Stream ``parameters`` ((name, full tensor) pairs; None where this process does not write) into a
     Hugging Face directory at ``out_dir``, atomically.  Every process must consume ``parameters`` (the
-    gathers behind it are collective); only ``writer`` writes."""
+    gathers behind it are collective); only ``writer`` writes.  ``generation_config`` (stop ids) and
+    ``extra_files`` (name -> text) are published with it."""
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     if writer:
@@ -131,6 +134,10 @@ def write_hf_directory(
     hf_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+    if generation_config is not None:
+        generation_config.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     _fsync_tree(tmp)
     _publish(tmp, out_dir)
     return out_dir

@@ -14,6 +14,7 @@ RANK = {
     "summary": 0,
     "plot": 0,
     "tokens": 0,
+    "generate": 0,
     "fingerprint": 0,
     "config": 1,
     "plan": 2,

@@ -128,8 +128,8 @@ def test_generation_starts_from_the_training_prompt(model_dir, recorded_inputs):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     prompts = ["1*", "4*"]
-    text.generate_texts(model, tokenizer, prompts, temperature=1.0, seed=0, max_new_tokens=3)
-    first_ids, first_mask = recorded_inputs[0]
+    text.generate_texts(model, tokenizer, prompts, temperatures=[1.0], seeds=[[0, 1]], max_new_tokens=3)
+    first_ids, first_mask = recorded_inputs[0]  # the prefill of the distinct prompts
     # Training's example of (prompt, ""): the prompt head, then the eos that ends the empty completion.
     heads = [tokenize_example(p, "", tokenizer)["input_ids"][:-1] for p in prompts]
     assert heads == [prompt_ids(tokenizer, p) for p in prompts]

