@@ -174,7 +174,8 @@ def _at_t1(points) -> tuple[float, float]:
 
 def precision_rows(curves: dict, reference: str = "nll") -> list[dict]:
     """One row per model of ``reference`` + ``PRECISION`` in the sweep: Precision and Recall at T = 1,
-    max Recall, Recall at P >= 0.99, their differences from ``reference`` and the dominance verdict."""
+    max Recall, Recall at P >= 0.99, their differences from ``reference``, the reference's Recall at
+    the model's Precision at T = 1 (NLL + temperature there) and the dominance verdict."""
     ref = curves[reference]
     ref_p, ref_r = _at_t1(ref)
     rows = []
@@ -195,6 +196,8 @@ def precision_rows(curves: dict, reference: str = "nll") -> list[dict]:
                 f"recall_at_p{RANK_LEVEL:g}": r99,
                 "delta_precision_t1": p1 - ref_p,
                 "delta_recall_t1": r1 - ref_r,
+                # What temperature alone does: NLL's best Recall at Precision >= this model's at T = 1.
+                "nll_recall_at_same_precision": recall_at(ref, p1),
                 f"margin_at_p{RANK_LEVEL:g}": r99 - recall_at(ref, RANK_LEVEL),
                 "verdict": "reference" if name == reference else dominance(points, ref)["verdict"],
             }
@@ -230,6 +233,7 @@ def _precision_reading(rows: list[dict]) -> list[str]:
             f"- **{r['model']}**: P {r['precision_t1']:.4f} ({r['delta_precision_t1']:+.4f}), R "
             f"{r['recall_t1']:.3f} ({r['delta_recall_t1']:+.3f}) at T = 1; R @ P>={RANK_LEVEL:g} "
             f"{_cell(r[f'recall_at_p{RANK_LEVEL:g}'])} ({_cell(r[f'margin_at_p{RANK_LEVEL:g}'], True)}); "
+            f"NLL cooled to the same Precision: R {_cell(r['nll_recall_at_same_precision'])}; "
             f"vs NLL + temperature: {r['verdict']}."
         )
     return lines
@@ -254,15 +258,25 @@ def precision_markdown(curves: dict, recipe=None, reference: str = "nll") -> str
         "",
     ]
     header = ["model", "settings", "P @ T=1", "R @ T=1", "max R", f"R @ P>={RANK_LEVEL:g}"]
-    header += ["ΔP @ T=1 vs NLL", "ΔR @ T=1 vs NLL", f"vs NLL @ P>={RANK_LEVEL:g}", "verdict"]
+    header += ["ΔP @ T=1 vs NLL", "ΔR @ T=1 vs NLL", "NLL's R at this P", f"vs NLL @ P>={RANK_LEVEL:g}"]
+    header += ["verdict"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r["model"], f"`{r['params']}`", f"{r['precision_t1']:.4f}", f"{r['recall_t1']:.3f}"]
         cells += [f"{r['max_recall']:.3f}", _cell(r[f"recall_at_p{RANK_LEVEL:g}"])]
         cells += [f"{r['delta_precision_t1']:+.4f}", f"{r['delta_recall_t1']:+.3f}"]
+        cells += [_cell(r["nll_recall_at_same_precision"])]
         cells += [_cell(r[f"margin_at_p{RANK_LEVEL:g}"], signed=True), r["verdict"]]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## What was measured", "", *_precision_reading(rows)]
+    lines += [
+        "",
+        "NLL's R at this P: NLL's best Recall over its temperature curve at Precision >= the model's Precision "
+        "at T = 1 (what lowering NLL's temperature buys at that Precision). Verdict: as in grid.md.",
+        "",
+        "## What was measured",
+        "",
+        *_precision_reading(rows),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -85,6 +85,8 @@ def test_precision_report_from_hand_made_curves():
     assert rows["dft"]["delta_recall_t1"] == pytest.approx(-0.08)
     text = demo_grid.precision_markdown(curves)
     assert "| dft | `{}` | 0.9950 | 0.720 | 0.770 |" in text
+    # NLL cooled to P >= 0.995: between T = 0.5 (0.999, 0.70) and T = 1 (0.987, 0.80), interpolated
+    assert 0.70 < rows["dft"]["nll_recall_at_same_precision"] < 0.80
     assert "Higher Precision at T = 1 than NLL (by more than 0.0001): 1 of 2 (dft)." in text
     assert "Both (the expected Precision-side trade at T = 1): 1 of 2." in text
     assert "`recall-dist demo --grid --only dft,cdiv-0.8`" in text
