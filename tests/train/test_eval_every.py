@@ -1,6 +1,7 @@
 """``train.eval_every``: the held-out step objective and NLL of the validation set, over 2 data-parallel
-ranks (real FSDP2 on gloo), on chat data through a real ChatML tokenizer built offline, compared with a
-single-process naive computation (plain forward of the exported model, the weighted NLL formula)."""
+ranks (real FSDP2 and DeepSpeed ZeRO-2 on gloo), on chat data through a real ChatML tokenizer built
+offline, compared with a single-process naive computation (plain forward of the exported model, the
+weighted NLL formula)."""
 
 from __future__ import annotations
 
@@ -113,9 +114,11 @@ def naive_held_out(model_dir: Path, tokenizer_dir: Path, eval_file: Path, alpha:
     return {"loss": float((w * nll).sum() / w.sum()), "nll": float(nll.mean()), "tokens": float(nll.numel())}
 
 
-def test_held_out_objective_is_exact_and_global_over_dp(files, capfd):
-    out = files["root"] / "cdiv"
+@pytest.mark.parametrize("backend", ["fsdp2", pytest.param("deepspeed", marks=pytest.mark.slow)])
+def test_held_out_objective_is_exact_and_global_over_dp(files, capfd, backend):
+    out = files["root"] / f"cdiv_{backend}"
     data = config(files, out, {"name": "cdiv", "params": {"alpha": ALPHA}}, export_final=True, progress_bar=True)
+    data["backend"] = {"name": backend, "zero_stage": 2, "bf16": False} if backend == "deepspeed" else {"name": backend}
     run_distributed_test(_train_worker, 2, data)
     records = read_metrics(out)
     assert [r["step"] for r in records] == [1, 2] and all("eval_loss" in r for r in records)
