@@ -91,7 +91,7 @@ def local_path(source: str, key: str = "data.source") -> Path | None:
     if not path.exists():
         raise ConfigError(
             key,
-            f"{source!r}: no such file or directory (a local path; a hub dataset is named 'name' or 'org/name')",
+            f"{source!r}: file or directory not found (a local path; a hub dataset is named 'name' or 'org/name')",
         )
     if path.is_file() and path.suffix.lower() not in BUILDERS:
         raise ConfigError(

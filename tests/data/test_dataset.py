@@ -73,7 +73,7 @@ def test_local_files(tmp_path, fmt):
 
 def test_missing_file_and_field_are_named(tmp_path):
     missing = tmp_path / "nope.jsonl"
-    with pytest.raises(ConfigError, match=r"^data.source: '.*nope.jsonl': no such file or directory"):
+    with pytest.raises(ConfigError, match=r"^data.source: '.*nope.jsonl': file or directory not found"):
         load_records(DataConfig(source=str(missing)))
     path = tmp_path / "d.jsonl"
     path.write_text(json.dumps({"prompt": "x", "text": "y"}))

@@ -177,7 +177,7 @@ def test_validation_set_config_names_its_keys(tmp_path):
     assert load_records(held_out) == PAIRS[2:] and load_records(cfg) == PAIRS[:1]
     other = DataConfig(source=str(path), eval_source=str(tmp_path / "missing.jsonl")).eval_config()
     assert (other.split, other.source_key) == ("train", "data.eval_source")
-    with pytest.raises(ConfigError, match=r"^data.eval_source: '.*missing.jsonl': no such file or directory"):
+    with pytest.raises(ConfigError, match=r"^data.eval_source: '.*missing.jsonl': file or directory not found"):
         load_records(other)
     assert DataConfig(source=str(path)).eval_config() is None
     with pytest.raises(ConfigError, match=r"^data.eval_split: 'test' is not allowed; null: a synthetic task has no"):
@@ -187,11 +187,11 @@ def test_validation_set_config_names_its_keys(tmp_path):
 @pytest.mark.parametrize(
     "source,message",
     [
-        ("data/pc.csv", r"^data.source: 'data/pc.csv': no such file or directory \(a local path"),
-        ("data/typo", r"^data.source: 'data/typo': no such file or directory"),  # data/ is a local folder
-        ("./chats", r"^data.source: './chats': no such file"),
-        ("chats.jsonl", r"^data.source: 'chats.jsonl': no such file"),
-        ("~/no-such-folder-xyz", r"^data.source: '~/no-such-folder-xyz': no such file"),
+        ("data/pc.csv", r"^data.source: 'data/pc.csv': file or directory not found \(a local path"),
+        ("data/typo", r"^data.source: 'data/typo': file or directory not found"),  # data/ is a local folder
+        ("./chats", r"^data.source: './chats': file or directory not found"),
+        ("chats.jsonl", r"^data.source: 'chats.jsonl': file or directory not found"),
+        ("~/no-such-folder-xyz", r"^data.source: '~/no-such-folder-xyz': file or directory not found"),
     ],
 )
 def test_missing_local_paths_are_refused_without_the_network(tmp_path, monkeypatch, no_network, source, message):

@@ -216,7 +216,7 @@ def test_validation_set_errors_name_its_keys(tmp_path):
     bad = _write(tmp_path, "val.jsonl", GOOD + "{oops\n")
     with pytest.raises(DataError, match=r"^data.eval_source: .*val.jsonl, line 2, column 2: not valid JSON"):
         validate_data_source(DataConfig(source=str(train), eval_source=str(bad)))
-    with pytest.raises(ConfigError, match=r"^data.eval_source: '.*nope.jsonl': no such file or directory"):
+    with pytest.raises(ConfigError, match=r"^data.eval_source: '.*nope.jsonl': file or directory not found"):
         validate_data_source(DataConfig(source=str(train), eval_source=str(tmp_path / "nope.jsonl")))
     with pytest.raises(DataError, match=r"^data.split: 'train\[:10%\]' keeps none of the 4 records"):
         validate_data_source(DataConfig(source=str(train), split="train[:10%]"))
@@ -272,7 +272,7 @@ BAD_INPUTS = {
     ),
     "missing-csv": (
         lambda f, out: _chat_config(f, out, source="data/pc.csv"),
-        r"config error: data.source: 'data/pc.csv': no such file or directory",
+        r"config error: data.source: 'data/pc.csv': file or directory not found",
     ),
     "eval-row-without-assistant": (
         lambda f, out: _chat_config(f, out, eval_source="data/eval.jsonl"),
