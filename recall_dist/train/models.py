@@ -50,17 +50,38 @@ def construct(cfg: ModelConfig, dtype: torch.dtype, device_type: str | None = No
     return model
 
 
+def _model_dir_like(name: str) -> str | None:
+    """A local model directory whose name is a near miss of ``name`` (a typo: ``my-modle`` for
+    ``my-model``), or None.  Only directories holding a ``config.json`` count, so a hub name is never
+    taken for a local path because some unrelated folder looks like it."""
+    import difflib
+
+    path = Path(name).expanduser()
+    parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
+    if not parent.is_dir():
+        return None
+    models = [p.name for p in parent.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+    match = difflib.get_close_matches(path.name, models, n=1, cutoff=0.85)
+    return str(parent / match[0]) if match else None
+
+
 def check_model_path(name_or_path: str, key: str = "model.name_or_path") -> None:
     """A ``name_or_path`` that looks local (``data.sources.looks_local``: ``./x``, ``/x``, ``~/x``,
-    ``a/b/c``, ``models/x`` with ``models/`` a local directory) must be an existing directory: a typo
-    fails here as a ``ConfigError`` naming ``key``, before any request to the hub."""
+    ``a/b/c``, ``models/x`` with ``models/`` a local directory), or that is a near miss of a local
+    model directory's name, must be an existing directory: a typo fails here as a ``ConfigError``
+    naming ``key``, before any request to the hub."""
     from recall_dist.configtree import ConfigError
     from recall_dist.data.sources import looks_local
 
     path = Path(name_or_path).expanduser()
-    if looks_local(name_or_path) and not path.is_dir():
-        problem = "is a file, not a model directory" if path.exists() else "no such local directory"
-        raise ConfigError(key, f"{name_or_path!r}: {problem} (a hub model is named 'name' or 'org/name')")
+    if path.is_dir():
+        return
+    near = _model_dir_like(name_or_path)
+    if not (looks_local(name_or_path) or near):
+        return  # a hub name: the hub client resolves it
+    problem = "is a file, not a model directory" if path.exists() else "no such local directory"
+    hint = f"; did you mean {near!r}?" if near else ""
+    raise ConfigError(key, f"{name_or_path!r}: {problem}{hint} (a hub model is named 'org/name')")
 
 
 def first_line(error: BaseException) -> str:

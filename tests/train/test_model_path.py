@@ -1,5 +1,6 @@
-"""A misspelled local model or tokenizer path is a one-line ``ConfigError`` naming the key, raised with
-sockets blocked (no request to the hub); a chat template set by ``data.chat_template`` reaches the
+"""A misspelled local model or tokenizer path (a local-looking path, or a near miss of a local model
+directory's name) is a one-line ``ConfigError`` naming the key, raised with sockets blocked (no request
+to the hub); a chat template set by ``data.chat_template`` reaches the
 tokenizer that training uses."""
 
 from __future__ import annotations
@@ -41,6 +42,17 @@ def test_local_looking_paths_must_exist(tmp_path, monkeypatch, no_network, name)
         check_model_path("weights.bin")
     check_model_path("HuggingFaceTB/SmolLM2-135M-Instruct")  # a hub name: left to the hub client
     check_model_path(str(tmp_path / "models"))
+
+
+def test_a_near_miss_of_a_local_model_directory_is_a_typo(tmp_path, monkeypatch, no_network):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-model").mkdir()
+    (tmp_path / "my-model" / "config.json").write_text("{}")
+    (tmp_path / "gpt2-notes").mkdir()  # not a model directory: never taken for one
+    with pytest.raises(ConfigError, match=r"'my-modle': no such local directory; did you mean 'my-model'\?"):
+        check_model_path("my-modle")
+    check_model_path("my-model")
+    check_model_path("gpt2")  # a bare hub name with no local look-alike model
 
 
 def test_validate_resources_names_the_key_without_the_network(tmp_path, monkeypatch, no_network):
