@@ -82,17 +82,42 @@ def saved_kind(folder: Path) -> str | None:
     return None
 
 
+def _is_data(path: Path) -> bool:
+    """A data file, a save_to_disk folder, or a folder holding data files."""
+    if path.is_file():
+        return path.suffix.lower() in BUILDERS
+    return path.is_dir() and (saved_kind(path) is not None or any(p.suffix.lower() in BUILDERS for p in path.iterdir()))
+
+
+def near_local_data(name: str) -> str | None:
+    """A local data file or folder whose name (or stem) is a near miss of ``name`` (``chats`` for
+    ``chats.jsonl``, ``chat.jsonl`` for ``chats.jsonl``), or None."""
+    import difflib
+
+    path = Path(name).expanduser()
+    parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
+    if not parent.is_dir():
+        return None
+    names = {}
+    for entry in parent.iterdir():
+        if _is_data(entry):
+            names.setdefault(entry.name, entry)
+            names.setdefault(entry.stem, entry)
+    match = difflib.get_close_matches(path.name, list(names), n=1, cutoff=0.85)
+    return str(parent / names[match[0]].name) if match else None
+
+
 def local_path(source: str, key: str = "data.source") -> Path | None:
     """The local file or folder ``source`` names (checked: it exists, a file has a supported suffix),
-    or None for a hub name."""
-    if not looks_local(source):
+    or None for a hub name.  A near miss of a local data file's name is a typo, not a hub name."""
+    near = None if Path(source).expanduser().exists() else near_local_data(source)
+    if not (looks_local(source) or near):
         return None
     path = Path(source).expanduser()
     if not path.exists():
-        raise ConfigError(
-            key,
-            f"{source!r}: file or directory not found (a local path; a hub dataset is named 'name' or 'org/name')",
-        )
+        hint = f"; did you mean {near!r}?" if near else ""
+        hub = "a hub dataset is named 'name' or 'org/name'"
+        raise ConfigError(key, f"{source!r}: file or directory not found{hint} (a local path; {hub})")
     if path.is_file() and path.suffix.lower() not in BUILDERS:
         raise ConfigError(
             key, f"{source!r}: unsupported file type {path.suffix or '(none)'!r}; supported: {', '.join(BUILDERS)}"

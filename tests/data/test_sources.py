@@ -201,6 +201,17 @@ def test_missing_local_paths_are_refused_without_the_network(tmp_path, monkeypat
         load_records(DataConfig(source=source))
 
 
+def test_a_near_miss_of_a_local_data_file_is_a_typo(tmp_path, monkeypatch, no_network):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "chats.jsonl", CHATS)
+    for typo in ("chats", "chat.jsonl"):
+        with pytest.raises(
+            ConfigError, match=rf"^data.source: '{typo}': file or directory not found; did you mean 'chats.jsonl'\?"
+        ):
+            load_records(DataConfig(source=typo))
+    assert load_records(DataConfig(source="chats.jsonl")) == CHATS
+
+
 def test_unreadable_local_sources_are_named(tmp_path, no_network):
     (tmp_path / "notes.docx").write_text("x")
     with pytest.raises(
