@@ -51,16 +51,18 @@ def construct(cfg: ModelConfig, dtype: torch.dtype, device_type: str | None = No
 
 
 def _model_dir_like(name: str) -> str | None:
-    """A local model directory whose name is a near miss of ``name`` (a typo: ``my-modle`` for
-    ``my-model``), or None.  Only directories holding a ``config.json`` count, so a hub name is never
-    taken for a local path because some unrelated folder looks like it."""
+    """A local model (or tokenizer) directory whose name is a near miss of ``name`` (a typo:
+    ``my-modle`` for ``my-model``), or None.  Only directories holding a ``config.json`` or a
+    tokenizer's files count, so a hub name is never taken for a local path because some unrelated
+    folder looks like it."""
     import difflib
 
     path = Path(name).expanduser()
     parent = path.parent if str(path.parent) not in ("", ".") else Path(".")
     if not parent.is_dir():
         return None
-    models = [p.name for p in parent.iterdir() if p.is_dir() and (p / "config.json").is_file()]
+    marks = ("config.json", "tokenizer_config.json", "recall_dist_tokenizer.json")
+    models = [p.name for p in parent.iterdir() if p.is_dir() and any((p / m).is_file() for m in marks)]
     match = difflib.get_close_matches(path.name, models, n=1, cutoff=0.85)
     return str(parent / match[0]) if match else None
 

@@ -53,6 +53,9 @@ def test_a_near_miss_of_a_local_model_directory_is_a_typo(tmp_path, monkeypatch,
         check_model_path("my-modle")
     check_model_path("my-model")
     check_model_path("gpt2")  # a bare hub name with no local look-alike model
+    save_chatml_tokenizer(tmp_path / "my-tokenizer")
+    with pytest.raises(ConfigError, match=r"^model.tokenizer: 'my-tokeniser': .*did you mean 'my-tokenizer'\?"):
+        check_model_path("my-tokeniser", "model.tokenizer")
 
 
 def test_validate_resources_names_the_key_without_the_network(tmp_path, monkeypatch, no_network):
