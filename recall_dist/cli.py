@@ -1,4 +1,4 @@
-"""Command-line entry point: ``recall-dist {train,torchrun,plan,sweep,demo,demo-text,convert-gguf} ...`` (also ``python -m recall_dist``).
+"""Command-line entry point: ``recall-dist COMMAND ...`` (also ``python -m recall_dist``); COMMANDS lists them.
 
 Each sub-command lives with its component and is imported lazily, so ``recall-dist --help`` is fast
 and a missing optional dependency only affects the command that needs it.

@@ -116,7 +116,9 @@ def summary_markdown(csv_path: Path, recipe=None, wall_seconds: float | None = N
             margin = spread([s["margin"][levels[0]] for s in per_seed.values()], signed=True)
             wins = sum(s["verdict"] == "dominates" for s in per_seed.values())
             verdicts = sorted({s["verdict"] for s in per_seed.values()})
-            verdict = f"{wins} of {len(per_seed)} seeds" + ("" if wins == len(per_seed) else f" ({', '.join(verdicts)})")
+            verdict = f"{wins} of {len(per_seed)} seeds" + (
+                "" if wins == len(per_seed) else f" ({', '.join(verdicts)})"
+            )
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {maxr} | {margin} | {verdict} |")
     lines += ["", "## Verdicts", ""]
     lines += _verdicts(by_model, tol)

@@ -73,7 +73,9 @@ def _sample_batch(model, rows: Sequence[SampleRow], max_new_tokens: int, stop_id
     positions = (mask.cumsum(1) - 1).clamp_(min=0)
     cache = DynamicCache()
     kw = _cache_keyword(model)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{kw: cache})
+    out = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{kw: cache}
+    )
     # Expand the prefill of each unique prompt to its rows.
     owner = torch.tensor([unique.index(r.prompt) for r in rows], device=device)
     cache.batch_select_indices(owner)

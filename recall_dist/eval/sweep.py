@@ -66,7 +66,10 @@ def _text_record(cfg: SweepConfig, item: WorkItem, model, tokenizer, cache: dict
     encoder = _text_encoder(cfg, model, tokenizer, cache)
     # One seed per (model, T, reference row): a text does not depend on the chunking or the rank.
     seeds = [
-        [known_support.derive_seed(cfg.seed, item.model, t, "text", row) for row in range(item.row_start, item.row_stop)]
+        [
+            known_support.derive_seed(cfg.seed, item.model, t, "text", row)
+            for row in range(item.row_start, item.row_stop)
+        ]
         for t in cfg.temperatures
     ]
     per_t = text.generate_texts(

@@ -174,8 +174,11 @@ def generate_texts(
     from recall_dist.eval.generate import SampleRow, sample_rows, stop_token_ids, strip_stop
 
     heads = [tuple(prompt_ids(tokenizer, p)) for p in prompts]
-    rows = [SampleRow(head, float(t), int(seed)) for t, row_seeds in zip(temperatures, seeds, strict=True)
-            for head, seed in zip(heads, row_seeds, strict=True)]
+    rows = [
+        SampleRow(head, float(t), int(seed))
+        for t, row_seeds in zip(temperatures, seeds, strict=True)
+        for head, seed in zip(heads, row_seeds, strict=True)
+    ]
     stops = stop_token_ids(model, tokenizer)
     out = sample_rows(model, rows, max_new_tokens, stops, pad_token_id(tokenizer), batch_rows)
     texts = [tokenizer.decode(strip_stop(ids, stops), skip_special_tokens=True) for ids in out]

@@ -37,13 +37,28 @@ def config_fingerprint(config: dict) -> dict:
     return {"sha256": digest, "keys": keys}
 
 
+def _data_defaults() -> dict:
+    """The flattened defaults of the data section (``data.messages_field``: ``"messages"``, ...)."""
+    from recall_dist.configtree import to_dict
+    from recall_dist.data.dataset import DataConfig
+
+    keys: dict = {}
+    _flatten(to_dict(DataConfig()), "data", keys)
+    return keys
+
+
 def fingerprint_differences(saved: dict, current: dict) -> list[str]:
-    """``key: saved -> current`` for every fingerprinted key whose value differs (absent: ``(not set)``)."""
+    """``key: saved -> current`` for every fingerprinted key whose value differs (absent: ``(not set)``).
+    A data key the checkpoint does not have, at its default value, is no difference: it was added to
+    recall_dist after the checkpoint was written (``data.messages_field``, ...) and changes nothing."""
     a, b = saved["keys"], current["keys"]
     missing = "(not set)"
+    defaults = _data_defaults()
     lines = []
     for key in sorted(set(a) | set(b)):
         old, new = a.get(key, missing), b.get(key, missing)
+        if old == missing and key in defaults and new == defaults[key]:
+            continue
         if old != new:
             lines.append(f"{key}: {old!r} -> {new!r}")
     return lines
