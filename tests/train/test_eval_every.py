@@ -156,3 +156,26 @@ def test_eval_every_without_a_validation_set_names_the_keys(files):
     del data["data"]["eval_source"]
     with pytest.raises(ConfigError, match=r"^train.eval_every: 1: there is no validation set: set data.eval_split"):
         build(data)
+
+
+def test_eval_values_reach_metrics_tensorboard_and_wandb(tmp_path):
+    """The validation values of a step go to its metrics.jsonl line, to TensorBoard under ``eval/`` and
+    to W&B (stand-in writers record what they are given)."""
+    from recall_dist.train.metrics import MetricsLogger
+
+    class Recorder:
+        def __init__(self):
+            self.calls = []
+
+        def add_scalar(self, tag, value, step):
+            self.calls.append((tag, value, step))
+
+        def log(self, metrics, step):
+            self.calls.append((metrics, step))
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    logger._tb, logger._wandb = Recorder(), Recorder()
+    logger.log(3, {"loss": 1.5, "eval_loss": 2.5, "eval_nll": 2.0})
+    assert read_metrics(tmp_path) == [{"step": 3, "loss": 1.5, "eval_loss": 2.5, "eval_nll": 2.0}]
+    assert logger._tb.calls == [("train/loss", 1.5, 3), ("eval/loss", 2.5, 3), ("eval/nll", 2.0, 3)]
+    assert logger._wandb.calls == [({"loss": 1.5, "eval_loss": 2.5, "eval_nll": 2.0}, 3)]
