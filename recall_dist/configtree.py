@@ -60,14 +60,13 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _convert(value, arg, key)
-            except ConfigError as e:
-                errors.append(str(e))
+            except ConfigError:
+                pass  # try the next member; the error below names them all
         raise ConfigError(key, f"{value!r} matches none of {[_type_name(a) for a in args]}")
     if origin is Literal:
         allowed = get_args(tp)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -106,11 +105,6 @@ def knn_precision_recall(
 def _zero_radius_fraction(points: np.ndarray, k: int) -> float:
     _, counts = np.unique(points, axis=0, return_counts=True)
     return float(counts[counts > k].sum() / len(points))
-
-
-class Encoder(Protocol):
-    def encode(self, texts: Sequence[str]) -> np.ndarray:
-        """[len(texts), d] float32 embeddings."""
 
 
 class SentenceTransformerEncoder:

@@ -10,8 +10,8 @@ from recall_dist import build_loss
 from recall_dist.data import load_tokenizer
 from recall_dist.data.dataset import DataConfig, build_dataset
 from recall_dist.data.loader import DistributedBatchIterator
+from recall_dist.integrations.hf import RecallTrainer, recall_compute_loss
 from recall_dist.train.config import load_train_config
-from recall_dist.train.hf_trainer import RecallTrainer, recall_compute_loss
 from recall_dist.train.models import build_model
 from tests.train.helpers import reference_loss
 
