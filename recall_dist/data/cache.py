@@ -24,6 +24,7 @@ import numpy as np
 
 from recall_dist.configtree import to_dict
 from recall_dist.data.dataset import DataConfig, build_dataset
+from recall_dist.io import publish_dir
 
 logger = logging.getLogger(__name__)
 
@@ -93,10 +94,9 @@ def write_cache(examples: list[dict], directory: Path) -> None:
         np.save(tmp / f"{key}.npy", flat.astype(np.int32))
     np.save(tmp / "offsets.npy", offsets)
     (tmp / COMPLETE).write_text(f"{len(examples)}\n")
-    try:
-        os.rename(tmp, directory)
-    except OSError:  # another process published the same entry first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
+    # The first writer wins (another rank or job may publish the same key: keep theirs).  No fsync, as
+    # before: the entry is derived data written on every cold start, and the tokens can be gigabytes.
+    publish_dir(tmp, directory, replace=False, fsync=False)
 
 
 def load_dataset(cfg: DataConfig, tokenizer, rank: int = 0, barrier=None) -> Sequence[dict]:

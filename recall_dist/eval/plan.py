@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from recall_dist.eval.config import ModelSpec, SweepConfig
 from recall_dist.eval.fingerprint import directory_fingerprint
+from recall_dist.io import atomic_write_json
 
 
 @dataclass(frozen=True)
@@ -124,11 +124,9 @@ def read_shard(cfg: SweepConfig, shard_index: int, num_shards: int, key: dict | 
 def write_json_atomic(path: Path, data: dict) -> Path:
     """Write ``data`` to ``path`` via a temporary file and a rename (readers never see half a file)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
-    return path
+    # No fsync: a shard that a power loss truncates fails to parse, reads as missing
+    # (``read_json_if_key``) and is computed again; the sweep writes many of them.
+    return atomic_write_json(path, data, fsync=False)
 
 
 def encode_array(x: np.ndarray) -> dict:

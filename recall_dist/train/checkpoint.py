@@ -21,7 +21,6 @@ previous complete one is used (``Checkpointer.select``).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import random
@@ -36,12 +35,12 @@ import torch.distributed as dist
 import yaml
 
 from recall_dist.configtree import ConfigError
+from recall_dist.io import format_bytes, fsync_tree, is_disk_full, publish_dir
 from recall_dist.train.fingerprint import FINGERPRINT, config_fingerprint
 from recall_dist.train.manifest import build_manifest, read_manifest, verify, write_manifest
 
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-_NEARLY_FULL = 64 << 20  # bytes free under which a failed write is reported as a full disk
 
 
 class CheckpointError(RuntimeError):
@@ -156,64 +155,7 @@ def read_trainer_state(directory: str | Path, rank: int) -> dict:
     return _decode(json.loads(json_path.read_text()), tensors)
 
 
-# --------------------------------------------------------------------------------------- disk full
-
-
-def _exception_chain(exc: BaseException):
-    seen, todo = set(), [exc]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        yield e
-        todo += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-        if isinstance(failures, dict):
-            todo += [f[0] if isinstance(f, tuple) else f for f in failures.values() if f is not None]
-
-
-def is_disk_full(exc: BaseException, path: str | Path) -> bool:
-    """Whether ``exc`` (raised while writing under ``path``) comes from a full disk or quota.  torch's
-    zip writer drops the errno ("file write failed"), so then the free space decides."""
-    write_failed = False
-    for e in _exception_chain(exc):
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        text = str(e)
-        if "No space left on device" in text or "Disk quota exceeded" in text:
-            return True
-        write_failed |= any(s in text for s in ("file write failed", "PytorchStreamWriter failed", "unexpected pos"))
-    return write_failed and _free_bytes(path) < _NEARLY_FULL
-
-
-def _free_bytes(path: str | Path) -> int:
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    try:
-        return shutil.disk_usage(path).free
-    except OSError:
-        return 0
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} TiB"
-
-
 # ---------------------------------------------------------------------------------------- checkpoints
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _barrier() -> None:
@@ -283,9 +225,10 @@ class Checkpointer:
                     f.write(f"{step}\n")
                     f.flush()
                     os.fsync(f.fileno())
-                for dirpath, _, _ in os.walk(tmp):  # the directory entries too, before the rename
-                    _fsync_dir(Path(dirpath))
-                self._publish(tmp, final)
+                # The directory entries too, before the rename (build_manifest fsynced the files).
+                fsync_tree(tmp, files=False, directories=True)
+                # The same step saved again (e.g. preemption right after a periodic save) replaces it.
+                publish_dir(tmp, final)
                 self._prune()
         except BaseException as e:
             if is_disk_full(e, self.root):
@@ -299,25 +242,13 @@ class Checkpointer:
         if self.rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)  # the partial checkpoint: give the space back
         kept = [p.name for p in complete_checkpoints(self.root)]
-        space = f" ({_size(usage.free)} free of {_size(usage.total)})" if usage else ""
+        space = f" ({format_bytes(usage.free)} free of {format_bytes(usage.total)})" if usage else ""
         earlier = f"The earlier checkpoints are intact: {', '.join(kept)}." if kept else "No earlier checkpoint."
         return CheckpointDiskFull(
             f"disk full: no space left on the file system of {self.root}{space} while saving the checkpoint "
             f"of step {step} (the partial {tmp.name} was removed). {earlier} Free space (or lower "
             f"train.keep_checkpoints, or move train.output_dir) and run again with train.resume=auto."
         )
-
-    def _publish(self, tmp: Path, final: Path) -> None:
-        if final.exists():  # the same step saved again (e.g. preemption right after a periodic save)
-            old = final.with_name(f".old-{final.name}")
-            if old.exists():
-                shutil.rmtree(old)
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(self.root)
 
     def _prune(self) -> None:
         for path in complete_checkpoints(self.root)[self.keep :]:

@@ -24,6 +24,7 @@ import torch
 
 from recall_dist.configtree import load_yaml
 from recall_dist.constants import DTYPES
+from recall_dist.io import fsync_tree, publish_dir, restore_interrupted
 from recall_dist.train.config import train_config_from_dict
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -70,37 +71,6 @@ class ShardedSafetensorsWriter:
             (self.directory / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
 
 
-def _fsync_tree(root: Path) -> None:
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            with open(os.path.join(dirpath, name), "rb") as f:
-                os.fsync(f.fileno())
-
-
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Replace ``out_dir`` by ``tmp`` so that a complete export exists at every moment."""
-    old = out_dir.with_name(f".old-{out_dir.name}")
-    if out_dir.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    fd = os.open(out_dir.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old.exists():
-        shutil.rmtree(old)
-
-
-def _restore_interrupted(out_dir: Path) -> None:
-    """A crash between the two renames of ``_publish`` left the previous export as ``.old-<name>``."""
-    old = out_dir.with_name(f".old-{out_dir.name}")
-    if old.exists() and not out_dir.exists():
-        os.rename(old, out_dir)
-
-
 def write_hf_directory(
     hf_config,
     parameters: Iterable[tuple[str, torch.Tensor | None]],
@@ -119,7 +89,7 @@ def write_hf_directory(
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     if writer:
-        _restore_interrupted(out_dir)
+        restore_interrupted(out_dir)  # a crash mid-publish left the previous export as .old-<name>
         if tmp.exists():  # left by a crash mid-export
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -138,8 +108,8 @@ def write_hf_directory(
         generation_config.save_pretrained(tmp)
     for name, text in (extra_files or {}).items():
         (tmp / name).write_text(text)
-    _fsync_tree(tmp)
-    _publish(tmp, out_dir)
+    fsync_tree(tmp)
+    publish_dir(tmp, out_dir)  # a complete export exists under <name>/ (or .old-<name>/) at every moment
     return out_dir
 
 

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from recall_dist.io import atomic_write_json, fsync_file
+
 MANIFEST = "MANIFEST.json"
 _NOT_LISTED = (MANIFEST, "COMPLETE")
 _CHUNK = 8 << 20
@@ -51,11 +53,6 @@ def sha256_file(path: str | Path, fsync: bool = False) -> str:
         if fsync:
             os.fsync(f.fileno())
     return digest.hexdigest()
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
 
 
 def _my_share(files: list[tuple[str, int]], rank: int, world: int) -> list[str]:
@@ -97,7 +94,7 @@ def build_manifest(root: str | Path, checksum: bool) -> dict:
     def one(name: str) -> tuple[str, str | None]:
         if checksum:
             return name, sha256_file(root / name, fsync=True)
-        _fsync_file(root / name)
+        fsync_file(root / name)
         return name, None
 
     with ThreadPoolExecutor(_THREADS) as pool:
@@ -109,11 +106,7 @@ def build_manifest(root: str | Path, checksum: bool) -> dict:
 
 
 def write_manifest(root: str | Path, manifest: dict) -> None:
-    path = Path(root) / MANIFEST
-    with open(path, "w") as f:
-        json.dump(manifest, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
+    atomic_write_json(Path(root) / MANIFEST, manifest, indent=1, sort_keys=True)
 
 
 def read_manifest(root: str | Path) -> dict | None:

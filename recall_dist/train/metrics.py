@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from recall_dist.io import atomic_write_text
 
 # What a step's loss reports; a step with a non-finite token has no meaningful value for any of them.
 _LOSS_VALUES = ("loss", "nll", "divergence")
@@ -75,12 +76,7 @@ class MetricsLogger:
             for line in self.path.read_text().splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step
         ]
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as f:
-            f.write("".join(line + "\n" for line in lines))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in lines))
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

@@ -14,7 +14,6 @@ die with it (``die_with_parent``): a SIGKILLed torchrun leaves no orphan holding
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import signal
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 import torch
 
 from recall_dist.distributed.collectives import all_reduce_
+from recall_dist.io import atomic_write_json
 
 STOP_FILE_ENV = "RECALL_DIST_STOP_FILE"
 OUTCOME_FILE_ENV = "RECALL_DIST_OUTCOME_FILE"
@@ -78,9 +78,9 @@ def write_outcome(outcome: str, exit_code: int, **details) -> None:
     path = os.environ.get(OUTCOME_FILE_ENV)
     if not path or os.environ.get("LOCAL_RANK", "0") != "0":
         return
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"outcome": outcome, "exit_code": exit_code, **details}))
-    os.replace(tmp, path)
+    # No fsync (as before): the launcher reads the file on this host as soon as the worker exits; a
+    # power loss ends the job and its launcher with it.
+    atomic_write_json(path, {"outcome": outcome, "exit_code": exit_code, **details}, fsync=False)
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> bool:

@@ -1,14 +1,12 @@
 """recall_dist/train/checkpoint.py and manifest.py: the manifest catches truncation, flipped bits, missing
 and stray files (the same verdict when the hashing is split over 3 gloo ranks); a damaged newest
 checkpoint is set aside for the previous one; the trainer state is plain JSON + tensors and a planted
-pickle payload is refused, not run; a full disk is recognised through torch's wrapped errors."""
+pickle payload is refused, not run (a full disk: tests/test_io.py)."""
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
-import os
 import random
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from recall_dist.train.checkpoint import (
     CheckpointError,
     UnsafeCheckpoint,
     complete_checkpoints,
-    is_disk_full,
     read_trainer_state,
     rng_state,
     set_rng_state,
@@ -187,19 +184,3 @@ def test_a_pickled_state_from_an_older_version_is_refused(tmp_path):
     torch.save({"rng": {"numpy": np.random.get_state()}}, tmp_path / "trainer_rank00000.pt")
     with pytest.raises(UnsafeCheckpoint, match="older recall_dist as a pickle"):
         read_trainer_state(tmp_path, 0)
-
-
-def test_disk_full_is_recognised_through_wrapped_errors(tmp_path):
-    assert is_disk_full(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), tmp_path)
-    assert is_disk_full(OSError(errno.EDQUOT, os.strerror(errno.EDQUOT)), tmp_path)
-    try:
-        try:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        except OSError as inner:
-            raise RuntimeError("save failed") from inner
-    except RuntimeError as outer:
-        assert is_disk_full(outer, tmp_path)
-    # torch's zip writer drops the errno: decided by the free space (plenty here).
-    writer = RuntimeError("[enforce fail at inline_container.cc:626] . PytorchStreamWriter failed writing file data/0")
-    assert not is_disk_full(writer, tmp_path)
-    assert not is_disk_full(OSError(errno.EACCES, "Permission denied"), tmp_path)
