@@ -45,15 +45,12 @@ def main() -> int:
 
     from recall_dist.constants import DTYPES
     from recall_dist.data import load_tokenizer
-    from recall_dist.demo_text import PROMPT, SYSTEM
+    from recall_dist.demo_text import PROMPT, SYSTEM, prepare_model
     from recall_dist.eval.generate import SampleRow, sample_rows, stop_token_ids
     from recall_dist.eval.tokens import pad_token_id, prompt_ids
 
     torch.set_num_threads(args.threads)
-    if args.model is None:
-        from recall_dist.convert import convert_gguf, default_output_dir, smollm2_gguf
-
-        args.model = str(convert_gguf(smollm2_gguf(), default_output_dir()))
+    args.model = prepare_model(args.model)  # default: SmolLM2 converted from GGUF (cached)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype]).eval()
     tokenizer = load_tokenizer(args.model)
     temps = [float(t) for t in args.temperatures.split(",")]

@@ -81,16 +81,13 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from recall_dist.data import DistributedBatchIterator, build_dataset
-    from recall_dist.demo_text import read_fortunes, write_corpus
+    from recall_dist.demo_text import prepare_model, read_fortunes, write_corpus
     from recall_dist.train.config import validate_resources
     from recall_dist.train.distributed import init_distributed
     from recall_dist.train.trainer import endless, setup, train_step
 
     torch.set_num_threads(args.threads)
-    if args.model is None:
-        from recall_dist.convert import convert_gguf, default_output_dir, smollm2_gguf
-
-        args.model = str(convert_gguf(smollm2_gguf(), default_output_dir()))
+    args.model = prepare_model(args.model)  # default: SmolLM2 converted from GGUF (cached)
     ctx = init_distributed()
     rates: dict[str, list[float]] = {}
     with tempfile.TemporaryDirectory() as tmp:

@@ -107,12 +107,17 @@ class Recipe:
         )
 
     def runs(self) -> list[tuple[str, str, dict, int]]:
-        """(model name, loss, params, seed index) of every fine-tune; names get ``-s<k>`` with several seeds."""
-        return [
-            (name if self.seeds == 1 else f"{name}-s{seed}", loss, params, seed)
-            for seed in range(self.seeds)
-            for name, loss, params in self.losses
-        ]
+        return seed_runs(self.losses, self.seeds)
+
+
+def seed_runs(losses: list[tuple], seeds: int) -> list[tuple[str, str, dict, int]]:
+    """(model name, loss, params, seed index) of every fine-tune of ``losses`` x ``seeds``; names get
+    ``-s<k>`` with several seeds (what ``demo_report.split_seeds`` reads back)."""
+    return [
+        (name if seeds == 1 else f"{name}-s{seed}", loss, params, seed)
+        for seed in range(seeds)
+        for name, loss, params in losses
+    ]
 
 
 class DemoError(RuntimeError):

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recall_dist.configtree import load_yaml
-from recall_dist.demo import LOSSES, REPO, DemoError, _run_stage, _yaml_flow
+from recall_dist.demo import LOSSES, REPO, DemoError, _run_stage, _yaml_flow, seed_runs
 from recall_dist.demo_report import fmt_time
 
 CONFIG_DIR = REPO / "configs" / "demo_text"
@@ -151,19 +151,14 @@ class TextRecipe:
         )
 
     def runs(self) -> list[tuple[str, str, dict, int]]:
-        """(model name, loss, params, seed index) of every fine-tune; names get ``-s<k>`` with several seeds."""
-        return [
-            (name if self.seeds == 1 else f"{name}-s{seed}", loss, params, seed)
-            for seed in range(self.seeds)
-            for name, loss, params in self.losses
-        ]
+        return seed_runs(self.losses, self.seeds)
 
 
 # ---------------------------------------------------------------------------------------------
 # The stages
 
 
-def prepare_model(model: str | None, out: Path) -> str:
+def prepare_model(model: str | None = None) -> str:
     """The ``model.name_or_path`` to fine-tune: ``model`` as given, or SmolLM2 converted from GGUF (cached)."""
     if model is not None:
         return model
@@ -233,7 +228,7 @@ def run_pipeline(out: Path, recipe: TextRecipe, model: str | None = None) -> Pat
     )
     label = next(labels)
     start = time.monotonic()
-    name_or_path = prepare_model(model, out)
+    name_or_path = prepare_model(model)
     print(f"{label} model: {name_or_path} ({fmt_time(time.monotonic() - start)})", flush=True)
     label = next(labels)
     texts = read_fortunes()
