@@ -4,26 +4,13 @@ part (one per rank), and rank 0 aggregates.  The tables do not depend on the num
 
 from __future__ import annotations
 
-import os
 import time
 
+from recall_dist.distributed.ranks import rank_and_world
 from recall_dist.eval.aggregate import aggregate, compute_text_part, read_text_part
 from recall_dist.eval.config import SweepConfig
 from recall_dist.eval.plan import read_shard
 from recall_dist.eval.sweep import compute_shard
-
-
-def rank_and_world() -> tuple[int, int]:
-    """This process's (rank, world size): torch.distributed if initialised, else torchrun's or
-    Slurm's environment, else (0, 1)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    for rank_var, world_var in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
-        if rank_var in os.environ and world_var in os.environ:
-            return int(os.environ[rank_var]), int(os.environ[world_var])
-    return 0, 1
 
 
 def _wait_for(done, what: str, deadline: float) -> None:

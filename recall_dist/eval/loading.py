@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from recall_dist.constants import DTYPES
+from recall_dist.distributed.ranks import env_local_rank
 from recall_dist.eval.config import ModelSpec
 
 
@@ -34,7 +34,7 @@ def load_model(spec: ModelSpec, cache_dir: Path, fingerprint: str, dtype: str = 
             export_hf(path, exported)
         path = exported
     if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        local_rank = env_local_rank()
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, "auto")).to(device)
     else:

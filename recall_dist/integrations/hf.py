@@ -40,6 +40,7 @@ import transformers
 from transformers import Trainer
 
 from recall_dist.constants import IGNORE_INDEX
+from recall_dist.distributed.ranks import world_group
 from recall_dist.integrations.step import scale_gradients_
 from recall_dist.losses.base import RecallLoss, build_loss
 from recall_dist.train.loss_head import LossHead
@@ -57,7 +58,7 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 def default_dp_group():
     """The world group when training on several processes (DDP, ZeRO), else None."""
-    return dist.group.WORLD if dist.is_initialized() and dist.get_world_size() > 1 else None
+    return world_group()
 
 
 def sequence_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:

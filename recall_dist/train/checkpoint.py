@@ -35,6 +35,7 @@ import torch.distributed as dist
 import yaml
 
 from recall_dist.configtree import ConfigError
+from recall_dist.distributed.ranks import broadcast_from_rank0, world_group
 from recall_dist.io import format_bytes, fsync_tree, is_disk_full, publish_dir
 from recall_dist.train.fingerprint import FINGERPRINT, config_fingerprint
 from recall_dist.train.manifest import build_manifest, read_manifest, verify, write_manifest
@@ -159,16 +160,8 @@ def read_trainer_state(directory: str | Path, rank: int) -> dict:
 
 
 def _barrier() -> None:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if world_group() is not None:
         dist.barrier()
-
-
-def _from_rank0(value):
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 def complete_checkpoints(root: str | Path) -> list[Path]:
@@ -255,7 +248,7 @@ class Checkpointer:
             shutil.rmtree(path)
 
     def _problems(self, path: Path) -> list[str]:
-        manifest = _from_rank0(read_manifest(path) if self.rank == 0 else None)
+        manifest = broadcast_from_rank0(read_manifest(path) if self.rank == 0 else None, world_group())
         if manifest is None:
             raise CheckpointError(
                 f"{path} has no MANIFEST.json: written by an older recall_dist, whose trainer state this "
@@ -279,7 +272,7 @@ class Checkpointer:
             if problems:
                 raise CheckpointError(f"train.resume = {resume!r} is damaged:\n  " + "\n  ".join(problems))
             return path
-        candidates = _from_rank0(complete_checkpoints(self.root) if self.rank == 0 else None)
+        candidates = broadcast_from_rank0(complete_checkpoints(self.root) if self.rank == 0 else None, world_group())
         for path in candidates:
             problems = self._problems(path)
             if not problems:

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 from recall_dist.configtree import ConfigError
+from recall_dist.distributed.ranks import env_rank
 
 EXIT_OK, EXIT_FAILED, EXIT_REFUSED, EXIT_DIVERGED = 0, 1, 2, 3
 
@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _is_rank0() -> bool:
-    return os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0"
+    return env_rank() == 0  # before (or without) a process group
 
 
 def _say(message: str, everywhere: bool = False) -> None:

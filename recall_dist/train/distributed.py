@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from recall_dist.distributed.net import free_port
+from recall_dist.distributed.ranks import env_local_rank, launcher_ranks
 
 
 @dataclass
@@ -38,15 +39,6 @@ class DistContext:
         return self.rank == 0
 
 
-def _ranks_from_env() -> tuple[int, int, int] | None:
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0))
-    return None
-
-
 def _device(local_rank: int) -> torch.device:
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
@@ -60,9 +52,9 @@ def init_distributed(timeout_minutes: float | None = None) -> DistContext:
     the other ranks waiting in a barrier for minutes, so large runs raise it (``train.dist_timeout_minutes``)."""
     if dist.is_initialized():
         rank, world = dist.get_rank(), dist.get_world_size()
-        local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+        local = env_local_rank()
         return DistContext(rank, world, local, _device(local), created_group=False)
-    ranks = _ranks_from_env()
+    ranks = launcher_ranks()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if ranks is None:
         rank, world, local = 0, 1, 0

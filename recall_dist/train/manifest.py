@@ -18,6 +18,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from recall_dist.distributed.collectives import group_rank, group_size
+from recall_dist.distributed.ranks import broadcast_from_rank0, world_group
 from recall_dist.io import atomic_write_json, fsync_file
 
 MANIFEST = "MANIFEST.json"
@@ -27,9 +29,8 @@ _THREADS = 4
 
 
 def _world() -> tuple[int, int]:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    group = world_group()
+    return group_rank(group), group_size(group)
 
 
 def list_files(root: str | Path) -> list[tuple[str, int]]:
@@ -67,15 +68,6 @@ def _my_share(files: list[tuple[str, int]], rank: int, world: int) -> list[str]:
     return mine
 
 
-def _share_out(value):
-    """Rank 0's ``value`` on every rank."""
-    if _world()[1] == 1:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def _gather(part: dict) -> dict:
     if _world()[1] == 1:
         return part
@@ -89,7 +81,7 @@ def build_manifest(root: str | Path, checksum: bool) -> dict:
     returns the manifest on every rank."""
     root = Path(root)
     rank, world = _world()
-    files = _share_out(list_files(root) if rank == 0 else None)
+    files = broadcast_from_rank0(list_files(root) if rank == 0 else None, world_group())
 
     def one(name: str) -> tuple[str, str | None]:
         if checksum:
@@ -140,7 +132,7 @@ def verify(root: str | Path, manifest: dict, mode: str) -> list[str]:
             elif actual[name] != entry["size"]:
                 problems.append(f"{name}: {actual[name]} bytes, the manifest says {entry['size']}")
         problems += [f"{name}: not in the manifest" for name in sorted(set(actual) - set(manifest["files"]))]
-    problems = _share_out(problems)
+    problems = broadcast_from_rank0(problems, world_group())
     if problems or mode == "size" or manifest.get("algorithm") != "sha256":
         return problems
     files = [(name, e["size"]) for name, e in manifest["files"].items()]

@@ -24,9 +24,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import torch.distributed as dist
-
 from recall_dist.configtree import ConfigError, to_dict
+from recall_dist.distributed.ranks import on_rank0
 from recall_dist.train.checkpoint import Checkpointer, checkpoint_step, latest_checkpoint
 from recall_dist.train.fingerprint import config_fingerprint, fingerprint_differences, read_fingerprint
 
@@ -301,28 +300,17 @@ def clear_diverged(output_dir: str | Path) -> None:
 # ------------------------------------------------------------------------------------------ start-up
 
 
-def on_rank0(fn, ctx):
-    """``fn()`` on rank 0 only; every rank returns its result or raises its error (a ``ConfigError``
-    as a ``RunDirError`` with the same text, anything else as a ``RuntimeError`` naming rank 0's)."""
-    if ctx.world_size == 1:
-        return fn()
-    box, error = [None], None
-    if ctx.rank == 0:
-        try:
-            box[0] = ("ok", fn())
-        except ConfigError as e:
-            error, box[0] = e, ("config", str(e))
-        except Exception as e:
-            error, box[0] = e, ("error", f"{type(e).__name__}: {e}")
-    dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    kind, value = box[0]
-    if kind == "config":
-        raise RunDirError("", value)
-    if kind == "error":
-        raise RuntimeError(f"on rank 0: {value}")
-    return value
+def _as_seen_elsewhere(error: Exception) -> Exception:
+    """What the other ranks raise when rank 0's decision failed: a ``ConfigError`` as a ``RunDirError``
+    with the same text (exit code 2 on every rank), anything else as a ``RuntimeError`` naming it."""
+    if isinstance(error, ConfigError):
+        return RunDirError("", str(error))
+    return RuntimeError(f"on rank 0: {type(error).__name__}: {error}")
+
+
+def _on_rank0(fn, ctx):
+    """``fn()`` decided on rank 0 (the lock, the directory, the fingerprint), its result on every rank."""
+    return on_rank0(fn, ctx.dp_group, _as_seen_elsewhere)
 
 
 def _log(ctx, message: str) -> None:
@@ -336,7 +324,7 @@ def open_run(cfg, ctx) -> tuple[OutputDirLock | None, Path | None]:
     it is the same experiment.  Returns (the lock on rank 0 / None elsewhere, the checkpoint or None)."""
     out, train = Path(cfg.train.output_dir), cfg.train
     held: list[OutputDirLock] = []
-    on_rank0(lambda: held.append(OutputDirLock(out).acquire()), ctx)
+    _on_rank0(lambda: held.append(OutputDirLock(out).acquire()), ctx)
     lock = held[0] if held else None
     try:
 
@@ -351,13 +339,13 @@ def open_run(cfg, ctx) -> tuple[OutputDirLock | None, Path | None]:
                 checkpoint_step(train.resume) if explicit and Path(train.resume).name.startswith("step_") else None,
             )
 
-        resume, note = on_rank0(decide, ctx)
+        resume, note = _on_rank0(decide, ctx)
         if note:
             _log(ctx, note)
         start = Checkpointer(out, ctx.rank, train.keep_checkpoints, train.verify_checkpoints).select(resume)
         if start is not None:
             current = config_fingerprint(to_dict(cfg))
-            diff = on_rank0(
+            diff = _on_rank0(
                 lambda: check_same_experiment(read_fingerprint(start), current, start, train.allow_config_change), ctx
             )
             if diff:

@@ -107,21 +107,3 @@ def test_crash_mid_save_keeps_the_last_complete_checkpoint(tmp_path):
     assert (tmp_path / "checkpoints" / "step_00000012" / COMPLETE).read_text() == "12\n"
     with pytest.raises(ConfigError, match="not a complete checkpoint"):
         ckpt.select(str(tmp_path / "checkpoints" / ".tmp-step_00000008"))
-
-
-@pytest.mark.parametrize(
-    "env,expected",
-    [
-        ({"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1"}, (3, 8, 1)),  # torchrun / deepspeed launcher
-        ({"SLURM_PROCID": "5", "SLURM_NTASKS": "16", "SLURM_LOCALID": "1"}, (5, 16, 1)),  # srun
-        ({}, None),  # a plain process: the trainer makes a one-process group
-    ],
-)
-def test_ranks_come_from_the_launchers_env(monkeypatch, env, expected):
-    from recall_dist.train.distributed import _ranks_from_env
-
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID"):
-        monkeypatch.delenv(key, raising=False)
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    assert _ranks_from_env() == expected
