@@ -78,6 +78,22 @@ def atomic_write_json(path: str | Path, data, fsync: bool = True, **dump_options
 # ------------------------------------------------------------------------------------- directories
 
 
+def temp_sibling(final: str | Path, per_process: bool = False) -> Path:
+    """Where ``final``'s next version is built: ``.tmp-<name>`` beside it (``-<pid>`` with
+    ``per_process``: for entries that several processes may build at once)."""
+    final = Path(final)
+    return final.with_name(f".tmp-{final.name}-{os.getpid()}" if per_process else f".tmp-{final.name}")
+
+
+def fresh_dir(path: str | Path) -> Path:
+    """An empty directory at ``path``; what a crash left there before is deleted."""
+    path = Path(path)
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
+    return path
+
+
 def _aside(final: Path) -> Path:
     return final.with_name(f".old-{final.name}")
 

@@ -1,7 +1,7 @@
 """``recall_dist/io.py``: a process killed between the write and the rename leaves the old content (a
-real subprocess, SIGKILLed at the rename), JSON round trips, directory publishing (atomic replace, the
-first-writer-wins mode, recovery from a crash between the two renames), fsync calls, disk-full
-detection and byte formatting against hand-computed values."""
+real subprocess, SIGKILLed at the rename), JSON round trips, directory publishing (fresh temporary
+siblings, atomic replace, the first-writer-wins mode, recovery from a crash between the two renames),
+fsync calls, disk-full detection and byte formatting against hand-computed values."""
 
 from __future__ import annotations
 
@@ -109,6 +109,16 @@ def _make(path: Path, files: dict[str, str]) -> Path:
     for name, text in files.items():
         (path / name).write_text(text)
     return path
+
+
+def test_a_fresh_temporary_sibling_replaces_a_crash_leftover(tmp_path):
+    final = tmp_path / "step_00000004"
+    assert io.temp_sibling(final) == tmp_path / ".tmp-step_00000004"
+    assert io.temp_sibling(final, per_process=True) == tmp_path / f".tmp-step_00000004-{os.getpid()}"
+    left = _make(io.temp_sibling(final), {"half": "written"})
+    assert io.fresh_dir(left) == left and left.is_dir() and list(left.iterdir()) == []
+    deep = io.fresh_dir(tmp_path / "a" / "b")
+    assert deep.is_dir() and list(deep.iterdir()) == []
 
 
 def test_publish_replaces_a_directory_and_leaves_no_temporary(tmp_path):

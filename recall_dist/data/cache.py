@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import numpy as np
 
 from recall_dist.configtree import to_dict
 from recall_dist.data.dataset import DataConfig, build_dataset
-from recall_dist.io import publish_dir
+from recall_dist.io import fresh_dir, publish_dir, temp_sibling
 
 logger = logging.getLogger(__name__)
 
@@ -80,10 +79,7 @@ class TokenizedDataset(Sequence):
 
 def write_cache(examples: list[dict], directory: Path) -> None:
     """Write ``examples`` to ``directory`` atomically (a temporary sibling, then a rename)."""
-    tmp = directory.with_name(f".tmp-{directory.name}-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
+    tmp = fresh_dir(temp_sibling(directory, per_process=True))
     lengths = [len(e["input_ids"]) for e in examples]
     offsets = np.zeros(len(examples) + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])

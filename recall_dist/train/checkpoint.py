@@ -36,7 +36,7 @@ import yaml
 
 from recall_dist.configtree import ConfigError
 from recall_dist.distributed.ranks import broadcast_from_rank0, world_group
-from recall_dist.io import format_bytes, fsync_tree, is_disk_full, publish_dir
+from recall_dist.io import format_bytes, fresh_dir, fsync_tree, is_disk_full, publish_dir, temp_sibling
 from recall_dist.train.fingerprint import FINGERPRINT, config_fingerprint
 from recall_dist.train.manifest import build_manifest, read_manifest, verify, write_manifest
 
@@ -196,11 +196,10 @@ class Checkpointer:
 
     def save(self, engine, step: int, trainer_state: dict, config: dict) -> Path:
         name = f"step_{step:08d}"
-        tmp, final = self.root / f".tmp-{name}", self.root / name
+        final = self.root / name
+        tmp = temp_sibling(final)
         if self.rank == 0:
-            if tmp.exists():  # left by a crash mid-save
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
+            fresh_dir(tmp)  # a crash mid-save may have left one
         _barrier()
         try:
             engine.save(str(tmp / "engine"))

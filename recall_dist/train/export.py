@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 from recall_dist.configtree import load_yaml
 from recall_dist.constants import DTYPES
-from recall_dist.io import fsync_tree, publish_dir, restore_interrupted
+from recall_dist.io import fresh_dir, fsync_tree, publish_dir, restore_interrupted, temp_sibling
 from recall_dist.train.config import train_config_from_dict
 
 DEFAULT_SHARD_BYTES = 2 * 1024**3
@@ -87,12 +86,10 @@ def write_hf_directory(
     gathers behind it are collective); only ``writer`` writes.  ``generation_config`` (stop ids) and
     ``extra_files`` (name -> text) are published with it."""
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    tmp = temp_sibling(out_dir)
     if writer:
         restore_interrupted(out_dir)  # a crash mid-publish left the previous export as .old-<name>
-        if tmp.exists():  # left by a crash mid-export
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        fresh_dir(tmp)  # a crash mid-export may have left one
         shards = ShardedSafetensorsWriter(tmp, max_shard_bytes)
     for name, tensor in parameters:
         if writer:
