@@ -167,11 +167,13 @@ def prepare_model(model: str | None = None) -> str:
     return str(convert_gguf(smollm2_gguf(), default_output_dir()))
 
 
-def _finetune(out: Path, recipe: TextRecipe, model: str, train: Path, labels, demo_start: float) -> list[str]:
+def _finetune(
+    out: Path, recipe: TextRecipe, model: str, train: Path, heldout: Path, labels, demo_start: float, times: dict
+) -> list[str]:
     names = []
     for label, (name, loss, params, seed) in zip(labels, recipe.runs(), strict=True):
         run_dir = out / "runs" / name
-        _run_stage(
+        times[f"fine-tune {name}"] = _run_stage(
             label,
             f"fine-tune {name} ({recipe.finetune_steps} steps)",
             [
@@ -179,6 +181,8 @@ def _finetune(out: Path, recipe: TextRecipe, model: str, train: Path, labels, de
                 str(CONFIG_DIR / "finetune.yaml"),
                 f"model.name_or_path={model}",
                 f"data.source={train}",
+                f"data.eval_source={heldout}",  # held-out NLL after the last step (metrics.jsonl),
+                f"data.eval_split=train[:{recipe.num_texts}]",  # over the sweep's references only
                 f"loss.name={loss}",
                 f"loss.params={_yaml_flow(params)}",
                 f"train.output_dir={run_dir}",
@@ -226,19 +230,19 @@ def run_pipeline(out: Path, recipe: TextRecipe, model: str | None = None) -> Pat
         f"{recipe.finetune_steps} steps of {recipe.global_batch} fortunes each; output in {out}",
         flush=True,
     )
-    label = next(labels)
-    start = time.monotonic()
+    label, start, times = next(labels), time.monotonic(), {}
     name_or_path = prepare_model(model)
-    print(f"{label} model: {name_or_path} ({fmt_time(time.monotonic() - start)})", flush=True)
+    times["model (convert or reuse)"] = time.monotonic() - start
+    print(f"{label} model: {name_or_path} ({fmt_time(times['model (convert or reuse)'])})", flush=True)
     label = next(labels)
     texts = read_fortunes()
     train, heldout, n_train, n_heldout = write_corpus(out / "data", texts)
     print(f"{label} corpus: {n_train} training and {n_heldout} held-out fortunes -> {out / 'data'}", flush=True)
     if n_heldout < recipe.num_texts:
         raise DemoError(f"{n_heldout} held-out fortunes < the sweep's text.num_texts = {recipe.num_texts}")
-    names = _finetune(out, recipe, name_or_path, train, [next(labels) for _ in runs], demo_start)
+    names = _finetune(out, recipe, name_or_path, train, heldout, [next(labels) for _ in runs], demo_start, times)
     overrides = sweep_overrides(out, names, heldout, recipe)
-    _run_stage(
+    times["sweep"] = _run_stage(
         next(labels),
         f"sweep {len(names)} models x {len(recipe.temperatures)} temperatures x {recipe.num_texts} texts",
         ["sweep", str(CONFIG_DIR / "sweep.yaml"), *overrides],
@@ -250,7 +254,15 @@ def run_pipeline(out: Path, recipe: TextRecipe, model: str | None = None) -> Pat
 
     cfg = load_config(SweepConfig, CONFIG_DIR / "sweep.yaml", overrides)
     write_samples(cfg, out / "samples.md")
-    report = write_text_summary(out / "sweep.csv", out / "summary.md", recipe=recipe, wall_seconds=wall, model=model)
+    report = write_text_summary(
+        out / "sweep.csv",
+        out / "summary.md",
+        recipe=recipe,
+        wall_seconds=wall,
+        model=model,
+        runs_dir=out / "runs",
+        stage_seconds=times,
+    )
     print(f"demo-text done in {fmt_time(wall)}: {report}", flush=True)
     return report
 

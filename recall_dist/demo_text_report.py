@@ -54,7 +54,63 @@ def _curve_table(curves: dict) -> list[str]:
     return lines
 
 
-def summary_markdown(csv_path: Path, recipe=None, wall_seconds: float | None = None, model: str | None = None) -> str:
+def training_rows(runs_dir: Path, names: list[str]) -> list[dict]:
+    """Per fine-tuned model, from its ``metrics.jsonl``: training NLL of the first and last logged step,
+    the mean over logged steps of ESS / tokens and of weight_max / weight_mean (how concentrated the
+    weights are), and the held-out NLL when the run evaluated one (``eval_nll``)."""
+    import json
+
+    rows = []
+    for name in names:
+        path = runs_dir / name / "metrics.jsonl"
+        if not path.is_file():
+            continue
+        steps = [r for r in map(json.loads, path.read_text().splitlines()) if "nll" in r]
+        if not steps:
+            continue
+        evals = [r["eval_nll"] for r in steps if "eval_nll" in r]
+        rows.append(
+            {
+                "model": name,
+                "nll_first": steps[0]["nll"],
+                "nll_last": steps[-1]["nll"],
+                "ess_fraction": sum(r["ess"] / r["tokens"] for r in steps) / len(steps),
+                "weight_spread": sum(r["weight_max"] / r["weight_mean"] for r in steps) / len(steps),
+                "eval_nll": evals[-1] if evals else math.nan,
+            }
+        )
+    return rows
+
+
+def _training_table(rows: list[dict]) -> list[str]:
+    lines = [
+        "## Training: what each loss did to the model",
+        "",
+        "From each run's `metrics.jsonl` (logged every few steps): the training NLL of the step's batch at the "
+        "first and the last logged step; ESS / tokens = (sum w)^2 / sum w^2 / tokens, averaged over logged "
+        "steps (1 = every token weighs the same; small = a few tokens carry the gradient); max weight / mean "
+        "weight, averaged likewise; and the held-out NLL after training where the run measured it.",
+        "",
+        "| model | training NLL, first → last | ESS / tokens | max w / mean w | held-out NLL |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        held = "" if math.isnan(r["eval_nll"]) else f"{r['eval_nll']:.3f}"
+        lines.append(
+            f"| {r['model']} | {r['nll_first']:.2f} → {r['nll_last']:.2f} | {r['ess_fraction']:.3f} | "
+            f"{r['weight_spread']:.1f} | {held} |"
+        )
+    return lines
+
+
+def summary_markdown(
+    csv_path: Path,
+    recipe=None,
+    wall_seconds: float | None = None,
+    model: str | None = None,
+    runs_dir: Path | None = None,
+    stage_seconds: dict | None = None,
+) -> str:
     curves = read_curves(csv_path)
     n = _num_texts(csv_path)
     tol = tie_tolerance(n)
@@ -123,7 +179,16 @@ def summary_markdown(csv_path: Path, recipe=None, wall_seconds: float | None = N
     lines += ["", "## Verdicts", ""]
     lines += _verdicts(by_model, tol)
     lines += ["", "## Precision / Recall per temperature", ""]
+    lines.append("Each cell: k-NN Precision / Recall of the model's generations at that temperature.")
+    lines.append("")
     lines += _curve_table(curves)
+    if runs_dir is not None:
+        rows = training_rows(runs_dir, list(curves))
+        if rows:
+            lines += ["", *_training_table(rows)]
+    if stage_seconds:
+        lines += ["", "## Where the time went", "", "| stage | wall time |", "|---|---|"]
+        lines += [f"| {stage} | {fmt_time(sec)} |" for stage, sec in stage_seconds.items()]
     lines.append("")
     return "\n".join(lines)
 
