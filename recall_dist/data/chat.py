@@ -151,6 +151,15 @@ def tokenize_messages(
         token if any(start <= begin < end for start, end in spans) else IGNORE_INDEX
         for token, (begin, _) in zip(input_ids, offsets, strict=True)
     ]
+    return truncate_example(input_ids, labels, max_length, truncation)
+
+
+def truncate_example(
+    input_ids: list[int], labels: list[int], max_length: int | None, truncation: str
+) -> dict[str, list[int]] | None:
+    """``{"input_ids", "labels"}`` within ``max_length``: cut on the right (``truncation: right``) or
+    dropped (``drop``: None); an example left without a trained token is dropped too (None).  The one
+    rule for every record form (``tokenize_messages`` and ``dataset.tokenize_example``)."""
     if max_length is not None and len(input_ids) > max_length:
         if truncation == "drop":
             return None

@@ -12,7 +12,7 @@ from typing import Any, ClassVar, Literal
 
 from recall_dist.configtree import ConfigError, check
 from recall_dist.constants import IGNORE_INDEX
-from recall_dist.data.chat import ASSISTANT_TURNS, tokenize_messages
+from recall_dist.data.chat import ASSISTANT_TURNS, tokenize_messages, truncate_example
 from recall_dist.data.records import RecordError, detect_form, form_fields, to_record
 from recall_dist.data.sources import SINGLE_SPLIT, open_split, parse_split
 from recall_dist.data.synthetic import KnownSupportTask, build_task, known_tasks
@@ -235,14 +235,8 @@ def tokenize_example(
     prompt_ids = ([bos] if bos is not None else []) + encode_text(tokenizer, prompt)
     completion_ids = [*encode_text(tokenizer, completion), eos]
     input_ids = prompt_ids + completion_ids
-    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    if max_length is not None and len(input_ids) > max_length:
-        if truncation == "drop":
-            return None
-        input_ids, labels = input_ids[:max_length], labels[:max_length]
-        if all(label == IGNORE_INDEX for label in labels):
-            return None
-    return {"input_ids": input_ids, "labels": labels}
+    labels = [IGNORE_INDEX] * len(prompt_ids) + completion_ids  # never all ignored: eos is trained
+    return truncate_example(input_ids, labels, max_length, truncation)
 
 
 def tokenize_record(record: dict, tokenizer, cfg: DataConfig) -> dict[str, list[int]] | None:
