@@ -207,6 +207,8 @@ def aggregate(cfg: SweepConfig, num_shards: int | None = None, num_parts: int = 
         "metric": cfg.metric,
         "task": cfg.task,
         "task_params": cfg.task_params,
+        # what the samples were scored against: the task's own distribution, or a text references file
+        "references": cfg.text.references if cfg.metric == "text" else None,
         "rows": rows,
         "summary": summaries,
         "lambdas": lambdas.tolist(),

@@ -85,8 +85,17 @@ def _sweep_panel(fig, ax, result: dict) -> None:
         ax.set_xlabel(f"Recall@{rows_all[0]['recall_at_n']}  (expected P-mass covered by N samples)")
         ax.set_ylabel("Precision  Q_T(supp P)")
     ax.grid(alpha=0.3)
-    ax.set_title(f"Temperature sweep ({result['task']})")
+    ax.set_title(f"Temperature sweep ({_subject(result)})")
     ax.legend(loc="best", fontsize=8, framealpha=0.85)
+
+
+def _subject(result: dict) -> str:
+    """What the sweep measured against: a text sweep's references file (``k-NN P/R vs heldout.jsonl``),
+    the task's samples for a text sweep without one, or the task's exact distribution."""
+    if result["metric"] == "text":
+        refs = result.get("references")
+        return f"k-NN P/R vs {Path(refs).name}" if refs else f"k-NN P/R vs {result['task']} samples"
+    return result["task"]
 
 
 def _pr_curve_panel(ax, result: dict) -> None:
