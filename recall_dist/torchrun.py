@@ -27,8 +27,10 @@ import sys
 import tempfile
 from pathlib import Path
 
+from recall_dist.log import get_logger
 from recall_dist.train.preemption import OUTCOME_FILE_ENV, STOP_FILE_ENV
 
+log = get_logger("torchrun")
 SHUTDOWN_TIMEOUT_S = "600"
 _PASSED_ON = (signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         if stops == 1 or signum == signal.SIGUSR1:
             stop_file.parent.mkdir(parents=True, exist_ok=True)
             stop_file.touch()
+            # Not through logging: a signal handler must not take the logging lock the interrupted code
+            # may hold.  Same format as get_logger's lines.
             print(
                 f"recall-dist torchrun: {signal.Signals(signum).name}: asking the workers to checkpoint and "
                 f"stop ({stop_file}); send SIGTERM again to stop them at once",
@@ -100,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in scratch.iterdir():
             path.unlink(missing_ok=True)
         scratch.rmdir()
-    print(f"recall-dist torchrun: exit {code} ({why}; torchrun exited {returncode})", file=sys.stderr, flush=True)
+    log.info("exit %d (%s; torchrun exited %d)", code, why, returncode)
     return code
 
 

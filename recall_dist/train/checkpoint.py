@@ -26,7 +26,6 @@ import os
 import random
 import re
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +36,11 @@ import yaml
 from recall_dist.configtree import ConfigError
 from recall_dist.distributed.ranks import broadcast_from_rank0, world_group
 from recall_dist.io import format_bytes, fresh_dir, fsync_tree, is_disk_full, publish_dir, temp_sibling
+from recall_dist.log import get_logger
 from recall_dist.train.fingerprint import FINGERPRINT, config_fingerprint
 from recall_dist.train.manifest import build_manifest, read_manifest, verify, write_manifest
 
+log = get_logger("train")
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -278,11 +279,11 @@ class Checkpointer:
                 return path
             if self.rank == 0:
                 aside = self._set_aside(path)
-                print(
-                    f"recall-dist train: WARNING: checkpoint {path} is damaged, renamed {aside.name}; "
-                    f"trying the previous one:\n  " + "\n  ".join(problems[:10]),
-                    file=sys.stderr,
-                    flush=True,
+                log.warning(
+                    "checkpoint %s is damaged, renamed %s; trying the previous one:\n  %s",
+                    path,
+                    aside.name,
+                    "\n  ".join(problems[:10]),
                 )
             _barrier()
         if candidates:

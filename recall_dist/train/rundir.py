@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import socket
 import sys
@@ -26,9 +27,11 @@ from pathlib import Path
 
 from recall_dist.configtree import ConfigError, to_dict
 from recall_dist.distributed.ranks import on_rank0
+from recall_dist.log import get_logger
 from recall_dist.train.checkpoint import Checkpointer, checkpoint_step, latest_checkpoint
 from recall_dist.train.fingerprint import config_fingerprint, fingerprint_differences, read_fingerprint
 
+log = get_logger("train")
 LOCK_NAME = "LOCK"
 PREVIOUS_RUNS = "previous_runs"
 # What a run writes in its output_dir; the rest (Ray's run state ``ray/``, Slurm's STOP file, the user's
@@ -169,7 +172,7 @@ class OutputDirLock:
             with contextlib.suppress(FileExistsError):
                 os.link(grave, self.path)
         else:
-            print(f"recall-dist: taking over the stale lock {self.path} ({reason})", file=sys.stderr, flush=True)
+            log.warning("taking over the stale lock %s (%s)", self.path, reason)
         grave.unlink(missing_ok=True)
 
     def _heartbeat(self) -> None:
@@ -177,7 +180,7 @@ class OutputDirLock:
             try:
                 os.utime(self.path)
             except FileNotFoundError:
-                print(f"recall-dist: warning: lock file {self.path} was removed", file=sys.stderr, flush=True)
+                log.warning("lock file %s was removed", self.path)
                 return
 
     def release(self) -> None:
@@ -313,9 +316,9 @@ def _on_rank0(fn, ctx):
     return on_rank0(fn, ctx.dp_group, _as_seen_elsewhere)
 
 
-def _log(ctx, message: str) -> None:
+def _log(ctx, message: str, level: int = logging.INFO) -> None:
     if ctx.rank == 0:
-        print(f"recall-dist train: {message}", file=sys.stderr, flush=True)
+        log.log(level, message)
 
 
 def open_run(cfg, ctx) -> tuple[OutputDirLock | None, Path | None]:
@@ -351,8 +354,8 @@ def open_run(cfg, ctx) -> tuple[OutputDirLock | None, Path | None]:
             if diff:
                 _log(
                     ctx,
-                    f"WARNING: train.allow_config_change: resuming {start} with changed settings:\n  "
-                    + "\n  ".join(diff),
+                    f"train.allow_config_change: resuming {start} with changed settings:\n  " + "\n  ".join(diff),
+                    logging.WARNING,
                 )
     except BaseException:
         if lock is not None:

@@ -8,7 +8,6 @@ one ``train_step``, the held-out ``evaluate``, the loop, the end (final checkpoi
 from __future__ import annotations
 
 import random
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +23,7 @@ from recall_dist.data.cache import load_dataset
 from recall_dist.data.loader import DistributedBatchIterator, eval_batches
 from recall_dist.data.validation import validate_data_source
 from recall_dist.distributed.collectives import all_reduce_
+from recall_dist.log import get_logger
 from recall_dist.train.backends import build_engine
 from recall_dist.train.checkpoint import Checkpointer, checkpoint_step, latest_checkpoint, rng_state, set_rng_state
 from recall_dist.train.config import TrainConfig, validate_resources
@@ -126,6 +126,7 @@ def train_step(run: Run, data, before_update=None) -> dict[str, float]:
     return stats
 
 
+log = get_logger("train")
 EVAL_STATS = ("loss", "nll", "tokens")
 
 
@@ -185,7 +186,7 @@ def resume(run: Run, checkpointer: Checkpointer, path: Path | None) -> None:
     run.loss.load_state_dict(state["loss"])
     set_rng_state(state["rng"])
     if run.ctx.rank == 0:  # visible in job logs: a requeued/restarted job says where it picked up
-        print(f"recall-dist train: resumed from {path} at step {run.step}", file=sys.stderr, flush=True)
+        log.info("resumed from %s at step %d", path, run.step)
 
 
 def run_training(cfg: TrainConfig, on_checkpoint=None) -> dict:

@@ -16,6 +16,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from recall_dist.log import get_logger
+
+log = get_logger("train")
+
 TAG = "engine"  # DeepSpeedEngine.save uses this tag: <engine dir>/engine/<files>
 _OPTIM_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_\d+_optim_states\.pt$")
 _DONE = "CONVERTED"
@@ -68,11 +72,12 @@ def convert_to_universal(engine_dir: str | Path) -> Path:
 def load_other_world_size(ds_engine, engine_dir: str | Path, saved: int, current: int) -> None:
     """Load a ZeRO checkpoint saved by ``saved`` ranks into an engine of ``current`` ranks."""
     if dist.get_rank() == 0:
-        print(
-            f"recall-dist train: the checkpoint in {engine_dir} was written by {saved} data-parallel ranks, this run "
-            f"has {current}: converting it to a DeepSpeed universal checkpoint and re-partitioning",
-            file=sys.stderr,
-            flush=True,
+        log.info(
+            "the checkpoint in %s was written by %d data-parallel ranks, this run has %d: converting it to a "
+            "DeepSpeed universal checkpoint and re-partitioning",
+            engine_dir,
+            saved,
+            current,
         )
         convert_to_universal(engine_dir)
     dist.barrier()
