@@ -90,7 +90,7 @@ def scale_sentence(max_factor: int, recall_at_n: int) -> str:
     """Recall@N of the target P itself (a perfect NLL model at T=1) and of the best flattening
     P^(1/a) on the support (the sequence-level picture of what c-Div aims at): the room a loss has."""
     from recall_dist.data import build_task
-    from recall_dist.eval.metrics import recall_at_n as recall_of
+    from recall_dist.eval.pr_metrics import recall_at_n as recall_of
 
     p = np.array(list(build_task("product", max_factor=max_factor).target_distribution("").values()))
     flattened = {}

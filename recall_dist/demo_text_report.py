@@ -222,7 +222,7 @@ def samples_markdown(cfg, per_cell: int = 4) -> str:
     """The first ``per_cell`` generations of each model at the lowest, middle and highest temperature,
     next to the first references, from the sweep's shard files."""
     from recall_dist.eval.aggregate import load_records
-    from recall_dist.eval.plan import reference_rows
+    from recall_dist.eval.shards import reference_rows
 
     shards = sorted((Path(cfg.output_dir) / "shards").glob("shard-*-of-*.json"))
     num_shards = int(shards[0].stem.rsplit("-", 1)[1]) if shards else 1

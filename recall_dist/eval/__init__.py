@@ -11,7 +11,7 @@ plot) -> ``driver`` (``run_sweep`` under torchrun / srun).  ``launch/ray_sweep.p
 from recall_dist.eval.aggregate import aggregate, compute_text_part
 from recall_dist.eval.config import SweepConfig
 from recall_dist.eval.driver import run_sweep
-from recall_dist.eval.plan import work_items
+from recall_dist.eval.shards import work_items
 from recall_dist.eval.sweep import compute_shard
 
 __all__ = ["SweepConfig", "aggregate", "compute_shard", "compute_text_part", "run_sweep", "work_items"]

@@ -21,7 +21,7 @@ import numpy as np
 
 from recall_dist.eval import summary, text
 from recall_dist.eval.config import SweepConfig
-from recall_dist.eval.plan import (
+from recall_dist.eval.shards import (
     decode_array,
     model_fingerprint,
     read_json_if_key,

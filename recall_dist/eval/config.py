@@ -11,7 +11,7 @@ from typing import Any, Literal
 import numpy as np
 
 from recall_dist.configtree import ConfigError, check
-from recall_dist.eval.metrics import default_lambdas
+from recall_dist.eval.pr_metrics import default_lambdas
 
 DEFAULT_TEMPERATURES = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
 
@@ -83,7 +83,7 @@ class SweepConfig:
     seed: int = 0
     # What identifies a model's content in the shard keys: "content" = sha256 of every file of the
     # model directory (exact; reads the weights once per process), "stat" = each file's size and
-    # modification time (no read; for very large models).  See ``fingerprint.py``.
+    # modification time (no read; for very large models).  See ``content_hash.py``.
     model_fingerprint: Literal["content", "stat"] = "content"
     text: TextSpec = field(default_factory=TextSpec)
 

@@ -9,7 +9,7 @@ import time
 from recall_dist.distributed.ranks import rank_and_world
 from recall_dist.eval.aggregate import aggregate, compute_text_part, read_text_part
 from recall_dist.eval.config import SweepConfig
-from recall_dist.eval.plan import read_shard
+from recall_dist.eval.shards import read_shard
 from recall_dist.eval.sweep import compute_shard
 
 

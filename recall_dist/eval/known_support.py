@@ -6,7 +6,7 @@ A sequence is tokenized exactly as training tokenizes it (``recall_dist.data.tok
 per-token-tempered sequence distribution Q_T(x | prompt) = prod_t softmax(z_t / T)[x_t] over the
 completion's tokens *and* the final eos, so a completion the model would continue past counts as
 not generated.  The logits z_t do not depend on T: one forward per sequence serves every
-temperature.  The pure maths lives in ``metrics.py``; this module only turns a model into
+temperature.  The pure maths lives in ``pr_metrics.py``; this module only turns a model into
 ``log Q_T`` and samples.
 """
 
@@ -21,7 +21,7 @@ import torch
 
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.data.dataset import tokenize_example
-from recall_dist.eval import metrics
+from recall_dist.eval import pr_metrics
 from recall_dist.eval.tokens import pad_batch, prompt_ids, tempered_generate
 
 
@@ -155,9 +155,9 @@ def evaluate_prompt(
     log_qs = support_log_probs(model, encoded, temperatures, score_batch_size, pad_id)
     records = []
     for temperature, seed, log_q in zip(temperatures, seeds, log_qs, strict=True):
-        alpha, _ = metrics.pr_curve(log_q, encoded.p, lambdas)
-        prec = metrics.precision(log_q, encoded.p)
-        recall = metrics.recall_at_n(log_q, encoded.p, recall_at_n)
+        alpha, _ = pr_metrics.pr_curve(log_q, encoded.p, lambdas)
+        prec = pr_metrics.precision(log_q, encoded.p)
+        recall = pr_metrics.recall_at_n(log_q, encoded.p, recall_at_n)
         record = {"precision": prec, "recall": recall, "alpha": alpha.tolist()}
         if num_samples > 0:
             samples = sample_completions(
@@ -168,8 +168,8 @@ def evaluate_prompt(
                 precision_sampled=prec_s,
                 recall_sampled=rec_s,
                 precision_sampled_var=min(prec, 1.0) * max(1.0 - prec, 0.0) / num_samples,
-                recall_sampled_var=metrics.recall_at_n_variance(log_q, encoded.p, num_samples),
-                recall_at_num_samples=metrics.recall_at_n(log_q, encoded.p, num_samples),
+                recall_sampled_var=pr_metrics.recall_at_n_variance(log_q, encoded.p, num_samples),
+                recall_at_num_samples=pr_metrics.recall_at_n(log_q, encoded.p, num_samples),
             )
         records.append(record)
     return records

@@ -1,4 +1,4 @@
-"""Compute one shard of the temperature sweep (``plan.py`` says which work items it holds).
+"""Compute one shard of the temperature sweep (``shards.py`` says which work items it holds).
 
 ``compute_shard(cfg, shard_index, num_shards)`` evaluates the shard's work items and writes
 ``<output_dir>/shards/shard-IIIII-of-NNNNN.json`` atomically; a shard file whose key (config and
@@ -19,7 +19,7 @@ from pathlib import Path
 from recall_dist.eval import known_support, text
 from recall_dist.eval.config import SweepConfig
 from recall_dist.eval.loading import load_model
-from recall_dist.eval.plan import (
+from recall_dist.eval.shards import (
     WorkItem,
     encode_array,
     read_shard,

@@ -41,7 +41,7 @@ from transformers import Trainer
 
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.distributed.ranks import world_group
-from recall_dist.integrations.step import scale_gradients_
+from recall_dist.integrations.normalizer import scale_gradients_
 from recall_dist.losses.base import RecallLoss, build_loss
 from recall_dist.train.loss_head import LossHead
 

@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from recall_dist.losses.step import StepAccumulator, inverse_or_zero, stats_from_sums
+from recall_dist.losses.accumulator import StepAccumulator, inverse_or_zero, stats_from_sums
 
 _RULES: dict[str, type[WeightRule]] = {}
 
@@ -149,7 +149,7 @@ class RecallLoss:
         """Global scalars (A, B) such that this call's gradient is that of sum_n (A w_n + B) l_n.
 
         Alone, a call is a whole step: A = (1 - m) / Z, B = m / N from its own global sums.  Inside
-        ``optimizer_step`` the step's provisional scale 1/N is used (see ``losses/step.py``).  A zero
+        ``optimizer_step`` the step's provisional scale 1/N is used (see ``losses/accumulator.py``).  A zero
         normaliser (all tokens ignored, or every weight zero) gives a zero coefficient, never a division
         by zero.
         """
@@ -159,7 +159,7 @@ class RecallLoss:
         return (1.0 - self.nll_mix) * inverse_or_zero(z), self.nll_mix * inverse_or_zero(count)
 
     def summarize(self, sums: torch.Tensor, wmax: torch.Tensor) -> torch.Tensor:
-        """Statistics of one call from its global sums (``losses/step.py`` ``SUM_NAMES``); inside an
+        """Statistics of one call from its global sums (``losses/accumulator.py`` ``SUM_NAMES``); inside an
         optimizer step the sums are also added to the step's."""
         if self._step is not None:
             self._step.record(sums, wmax)

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 
 from recall_dist.distributed.collectives import all_reduce_, group_rank, group_size
+from recall_dist.losses.accumulator import STAT_NAMES
 from recall_dist.losses.base import RecallLoss, TokenBatch
-from recall_dist.losses.step import STAT_NAMES
 
 # One fp32 chunk of logits holds about this many elements (16 MiB): small next to an N x V tensor,
 # large enough that the chunk's matmul runs at full speed.
@@ -156,7 +156,7 @@ def finalize(
     """
     div = loss.rule.divergence(nll)
     div = torch.zeros_like(nll) if div is None else torch.where(finite, div, torch.zeros_like(div))
-    sums = torch.stack(  # in the order of recall_dist.losses.step.SUM_NAMES
+    sums = torch.stack(  # in the order of recall_dist.losses.accumulator.SUM_NAMES
         [
             weights.sum(),
             finite.sum().to(torch.float64),

@@ -29,7 +29,7 @@ from recall_dist.train.checkpoint import Checkpointer, checkpoint_step, latest_c
 from recall_dist.train.config import TrainConfig, validate_resources
 from recall_dist.train.distributed import init_distributed, shutdown
 from recall_dist.train.export import export_from_engine
-from recall_dist.train.metrics import EVAL_PREFIX, MetricsLogger, mark_nonfinite, nonfinite_step
+from recall_dist.train.metrics_log import EVAL_PREFIX, MetricsLogger, mark_nonfinite, nonfinite_step
 from recall_dist.train.preemption import PreemptionWatcher, clear_preempted, mark_preempted
 from recall_dist.train.rundir import clear_diverged, mark_diverged, open_run
 
@@ -99,7 +99,7 @@ def step_token_count(micro_batches: list[dict[str, torch.Tensor]], dp_group) -> 
 
 
 def train_step(run: Run, data, before_update=None) -> dict[str, float]:
-    """One optimizer step = one weighted NLL over all of its tokens (``losses/step.py``): every
+    """One optimizer step = one weighted NLL over all of its tokens (``losses/accumulator.py``): every
     micro-batch's gradient with the step's provisional scale, then the engine rescales the sum by the
     step's exact normaliser before clipping and the update.  A step with non-finite tokens (the loss
     already zeroed their gradients on every rank) or a non-finite gradient norm is skipped.
@@ -132,7 +132,7 @@ EVAL_STATS = ("loss", "nll", "tokens")
 
 def evaluate(run: Run) -> dict[str, float]:
     """The validation set's objective and NLL (``eval_loss``, ``eval_nll``, ``eval_tokens``) with the
-    current weights: the whole set is one step of the loss (``losses/step.py``), so
+    current weights: the whole set is one step of the loss (``losses/accumulator.py``), so
     ``eval_loss = (1 - m) sum_n w_n l_n / Z + m sum_n l_n / N`` over every token of the set on every
     data-parallel rank, exact and global (each example on one rank, once).  The weights are those the
     next training step would use (a truncation rule's threshold comes from the training buffer); the

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from recall_dist.data import CharTokenizer, build_task
-from recall_dist.eval import known_support, metrics
+from recall_dist.eval import known_support, pr_metrics
 from tests.eval.models import bigram_llama
 
 TASK = build_task("product", max_factor=4)  # support {1, 2, 3, 4, 6, 8, 9, 12, 16}
@@ -51,7 +51,7 @@ def test_teacher_forcing_matches_the_written_down_distribution(setup):
     for k, t in enumerate(temps):
         ref = _reference_log_q(b, encoded.texts, t)
         np.testing.assert_allclose(got[k], ref, rtol=0, atol=2e-5)
-        assert metrics.precision(got[k], encoded.p) == pytest.approx(np.exp(ref).sum(), abs=1e-5)
+        assert pr_metrics.precision(got[k], encoded.p) == pytest.approx(np.exp(ref).sum(), abs=1e-5)
     # The hand-built model is a real bigram: a different context must not change the numbers.
     shifted = known_support.EncodedPrompt([1, 3, 3], encoded.completions, encoded.p, encoded.texts)
     assert not np.allclose(known_support.support_log_probs(model, shifted, [1.0])[0], got[1])
@@ -70,7 +70,7 @@ def test_sampled_estimates_agree_with_exact_within_3_se(setup, temperature):
             [temperature],
             recall_at_n=n,
             num_samples=n,
-            lambdas=metrics.default_lambdas(),
+            lambdas=pr_metrics.default_lambdas(),
             seeds=[1000 + r],
             score_batch_size=64,
             generate_batch_size=16,
@@ -118,7 +118,7 @@ def test_one_forward_serves_every_temperature(setup, monkeypatch):
     kw = {
         "recall_at_n": 30,
         "num_samples": 0,
-        "lambdas": metrics.default_lambdas(),
+        "lambdas": pr_metrics.default_lambdas(),
         "score_batch_size": batch,
         "generate_batch_size": 8,
         "pad_id": 0,

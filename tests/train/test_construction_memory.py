@@ -119,7 +119,7 @@ def _measure(tmp_path: Path, model: dict, backend: str, monkeypatch) -> tuple[li
 
 
 def _plan_estimate(model: dict, backend: str) -> float:
-    from recall_dist.train.plan import make_plan
+    from recall_dist.train.memory_plan import make_plan
 
     plan = make_plan(build(_config(model, BACKENDS[backend])), 1, WORLD, device="cpu")
     return plan.construction_bytes

@@ -15,7 +15,7 @@ import torch
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.data.chat import tokenize_messages
 from recall_dist.distributed.testing import run_distributed_test
-from recall_dist.train.metrics import read_metrics
+from recall_dist.train.metrics_log import read_metrics
 from tests.data.chat_tokenizer import chatml_tokenizer, save_chatml_tokenizer
 from tests.train.helpers import build
 
@@ -161,7 +161,7 @@ def test_eval_every_without_a_validation_set_names_the_keys(files):
 def test_eval_values_reach_metrics_tensorboard_and_wandb(tmp_path):
     """The validation values of a step go to its metrics.jsonl line, to TensorBoard under ``eval/`` and
     to W&B (stand-in writers record what they are given)."""
-    from recall_dist.train.metrics import MetricsLogger
+    from recall_dist.train.metrics_log import MetricsLogger
 
     class Recorder:
         def __init__(self):

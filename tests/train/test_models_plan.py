@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from recall_dist.train import plan as plan_cli
+from recall_dist.train import memory_plan as plan_cli
 from recall_dist.train.backends.fsdp2 import sharding_plan
 from recall_dist.train.config import load_train_config, validate_resources
 from recall_dist.train.models import build_model, count_parameters, resolve_attn_implementation
@@ -162,12 +162,12 @@ class _LiveTensorBytes:
     ],
 )
 def test_plan_head_row_is_the_heads_measured_peak(loss, tokens, hidden, vocab, chunk):
-    """`recall-dist plan`'s loss-head row (train/plan.py::head_bytes, chunk from the head's own
+    """`recall-dist plan`'s loss-head row (train/memory_plan.py::head_bytes, chunk from the head's own
     chunk_rows) vs the peak of the tensors the fused head creates in forward + backward (fp32, where
     the CPU and CUDA PyTorch paths allocate alike): within 10%.  (Before the head dropped each chunk
     before computing the next, two chunks were alive: 1.33x the plan at V=32000.)"""
     from recall_dist import build_loss, fused_linear_loss
-    from recall_dist.train.plan import head_bytes
+    from recall_dist.train.memory_plan import head_bytes
 
     g = torch.Generator().manual_seed(0)
     h = torch.randn(tokens, hidden, generator=g).requires_grad_()

@@ -27,7 +27,7 @@ import yaml
 
 from recall_dist.distributed.testing import run_distributed_test
 from recall_dist.train.checkpoint import complete_checkpoints
-from recall_dist.train.metrics import read_metrics
+from recall_dist.train.metrics_log import read_metrics
 from recall_dist.train.rundir import LOCK_NAME, PREVIOUS_RUNS, RunDirError
 from tests.train.helpers import build, tiny_config_dict
 

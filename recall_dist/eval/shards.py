@@ -6,7 +6,7 @@ for ``metric: text``; either is evaluated at *every* temperature of the grid, so
 sequence once (teacher-forced logits do not depend on T, only their scaling does).
 
 A shard file is keyed by the sweep config (``SweepConfig.fingerprint``) and by the content of the
-models it holds (``fingerprint.directory_fingerprint``): a model retrained at the same path is
+models it holds (``content_hash.directory_fingerprint``): a model retrained at the same path is
 evaluated again, an unchanged one is reused.
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from recall_dist.eval.config import ModelSpec, SweepConfig
-from recall_dist.eval.fingerprint import directory_fingerprint
+from recall_dist.eval.content_hash import directory_fingerprint
 from recall_dist.io import atomic_write_json
 
 

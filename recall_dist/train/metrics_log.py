@@ -1,5 +1,5 @@
 """Training metrics: JSON lines at ``<output_dir>/metrics.jsonl`` on rank 0 (TensorBoard and W&B
-optional).  A step's statistics come from the loss (``losses/step.py``): they describe the whole step."""
+optional).  A step's statistics come from the loss (``losses/accumulator.py``): they describe the whole step."""
 
 from __future__ import annotations
 

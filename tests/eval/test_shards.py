@@ -12,8 +12,8 @@ import pytest
 from recall_dist.configtree import from_dict
 from recall_dist.data import CharTokenizer, build_task
 from recall_dist.eval import SweepConfig, aggregate, compute_shard, work_items
-from recall_dist.eval.fingerprint import directory_fingerprint
-from recall_dist.eval.plan import shard_items, shard_path
+from recall_dist.eval.content_hash import directory_fingerprint
+from recall_dist.eval.shards import shard_items, shard_path
 from tests.eval.models import random_llama, save
 
 TOKENIZER = CharTokenizer(build_task("product", max_factor=4).alphabet)
