@@ -6,7 +6,7 @@ measured in one run on the same models, machine and config.
 
 *before* is the package as it was at git revision ``--before`` (extracted with ``git archive``),
 *after* is this working tree.  Each runs ``torchrun --nproc-per-node 2 -m recall_dist sweep
-configs/demo/sweep.yaml`` exactly as ``recall-dist demo`` does (11 temperatures, the 30x30
+recall_dist/demo/configs/demo/sweep.yaml`` exactly as ``recall-dist demo`` does (11 temperatures, the 30x30
 product task, the five fine-tuned models of a ``make demo`` run), in a fresh output directory:
 once with the demo's sampled cross-check (``num_samples`` = 500 per temperature, sampling is per T
 in both versions) and once exact-only (``num_samples=0``: teacher forcing alone).  Rounds alternate
@@ -101,7 +101,7 @@ def _extract(rev: str, into: Path) -> Path:
 
 def _sweep(root: Path, models: list[tuple[str, Path]], out: Path, num_samples: int) -> dict:
     """Run the demo's sweep stage with the package under ``root``; wall time and counted forwards."""
-    from recall_dist import demo
+    from recall_dist.demo import runner as demo
 
     recipe = demo.Recipe.full()
     listing = "[" + ", ".join(f"{{name: {n}, path: {p}}}" for n, p in models) + "]"
@@ -110,7 +110,7 @@ def _sweep(root: Path, models: list[tuple[str, Path]], out: Path, num_samples: i
         str(Path(__file__).resolve()),
         "--worker",
         str(count_file),
-        str(REPO / "configs" / "demo" / "sweep.yaml"),  # the same config file for both versions
+        str(demo.CONFIG_DIR / "sweep.yaml"),  # the same config file (this tree's) for both versions
         f"models={listing}",
         f"output_dir={out}",
         f"task_params={{max_factor: {recipe.max_factor}}}",
@@ -160,7 +160,7 @@ def main() -> int:
     args = p.parse_args()
 
     sys.path.insert(0, str(REPO))
-    from recall_dist import demo
+    from recall_dist.demo import runner as demo
 
     models_dir = Path(args.models_dir).resolve()
     names = [name for name, *_ in demo.Recipe.full().losses]

@@ -1,7 +1,8 @@
 """recall_dist installs like a library: a non-editable wheel in a fresh virtualenv, run from outside the
 source tree, finds its presets (model architectures, DeepSpeed JSON) as package data, plans a 7B run and
-trains the tiny model.  The new venv borrows the heavy dependencies (torch, deepspeed, transformers, ...)
-from the test's own environment through a .pth file; recall_dist itself comes only from the wheel."""
+trains the tiny model; the demos find their configs (``recall_dist/demo/configs/``) inside the package.
+The new venv borrows the heavy dependencies (torch, deepspeed, transformers, ...) from the test's own
+environment through a .pth file; recall_dist itself comes only from the wheel."""
 
 from __future__ import annotations
 
@@ -67,3 +68,37 @@ def test_wheel_holds_the_presets_and_runs_outside_the_tree(installed, tmp_path):
     _run([str(cli), "train", str(config)], work, env)
     assert (work / "run" / "final" / "config.json").is_file()
     assert len((work / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_wheel_holds_the_demo_configs(installed, tmp_path):
+    """The demos' recipes (``Recipe.full()``, ``TextRecipe.full()``) read the YAML files shipped in the
+    installed package, and the pre-training config's model file, named relative to it, is found there."""
+    python, cli = installed / "bin" / "python", installed / "bin" / "recall-dist"
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH="")
+    probe = (
+        "import json; from recall_dist.demo import runner, text; r, t = runner.Recipe.full(), text.TextRecipe.full(); "
+        "print(json.dumps({'demo': str(runner.CONFIG_DIR), 'text': str(text.CONFIG_DIR), "
+        "'temperatures': r.temperatures, 'finetune_steps': r.finetune_steps, 'text_temperatures': t.temperatures, "
+        "'num_texts': t.num_texts}))"
+    )
+    found = json.loads(_run([str(python), "-c", probe], work, env).stdout.strip().splitlines()[-1])
+    source = REPO / "recall_dist" / "demo" / "configs"
+    for key, name in (("demo", "demo"), ("text", "demo_text")):
+        shipped = Path(found[key])
+        assert str(installed) in str(shipped) and str(REPO) not in str(shipped) and shipped.name == name
+        assert sorted(p.name for p in shipped.glob("*.yaml")) == sorted(p.name for p in (source / name).glob("*.yaml"))
+    sweep, finetune = (yaml.safe_load((source / "demo" / f).read_text()) for f in ("sweep.yaml", "finetune.yaml"))
+    assert found["temperatures"] == sweep["temperatures"] and found["finetune_steps"] == finetune["train"]["max_steps"]
+    text_sweep = yaml.safe_load((source / "demo_text" / "sweep.yaml").read_text())
+    assert found["text_temperatures"] == text_sweep["temperatures"]
+    assert found["num_texts"] == text_sweep["text"]["num_texts"]
+    # pretrain.yaml names tiny-llama-h64.yaml relative to itself: the installed copy plans like the source's
+    args = ["plan", "--json"]
+    out = _run([str(cli), *args, str(Path(found["demo"]) / "pretrain.yaml")], work, env).stdout
+    ref = _run([sys.executable, "-m", "recall_dist", *args, str(source / "demo" / "pretrain.yaml")], REPO, env).stdout
+    params = [json.loads(o.strip().splitlines()[-1])["total_params"] for o in (out, ref)]
+    assert params[0] == params[1] > 0
+    for command in ("demo", "demo-text"):  # both commands start from the installed package
+        assert "recall-dist " + command in _run([str(cli), command, "--help"], work, env).stdout

@@ -24,14 +24,8 @@ import json
 import math
 from pathlib import Path
 
-from recall_dist.demo_report import (
-    PRECISION_LEVELS,
-    PRECISION_TOLERANCE,
-    TOLERANCE,
-    dominance,
-    read_curves,
-    recall_at,
-)
+from recall_dist.demo.report import PRECISION_LEVELS, read_curves
+from recall_dist.eval.summary import PRECISION_TOLERANCE, TOLERANCE, dominance, recall_at
 
 REFERENCES = [("nll", "nll", {}), ("cdiv-1.4", "cdiv", {"alpha": 1.4})]
 TRUNCR = [
@@ -69,8 +63,6 @@ PRECISION = [
 ]
 GRID = REFERENCES + TRUNCR + LAMBDA_PR + PRECISION
 FAMILIES = {"truncr": TRUNCR, "lambda_pr": LAMBDA_PR}
-# The settings the demo used before this grid existed, shown beside each family's best.
-PREVIOUS_DEFAULTS = {"truncr": "truncr-seq-0.5", "lambda_pr": "lambda_pr-0.5-mix0"}
 RANK_LEVEL, TIE_LEVEL = 0.99, 0.995
 
 
@@ -114,7 +106,7 @@ def _cell(x: float, signed: bool = False) -> str:
 
 
 def grid_markdown(curves: dict, recipe=None, reference: str = "nll") -> str:
-    """grid.md: every grid model's row, then the best setting of each family against NLL and the previous default."""
+    """grid.md: every grid model's row, then the best setting of each family against NLL."""
     rows = {r["model"]: r for r in grid_rows(curves, reference)}
     lines = ["# TruncR and lambda-PR over a grid of settings (demo task)", ""]
     if recipe is not None:
@@ -123,7 +115,7 @@ def grid_markdown(curves: dict, recipe=None, reference: str = "nll") -> str:
             f"{recipe.finetune_steps} steps from the same NLL pre-trained model (same data, seed and learning "
             f"rate as the demo), then swept over T in {{{', '.join(f'{t:g}' for t in recipe.temperatures)}}} "
             f"with exact Precision and Recall@{recipe.recall_at_n}. One seed per setting: differences within "
-            f"about {TOLERANCE:g} are ties (see the demo's seed spread). Computed by `recall_dist/demo_grid.py` "
+            f"about {TOLERANCE:g} are ties (see the demo's seed spread). Computed by `recall_dist/demo/grid.py` "
             f"from the grid's `sweep.csv` (kept as `docs/demo/grid_sweep.csv`).",
             "",
         ]
@@ -140,7 +132,6 @@ def grid_markdown(curves: dict, recipe=None, reference: str = "nll") -> str:
         best = best_of(curves, family)
         if best is None:
             continue
-        old = PREVIOUS_DEFAULTS[family]
         b = rows[best]
         gain = b[f"margin_at_p{RANK_LEVEL:g}"]
         if gain > TOLERANCE:
@@ -151,12 +142,6 @@ def grid_markdown(curves: dict, recipe=None, reference: str = "nll") -> str:
             verdict = f"no setting gains: the best is still {gain:+.3f} below NLL at P >= {RANK_LEVEL:g}"
         line = f"- **{family}**: best `{b['params']}` ({best}): {verdict}, {b[f'margin_at_p{TIE_LEVEL:g}']:+.3f} at "
         line += f"P >= {TIE_LEVEL:g}; verdict vs NLL + temperature: {b['verdict']}."
-        if old in rows and old != best:
-            o = rows[old]
-            line += (
-                f" The previous default `{o['params']}` is at {_cell(o[f'margin_at_p{RANK_LEVEL:g}'], True)} and "
-                f"{_cell(o[f'margin_at_p{TIE_LEVEL:g}'], True)}."
-            )
         lines.append(line)
     lines += [
         "",
@@ -254,7 +239,7 @@ def precision_markdown(curves: dict, recipe=None, reference: str = "nll") -> str
         ]
     lines += [
         f"Produced by `{reproduce_command(curves)}` (pre-training included); every number is computed by "
-        "`recall_dist/demo_grid.py` from that run's `sweep.csv` (kept as `docs/demo/precision_sweep.csv`).",
+        "`recall_dist/demo/grid.py` from that run's `sweep.csv` (kept as `docs/demo/precision_sweep.csv`).",
         "",
     ]
     header = ["model", "settings", "P @ T=1", "R @ T=1", "max R", f"R @ P>={RANK_LEVEL:g}"]

@@ -12,15 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from recall_dist.eval.summary import recall_at_precision
+from recall_dist.eval.summary import PRECISION_TOLERANCE, TOLERANCE, dominance, recall_at, temperature_effect
 
 PRECISION_LEVELS = (0.9, 0.95, 0.99, 0.995)
-# Recall differences within TOLERANCE count as ties in the verdicts (the numbers are exact
-# enumerations, but a re-run with another seed moves them by about this much).
-TOLERANCE = 0.002
-# A loss counts as reaching Precision P if it reaches P - PRECISION_TOLERANCE: at the cold end of the
-# grid every model is at Precision 0.9999x, and a 2e-5 difference there says nothing about the losses.
-PRECISION_TOLERANCE = 1e-4
 SEED_SUFFIX = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
 
 
@@ -38,52 +32,6 @@ def read_curves(csv_path: Path) -> dict[str, list[tuple[float, float, float]]]:
                 (float(row["temperature"]), float(row["precision"]), float(row["recall"]))
             )
     return {m: sorted(points) for m, points in curves.items()}
-
-
-def recall_at(points: list[tuple[float, float, float]], min_precision: float) -> float:
-    """Best Recall with Precision >= ``min_precision`` on the T-ordered curve (interpolated); NaN if none."""
-    return recall_at_precision([p for _, p, _ in points], [r for _, _, r in points], min_precision)
-
-
-def temperature_effect(points: list[tuple[float, float, float]], tol: float = TOLERANCE) -> dict:
-    """What raising T above 1 does to the Recall of one model's curve."""
-    by_t = {t: r for t, _, r in points}
-    t_ref = min(by_t, key=lambda t: abs(t - 1.0))
-    above = [(t, r) for t, r in by_t.items() if t > t_ref]
-    t_best_above, r_best_above = max(above, key=lambda x: x[1]) if above else (math.nan, math.nan)
-    t_max = max(by_t)
-    return {
-        "t_ref": t_ref,
-        "recall_ref": by_t[t_ref],
-        "t_max": t_max,
-        "recall_t_max": by_t[t_max],
-        "argmax_t": max(by_t, key=by_t.get),
-        "max_recall": max(by_t.values()),
-        "t_best_above": t_best_above,
-        "recall_best_above": r_best_above,
-        "rose": bool(above) and r_best_above > by_t[t_ref] + tol,
-    }
-
-
-def dominance(loss: list, reference: list, tol: float = TOLERANCE, precision_tol: float = PRECISION_TOLERANCE) -> dict:
-    """Does ``loss``'s curve dominate ``reference`` + temperature?  At the Precision P_i of every
-    temperature point of the reference, gap_i = (best Recall of ``loss`` at Precision >= P_i) - (best
-    Recall of the reference at Precision >= P_i): the reference's upper envelope, so a point where its
-    curve turns back (less Precision *and* Recall at high T) is not an easy target.  A loss that never
-    reaches P_i (less ``precision_tol``) counts as Recall 0 there.  Verdict: "dominates" if no gap <
-    -tol and some gap > tol, "does not dominate" if no gap > tol, "mixed" otherwise."""
-    gaps = []
-    for _, p, _ in reference:
-        best = recall_at(loss, p - precision_tol)
-        gaps.append((0.0 if math.isnan(best) else best) - recall_at(reference, p))
-    above, below = sum(g > tol for g in gaps), sum(g < -tol for g in gaps)
-    if above and not below:
-        verdict = "dominates"
-    elif not above:
-        verdict = "does not dominate"
-    else:
-        verdict = "mixed"
-    return {"verdict": verdict, "above": above, "below": below, "points": len(gaps), "gaps": gaps}
 
 
 def scale_sentence(max_factor: int, recall_at_n: int) -> str:
@@ -124,7 +72,7 @@ def _intro(recipe, wall_seconds: float | None) -> list[str]:
         f"with each loss for {recipe.finetune_steps} steps ({same}; 2 processes, "
         f"FSDP2 on CPU). Precision = Q_T(supp P); Recall = Recall@{n}, the expected P-mass covered by "
         f"{n} samples; both exact (enumeration of the support). Every number below is computed from "
-        f"`sweep.csv` by `recall_dist/demo_report.py`."
+        f"`sweep.csv` by `recall_dist/demo/report.py`."
         + (f" Wall time of the run: {fmt_time(wall_seconds)}." if wall_seconds is not None else ""),
         "",
         "Settings: "

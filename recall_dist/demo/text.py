@@ -22,8 +22,9 @@ subprocesses, logs in ``OUT/logs/``):
    all-MiniLM-L6-v2, and k-NN Precision/Recall (k = 4, PCA at 90% variance) against the held-out
    human references.
 
-Outputs in ``OUT``: ``pr_curve.png``, ``sweep.csv``, ``sweep.json``, ``summary.md`` (computed from
-``sweep.csv`` by ``demo_report.py``, whatever it shows) and ``samples.md`` (generations per model and T).
+The configs ship inside the package (``recall_dist/demo/configs/demo_text/``).  Outputs in ``OUT``:
+``pr_curve.png``, ``sweep.csv``, ``sweep.json``, ``summary.md`` (computed from ``sweep.csv`` by
+``demo/text_report.py``, whatever it shows) and ``samples.md`` (generations per model and T).
 """
 
 from __future__ import annotations
@@ -38,10 +39,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recall_dist.configtree import load_yaml
-from recall_dist.demo import LOSSES, REPO, DemoError, _run_stage, _yaml_flow, seed_runs
-from recall_dist.demo_report import fmt_time
+from recall_dist.demo.report import fmt_time
+from recall_dist.demo.runner import CONFIGS, LOSSES, DemoError, _run_stage, _yaml_flow, seed_runs
 
-CONFIG_DIR = REPO / "configs" / "demo_text"
+CONFIG_DIR = CONFIGS / "demo_text"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
 # Not prose: pictures drawn in characters.
 SKIPPED_FORTUNE_FILES = {"art", "ascii-art"}
@@ -250,7 +251,7 @@ def run_pipeline(out: Path, recipe: TextRecipe, model: str | None = None) -> Pat
         demo_start,
     )
     wall = time.monotonic() - demo_start
-    from recall_dist.demo_text_report import write_samples, write_text_summary
+    from recall_dist.demo.text_report import write_samples, write_text_summary
 
     cfg = load_config(SweepConfig, CONFIG_DIR / "sweep.yaml", overrides)
     write_samples(cfg, out / "samples.md")
@@ -289,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
                 return 2
             setattr(recipe, key, value)
     try:
-        run_pipeline(Path(args.out).resolve(), recipe, args.model)
+        # a local model directory by its absolute path: the stages run in the package's directory
+        model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
+        run_pipeline(Path(args.out).resolve(), recipe, model)
     except (DemoError, FileNotFoundError, ValueError) as e:
         print(f"recall-dist demo-text: error: {e}", file=sys.stderr)
         return 1

@@ -18,15 +18,15 @@ Three stages, each a ``torchrun --nproc-per-node 2`` subprocess of the real CLI 
    Q_T(supp P) and Recall@N = sum_x P(x)(1 - (1 - Q_T(x))^N), N = 500 > the 308 products, so Recall
    measures coverage of the support, the regime where a flatter model *on* the support pays off.
 
-The sizes (steps, A, batch, temperatures, N) are read from those three configs: the configs are the
-one place they are written.  Outputs in ``OUT``: ``pr_curve.png`` (the sweep's figure),
-``pr_curve_zoom.png`` (the high-Precision corner), ``sweep.csv``, ``sweep.json`` and
-``summary.md``, computed from ``sweep.csv`` by ``demo_report.py``.  ``--grid`` fine-tunes the
-TruncR / lambda-PR grid of ``demo_grid.py`` (and its Precision-side family) instead and writes
-``grid.md`` and ``grid.csv``, plus ``precision_rules.md`` / ``.csv`` (default output
+The sizes (steps, A, batch, temperatures, N) are read from those three configs, which ship inside the
+package (``recall_dist/demo/configs/demo/``): the configs are the one place they are written.  Outputs in
+``OUT``: ``pr_curve.png`` (the sweep's figure), ``pr_curve_zoom.png`` (the high-Precision corner),
+``sweep.csv``, ``sweep.json`` and ``summary.md``, computed from ``sweep.csv`` by ``demo/report.py``.
+``--grid`` fine-tunes the TruncR / lambda-PR grid of ``demo/grid.py`` (and its Precision-side family)
+instead and writes ``grid.md`` and ``grid.csv``, plus ``precision_rules.md`` / ``.csv`` (default output
 ``results/demo-grid``).  ``--only NAME[,NAME]`` trains and sweeps only those models of the demo (or,
 with ``--grid``, of the grid), with the ``nll`` reference always included: e.g. ``recall-dist demo
---grid --only dft,cdiv-0.5``.  ``--quick`` is the CI-sized run (tests/test_demo_smoke.py).
+--grid --only dft,cdiv-0.5``.  ``--quick`` is the CI-sized run (tests/demo/test_runner.py).
 """
 
 from __future__ import annotations
@@ -41,10 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from recall_dist.configtree import load_yaml
-from recall_dist.demo_report import fmt_time, plot_zoom, write_summary
+from recall_dist.demo.report import fmt_time, plot_zoom, write_summary
 
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / "configs" / "demo"
+# The directory that holds the recall_dist package (the source checkout, or site-packages when installed):
+# the stages' subprocesses run there and import this same package.
+PACKAGE_PARENT = Path(__file__).resolve().parents[2]
+# The demos' configs ship inside the package (package data), so an installed ``recall-dist demo`` finds them.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+CONFIG_DIR = CONFIGS / "demo"
 
 # (model name, loss name, loss params): the models the demo trains, NLL first (the reference).
 # TruncR and lambda-PR run at their defaults, the best settings of the demo's grid (README).
@@ -59,7 +63,7 @@ LOSSES = [
 
 @dataclass
 class Recipe:
-    """Sizes of one demo run: ``Recipe.full()`` reads them from ``configs/demo/*.yaml``;
+    """Sizes of one demo run: ``Recipe.full()`` reads them from ``CONFIG_DIR`` (``configs/demo/*.yaml``);
     ``Recipe.quick()`` is the CI-sized run."""
 
     pretrain_steps: int
@@ -112,7 +116,7 @@ class Recipe:
 
 def seed_runs(losses: list[tuple], seeds: int) -> list[tuple[str, str, dict, int]]:
     """(model name, loss, params, seed index) of every fine-tune of ``losses`` x ``seeds``; names get
-    ``-s<k>`` with several seeds (what ``demo_report.split_seeds`` reads back)."""
+    ``-s<k>`` with several seeds (what ``report.split_seeds`` reads back)."""
     return [
         (name if seeds == 1 else f"{name}-s{seed}", loss, params, seed)
         for seed in range(seeds)
@@ -153,14 +157,14 @@ def _run_once(label: str, what: str, args: list[str], log: Path, demo_start: flo
         os.environ,
         OMP_NUM_THREADS="1",
         DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+        PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])),
     )
     log.parent.mkdir(parents=True, exist_ok=True)
     start, last_print, tty = time.monotonic(), 0.0, sys.stdout.isatty()
     with open(log, "w") as out:
         out.write(" ".join(cmd) + "\n\n")
         out.flush()
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=PACKAGE_PARENT, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
             while proc.poll() is None:
                 time.sleep(0.5)
@@ -270,7 +274,7 @@ def run_pipeline(out: Path, recipe: Recipe, pretrained: Path | None = None, grid
     """Train every model of ``recipe``, sweep them, write the outputs in ``out``; return the report's path."""
     import shutil
 
-    from recall_dist.demo_grid import write_grid_report
+    from recall_dist.demo.grid import write_grid_report
 
     demo_start = time.monotonic()
     task = f"data.task_params={{max_factor: {recipe.max_factor}}}"
@@ -377,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     if args.grid:
-        from recall_dist.demo_grid import GRID
+        from recall_dist.demo.grid import GRID
 
         recipe.losses = list(GRID)
     if args.only is not None:
@@ -386,7 +390,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recall-dist demo: --only {args.only}: {chosen}", file=sys.stderr)
             return 2
         recipe.losses = chosen
-    out = Path(args.out or ("results/demo-grid" if args.grid else "results/demo"))
+    out = Path(args.out or ("results/demo-grid" if args.grid else "results/demo")).resolve()
     try:
         run_pipeline(out, recipe, pretrained, grid=args.grid)
     except DemoError as e:

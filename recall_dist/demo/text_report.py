@@ -11,17 +11,8 @@ import csv
 import math
 from pathlib import Path
 
-from recall_dist.demo_report import (
-    dominance,
-    fmt_time,
-    loss_settings,
-    read_curves,
-    recall_at,
-    seed_statistics,
-    split_seeds,
-    spread,
-    temperature_effect,
-)
+from recall_dist.demo.report import fmt_time, loss_settings, read_curves, seed_statistics, split_seeds, spread
+from recall_dist.eval.summary import dominance, recall_at, temperature_effect
 
 REFERENCE = "nll"
 
@@ -131,7 +122,7 @@ def summary_markdown(
             + f"). Sweep: one generation per held-out reference ({n} references) at each temperature, "
             f"embedded by all-MiniLM-L6-v2; k-NN Precision/Recall with k = 4 after PCA at 90% variance. "
             f"Ties: differences within {tol:.3f} (0.5/sqrt({n})). Every number below is computed from "
-            f"`sweep.csv` by `recall_dist/demo_text_report.py`."
+            f"`sweep.csv` by `recall_dist/demo/text_report.py`."
             + (f" Wall time of the run: {fmt_time(wall_seconds)}." if wall_seconds is not None else ""),
             "",
             "Settings: " + "; ".join(loss_settings(recipe.losses)) + ".",

@@ -11,8 +11,8 @@ import os
 
 import pytest
 
-from recall_dist.demo_text import PROMPT, SYSTEM, is_heldout, read_fortunes, write_corpus
-from recall_dist.demo_text_report import precision_levels, summary_markdown, tie_tolerance
+from recall_dist.demo.text import PROMPT, SYSTEM, is_heldout, read_fortunes, write_corpus
+from recall_dist.demo.text_report import precision_levels, summary_markdown, tie_tolerance
 
 
 def _fortunes_dir(tmp_path):
