@@ -35,13 +35,13 @@ What the mixin changes (needs transformers >= 5.19; tested with 5.24 and TRL 1.1
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import transformers
 from transformers import Trainer
 
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.distributed.ranks import world_group
 from recall_dist.integrations.normalizer import scale_gradients_
+from recall_dist.losses.accumulator import step_token_count
 from recall_dist.losses.base import RecallLoss, build_loss
 from recall_dist.train.loss_head import LossHead
 
@@ -124,25 +124,6 @@ def recall_compute_loss(model, inputs: dict, loss: RecallLoss, dp_group="auto", 
     return (value, {"stats": stats}) if return_outputs else value
 
 
-def step_token_count(batches: list[dict], dp_group) -> float:
-    """The valid targets of a step's micro-batches, counted as the loss counts them (shifted, -100
-    and the first token of every packed sequence excluded), summed over the data-parallel group."""
-    count = torch.zeros((), dtype=torch.float64)
-    for batch in batches:
-        labels = batch["labels"]
-        if "position_ids" in batch:
-            labels = labels.masked_fill(batch["position_ids"] == 0, IGNORE_INDEX)
-        count += (labels[..., 1:] != IGNORE_INDEX).sum().cpu()
-    if dp_group is not None:
-        count = count.to(_collective_device())
-        dist.all_reduce(count, group=dp_group)
-    return float(count)
-
-
-def _collective_device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
-
-
 class RecallTrainerMixin:
     """Mix into a ``transformers.Trainer`` subclass (``RecallTrainer``, or TRL's ``SFTTrainer``) before
     it: ``compute_loss`` becomes the recall loss ``build_loss(recall_loss, **recall_loss_params)``
@@ -188,7 +169,10 @@ class RecallTrainerMixin:
         """Trainer fetches a step's micro-batches before the first forward: count their tokens here,
         as the loss does (``num_items_in_batch`` becomes that count)."""
         batches, _ = super().get_batch_samples(epoch_iterator, num_batches, device)
-        return batches, (step_token_count(batches, default_dp_group()) if batches else None)
+        if not batches:
+            return batches, None
+        # recall_loss_and_stats masks each packed sequence's first target (position_ids == 0): count so too
+        return batches, step_token_count(batches, default_dp_group(), mask_sequence_starts=True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         value, stats = recall_loss_and_stats(model, inputs, self.recall_loss, chunk_size=self.chunk_size)

@@ -4,8 +4,9 @@ The objective of a step is  L = (1 - m) sum_n w_n l_n / Z + m sum_n l_n / N  ove
 step (all micro-batches of the gradient accumulation, all data-parallel ranks), with N the step's count of
 valid tokens and Z = sum_n w_n (``normalize: weights``) or N (``normalize: tokens``).
 
-N is known before the first forward pass (the trainer counts the labels of the step's micro-batches and
-all-reduces the count), Z only after the last one.  So every micro-batch's gradient is formed with the
+N is known before the first forward pass (``step_token_count``: the labels of the step's micro-batches,
+counted as the loss counts them and all-reduced; ``recall-dist train`` and the Hugging Face Trainer both use
+it), Z only after the last one.  So every micro-batch's gradient is formed with the
 provisional scale 1/N, and once the step's forward passes are done the accumulated gradients are
 multiplied by ``gradient_scale() = N / Z`` (exactly 1 for ``tokens``), before clipping and the update --
 no extra forward pass, and the result equals the single-batch gradient up to rounding.
@@ -17,6 +18,10 @@ statistics describe the whole step, not an average of micro-batches.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
+
+from recall_dist.constants import IGNORE_INDEX
+from recall_dist.distributed.collectives import all_reduce_, group_size
 
 # The order of the per-call global sums the kernels all-reduce (float64).
 SUM_NAMES = ("sum_w", "count", "sum_wl", "sum_l", "sum_w2", "kept", "sum_div", "nonfinite")
@@ -111,3 +116,36 @@ class StepAccumulator:
             return dict.fromkeys(STAT_NAMES, 0.0)
         values = stats_from_sums(self.sums, self.wmax, self.nll_mix, self.normalize).tolist()
         return dict(zip(STAT_NAMES, values, strict=True))
+
+
+def step_token_count(
+    batches, dp_group, *, ignore_index: int = IGNORE_INDEX, mask_sequence_starts: bool = False
+) -> float:
+    """N of an optimizer step: the valid targets of its micro-batches ``batches`` (dicts with
+    ``labels`` [B, T] aligned with the input ids), counted as the loss head counts them -- shifted
+    (``labels[..., 1:]``), ``ignore_index`` excluded -- and summed over every data-parallel rank of
+    ``dp_group`` (None: not distributed).  Exact: an integer count, reduced in float64.
+
+    ``mask_sequence_starts=True`` also excludes every target at ``position_ids == 0`` (where a batch
+    has ``position_ids``): the first token of a packed sequence, which the Hugging Face integration
+    masks inside its loss call (``integrations/hf.py``).  ``recall-dist train`` leaves it False: its
+    collate already writes ``ignore_index`` there (``data/loader.py``), and its loss head masks nothing.
+    Collective over ``dp_group``: every rank calls it for every step."""
+    local = None  # an integer count on the labels' device: one transfer at the end, not one per batch
+    for batch in batches:
+        labels = batch["labels"]
+        if mask_sequence_starts and "position_ids" in batch:
+            labels = labels.masked_fill(batch["position_ids"].to(labels.device) == 0, ignore_index)
+        n = (labels[..., 1:] != ignore_index).sum()
+        local = n if local is None else local + n
+    count = torch.zeros((), dtype=torch.float64) if local is None else local.to(torch.float64)
+    if group_size(dp_group) > 1:
+        count = all_reduce_(count.reshape(1).to(_collective_device(dp_group)), "sum", dp_group)
+    return float(count.sum())
+
+
+def _collective_device(group) -> torch.device:
+    """Where a collective of ``group`` takes its tensors: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

@@ -24,6 +24,7 @@ from recall_dist.data.loader import DistributedBatchIterator, eval_batches
 from recall_dist.data.validation import validate_data_source
 from recall_dist.distributed.collectives import all_reduce_
 from recall_dist.log import get_logger
+from recall_dist.losses.accumulator import step_token_count
 from recall_dist.train.backends import build_engine
 from recall_dist.train.checkpoint import Checkpointer, checkpoint_step, latest_checkpoint, rng_state, set_rng_state
 from recall_dist.train.config import TrainConfig, validate_resources
@@ -91,13 +92,6 @@ def endless(batches: DistributedBatchIterator):
         yield from batches
 
 
-def step_token_count(micro_batches: list[dict[str, torch.Tensor]], dp_group) -> float:
-    """Valid targets of the whole optimizer step (every micro-batch, every data-parallel rank), counted
-    as the loss head counts them: ``labels[:, 1:]`` that are not ``IGNORE_INDEX``."""
-    local = sum((b["labels"][:, 1:] != IGNORE_INDEX).sum() for b in micro_batches)
-    return float(all_reduce_(local.to(torch.float64).reshape(1), "sum", dp_group).item())
-
-
 def train_step(run: Run, data, before_update=None) -> dict[str, float]:
     """One optimizer step = one weighted NLL over all of its tokens (``losses/accumulator.py``): every
     micro-batch's gradient with the step's provisional scale, then the engine rescales the sum by the
@@ -108,7 +102,8 @@ def train_step(run: Run, data, before_update=None) -> dict[str, float]:
     engine, device, dp_group = run.engine, run.ctx.device, run.ctx.dp_group
     micro = [{k: v.to(device) for k, v in next(data).items()} for _ in range(run.accumulation_steps)]
     input_tokens = all_reduce_(sum((b["sequence_ids"] >= 0).sum() for b in micro).reshape(1), "sum", dp_group)
-    with run.loss.optimizer_step(step_token_count(micro, dp_group)) as objective:
+    # N: the collate already ignores each packed example's first token (no position_ids masking here)
+    with run.loss.optimizer_step(step_token_count(micro, dp_group, mask_sequence_starts=False)) as objective:
         for batch in micro:
             if run.cfg.data.packing:  # attend within each packed example: HF derives it from position_ids
                 batch.pop("attention_mask")
