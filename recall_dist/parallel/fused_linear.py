@@ -38,45 +38,17 @@ from recall_dist.parallel.common import (
     reduce_max,
     token_weights,
 )
+from recall_dist.parallel.matmul import addmm_, mm
 from recall_dist.parallel.triton_head import triton_fused_linear_loss, use_triton
-
-_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=fp32) exists for CUDA in recent PyTorch
-_ADDMM_OUT_DTYPE = True
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """a @ b with the result in ``dtype`` (bf16 inputs -> fp32 output without a bf16 round trip on CUDA)."""
-    global _MM_OUT_DTYPE
-    if a.dtype != dtype and a.is_cuda and _MM_OUT_DTYPE:
-        try:
-            return torch.mm(a, b, out_dtype=dtype)
-        except (RuntimeError, TypeError):  # also an op missing for this backend
-            _MM_OUT_DTYPE = False
-    return (a @ b).to(dtype)
 
 
 def _logits(h: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return _mm(h, w.t(), acc_dtype(h.dtype))
+    return mm(h, w.t(), acc_dtype(h.dtype))
 
 
 def _subtract_at_target(p: torch.Tensor, target: torch.Tensor, in_shard: torch.Tensor, value: torch.Tensor) -> None:
     """p[n, target_n] -= value_n where the target is in this shard (a scatter: no host sync)."""
     p.scatter_add_(1, target.unsqueeze(1), torch.where(in_shard, -value.to(p.dtype), 0.0).unsqueeze(1))
-
-
-def _addmm_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc += a @ b with ``acc`` in fp32 and a, b possibly bf16: on CUDA one GEMM writing fp32 in place."""
-    global _ADDMM_OUT_DTYPE
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _ADDMM_OUT_DTYPE:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError):  # also an op missing for this backend
-            _ADDMM_OUT_DTYPE = False
-    acc.add_(_mm(a, b, acc.dtype))
 
 
 class _Grads:
@@ -96,9 +68,9 @@ class _Grads:
         """Add the chunk's logit gradient ``p`` [c, n_cols] (acc dtype) for hidden rows ``hc``."""
         g = p.to(hc.dtype)
         if self.h is not None:
-            self.h.index_copy_(0, idx, _mm(g, w, self.h.dtype))
+            self.h.index_copy_(0, idx, mm(g, w, self.h.dtype))
         if self.w is not None:
-            _addmm_(self.w[: self.n_cols], g.t(), hc)
+            addmm_(self.w[: self.n_cols], g.t(), hc)
 
     def finish(self, scale: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Scale both gradients (``None``: the step is skipped, gradients are zero)."""

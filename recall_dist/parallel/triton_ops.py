@@ -10,17 +10,19 @@ Two matmul engines for the fused head (``RECALL_DIST_HEAD_MATMUL``), same result
   matmul speed, one more read and write of each chunk.
 
 Either way dW and dH come from cuBLAS: ``dW[chunk] = d^T @ h`` is complete in one GEMM (fp32
-accumulation over all kept tokens, one rounding) and ``dH += d @ W[chunk]`` accumulates in fp32.
+accumulation over all kept tokens, one rounding) and ``dH += d @ W[chunk]`` accumulates in fp32
+(``matmul.py``: the GEMM helpers both kernels share).
 """
 
 from __future__ import annotations
 
 import math
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
+
+from recall_dist.parallel.matmul import addmm_, mm
 
 MATMUL_ENV = "RECALL_DIST_HEAD_MATMUL"
 TILES_ENV = "RECALL_DIST_TRITON_TILES"
@@ -75,38 +77,6 @@ def _kernel_flags(dtype: torch.dtype) -> dict:
     return {"UPCAST": INTERPRET and dtype == torch.bfloat16, "PRECISION": precision}
 
 
-_OUT_DTYPE = {"mm": True, "addmm": True}  # torch.(add)mm(..., out_dtype=fp32) exists for CUDA in recent PyTorch
-
-
-def _no_out_dtype(op: str, error: Exception) -> None:
-    _OUT_DTYPE[op] = False
-    warnings.warn(f"torch.{op}(..., out_dtype=float32) is unavailable ({error}); using fp32 GEMMs", stacklevel=3)
-
-
-def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b accumulated and returned in fp32, whatever the input dtype."""
-    if a.dtype != torch.float32 and a.is_cuda and _OUT_DTYPE["mm"]:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError) as e:  # an older PyTorch: no out_dtype
-            _no_out_dtype("mm", e)
-    return a.float() @ b.float()
-
-
-def addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """acc (fp32) += a @ b with a, b in any float dtype, accumulated in fp32."""
-    if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
-        return
-    if a.is_cuda and _OUT_DTYPE["addmm"]:
-        try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
-            return
-        except (RuntimeError, TypeError) as e:
-            _no_out_dtype("addmm", e)
-    acc.add_(mm_fp32(a, b))
-
-
 def vocab_chunk(n_kept: int, hidden: int, n_cols: int, block_v: int, chunk_size: int | None) -> int:
     """Vocabulary columns per chunk: a chunk [n_kept, width] holds as many elements as ``chunk_size``
     tokens of the PyTorch path would (default: max(n_kept x H, 4M)), in whole tiles."""
@@ -152,7 +122,7 @@ def head_statistics(h, w, rows, target_col, n_cols: int, tiles: Tiles | None = N
         for col0 in range(0, n_cols, width):
             cols = min(width, n_cols - col0)
             local = torch.where((target_col >= col0) & (target_col < col0 + cols), target_col - col0, -1)
-            parts.append(logits_statistics(mm_fp32(h_kept, w[col0 : col0 + cols].t()), all_rows, local, cols))
+            parts.append(logits_statistics(mm(h_kept, w[col0 : col0 + cols].t()), all_rows, local, cols))
         return merge_partials(*(torch.stack(p) for p in zip(*parts, strict=True)))
     n_tiles = cdiv(n_cols, t.block_v)
     per_split = cdiv(n_tiles, min(t.splits, n_tiles))
@@ -197,7 +167,7 @@ def head_gradients(
         dc, wc = d[:, :cols], w[col0 : col0 + cols]
         if cublas:
             local = torch.where((target_col >= col0) & (target_col < col0 + cols), target_col - col0, -1)
-            _logits_grad(mm_fp32(h_kept, wc.t()), dc, torch.arange(n, device=h.device), local, lse, scale, cols)
+            _logits_grad(mm(h_kept, wc.t()), dc, torch.arange(n, device=h.device), local, lse, scale, cols)
         else:
             K.head_grad_kernel[(cdiv(n, t.block_n), cdiv(cols, t.block_v))](
                 h, w, rows, target_col, lse, scale, d, n, col0, cols, h.stride(0), w.stride(0), d.stride(0),
@@ -207,7 +177,7 @@ def head_gradients(
         if need_w:  # this chunk of dW is complete in one GEMM (fp32 accumulation, one rounding)
             torch.addmm(dw[col0 : col0 + cols], dc.t(), h_kept, beta=0, alpha=alpha, out=dw[col0 : col0 + cols])
         if need_h:
-            addmm_fp32_(dh_acc, dc, wc)
+            addmm_(dh_acc, dc, wc)
     if not need_h:
         return None, dw
     kept_grad = dh_acc.mul_(cmax.to(torch.float32)).to(h.dtype)

@@ -19,7 +19,8 @@ import torch
 
 from recall_dist.distributed.collectives import group_size
 from recall_dist.parallel.common import chunk_rows, finalize, reduce_lse, reduce_max, token_weights
-from recall_dist.parallel.triton_ops import _logits_grad, addmm_fp32_, logits_statistics, mm_fp32
+from recall_dist.parallel.matmul import addmm_, mm
+from recall_dist.parallel.triton_ops import _logits_grad, logits_statistics
 
 SCHEDULE_ENV = "RECALL_DIST_HEAD_SCHEDULE"
 
@@ -43,7 +44,7 @@ def single_pass_head(h, w, tokens, target_col, loss, tp_group, dp_group, *, chun
         idx, target = tokens.index[i : i + rows], target_col[i : i + rows]
         c = idx.numel()
         hc = h.index_select(0, idx)
-        z = mm_fp32(hc, wn.t())  # [c, n_cols] fp32
+        z = mm(hc, wn.t())  # [c, n_cols] fp32
         local = torch.arange(c, device=h.device)
         m, s, zt = logits_statistics(z, local, target, n_cols)
         lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
@@ -54,9 +55,9 @@ def single_pass_head(h, w, tokens, target_col, loss, tp_group, dp_group, *, chun
             _logits_grad(z, d, local, target, lse.to(torch.float32), wt.to(torch.float32), n_cols)
             del z
             if need_w:
-                addmm_fp32_(dw_acc, d.t(), hc)
+                addmm_(dw_acc, d.t(), hc)
             if need_h:
-                dh_acc.index_copy_(0, idx, mm_fp32(d, wn))
+                dh_acc.index_copy_(0, idx, mm(d, wn))
     empty = torch.zeros(0, dtype=torch.float64, device=h.device)
     nll = torch.cat(nlls) if nlls else empty
     wt = torch.cat(weights) if weights else empty
