@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from recall_dist.train.manifest import build_manifest, verify
+from recall_dist.train.rundir.manifest import build_manifest, verify
 
 
 def _drop_page_cache(root: Path) -> bool:

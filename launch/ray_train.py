@@ -152,7 +152,7 @@ def resume_after_restore(restored: Path, output_dir: Path, rank: int) -> str:
     or a later one saved before the failure but not yet registered by Ray (the trainer refuses to
     resume an older checkpoint of a directory holding newer ones).  A pointer elsewhere (the run
     moved): that directory."""
-    from recall_dist.train.checkpoint import COMPLETE
+    from recall_dist.train.rundir import COMPLETE
 
     own = restored.resolve().parent == (output_dir / "checkpoints").resolve()
     if rank == 0:

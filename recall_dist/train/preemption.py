@@ -3,7 +3,8 @@
 A stop is requested by SIGTERM or SIGUSR1 on any worker, or by the file named in the env var
 ``RECALL_DIST_STOP_FILE`` existing (the batch script touches it: torchrun does not forward SIGUSR1,
 pytorch #154849).  Workers agree at the next step boundary (all-reduce MAX of the flag), save a
-checkpoint, write ``<output_dir>/PREEMPTED`` holding the step, and exit 0; ``resume: auto`` continues.
+checkpoint, write ``<output_dir>/PREEMPTED`` holding the step (``rundir/layout.py``: the marker), and
+exit 0; ``resume: auto`` continues.
 
 Launchers: ``recall-dist torchrun`` (``recall_dist/torchrun.py``) sets ``RECALL_DIST_OUTCOME_FILE``;
 local rank 0 writes the run's outcome and exit code there (``write_outcome``), because torchrun itself
@@ -28,7 +29,6 @@ from recall_dist.io import atomic_write_json
 STOP_FILE_ENV = "RECALL_DIST_STOP_FILE"
 OUTCOME_FILE_ENV = "RECALL_DIST_OUTCOME_FILE"
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
-PREEMPTED = "PREEMPTED"
 _SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
@@ -60,16 +60,6 @@ class PreemptionWatcher:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
-
-
-def mark_preempted(output_dir: str | Path, step: int) -> Path:
-    path = Path(output_dir) / PREEMPTED
-    path.write_text(f"{step}\n")
-    return path
-
-
-def clear_preempted(output_dir: str | Path) -> None:
-    (Path(output_dir) / PREEMPTED).unlink(missing_ok=True)
 
 
 def write_outcome(outcome: str, exit_code: int, **details) -> None:

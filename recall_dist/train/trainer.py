@@ -26,13 +26,23 @@ from recall_dist.distributed.collectives import all_reduce_
 from recall_dist.log import get_logger
 from recall_dist.losses.accumulator import step_token_count
 from recall_dist.train.backends import build_engine
-from recall_dist.train.checkpoint import Checkpointer, checkpoint_step, latest_checkpoint, rng_state, set_rng_state
 from recall_dist.train.config import TrainConfig, validate_resources
 from recall_dist.train.distributed import init_distributed, shutdown
 from recall_dist.train.export import export_from_engine
 from recall_dist.train.metrics_log import EVAL_PREFIX, MetricsLogger, mark_nonfinite, nonfinite_step
-from recall_dist.train.preemption import PreemptionWatcher, clear_preempted, mark_preempted
-from recall_dist.train.rundir import clear_diverged, mark_diverged, open_run
+from recall_dist.train.preemption import PreemptionWatcher
+from recall_dist.train.rundir import (
+    Checkpointer,
+    checkpoint_step,
+    clear_diverged,
+    clear_preempted,
+    latest_checkpoint,
+    mark_diverged,
+    mark_preempted,
+    open_run,
+    rng_state,
+    set_rng_state,
+)
 
 
 @dataclass

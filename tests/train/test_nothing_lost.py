@@ -26,9 +26,8 @@ import pytest
 import yaml
 
 from recall_dist.distributed.testing import run_distributed_test
-from recall_dist.train.checkpoint import complete_checkpoints
 from recall_dist.train.metrics_log import read_metrics
-from recall_dist.train.rundir import LOCK_NAME, PREVIOUS_RUNS, RunDirError
+from recall_dist.train.rundir import LOCK_NAME, PREVIOUS_RUNS, RunDirError, complete_checkpoints
 from tests.train.helpers import build, tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -175,7 +174,7 @@ def test_disk_full_under_deepspeed_says_so_and_keeps_the_earlier_checkpoint(tmp_
     script = (
         f"mount -t tmpfs -o size=640k tmpfs {out} && "
         f"{sys.executable} -m recall_dist train {path}; echo rc=$? ; "
-        f"{sys.executable} -c 'from recall_dist.train.checkpoint import Checkpointer as C; "
+        f"{sys.executable} -c 'from recall_dist.train.rundir import Checkpointer as C; "
         f'print("selected", C("{out / "run"}", 0).select("auto"))\''
     )
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))

@@ -18,8 +18,8 @@ import pytest
 import torch
 import yaml
 
-from recall_dist.train.checkpoint import latest_checkpoint
 from recall_dist.train.metrics_log import read_metrics
+from recall_dist.train.rundir import latest_checkpoint
 from tests.train.helpers import tiny_config_dict
 
 STEPS = 24

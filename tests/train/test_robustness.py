@@ -12,8 +12,8 @@ import torch
 
 from recall_dist.configtree import ConfigError
 from recall_dist.distributed.testing import run_distributed_test
-from recall_dist.train.checkpoint import COMPLETE, Checkpointer, latest_checkpoint
 from recall_dist.train.metrics_log import read_metrics
+from recall_dist.train.rundir import COMPLETE, Checkpointer, latest_checkpoint
 from tests.train.helpers import build, tiny_config_dict
 
 

@@ -21,8 +21,8 @@ import psutil
 import pytest
 import yaml
 
-from recall_dist.train.checkpoint import Checkpointer, latest_checkpoint
 from recall_dist.train.metrics_log import read_metrics
+from recall_dist.train.rundir import Checkpointer, latest_checkpoint
 from tests.train.helpers import tiny_config_dict
 
 pytestmark = pytest.mark.slow

@@ -1,5 +1,6 @@
-"""Checkpoint manifests: each file's size and SHA-256, written after every other file of the checkpoint,
-and checked before a checkpoint is loaded (a truncated shard, a flipped bit, a missing or stray file).
+"""Checkpoint manifests (``MANIFEST.json``): each file's size and SHA-256, written after every other file
+of the checkpoint, and checked before a checkpoint is loaded (a truncated shard, a flipped bit, a missing
+or stray file).
 
 Both the hashing at save time and the check at load time are split over the ranks (each file once, the
 largest first to the least-loaded rank), with a few threads per rank (``hashlib`` releases the GIL), so
@@ -102,7 +103,7 @@ def write_manifest(root: str | Path, manifest: dict) -> None:
 
 
 def read_manifest(root: str | Path) -> dict | None:
-    """The manifest of checkpoint ``root``; None when it has none (written before manifests existed)."""
+    """The manifest of checkpoint ``root``; None when it has none (the checkpoint is damaged)."""
     path = Path(root) / MANIFEST
     if not path.is_file():
         return None

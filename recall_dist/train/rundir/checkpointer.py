@@ -1,4 +1,5 @@
-"""Atomic, verified training checkpoints under ``<output_dir>/checkpoints/step_XXXXXXXX/``.
+"""Atomic, verified training checkpoints under ``<output_dir>/checkpoints/step_XXXXXXXX/``: ``Checkpointer``
+(save, select the one to resume, load), and finding the complete ones (``latest_checkpoint``).
 
 Layout of one checkpoint::
 
@@ -7,29 +8,28 @@ Layout of one checkpoint::
     trainer_rank00000.json          per rank, plain data: step, data position, RNG states, loss state ...
     trainer_rank00000.tensors.pt    ... and its tensors (truncation buffer, RNG states), read back with
                                     ``torch.load(weights_only=True)``: loading never runs code from the file
+                                    (``state.py``)
     config.yaml                     the TrainConfig (what ``export_hf`` rebuilds the model from)
-    fingerprint.json                the experiment's keys (model, loss, optim, data; ``fingerprint.py``)
+    fingerprint.json                the experiment's keys (model, loss, optim, data; ``experiment.py``)
     MANIFEST.json                   every file above: size and SHA-256 (``manifest.py``), written after them
     COMPLETE                        written last
 
 Atomicity: everything goes to ``.tmp-step_X`` first; files are fsynced, the manifest and ``COMPLETE``
 are written, then the directory is renamed into place and the parent fsynced.  A crash (or a full disk)
 at any point leaves the previous complete checkpoints untouched, and a partial one is never picked.
-Before a resume the manifest is checked; a damaged checkpoint is renamed ``step_X.damaged`` and the
-previous complete one is used (``Checkpointer.select``).
+Before a resume the manifest is checked; a damaged checkpoint (a file missing, truncated or changed, or
+no manifest at all) is renamed ``step_X.damaged`` and the previous complete one is used
+(``Checkpointer.select``).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
 from pathlib import Path
 
-import numpy as np
-import torch
 import torch.distributed as dist
 import yaml
 
@@ -37,127 +37,15 @@ from recall_dist.configtree import ConfigError
 from recall_dist.distributed.ranks import broadcast_from_rank0, world_group
 from recall_dist.io import format_bytes, fresh_dir, fsync_tree, is_disk_full, publish_dir, temp_sibling
 from recall_dist.log import get_logger
-from recall_dist.train.fingerprint import FINGERPRINT, config_fingerprint
-from recall_dist.train.manifest import build_manifest, read_manifest, verify, write_manifest
+from recall_dist.train.rundir.errors import CheckpointDiskFull, CheckpointError
+from recall_dist.train.rundir.experiment import FINGERPRINT, config_fingerprint
+from recall_dist.train.rundir.layout import CHECKPOINTS
+from recall_dist.train.rundir.manifest import MANIFEST, build_manifest, read_manifest, verify, write_manifest
+from recall_dist.train.rundir.state import read_trainer_state, write_trainer_state
 
 log = get_logger("train")
 COMPLETE = "COMPLETE"
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be written or read; the message names it and says what to do."""
-
-
-class CheckpointDiskFull(CheckpointError):
-    """No space (or quota) left while saving; the earlier checkpoints are untouched."""
-
-
-class UnsafeCheckpoint(CheckpointError):
-    """A trainer-state file holds something other than plain data and tensors: refused, not executed."""
-
-
-# ------------------------------------------------------------------------- trainer state as plain data
-
-
-def rng_state() -> dict:
-    version, internal, gauss = random.getstate()
-    state = {
-        "python": {"version": version, "state": list(internal), "gauss": gauss},
-        "numpy": np.random.get_state(legacy=False),
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(py["state"]), py["gauss"]))
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def _encode(obj, tensors: dict, path: str):
-    """JSON-able copy of ``obj``; tensors and numpy arrays go to ``tensors`` under their path."""
-    if isinstance(obj, torch.Tensor):
-        tensors[path] = obj.detach().cpu().clone()
-        return {"__tensor__": path}
-    if isinstance(obj, np.ndarray):
-        tensors[path] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind in "iu" else obj.copy())
-        return {"__ndarray__": path, "dtype": str(obj.dtype)}
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, dict):
-        if not all(isinstance(k, str) for k in obj):
-            raise TypeError(f"trainer state {path or '<root>'}: dict keys must be strings, got {list(obj)!r}")
-        return {k: _encode(v, tensors, f"{path}.{k}" if path else k) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_encode(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
-    if obj is None or isinstance(obj, (bool, int, float, str)):
-        return obj
-    raise TypeError(f"trainer state {path}: {type(obj).__name__} is not plain data (JSON values or tensors)")
-
-
-def _decode(obj, tensors: dict):
-    if isinstance(obj, dict):
-        if "__tensor__" in obj:
-            return tensors[obj["__tensor__"]]
-        if "__ndarray__" in obj:
-            return tensors[obj["__ndarray__"]].numpy().astype(obj["dtype"])
-        return {k: _decode(v, tensors) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_decode(v, tensors) for v in obj]
-    return obj
-
-
-def _state_files(directory: Path, rank: int) -> tuple[Path, Path]:
-    return directory / f"trainer_rank{rank:05d}.json", directory / f"trainer_rank{rank:05d}.tensors.pt"
-
-
-def write_trainer_state(directory: str | Path, rank: int, state: dict) -> None:
-    tensors: dict = {}
-    plain = _encode(state, tensors, "")
-    json_path, tensor_path = _state_files(Path(directory), rank)
-    torch.save(tensors, tensor_path)
-    json_path.write_text(json.dumps(plain, indent=1))
-
-
-def read_trainer_state(directory: str | Path, rank: int) -> dict:
-    """This rank's trainer state (rank 0's when the checkpoint was written by fewer ranks: the data
-    position and the loss buffer are identical on every rank)."""
-    directory = Path(directory)
-    json_path, tensor_path = _state_files(directory, rank)
-    if not json_path.is_file():
-        json_path, tensor_path = _state_files(directory, 0)
-    if not json_path.is_file():
-        legacy = directory / "trainer_rank00000.pt"
-        if legacy.is_file():
-            raise UnsafeCheckpoint(
-                f"{legacy}: trainer state written by an older recall_dist as a pickle, which can run code "
-                f"when loaded; it is not loaded.  Start a new run (another train.output_dir, or "
-                f"train.overwrite=true), or export its model with recall_dist.train.export.export_hf."
-            )
-        raise CheckpointError(f"{directory}: no trainer state ({json_path.name})")
-    try:
-        tensors = torch.load(tensor_path, map_location="cpu", weights_only=True)
-    except Exception as e:  # the unpickler raises UnpicklingError or RuntimeError, depending on the payload
-        if "weights_only" in str(e) or "Weights only load failed" in str(e):
-            raise UnsafeCheckpoint(
-                f"{tensor_path}: refused: it holds pickled objects other than tensors, and loading them "
-                f"could run code from the file (recall_dist writes only tensors there).  Details: "
-                f"{str(e).splitlines()[0]}"
-            ) from None
-        raise CheckpointError(f"{tensor_path}: unreadable: {type(e).__name__}: {e}") from e
-    if not isinstance(tensors, dict) or not all(isinstance(v, torch.Tensor) for v in tensors.values()):
-        raise UnsafeCheckpoint(f"{tensor_path}: refused: expected a dict of tensors, got {type(tensors).__name__}")
-    return _decode(json.loads(json_path.read_text()), tensors)
-
-
-# ---------------------------------------------------------------------------------------- checkpoints
 
 
 def _barrier() -> None:
@@ -192,7 +80,7 @@ class Checkpointer:
     ``verify``: ``checksum`` | ``size`` | ``none`` (``train.verify_checkpoints``, see ``manifest.py``)."""
 
     def __init__(self, output_dir: str | Path, rank: int, keep: int = 2, verify: str = "checksum"):
-        self.root = Path(output_dir) / "checkpoints"
+        self.root = Path(output_dir) / CHECKPOINTS
         self.rank, self.keep, self.verify = rank, keep, verify
 
     def save(self, engine, step: int, trainer_state: dict, config: dict) -> Path:
@@ -249,12 +137,8 @@ class Checkpointer:
 
     def _problems(self, path: Path) -> list[str]:
         manifest = broadcast_from_rank0(read_manifest(path) if self.rank == 0 else None, world_group())
-        if manifest is None:
-            raise CheckpointError(
-                f"{path} has no MANIFEST.json: written by an older recall_dist, whose trainer state this "
-                f"version does not load (a pickle can run code).  Start a new run (another "
-                f"train.output_dir, or train.overwrite=true)."
-            )
+        if manifest is None:  # written before COMPLETE: a checkpoint without one is damaged like any other
+            return [f"{MANIFEST}: missing"]
         return verify(path, manifest, self.verify)
 
     def select(self, resume: str) -> Path | None:

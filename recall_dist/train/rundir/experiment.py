@@ -1,8 +1,11 @@
-"""The experiment fingerprint a checkpoint carries: the config keys that change the experiment (model,
-loss, optim, data), flattened (``loss.params.alpha``), with their SHA-256.  Not fingerprinted: keys that
-change how the run is computed, not what (``model.attn_implementation``, ``loss.chunk_size``), the
-validation set (``data.eval_source``, ``data.eval_split``), and the train/backend sections (run length,
-batching checks of their own, checkpoints, logging, the backend).
+"""The experiment fingerprint a checkpoint carries (``fingerprint.json``), and the check that a resume
+continues the same experiment (``check_same_experiment``).
+
+The fingerprint: the config keys that change the experiment (model, loss, optim, data), flattened
+(``loss.params.alpha``), with their SHA-256.  Not fingerprinted: keys that change how the run is
+computed, not what (``model.attn_implementation``, ``loss.chunk_size``), the validation set
+(``data.eval_source``, ``data.eval_split``), and the train/backend sections (run length, batching
+checks of their own, checkpoints, logging, the backend).
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import json
 from pathlib import Path
 
 import yaml
+
+from recall_dist.train.rundir.errors import RunDirError
 
 FINGERPRINT = "fingerprint.json"
 SECTIONS = ("model", "loss", "optim", "data")
@@ -70,3 +75,18 @@ def read_fingerprint(checkpoint: str | Path) -> dict:
     if (checkpoint / FINGERPRINT).is_file():
         return json.loads((checkpoint / FINGERPRINT).read_text())
     return config_fingerprint(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+
+
+def check_same_experiment(saved: dict, current: dict, checkpoint: Path, allow_change: bool) -> list[str]:
+    """Raise ``RunDirError`` listing the differences unless ``allow_change``; returns them."""
+    diff = fingerprint_differences(saved, current)
+    if diff and not allow_change:
+        listing = "\n  ".join(diff)
+        raise RunDirError(
+            "train.resume",
+            f"checkpoint {checkpoint} belongs to a different experiment (checkpoint -> this config):\n  "
+            f"{listing}\nResuming would continue that run under the new settings and replace its final/. "
+            f"Use another train.output_dir for a new experiment, or set train.allow_config_change=true to "
+            f"continue it with these settings.",
+        )
+    return diff
