@@ -43,6 +43,7 @@ from recall_dist.distributed.ranks import world_group
 from recall_dist.integrations.normalizer import scale_gradients_
 from recall_dist.losses.accumulator import step_token_count
 from recall_dist.losses.base import RecallLoss, build_loss
+from recall_dist.parallel.options import KernelOptions
 from recall_dist.train.loss_head import LossHead
 
 # Batch keys of packed (padding-free) batches that the model needs to keep sequences apart.
@@ -90,13 +91,22 @@ def _register_zero3(head: LossHead) -> None:
         head._zero3_registered = True
 
 
-def recall_loss_and_stats(model, inputs: dict, loss: RecallLoss, dp_group="auto", chunk_size: int | None = None):
+def kernel_options(kernel: str | KernelOptions | None) -> KernelOptions | None:
+    """``kernel=`` of the functions below as the loss head's ``KernelOptions`` (a name: that kernel, the
+    other options at their defaults); the ``RECALL_DIST_*`` variables override it (``docs/kernels.md``)."""
+    return KernelOptions(kernel=kernel) if isinstance(kernel, str) else kernel
+
+
+def recall_loss_and_stats(
+    model, inputs: dict, loss: RecallLoss, dp_group="auto", chunk_size: int | None = None, kernel=None
+):
     """``(loss, stats)`` of a Hugging Face causal LM on ``inputs`` (``input_ids``, ``labels`` aligned
     with them, -100 where no loss; optional ``attention_mask`` and ``PACKING_KEYS``).  ``loss`` is
     this rank's share of the objective normalised over this call (``dp_group="auto"``: the world
-    group under DDP/ZeRO, so averaged gradients are the global objective's)."""
+    group under DDP/ZeRO, so averaged gradients are the global objective's).  ``kernel``: a
+    ``KernelOptions`` or a kernel name (``kernel_options``)."""
     head = attach_loss_head(model)
-    head.loss, head.chunk_size = loss, chunk_size
+    head.loss, head.chunk_size, head.kernel = loss, chunk_size, kernel_options(kernel)
     head.dp_group = default_dp_group() if dp_group == "auto" else dp_group
     _register_zero3(head)
     labels, sequence_ids = inputs["labels"], None
@@ -117,10 +127,12 @@ def recall_loss_and_stats(model, inputs: dict, loss: RecallLoss, dp_group="auto"
     return head(hidden, labels, sequence_ids)
 
 
-def recall_compute_loss(model, inputs: dict, loss: RecallLoss, dp_group="auto", chunk_size=None, return_outputs=False):
+def recall_compute_loss(
+    model, inputs: dict, loss: RecallLoss, dp_group="auto", chunk_size=None, return_outputs=False, kernel=None
+):
     """The recall loss of one batch (no accumulation bookkeeping): for your own training loop or
     ``Trainer.compute_loss``.  Attaches ``recall_loss_head`` to the model on first use."""
-    value, stats = recall_loss_and_stats(model, inputs, loss, dp_group, chunk_size)
+    value, stats = recall_loss_and_stats(model, inputs, loss, dp_group, chunk_size, kernel)
     return (value, {"stats": stats}) if return_outputs else value
 
 
@@ -137,6 +149,7 @@ class RecallTrainerMixin:
         recall_loss: str = "cdiv",
         recall_loss_params: dict | None = None,
         chunk_size: int | None = None,
+        kernel: str | KernelOptions | None = None,
         **kwargs,
     ):
         if not hasattr(Trainer, "loss_is_scaled_for_ga"):
@@ -156,6 +169,7 @@ class RecallTrainerMixin:
                 "applied over an accumulated step; use normalize='tokens' or gradient_accumulation_steps=1"
             )
         self.chunk_size = chunk_size
+        self.recall_kernel = kernel_options(kernel)  # how the loss head runs (docs/kernels.md); RECALL_DIST_* win
         attach_loss_head(self.model)
         self._micro_batch = 0
         self._step_context = self._objective = None
@@ -175,7 +189,9 @@ class RecallTrainerMixin:
         return batches, step_token_count(batches, default_dp_group(), mask_sequence_starts=True)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        value, stats = recall_loss_and_stats(model, inputs, self.recall_loss, chunk_size=self.chunk_size)
+        value, stats = recall_loss_and_stats(
+            model, inputs, self.recall_loss, chunk_size=self.chunk_size, kernel=self.recall_kernel
+        )
         if self._objective is None:  # evaluation, or a call outside Trainer's loop: one batch, one step
             self.last_recall_stats = stats
         elif self._micro_batch == self._micro_batches_in_step() and self.is_deepspeed_enabled:

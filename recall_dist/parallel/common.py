@@ -235,7 +235,7 @@ class LossOutput:
 
 class FusedHeadFunction(torch.autograd.Function):
     """Base of the fused-head autograd functions (PyTorch and Triton paths): forward forms the
-    gradients of ``hidden`` and ``weight`` (its first two inputs, of ten) and leaves them in
+    gradients of ``hidden`` and ``weight`` (its first two inputs; the others get none) and leaves them in
     ``ctx.grad_h`` / ``ctx.grad_w``; backward hands them out, scaled when the incoming gradient is not
     1 (gradient accumulation, a loss scale)."""
 
@@ -246,4 +246,4 @@ class FusedHeadFunction(torch.autograd.Function):
         if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
             grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
             grad_w = None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None, None, None
+        return grad_h, grad_w, *[None] * (len(ctx.needs_input_grad) - 2)

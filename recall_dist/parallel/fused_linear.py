@@ -39,6 +39,7 @@ from recall_dist.parallel.common import (
     token_weights,
 )
 from recall_dist.parallel.matmul import addmm_, mm
+from recall_dist.parallel.options import KernelOptions
 from recall_dist.parallel.triton_head import triton_fused_linear_loss, use_triton
 
 
@@ -182,7 +183,7 @@ def fused_linear_loss(
     vocab_size: int | None = None,
     chunk_size: int | None = None,
     sequence_ids: torch.Tensor | None = None,
-    kernel: str | None = None,
+    kernel: str | KernelOptions | None = None,
 ) -> LossOutput:
     """Recall loss from hidden states and the output (lm_head) weight, fused and chunked.
 
@@ -197,9 +198,12 @@ def fused_linear_loss(
         loss, tp_group, dp_group, ignore_index, loss_mask, vocab_size, sequence_ids: as in ``vocab_parallel_loss``.
         chunk_size: tokens per chunk (default: ~4M logits per chunk).  Peak extra memory is
             O(chunk_size x V/tp + N x H): one fp32 logits chunk, the fp32 weight gradient, the hidden gradient.
-        kernel: ``auto`` (default, or ``$RECALL_DIST_KERNEL``): the Triton kernels of ``triton_head.py``
-            for CUDA tensors when ``triton`` is installed, this PyTorch implementation otherwise;
-            ``torch`` or ``triton`` force one.
+        kernel: how it runs (``docs/kernels.md``), a ``KernelOptions`` used as given (the training loss
+            head passes the config's, merged with the environment), or just the kernel's name: ``auto``
+            (the default, or ``$RECALL_DIST_KERNEL``) takes the Triton kernels of ``triton_head.py`` for
+            CUDA tensors when ``triton`` is installed, this PyTorch implementation otherwise; ``torch`` or
+            ``triton`` force one (the Triton head's schedule, matmul engine and tiles then come from
+            ``$RECALL_DIST_HEAD_SCHEDULE``, ``$RECALL_DIST_HEAD_MATMUL``, ``$RECALL_DIST_TRITON_TILES``).
 
     Returns ``LossOutput`` (``.loss``, ``.stats``).  ``.loss.backward()`` costs nothing extra: the
     gradients were formed in the forward pass.
@@ -211,10 +215,11 @@ def fused_linear_loss(
             f"weight has shape {tuple(weight.shape)}, expected [V/tp, {hidden.shape[-1]}]; a 0-element "
             "weight is a ZeRO-3/FSDP shard: gather it (call the loss inside the head module's forward)"
         )
-    if use_triton(hidden, kernel):
+    options = KernelOptions.resolve(kernel)
+    if use_triton(hidden, options.kernel):
         return triton_fused_linear_loss(
             hidden, weight, target, loss, tp_group=tp_group, dp_group=dp_group, ignore_index=ignore_index,
-            vocab_size=vocab_size, chunk_size=chunk_size, sequence_ids=sequence_ids,
+            vocab_size=vocab_size, chunk_size=chunk_size, sequence_ids=sequence_ids, options=options,
         )  # fmt: skip
     out, stats = _FusedLinearLoss.apply(
         hidden, weight, target, loss, tp_group, dp_group, ignore_index, vocab_size, sequence_ids, chunk_size

@@ -17,25 +17,30 @@ seam, TP reduction and DP normaliser as the PyTorch path (``common.global_coeffi
 That is 8 N H V/tp flops (statistics, then recompute and two GEMMs) against 6 for plain
 cross-entropy, bought for an exact fp32 dW without a V x H fp32 accumulator.  As in the PyTorch path
 the gradients are formed in the forward pass, so the backward never needs the (FSDP2 / ZeRO-3
-gathered) weight again.  ``RECALL_DIST_HEAD_SCHEDULE=single`` trades that for 6 N H V/tp flops and an
+gathered) weight again.  ``head_schedule="single"`` trades that for 6 N H V/tp flops and an
 fp32 dW accumulator (``triton_single.py``).  The PyTorch path stays the CPU implementation and the
-reference; choose with ``kernel=`` or ``RECALL_DIST_KERNEL`` (``auto``, ``torch``, ``triton``).
+reference.  Every choice (kernel, schedule, matmul engine, tiles) arrives in a ``KernelOptions``
+(``options.py``; ``docs/kernels.md``): the loss config's keys, overridden by ``RECALL_DIST_*``.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 
 import torch
 
 from recall_dist.losses.base import RecallLoss
 from recall_dist.parallel.common import FusedHeadFunction, LossOutput, global_coefficients, prepare_tokens
-from recall_dist.parallel.triton_ops import head_gradients, head_statistics, logits_gradient, logits_statistics
-from recall_dist.parallel.triton_single import single_pass_head, single_pass_requested
+from recall_dist.parallel.options import KERNELS, KernelOptionError, KernelOptions
+from recall_dist.parallel.triton_ops import (
+    default_tiles,
+    head_gradients,
+    head_statistics,
+    logits_gradient,
+    logits_statistics,
+)
+from recall_dist.parallel.triton_single import single_pass_head
 
-KERNEL_ENV = "RECALL_DIST_KERNEL"
-KERNELS = ("auto", "torch", "triton")
 TRITON_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
@@ -46,17 +51,15 @@ def _interpreted() -> bool:
     return INTERPRET
 
 
-def use_triton(tensor: torch.Tensor, kernel: str | None = None) -> bool:
-    """Whether the loss on ``tensor`` runs the Triton path.
-
-    ``kernel`` (default: ``$RECALL_DIST_KERNEL``, else ``auto``): ``auto`` takes Triton for CUDA
-    tensors in bf16/fp16/fp32 when ``triton`` is importable; ``torch`` forces the PyTorch path;
-    ``triton`` insists (an error says why it cannot run; CPU tensors only under ``TRITON_INTERPRET=1``).
+def use_triton(tensor: torch.Tensor, kernel: str = "auto") -> bool:
+    """Whether the loss on ``tensor`` runs the Triton path, for the ``kernel`` choice
+    (``KernelOptions.kernel``): ``auto`` takes Triton for CUDA tensors in bf16/fp16/fp32 when ``triton``
+    is importable; ``torch`` forces the PyTorch path; ``triton`` insists (an error says why it cannot run;
+    CPU tensors only under ``TRITON_INTERPRET=1``).
     """
-    choice = kernel if kernel is not None else os.environ.get(KERNEL_ENV, "auto")
+    choice = kernel
     if choice not in KERNELS:
-        source = "kernel" if kernel is not None else KERNEL_ENV
-        raise ValueError(f"{source}={choice!r}; allowed: {', '.join(KERNELS)}")
+        raise KernelOptionError("kernel", choice, ", ".join(KERNELS))
     if choice == "torch":
         return False
     available = importlib.util.find_spec("triton") is not None
@@ -88,26 +91,28 @@ def _tokens(target, sequence_ids, ignore_index, vocab_size, local_vocab, tp_grou
 
 class _TritonFusedLinear(FusedHeadFunction):
     @staticmethod
-    def forward(ctx, hidden, weight, target, loss, tp_group, dp_group, ignore_index, vocab_size, seq_ids, chunk):
+    def forward(ctx, hidden, weight, target, loss, tp_group, dp_group, ignore_index, vocab_size, seq_ids, chunk, opts):
         h = hidden.reshape(-1, hidden.shape[-1])
         h = h if h.stride(1) == 1 else h.contiguous()
         w = weight if weight.stride(1) == 1 else weight.contiguous()
         tokens, target_col = _tokens(target, seq_ids, ignore_index, vocab_size, w.shape[0], tp_group)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         # fp16 cannot hold unnormalised c-Div weights (e^{(alpha-1) l}) before the global 1/Z
-        if single_pass_requested() and loss.single_pass and h.dtype != torch.float16:
+        if opts.head_schedule == "single" and loss.single_pass and h.dtype != torch.float16:
             local_loss, stats, grad_h, grad_w = single_pass_head(
                 h, w, tokens, target_col, loss, tp_group, dp_group, chunk_size=chunk, need_h=need_h, need_w=need_w
             )
             return _TritonFusedLinear._keep(ctx, hidden, grad_h, grad_w, stats, local_loss)
-        stats_of = head_statistics(h, w, tokens.index, target_col, tokens.n_cols, chunk_size=chunk)
+        tiles, engine = default_tiles(h.dtype, opts.triton_tiles), opts.head_matmul
+        stats_of = head_statistics(h, w, tokens.index, target_col, tokens.n_cols, tiles, chunk, engine)
         parts = [stats_of] if len(tokens) else []
         lse, nll, coef, stats = global_coefficients(loss, tokens, parts, tp_group, dp_group, torch.float32, h.device)
         grad_h = grad_w = None
         if need_h or need_w:
             grad_h, grad_w = head_gradients(
-                h, w, tokens.index, target_col, lse, coef, tokens.n_cols, need_h=need_h, need_w=need_w, chunk_size=chunk
-            )
+                h, w, tokens.index, target_col, lse, coef, tokens.n_cols, need_h=need_h, need_w=need_w,
+                chunk_size=chunk, tiles=tiles, engine=engine,
+            )  # fmt: skip
         return _TritonFusedLinear._keep(ctx, hidden, grad_h, grad_w, stats, (coef * nll).sum().to(torch.float32))
 
     @staticmethod
@@ -140,11 +145,23 @@ class _TritonVocabParallel(torch.autograd.Function):
 
 
 def triton_fused_linear_loss(
-    hidden, weight, target, loss: RecallLoss, *, tp_group, dp_group, ignore_index, vocab_size, chunk_size, sequence_ids
+    hidden,
+    weight,
+    target,
+    loss: RecallLoss,
+    *,
+    tp_group,
+    dp_group,
+    ignore_index,
+    vocab_size,
+    chunk_size,
+    sequence_ids,
+    options: KernelOptions,
 ) -> LossOutput:
-    """``fused_linear_loss`` on the Triton path (same arguments, checked by the caller)."""
+    """``fused_linear_loss`` on the Triton path (same arguments, checked by the caller; ``options``
+    resolved by it: the schedule, matmul engine and tiles)."""
     out, stats = _TritonFusedLinear.apply(
-        hidden, weight, target, loss, tp_group, dp_group, ignore_index, vocab_size, sequence_ids, chunk_size
+        hidden, weight, target, loss, tp_group, dp_group, ignore_index, vocab_size, sequence_ids, chunk_size, options
     )
     return LossOutput(out, stats, loss.rule.extra_stats())
 

@@ -1,7 +1,8 @@
 """Launchers of the Triton kernels (``triton_kernels.py``) and the GEMMs around them: per-token
 statistics and gradients of one vocabulary shard, for the fused head and for a logits shard.
 
-Two matmul engines for the fused head (``RECALL_DIST_HEAD_MATMUL``), same results, different speed:
+Two matmul engines for the fused head (``KernelOptions.head_matmul``: ``loss.head_matmul`` or
+``$RECALL_DIST_HEAD_MATMUL``, ``docs/kernels.md``), same results, different speed:
 
 - ``triton`` (default): the logits of a tile live only in registers (``tl.dot`` inside the
   statistics and gradient kernels); no logits tensor at all.
@@ -17,15 +18,11 @@ accumulation over all kept tokens, one rounding) and ``dH += d @ W[chunk]`` accu
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 
 from recall_dist.parallel.matmul import addmm_, mm
-
-MATMUL_ENV = "RECALL_DIST_HEAD_MATMUL"
-TILES_ENV = "RECALL_DIST_TRITON_TILES"
 
 
 def cdiv(a: int, b: int) -> int:
@@ -46,27 +43,17 @@ class Tiles:
     splits: int = 16
 
 
-def default_tiles(dtype: torch.dtype) -> Tiles:
-    """Hopper-sized tiles on the GPU (``RECALL_DIST_TRITON_TILES=bn,bv,bk,warps,stages,splits``
-    overrides them, for tuning); 32-wide tiles under the interpreter, so small tests cross tile edges."""
+def default_tiles(dtype: torch.dtype, override: tuple[int, ...] | None = None) -> Tiles:
+    """Hopper-sized tiles on the GPU, or ``override`` (``KernelOptions.triton_tiles``: ``loss.triton_tiles``
+    or ``$RECALL_DIST_TRITON_TILES``, for tuning); 32-wide tiles under the interpreter, so small tests cross
+    tile edges."""
     from recall_dist.parallel.triton_kernels import INTERPRET
 
     if INTERPRET:
         return Tiles(32, 32, 32, 1, 1, 2)
-    override = os.environ.get(TILES_ENV)
-    if override:
-        values = [int(v) for v in override.split(",")]
-        if len(values) != 6:
-            raise ValueError(f"{TILES_ENV}={override!r}: expected bn,bv,bk,warps,stages,splits")
-        return Tiles(*values)
+    if override is not None:
+        return Tiles(*override)
     return Tiles(block_k=32, num_stages=2) if dtype == torch.float32 else Tiles()
-
-
-def matmul_engine() -> str:
-    engine = os.environ.get(MATMUL_ENV, "triton")
-    if engine not in ("triton", "cublas"):
-        raise ValueError(f"{MATMUL_ENV}={engine!r}; allowed: triton, cublas")
-    return engine
 
 
 def _kernel_flags(dtype: torch.dtype) -> dict:
@@ -101,11 +88,13 @@ def _rows_of(h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return h[rows]
 
 
-def head_statistics(h, w, rows, target_col, n_cols: int, tiles: Tiles | None = None, chunk_size=None):
+def head_statistics(
+    h, w, rows, target_col, n_cols: int, tiles: Tiles | None = None, chunk_size=None, engine: str = "triton"
+):
     """fp32 (max, sum exp(z - max), target logit) per token of the logits ``h[rows] @ w[:n_cols].T``.
 
     ``h`` [N, H], ``w`` [V_local, H] (unit stride along H), ``rows`` [n] long, ``target_col`` [n]: the
-    target's column in this shard or -1.
+    target's column in this shard or -1.  ``engine``: ``triton`` or ``cublas`` (the module docstring).
     """
     from recall_dist.parallel import triton_kernels as K
 
@@ -115,7 +104,7 @@ def head_statistics(h, w, rows, target_col, n_cols: int, tiles: Tiles | None = N
     if n == 0 or n_cols == 0:  # a shard made only of vocabulary padding
         return m, s, zt
     t = tiles or default_tiles(h.dtype)
-    if matmul_engine() == "cublas":
+    if engine == "cublas":
         h_kept, all_rows = _rows_of(h, rows), torch.arange(n, device=h.device)
         width = vocab_chunk(n, h.shape[1], n_cols, t.block_v, chunk_size)
         parts = []
@@ -137,7 +126,7 @@ def head_statistics(h, w, rows, target_col, n_cols: int, tiles: Tiles | None = N
 
 
 def head_gradients(
-    h, w, rows, target_col, lse, coef, n_cols: int, *, need_h: bool, need_w: bool, chunk_size=None, tiles=None
+    h, w, rows, target_col, lse, coef, n_cols: int, *, need_h, need_w, chunk_size=None, tiles=None, engine="triton"
 ):
     """Gradients of sum_n coef_n * nll_n w.r.t. ``h`` [N, H] and ``w`` [V_local, H], for tokens
     ``rows`` (only those with coef != 0 are recomputed).  Returns (dh or None, dw or None) in the
@@ -161,7 +150,7 @@ def head_gradients(
     dh_acc = torch.zeros((n, h.shape[1]), dtype=torch.float32, device=h.device) if need_h else None
     width = vocab_chunk(n, h.shape[1], n_cols, t.block_v, chunk_size)
     d = torch.empty((n, width), dtype=h.dtype, device=h.device)
-    cublas = matmul_engine() == "cublas"
+    cublas = engine == "cublas"
     for col0 in range(0, n_cols, width):
         cols = min(width, n_cols - col0)
         dc, wc = d[:, :cols], w[col0 : col0 + cols]

@@ -1,4 +1,5 @@
-"""The single-pass schedule of the Triton path (``RECALL_DIST_HEAD_SCHEDULE=single``), for rules whose
+"""The single-pass schedule of the Triton path (``KernelOptions.head_schedule="single"``: ``loss.head_schedule``
+or ``$RECALL_DIST_HEAD_SCHEDULE``, ``docs/kernels.md``), for rules whose
 weight depends only on the token's own NLL (nll, cdiv, lambda_pr without ``nll_mix``).
 
 Token chunk by token chunk: cuBLAS writes the chunk's fp32 logits ``[c, V/tp]``, a Triton kernel
@@ -13,23 +14,12 @@ to say on the GPU (methods ``name@single``).
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from recall_dist.distributed.collectives import group_size
 from recall_dist.parallel.common import chunk_rows, finalize, reduce_lse, reduce_max, token_weights
 from recall_dist.parallel.matmul import addmm_, mm
 from recall_dist.parallel.triton_ops import _logits_grad, logits_statistics
-
-SCHEDULE_ENV = "RECALL_DIST_HEAD_SCHEDULE"
-
-
-def single_pass_requested() -> bool:
-    schedule = os.environ.get(SCHEDULE_ENV, "recompute")
-    if schedule not in ("recompute", "single"):
-        raise ValueError(f"{SCHEDULE_ENV}={schedule!r}; allowed: recompute, single")
-    return schedule == "single"
 
 
 def single_pass_head(h, w, tokens, target_col, loss, tp_group, dp_group, *, chunk_size, need_h: bool, need_w: bool):

@@ -23,6 +23,7 @@ from recall_dist.parallel.common import (
     global_coefficients,
     prepare_tokens,
 )
+from recall_dist.parallel.options import KernelOptions
 from recall_dist.parallel.triton_head import triton_vocab_parallel_loss, use_triton
 
 
@@ -89,7 +90,7 @@ def vocab_parallel_loss(
     vocab_size: int | None = None,
     sequence_ids: torch.Tensor | None = None,
     chunk_size: int | None = None,
-    kernel: str | None = None,
+    kernel: str | KernelOptions | None = None,
 ) -> LossOutput:
     """Recall loss from vocabulary-parallel logits.
 
@@ -112,7 +113,8 @@ def vocab_parallel_loss(
             Default: each row of a ``[B, T]`` target is a sequence; a 1-D target has none (sequence-level
             truncation then raises).
         chunk_size: tokens per fp32 chunk (default: ~4M logits per chunk).
-        kernel: ``auto`` (default, or ``$RECALL_DIST_KERNEL``): Triton kernels for CUDA logits when
+        kernel: a ``KernelOptions`` (only its ``kernel`` matters here; ``docs/kernels.md``) or the kernel's
+            name: ``auto`` (the default, or ``$RECALL_DIST_KERNEL``): Triton kernels for CUDA logits when
             ``triton`` is installed (one read of each row forward, one read and one write backward),
             this PyTorch implementation otherwise; ``torch`` or ``triton`` force one.
 
@@ -124,7 +126,7 @@ def vocab_parallel_loss(
     """
     check_shapes(logits.shape[:-1], target.shape, "logits")
     target = apply_loss_mask(target, loss_mask, ignore_index)
-    if use_triton(logits, kernel):
+    if use_triton(logits, KernelOptions.resolve(kernel).kernel):
         return triton_vocab_parallel_loss(
             logits, target, loss, tp_group=tp_group, dp_group=dp_group, ignore_index=ignore_index,
             vocab_size=vocab_size, sequence_ids=sequence_ids,

@@ -69,18 +69,35 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    """A weight rule of ``recall_dist.build_loss`` and its parameters (README, "How the losses work")."""
+    """A weight rule of ``recall_dist.build_loss`` and its parameters (README, "How the losses work"), and
+    how the loss head runs it: ``chunk_size`` and the kernel choices (``docs/kernels.md``; each
+    ``RECALL_DIST_*`` variable that is set overrides its key)."""
 
     name: str = "nll"
     params: dict[str, Any] = field(default_factory=dict)
     chunk_size: int | None = None  # tokens per chunk of the fused head; None: the loss's default
+    kernel: str = "auto"  # auto | torch | triton ($RECALL_DIST_KERNEL)
+    head_schedule: str = "recompute"  # recompute | single: the Triton fused head ($RECALL_DIST_HEAD_SCHEDULE)
+    head_matmul: str = "triton"  # triton | cublas: the Triton fused head's logits ($RECALL_DIST_HEAD_MATMUL)
+    triton_tiles: list[int] | None = None  # [bn, bv, bk, warps, stages, splits] on the GPU ($RECALL_DIST_TRITON_TILES)
 
     def __post_init__(self):
         from recall_dist.losses import LossParamError, build_loss, known_rules
+        from recall_dist.parallel.options import ENV, KernelOptionError, KernelOptions
 
         known = list(known_rules())
         check(self.name in known, "name", self.name, f"allowed: {', '.join(known)}")
         check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1 or null")
+        try:
+            self._kernel_options = KernelOptions(self.kernel, self.head_schedule, self.head_matmul, self.triton_tiles)
+        except KernelOptionError as e:
+            raise ConfigError(e.key, f"{e.value!r} is not allowed; allowed: {e.allowed}") from None
+        try:  # a bad override stops the run now, not at the first loss call
+            KernelOptions.from_env(self._kernel_options)
+        except KernelOptionError as e:
+            raise ConfigError(
+                e.key, f"${ENV[e.key]}={e.value!r} (it overrides loss.{e.key}) is not allowed; allowed: {e.allowed}"
+            ) from None
         # Validated by building it: the rule that owns a parameter names it (LossParamError.param).
         try:
             self._loss = build_loss(self.name, **self.params)
@@ -92,6 +109,11 @@ class LossConfig:
     def build(self):
         """The loss this config describes (built once, when the config was validated)."""
         return self._loss
+
+    def kernel_options(self):
+        """The config's ``KernelOptions`` (before the environment's overrides, which the loss head
+        applies at each call: ``KernelOptions.from_env``)."""
+        return self._kernel_options
 
 
 @dataclass

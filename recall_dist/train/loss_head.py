@@ -19,6 +19,7 @@ from torch import nn
 
 from recall_dist import fused_linear_loss
 from recall_dist.constants import IGNORE_INDEX
+from recall_dist.parallel.options import KernelOptions
 from recall_dist.train.models import decoder_of
 
 
@@ -29,11 +30,19 @@ class LossHead(nn.Module):
     ``hidden[:, :-1]`` predicts ``labels[:, 1:]``.  ``loss`` is this rank's share of the global
     objective (``dp_group`` all-reduces the normaliser Z over the whole step), so DDP-style gradient
     averaging gives the gradient of the global objective.  The head weight is looked up through
-    ``weight_owner`` at call time (it is not registered here: one parameter, one owner).
+    ``weight_owner`` at call time (it is not registered here: one parameter, one owner).  ``kernel``
+    (``loss.kernel`` and the other kernel keys of the config; default: the built-in defaults) is merged
+    with the ``RECALL_DIST_*`` overrides at every call and passed to the kernel (``docs/kernels.md``).
     """
 
     def __init__(
-        self, weight_owner: nn.Module, loss, dp_group=None, vocab_size: int | None = None, chunk_size: int | None = None
+        self,
+        weight_owner: nn.Module,
+        loss,
+        dp_group=None,
+        vocab_size: int | None = None,
+        chunk_size: int | None = None,
+        kernel: KernelOptions | None = None,
     ):
         super().__init__()
         self._weight_owner = [weight_owner]  # a list hides it from nn.Module registration
@@ -41,6 +50,7 @@ class LossHead(nn.Module):
         self.dp_group = dp_group
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size
+        self.kernel = kernel
 
     @property
     def weight(self) -> torch.Tensor:
@@ -62,6 +72,7 @@ class LossHead(nn.Module):
             vocab_size=self.vocab_size,
             chunk_size=self.chunk_size,
             sequence_ids=seq,
+            kernel=KernelOptions.from_env(self.kernel),
         )
         return out.loss, out.stats
 
@@ -73,11 +84,18 @@ class CausalLMWithLossHead(nn.Module):
     ``self.loss_head`` has no parameters of its own.
     """
 
-    def __init__(self, model: nn.Module, loss, dp_group=None, chunk_size: int | None = None):
+    def __init__(
+        self, model: nn.Module, loss, dp_group=None, chunk_size: int | None = None, kernel: KernelOptions | None = None
+    ):
         super().__init__()
         self.model = model
         self.loss_head = LossHead(
-            model.get_output_embeddings(), loss, dp_group, vocab_size=model.config.vocab_size, chunk_size=chunk_size
+            model.get_output_embeddings(),
+            loss,
+            dp_group,
+            vocab_size=model.config.vocab_size,
+            chunk_size=chunk_size,
+            kernel=kernel,
         )
 
     def forward(

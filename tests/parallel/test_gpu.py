@@ -106,10 +106,9 @@ def test_triton_path_matches_fp64_reference(entry, case, dtype, engine, monkeypa
 @needs_cuda
 @pytest.mark.parametrize("engine", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_triton_tp2_emulation_equals_unsplit(dtype, engine, monkeypatch):
-    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", engine)
+def test_triton_tp2_emulation_equals_unsplit(dtype, engine):
     tol = 1e-4 if dtype == torch.float32 else 2e-2
-    _triton_checks().check_tp2_emulation(dtype, "cuda", tol, **GPU_SHAPE)
+    _triton_checks().check_tp2_emulation(dtype, "cuda", tol, engine=engine, **GPU_SHAPE)
 
 
 @needs_cuda

@@ -16,8 +16,8 @@ from recall_dist import build_loss, fused_linear_loss, vocab_parallel_loss
 from recall_dist.distributed.collectives import all_reduce_, group_rank
 from recall_dist.distributed.testing import run_distributed_test, tp_dp_groups
 from recall_dist.parallel import triton_head, triton_ops
+from recall_dist.parallel.options import KernelOptions
 from recall_dist.parallel.triton_kernels import INTERPRET
-from recall_dist.parallel.triton_single import single_pass_requested
 from tests.parallel.cases import RULE_CASES, case_id
 from tests.reference import NaiveTruncState, naive_loss
 
@@ -130,7 +130,7 @@ def test_same_as_pytorch_path(entry, engine, monkeypatch):
     assert close(agh, bgh, 1e-5) and close(agw, bgw, 1e-5)
 
 
-def check_tp2_emulation(dtype, device, tol, **shape):
+def check_tp2_emulation(dtype, device, tol, engine="triton", **shape):
     """Weight split into two vocabulary shards (the second padded): per-shard statistics reduced by
     hand equal the unsplit ones, and shard gradients (global lse, coefficients) rebuild the unsplit ones."""
     hidden, weight, target = make(dtype, **shape)
@@ -143,22 +143,23 @@ def check_tp2_emulation(dtype, device, tol, **shape):
     parts = []
     for shard, start, n_cols in shards:
         local = torch.where((y >= start) & (y < start + n_cols), y - start, -1)
-        parts.append((triton_ops.head_statistics(h, shard, rows, local, n_cols), local, n_cols))
+        parts.append((triton_ops.head_statistics(h, shard, rows, local, n_cols, engine=engine), local, n_cols))
     m0, s0, z0 = parts[0][0]
     m1, s1, z1 = parts[1][0]
     m = torch.maximum(m0, m1)
     lse = m + torch.log(s0 * torch.exp(m0 - m) + s1 * torch.exp(m1 - m))
-    mu, su, zu = triton_ops.head_statistics(h, w, rows, y, vocab)
+    mu, su, zu = triton_ops.head_statistics(h, w, rows, y, vocab, engine=engine)
     exact = torch.logsumexp(h[rows].double() @ w[:vocab].double().t(), dim=1)
     assert close(lse.double().cpu(), exact.cpu(), tol) and close((mu + torch.log(su)).double().cpu(), exact.cpu(), tol)
     assert close((z0 + z1).cpu(), zu.cpu(), 1e-6)  # the target logit comes from exactly one shard
     coef = torch.rand(rows.numel(), generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     coef[::4] = 0.0  # tokens a truncation rule dropped
+    kw = {"need_h": True, "need_w": True, "chunk_size": 3, "engine": engine}
     grads = [
-        triton_ops.head_gradients(h, shard, rows, local, lse, coef, n_cols, need_h=True, need_w=True, chunk_size=3)
+        triton_ops.head_gradients(h, shard, rows, local, lse, coef, n_cols, **kw)
         for (shard, _, n_cols), (_, local, _) in zip(shards, parts, strict=True)
     ]
-    gh, gw = triton_ops.head_gradients(h, w, rows, y, lse, coef, vocab, need_h=True, need_w=True, chunk_size=3)
+    gh, gw = triton_ops.head_gradients(h, w, rows, y, lse, coef, vocab, **kw)
     assert close((grads[0][0].double() + grads[1][0].double()).cpu(), gh.double().cpu(), tol)
     assert close(torch.cat([grads[0][1], grads[1][1]]).double().cpu(), gw.double().cpu(), tol)
     # and the unsplit gradients are those of sum_n coef_n nll_n in fp64
@@ -170,9 +171,8 @@ def check_tp2_emulation(dtype, device, tol, **shape):
 
 @pytest.mark.parametrize("engine", ["triton", "cublas"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_tp2_emulation_equals_unsplit(dtype, engine, monkeypatch):
-    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", engine)
-    check_tp2_emulation(dtype, DEVICE, 2e-5 if dtype == torch.float32 else 2e-2)
+def test_tp2_emulation_equals_unsplit(dtype, engine):
+    check_tp2_emulation(dtype, DEVICE, 2e-5 if dtype == torch.float32 else 2e-2, engine=engine)
 
 
 def test_logits_statistics_of_two_shards():
@@ -242,17 +242,22 @@ def test_dispatch_choices(monkeypatch):
     assert not triton_head.use_triton(cpu, "torch")
     with pytest.raises(ValueError, match="allowed: auto, torch, triton"):
         triton_head.use_triton(cpu, "cuda")
-    monkeypatch.setenv("RECALL_DIST_KERNEL", "fast")
+    monkeypatch.setenv("RECALL_DIST_KERNEL", "fast")  # read where a call resolves its options, never by use_triton
+    assert not triton_head.use_triton(cpu)
     with pytest.raises(ValueError, match="RECALL_DIST_KERNEL='fast'"):
-        triton_head.use_triton(cpu)
+        KernelOptions.resolve(None)
+    assert KernelOptions.resolve("torch").kernel == "torch"  # an explicit kernel= name beats the variable
     monkeypatch.setenv("RECALL_DIST_KERNEL", "torch")
-    assert not triton_head.use_triton(cpu.to(DEVICE))
+    assert not triton_head.use_triton(cpu.to(DEVICE), KernelOptions.resolve(None).kernel)
     monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", "cutlass")
-    with pytest.raises(ValueError, match="allowed: triton, cublas"):
-        triton_ops.matmul_engine()
+    with pytest.raises(ValueError, match="RECALL_DIST_HEAD_MATMUL='cutlass' is not allowed; allowed: triton, cublas"):
+        KernelOptions.from_env()
+    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", "cublas")
     monkeypatch.setenv("RECALL_DIST_HEAD_SCHEDULE", "twice")
-    with pytest.raises(ValueError, match="allowed: recompute, single"):
-        single_pass_requested()
+    with pytest.raises(
+        ValueError, match="RECALL_DIST_HEAD_SCHEDULE='twice' is not allowed; allowed: recompute, single"
+    ):
+        KernelOptions.from_env()
     with pytest.raises(ValueError, match="bf16, fp16 and fp32"):
         triton_head.use_triton(cpu.double(), "triton")
     if INTERPRET:

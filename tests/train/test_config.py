@@ -101,3 +101,57 @@ def test_sweep_temperatures_must_be_finite(bad):
     data = {"models": [{"name": "m", "path": "."}], "temperatures": [0.5, bad]}
     with pytest.raises(ConfigError, match=r"temperatures\[1\]: expected a finite number"):
         from_dict(SweepConfig, data)
+
+
+# ---------------------------------------------------------------- the loss head's kernel keys (docs/kernels.md)
+
+KERNEL_ENV = ("RECALL_DIST_KERNEL", "RECALL_DIST_HEAD_SCHEDULE", "RECALL_DIST_HEAD_MATMUL", "RECALL_DIST_TRITON_TILES")
+
+
+@pytest.fixture
+def no_kernel_env(monkeypatch):
+    for name in KERNEL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+@pytest.mark.parametrize(
+    "override,expected",
+    [
+        ("loss.kernel=cuda", "loss.kernel: 'cuda' is not allowed; allowed: auto, torch, triton"),
+        ("loss.head_schedule=twice", "loss.head_schedule: 'twice' is not allowed; allowed: recompute, single"),
+        ("loss.head_matmul=cutlass", "loss.head_matmul: 'cutlass' is not allowed; allowed: triton, cublas"),
+        ("loss.triton_tiles=[128,128,64]", "loss.triton_tiles: [128, 128, 64] is not allowed; allowed: null"),
+        ("loss.triton_tiles=[100,128,64,8,3,16]", "block sizes powers of 2"),
+    ],
+)
+def test_kernel_keys_are_validated_with_the_config(no_kernel_env, override, expected):
+    with pytest.raises(ConfigError) as info:
+        load_train_config("configs/tiny_cpu.yaml", [override])
+    assert str(info.value).startswith(override.split("=")[0] + ":") and expected in str(info.value), str(info.value)
+
+
+def test_kernel_keys_defaults_and_env_overrides(no_kernel_env):
+    from recall_dist.parallel import KernelOptions
+
+    cfg = load_train_config("configs/tiny_cpu.yaml")
+    assert (cfg.loss.kernel, cfg.loss.head_schedule, cfg.loss.head_matmul, cfg.loss.triton_tiles) == (
+        "auto",
+        "recompute",
+        "triton",
+        None,
+    )
+    keys = ["loss.kernel=torch", "loss.head_matmul=cublas", "loss.triton_tiles=[64,64,32,4,2,8]"]
+    options = load_train_config("configs/tiny_cpu.yaml", keys).loss.kernel_options()
+    assert options == KernelOptions("torch", "recompute", "cublas", (64, 64, 32, 4, 2, 8))
+    # a variable that is set wins over its key; the others keep the config's value
+    no_kernel_env.setenv("RECALL_DIST_KERNEL", "triton")
+    no_kernel_env.setenv("RECALL_DIST_TRITON_TILES", "128,128,64,8,3,16")
+    no_kernel_env.setenv("RECALL_DIST_HEAD_SCHEDULE", "")  # empty: not set
+    assert KernelOptions.from_env(options) == KernelOptions("triton", "recompute", "cublas", (128, 128, 64, 8, 3, 16))
+    # a bad override stops the config, naming the variable, the key it overrides and the allowed values
+    no_kernel_env.setenv("RECALL_DIST_HEAD_MATMUL", "cutlass")
+    with pytest.raises(ConfigError) as info:
+        load_train_config("configs/tiny_cpu.yaml")
+    message = str(info.value)
+    assert message.startswith("loss.head_matmul: $RECALL_DIST_HEAD_MATMUL='cutlass'") and "triton, cublas" in message

@@ -117,7 +117,9 @@ class DeepSpeedEngine:
 
         self.ds_config = deepspeed_config(cfg, accumulation_steps, ctx.world_size)
         model = build_deepspeed_model(cfg, ctx, self.ds_config)
-        wrapper = CausalLMWithLossHead(model, loss, ctx.dp_group, chunk_size=cfg.loss.chunk_size)
+        wrapper = CausalLMWithLossHead(
+            model, loss, ctx.dp_group, chunk_size=cfg.loss.chunk_size, kernel=cfg.loss.kernel_options()
+        )
         if cfg.backend.zero_stage == 3:
             register_zero3_head(wrapper)
         optimizer = None

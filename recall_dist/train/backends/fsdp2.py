@@ -66,7 +66,9 @@ class FSDP2Engine:
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             device_type=ctx.device.type,
         )
-        wrapper = CausalLMWithLossHead(model, loss, ctx.dp_group, chunk_size=cfg.loss.chunk_size)
+        wrapper = CausalLMWithLossHead(
+            model, loss, ctx.dp_group, chunk_size=cfg.loss.chunk_size, kernel=cfg.loss.kernel_options()
+        )
         self.module = apply_fsdp2(wrapper, cfg)
         # With CPU offload the sharded masters live in host memory; FSDP2 copies each unit to the GPU
         # for its forward/backward.
