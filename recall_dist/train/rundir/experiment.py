@@ -3,7 +3,8 @@ continues the same experiment (``check_same_experiment``).
 
 The fingerprint: the config keys that change the experiment (model, loss, optim, data), flattened
 (``loss.params.alpha``), with their SHA-256.  Not fingerprinted: keys that change how the run is
-computed, not what (``model.attn_implementation``, ``loss.chunk_size``), the validation set
+computed, not what (``model.attn_implementation``, ``loss.chunk_size``, the kernel choices ``loss.kernel``,
+``loss.head_schedule``, ``loss.head_matmul``, ``loss.triton_tiles``), the validation set
 (``data.eval_source``, ``data.eval_split``), and the train/backend sections (run length, batching
 checks of their own, checkpoints, logging, the backend).
 """
@@ -14,14 +15,22 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
-
 from recall_dist.train.rundir.errors import RunDirError
 
 FINGERPRINT = "fingerprint.json"
 SECTIONS = ("model", "loss", "optim", "data")
-# The validation set is measured, not trained on: adding or changing it continues the same experiment.
-NOT_FINGERPRINTED = ("model.attn_implementation", "loss.chunk_size", "data.eval_source", "data.eval_split")
+# How the loss is computed (attention and loss kernels, chunking) changes rounding, not the experiment; the
+# validation set is measured, not trained on: changing either continues the same experiment.
+NOT_FINGERPRINTED = (
+    "model.attn_implementation",
+    "loss.chunk_size",
+    "loss.kernel",
+    "loss.head_schedule",
+    "loss.head_matmul",
+    "loss.triton_tiles",
+    "data.eval_source",
+    "data.eval_split",
+)
 
 
 def _flatten(value, prefix: str, out: dict) -> None:
@@ -70,11 +79,11 @@ def fingerprint_differences(saved: dict, current: dict) -> list[str]:
 
 
 def read_fingerprint(checkpoint: str | Path) -> dict:
-    """The fingerprint saved with ``checkpoint`` (derived from its config.yaml when it has none)."""
-    checkpoint = Path(checkpoint)
-    if (checkpoint / FINGERPRINT).is_file():
-        return json.loads((checkpoint / FINGERPRINT).read_text())
-    return config_fingerprint(yaml.safe_load((checkpoint / "config.yaml").read_text()))
+    """The fingerprint saved with ``checkpoint`` (every checkpoint has one; the manifest lists it)."""
+    path = Path(checkpoint) / FINGERPRINT
+    if not path.is_file():
+        raise RunDirError("train.resume", f"checkpoint {checkpoint} has no {FINGERPRINT}: it cannot be resumed")
+    return json.loads(path.read_text())
 
 
 def check_same_experiment(saved: dict, current: dict, checkpoint: Path, allow_change: bool) -> list[str]:

@@ -53,3 +53,37 @@ def test_fingerprint_names_the_keys_that_change_the_experiment(tmp_path):
     with pytest.raises(RunDirError, match=r"(?s)different experiment.*loss.params.alpha: 1.4 -> 2.0.*optim.lr"):
         check_same_experiment(a, b, tmp_path / "step_00000004", allow_change=False)
     assert len(check_same_experiment(a, b, tmp_path, allow_change=True)) == 2
+
+
+def test_kernel_choices_are_not_the_experiment():
+    """Changing how the loss is computed (kernel, schedule, matmul, tiles, chunking) continues the run."""
+    from recall_dist.train.rundir.experiment import config_fingerprint, fingerprint_differences
+
+    base = {"model": {"name_or_path": "m"}, "loss": {"name": "cdiv", "params": {"alpha": 1.4}, "chunk_size": 1024}}
+    other = {
+        "model": {"name_or_path": "m"},
+        "loss": {
+            "name": "cdiv",
+            "params": {"alpha": 1.4},
+            "chunk_size": 256,
+            "kernel": "triton",
+            "head_schedule": "single",
+            "head_matmul": "cublas",
+            "triton_tiles": [64, 64, 64, 64, 64, 64],
+        },
+    }
+    a, b = config_fingerprint(base), config_fingerprint(other)
+    assert a["sha256"] == b["sha256"] and fingerprint_differences(a, b) == []
+    other["loss"]["params"]["alpha"] = 2.0
+    assert fingerprint_differences(a, config_fingerprint(other)) == ["loss.params.alpha: 1.4 -> 2.0"]
+
+
+def test_a_checkpoint_without_fingerprint_is_refused(tmp_path):
+    import pytest
+
+    from recall_dist.train.rundir.errors import RunDirError
+    from recall_dist.train.rundir.experiment import read_fingerprint
+
+    (tmp_path / "config.yaml").write_text("loss: {name: nll}\n")
+    with pytest.raises(RunDirError, match=r"has no fingerprint\.json"):
+        read_fingerprint(tmp_path)
