@@ -111,7 +111,7 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(tmp_path, who):
     assert 3 <= stopped_at < STEPS
     assert latest_checkpoint(out / "checkpoints").name == f"step_{stopped_at:08d}"
     assert Checkpointer(out, 0).select("auto").name == f"step_{stopped_at:08d}"  # complete and verified
-    if who == "every process":  # (resuming after such a stop: tests/train/test_resume.py)
+    if who == "every process":  # (resuming after such a stop: tests/e2e/test_resume.py)
         assert "torchrun exited 1" in output, "plain torchrun's own code (the reason for the wrapper) changed"
 
 

@@ -1,0 +1,48 @@
+"""recall_dist/demo/report.py on hand-made curves whose verdicts are known by construction: the summary
+table and verdict, and the per-seed statistics (each seed paired with its own NLL) and their mean and
+range.  The summary of a real ``demo --quick`` run, checked against its sweep.csv: tests/e2e/test_demo.py."""
+
+from __future__ import annotations
+
+import pytest
+
+from recall_dist.demo import report as demo_report
+
+
+def test_summary_markdown_names_every_model_and_needs_nll():
+    curves = {"nll": [(0.5, 0.99, 0.5), (1.0, 0.95, 0.6)], "cdiv-1.4": [(0.5, 0.995, 0.6), (1.0, 0.96, 0.7)]}
+    text = demo_report.summary_markdown(curves)
+    assert "| cdiv-1.4 |" in text and "**dominates**" in text
+    with pytest.raises(ValueError, match="no 'nll' model"):
+        demo_report.summary_markdown({"cdiv-1.4": curves["cdiv-1.4"]})
+
+
+# Three seeds of hand-made curves: cdiv is above NLL at every level in every seed; "flat" ties NLL.
+SEEDED = {}
+for _s, _shift in enumerate((0.0, 0.01, -0.01)):
+    SEEDED[f"nll-s{_s}"] = [(0.5, 0.999, 0.50 + _shift), (1.0, 0.99, 0.60 + _shift), (2.0, 0.90, 0.55 + _shift)]
+    SEEDED[f"cdiv-s{_s}"] = [(0.5, 0.999, 0.56 + _shift), (1.0, 0.992, 0.66 + 2 * _shift), (2.0, 0.93, 0.62)]
+    SEEDED[f"flat-s{_s}"] = list(SEEDED[f"nll-s{_s}"])
+
+
+def test_seed_statistics_pair_each_seed_with_its_nll():
+    stats = demo_report.seed_statistics(SEEDED, levels=(0.99, 0.999))
+    assert set(stats) == {"nll", "cdiv", "flat"} and set(stats["cdiv"]) == {0, 1, 2}
+    for seed, shift in enumerate((0.0, 0.01, -0.01)):
+        cdiv = stats["cdiv"][seed]
+        # NLL reaches 0.999 only at T = 0.5 and 0.99 at T <= 1 (best 0.60 + shift); cdiv at 0.99: T <= 1.
+        assert cdiv["recall_at"][0.99] == pytest.approx(0.66 + 2 * shift)
+        assert cdiv["margin"][0.99] == pytest.approx(0.06 + shift)
+        assert cdiv["margin"][0.999] == pytest.approx(0.06)
+        assert cdiv["verdict"] == "dominates" and stats["flat"][seed]["verdict"] == "does not dominate"
+        assert stats["nll"][seed]["margin"][0.99] == 0.0
+
+
+def test_seeds_markdown_reports_mean_and_range():
+    text = demo_report.seeds_markdown(SEEDED, levels=(0.99, 0.999))
+    assert "| cdiv | 0.660 [0.640, 0.680] | 0.560 [0.550, 0.570] |" in text
+    assert "| cdiv | +0.060 [+0.050, +0.070] | +0.060 [+0.060, +0.060] | 3 of 3 |" in text
+    assert "- **cdiv**: above NLL by more than 0.002 in every seed at P >= 0.99, 0.999." in text
+    assert "- **flat**: no level where every seed" in text
+    with pytest.raises(ValueError, match="lacks seed"):
+        demo_report.seed_statistics({k: v for k, v in SEEDED.items() if k != "cdiv-s2"})
