@@ -26,7 +26,7 @@ package (``recall_dist/demo/configs/demo/``): the configs are the one place they
 instead and writes ``grid.md`` and ``grid.csv``, plus ``precision_rules.md`` / ``.csv`` (default output
 ``results/demo-grid``).  ``--only NAME[,NAME]`` trains and sweeps only those models of the demo (or,
 with ``--grid``, of the grid), with the ``nll`` reference always included: e.g. ``recall-dist demo
---grid --only dft,cdiv-0.5``.  ``--quick`` is the CI-sized run (tests/demo/test_runner.py).
+--grid --only dft,cdiv-0.5``.  ``--quick`` is the CI-sized run (tests/e2e/test_demo.py).
 """
 
 from __future__ import annotations

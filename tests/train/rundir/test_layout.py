@@ -1,5 +1,5 @@
 """recall_dist/train/rundir/layout.py on its own (no training): the rules for a used output_dir (move
-aside, never delete).  Training runs through them in tests/train/test_nothing_lost.py."""
+aside, never delete).  Training runs through them in tests/e2e/test_nothing_lost.py."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """recall_dist/train/rundir/lock.py on its own (no training): the output_dir lock and its stale cases.
-Training runs through it in tests/train/test_nothing_lost.py."""
+Training runs through it in tests/e2e/test_nothing_lost.py."""
 
 from __future__ import annotations
 
