@@ -230,7 +230,7 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(plan_prediction(args, out), flush=True)
 
-    from recall_dist.train.distributed import init_distributed, shutdown
+    from recall_dist.distributed.process_group import init_distributed, shutdown
 
     ctx = init_distributed()
     peak = matmul_peak_tflops(ctx.device)

@@ -1,4 +1,4 @@
-"""The sweep's modules import one way: config -> plan -> run (sweep) -> aggregate -> driver / cli.
+"""The sweep's modules import one way: config -> shards -> run (sweep) -> aggregate -> driver / cli.
 Read from the source (function-level imports included), so a new back-edge fails here."""
 
 from __future__ import annotations
@@ -10,14 +10,14 @@ import recall_dist.eval
 
 # Each module may import only modules of a strictly lower rank (leaves of pure maths and helpers at 0).
 RANK = {
-    "metrics": 0,
+    "pr_metrics": 0,
     "summary": 0,
     "plot": 0,
     "tokens": 0,
     "generate": 0,
-    "fingerprint": 0,
+    "content_hash": 0,
     "config": 1,
-    "plan": 2,
+    "shards": 2,
     "loading": 2,
     "known_support": 2,
     "text": 2,

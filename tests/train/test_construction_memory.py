@@ -49,7 +49,7 @@ def _config(model: dict, backend: dict) -> dict:
 def _construct_worker(data: dict, result_dir: str) -> None:
     import torch.distributed as dist
 
-    from recall_dist.train.distributed import init_distributed
+    from recall_dist.distributed.process_group import init_distributed
 
     cfg = build(data)
     ctx = init_distributed()

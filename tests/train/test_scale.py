@@ -74,7 +74,7 @@ def _fp32_master_worker(data: dict, result_path: str) -> None:
     import torch.distributed as dist
 
     from recall_dist.train.config import validate_resources
-    from recall_dist.train.distributed import init_distributed
+    from recall_dist.distributed.process_group import init_distributed
     from recall_dist.train.trainer import endless, setup, step_token_count
 
     cfg = build(data)
@@ -133,7 +133,7 @@ def _first_step_worker(data: dict, result_path: str, steps: int) -> None:
     import torch.distributed as dist
 
     from recall_dist.train.config import validate_resources
-    from recall_dist.train.distributed import init_distributed
+    from recall_dist.distributed.process_group import init_distributed
     from recall_dist.train.trainer import endless, setup, train_step
 
     cfg = build(data)
@@ -237,7 +237,7 @@ def _init_worker(data: dict, result_path: str) -> None:
     import torch.distributed as dist
 
     from recall_dist.train.config import validate_resources
-    from recall_dist.train.distributed import init_distributed
+    from recall_dist.distributed.process_group import init_distributed
     from recall_dist.train.trainer import setup
 
     cfg = build(data)
