@@ -23,11 +23,11 @@ from recall_dist.data.cache import load_dataset
 from recall_dist.data.loader import DistributedBatchIterator, eval_batches
 from recall_dist.data.validation import validate_data_source
 from recall_dist.distributed.collectives import all_reduce_
+from recall_dist.distributed.process_group import init_distributed, shutdown
 from recall_dist.log import get_logger
 from recall_dist.losses.accumulator import step_token_count
 from recall_dist.train.backends import build_engine
 from recall_dist.train.config import TrainConfig, validate_resources
-from recall_dist.distributed.process_group import init_distributed, shutdown
 from recall_dist.train.export import export_from_engine
 from recall_dist.train.metrics_log import EVAL_PREFIX, MetricsLogger, mark_nonfinite, nonfinite_step
 from recall_dist.train.preemption import PreemptionWatcher

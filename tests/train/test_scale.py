@@ -73,8 +73,8 @@ def test_packing_isolation(attn):
 def _fp32_master_worker(data: dict, result_path: str) -> None:
     import torch.distributed as dist
 
-    from recall_dist.train.config import validate_resources
     from recall_dist.distributed.process_group import init_distributed
+    from recall_dist.train.config import validate_resources
     from recall_dist.train.trainer import endless, setup, step_token_count
 
     cfg = build(data)
@@ -132,8 +132,8 @@ BACKENDS = [
 def _first_step_worker(data: dict, result_path: str, steps: int) -> None:
     import torch.distributed as dist
 
-    from recall_dist.train.config import validate_resources
     from recall_dist.distributed.process_group import init_distributed
+    from recall_dist.train.config import validate_resources
     from recall_dist.train.trainer import endless, setup, train_step
 
     cfg = build(data)
@@ -236,8 +236,8 @@ def test_pretrained_sharded_load(tmp_path, backend):
 def _init_worker(data: dict, result_path: str) -> None:
     import torch.distributed as dist
 
-    from recall_dist.train.config import validate_resources
     from recall_dist.distributed.process_group import init_distributed
+    from recall_dist.train.config import validate_resources
     from recall_dist.train.trainer import setup
 
     cfg = build(data)
