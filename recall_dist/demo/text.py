@@ -41,6 +41,7 @@ from pathlib import Path
 from recall_dist.configtree import load_yaml
 from recall_dist.demo.report import fmt_time
 from recall_dist.demo.runner import CONFIGS, LOSSES, DemoError, _run_stage, _yaml_flow, seed_runs
+from recall_dist.io import atomic_write_text
 
 CONFIG_DIR = CONFIGS / "demo_text"
 FORTUNES_DIR = Path("/usr/share/games/fortunes")
@@ -103,9 +104,7 @@ def write_corpus(out: Path, texts: list[str], seed: int = 0) -> tuple[Path, Path
     out.mkdir(parents=True, exist_ok=True)
     paths = out / "train.jsonl", out / "heldout.jsonl"
     for path, rows in zip(paths, (train, heldout), strict=True):
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(chat_example(t)) + "\n" for t in rows))
-        tmp.replace(path)
+        atomic_write_text(path, "".join(json.dumps(chat_example(t)) + "\n" for t in rows), fsync=False)
     return paths[0], paths[1], len(train), len(heldout)
 
 
