@@ -65,13 +65,14 @@ demo-grid: setup
 
 # The same claim on a real pretrained LM (SmolLM2-135M-Instruct, converted from GGUF once) and human text
 # (Debian's fortunes, installed here when absent): results/demo-text/{pr_curve.png,sweep.csv,summary.md,samples.md}.
-# MODEL=DIR_OR_HUB_NAME fine-tunes another causal LM instead.
+# MODEL=DIR_OR_HUB_NAME fine-tunes another causal LM instead; RESUME=1, after an interrupted run, reuses the
+# fine-tunes it finished and trains only the rest.
 FORTUNES := /usr/share/games/fortunes/fortunes
 demo-text: setup
 	@test -f $(FORTUNES) || { echo "[setup] installing Debian's fortunes corpus"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null; }; }
-	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-text --seeds $(SEEDS) $(if $(MODEL),--model $(MODEL))
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-text --seeds $(SEEDS) $(if $(MODEL),--model $(MODEL)) $(if $(RESUME),--resume)
 
 bench: setup
 	$(PY) benchmarks/loss_bench.py

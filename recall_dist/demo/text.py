@@ -167,31 +167,77 @@ def prepare_model(model: str | None = None) -> str:
     return str(convert_gguf(smollm2_gguf(), default_output_dir()))
 
 
-def _finetune(
-    out: Path, recipe: TextRecipe, model: str, train: Path, heldout: Path, labels, demo_start: float, times: dict
+def finetune_overrides(
+    recipe: TextRecipe, model: str, train: Path, heldout: Path, run_dir: Path, loss: str, params: dict, seed: int
 ) -> list[str]:
+    """The ``recall-dist train`` overrides of one fine-tune (on top of ``finetune.yaml``)."""
+    return [
+        f"model.name_or_path={model}",
+        f"data.source={train}",
+        f"data.eval_source={heldout}",  # held-out NLL after the last step (metrics.jsonl),
+        f"data.eval_split=train[:{recipe.num_texts}]",  # over the sweep's references only
+        f"loss.name={loss}",
+        f"loss.params={_yaml_flow(params)}",
+        f"train.output_dir={run_dir}",
+        f"train.max_steps={recipe.finetune_steps}",
+        f"train.global_batch_size={recipe.global_batch}",
+        f"train.micro_batch_size={recipe.global_batch // 2}",
+        f"data.num_samples={recipe.finetune_steps * recipe.global_batch}",
+        f"train.seed={recipe.train_seed + seed}",
+    ]
+
+
+def finished_run(run_dir: Path, overrides: list[str], steps: int) -> bool:
+    """True when ``run_dir`` holds this very fine-tune, finished: an exported ``final/``, a complete
+    checkpoint at step ``steps``, and that checkpoint's experiment fingerprint (model, loss, optimizer,
+    data: ``train/rundir/experiment.py``) equal to the one these overrides give, and the same
+    ``train.seed``.  Anything else (a different model or loss, fewer steps, a run killed before its
+    export) is not reused."""
+    from recall_dist.configtree import to_dict
+    from recall_dist.train.config import load_train_config
+    from recall_dist.train.rundir.checkpointer import checkpoint_step, latest_checkpoint
+    from recall_dist.train.rundir.experiment import config_fingerprint, fingerprint_differences, read_fingerprint
+
+    newest = latest_checkpoint(run_dir / "checkpoints")
+    if not (run_dir / "final" / "config.json").is_file() or newest is None or checkpoint_step(newest) != steps:
+        return False
+    cfg = load_train_config(CONFIG_DIR / "finetune.yaml", overrides)
+    try:
+        saved = read_fingerprint(newest)
+        saved_seed = load_yaml(newest / "config.yaml")["train"]["seed"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return not fingerprint_differences(saved, config_fingerprint(to_dict(cfg))) and saved_seed == cfg.train.seed
+
+
+def _finetune(
+    out: Path,
+    recipe: TextRecipe,
+    model: str,
+    train: Path,
+    heldout: Path,
+    labels,
+    demo_start: float,
+    times: dict,
+    resume: bool = False,
+) -> list[str]:
+    import shutil
+
     names = []
     for label, (name, loss, params, seed) in zip(labels, recipe.runs(), strict=True):
         run_dir = out / "runs" / name
+        overrides = finetune_overrides(recipe, model, train, heldout, run_dir, loss, params, seed)
+        what = f"fine-tune {name} ({recipe.finetune_steps} steps)"
+        if resume and finished_run(run_dir, overrides, recipe.finetune_steps):
+            print(f"{label} {what}: finished earlier, reused ({run_dir / 'final'})", flush=True)
+            times[f"fine-tune {name}"] = None
+            names.append(name)
+            continue
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run directory belongs to its run: trained from scratch
         times[f"fine-tune {name}"] = _run_stage(
             label,
-            f"fine-tune {name} ({recipe.finetune_steps} steps)",
-            [
-                "train",
-                str(CONFIG_DIR / "finetune.yaml"),
-                f"model.name_or_path={model}",
-                f"data.source={train}",
-                f"data.eval_source={heldout}",  # held-out NLL after the last step (metrics.jsonl),
-                f"data.eval_split=train[:{recipe.num_texts}]",  # over the sweep's references only
-                f"loss.name={loss}",
-                f"loss.params={_yaml_flow(params)}",
-                f"train.output_dir={run_dir}",
-                f"train.max_steps={recipe.finetune_steps}",
-                f"train.global_batch_size={recipe.global_batch}",
-                f"train.micro_batch_size={recipe.global_batch // 2}",
-                f"data.num_samples={recipe.finetune_steps * recipe.global_batch}",
-                f"train.seed={recipe.train_seed + seed}",
-            ],
+            what,
+            ["train", str(CONFIG_DIR / "finetune.yaml"), *overrides],
             out / "logs" / f"{name}.log",
             demo_start,
             run_dir=run_dir,
@@ -212,17 +258,16 @@ def sweep_overrides(out: Path, names: list[str], heldout: Path, recipe: TextReci
     ]
 
 
-def run_pipeline(out: Path, recipe: TextRecipe, model: str | None = None) -> Path:
-    """Convert (or take) the model, write the corpus, fine-tune every loss, sweep; return summary.md's path."""
-    import shutil
+def run_pipeline(out: Path, recipe: TextRecipe, model: str | None = None, resume: bool = False) -> Path:
+    """Convert (or take) the model, write the corpus, fine-tune every loss, sweep; return summary.md's path.
+    ``resume``: keep the fine-tunes an earlier, interrupted call finished (``finished_run``) and train
+    only the others; without it every model is trained afresh."""
 
     from recall_dist.configtree import load_config
     from recall_dist.eval.config import SweepConfig
 
     demo_start = time.monotonic()
     runs = recipe.runs()
-    for name, *_ in runs:  # every model is trained afresh (a run directory belongs to its run)
-        shutil.rmtree(out / "runs" / name, ignore_errors=True)
     stages = len(runs) + 3
     labels = iter(f"[{k}/{stages}]" for k in range(1, stages + 1))
     print(
@@ -240,7 +285,9 @@ def run_pipeline(out: Path, recipe: TextRecipe, model: str | None = None) -> Pat
     print(f"{label} corpus: {n_train} training and {n_heldout} held-out fortunes -> {out / 'data'}", flush=True)
     if n_heldout < recipe.num_texts:
         raise DemoError(f"{n_heldout} held-out fortunes < the sweep's text.num_texts = {recipe.num_texts}")
-    names = _finetune(out, recipe, name_or_path, train, heldout, [next(labels) for _ in runs], demo_start, times)
+    names = _finetune(
+        out, recipe, name_or_path, train, heldout, [next(labels) for _ in runs], demo_start, times, resume
+    )
     overrides = sweep_overrides(out, names, heldout, recipe)
     times["sweep"] = _run_stage(
         next(labels),
@@ -276,6 +323,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per loss (default: 1)")
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per loss (default: configs/demo_text)")
     p.add_argument("--quick", action="store_true", help="CI-sized run: 2 losses, 2 steps, 2 temperatures, 12 texts")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="after an interrupted call: reuse the fine-tunes it finished (same model, loss, data, steps, seed) "
+        "and train only the rest (default: every model is trained afresh)",
+    )
     return p
 
 
@@ -291,7 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # a local model directory by its absolute path: the stages run in the package's directory
         model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
-        run_pipeline(Path(args.out).resolve(), recipe, model)
+        run_pipeline(Path(args.out).resolve(), recipe, model, resume=args.resume)
     except (DemoError, FileNotFoundError, ValueError) as e:
         print(f"recall-dist demo-text: error: {e}", file=sys.stderr)
         return 1

@@ -123,7 +123,13 @@ def summary_markdown(
             f"embedded by all-MiniLM-L6-v2; k-NN Precision/Recall with k = 4 after PCA at 90% variance. "
             f"Ties: differences within {tol:.3f} (0.5/sqrt({n})). Every number below is computed from "
             f"`sweep.csv` by `recall_dist/demo/text_report.py`."
-            + (f" Wall time of the run: {fmt_time(wall_seconds)}." if wall_seconds is not None else ""),
+            + (f" Wall time of the run: {fmt_time(wall_seconds)}." if wall_seconds is not None else "")
+            + (
+                f" {reused} of the fine-tunes were finished by an earlier, interrupted call and reused "
+                f"(`--resume`); the wall time is this call's."
+                if (reused := sum(v is None for v in (stage_seconds or {}).values()))
+                else ""
+            ),
             "",
             "Settings: " + "; ".join(loss_settings(recipe.losses)) + ".",
             "",
@@ -179,7 +185,10 @@ def summary_markdown(
             lines += ["", *_training_table(rows)]
     if stage_seconds:
         lines += ["", "## Where the time went", "", "| stage | wall time |", "|---|---|"]
-        lines += [f"| {stage} | {fmt_time(sec)} |" for stage, sec in stage_seconds.items()]
+        lines += [
+            f"| {stage} | {'reused: finished by an earlier call (--resume)' if sec is None else fmt_time(sec)} |"
+            for stage, sec in stage_seconds.items()
+        ]
     lines.append("")
     return "\n".join(lines)
 

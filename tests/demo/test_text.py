@@ -114,3 +114,70 @@ def test_summary_numbers_and_verdicts(tmp_path):
     assert "- truncr: does not dominate NLL + temperature" in text
     # NLL gains 0.05 of Recall above T = 1, more than the tolerance 0.025.
     assert "Best Recall at a T above 1 minus Recall at T = 1: +0.050" in text
+    # a --resume call: the reused fine-tunes are named as such, not given this call's time
+    from recall_dist.demo.text import TextRecipe
+
+    times = {"fine-tune nll-s0": None, "fine-tune cdiv-1.4-s0": 75.0, "sweep": 125.0}
+    text = summary_markdown(path, recipe=TextRecipe.full(), wall_seconds=200.0, stage_seconds=times)
+    assert "1 of the fine-tunes were finished by an earlier, interrupted call and reused" in text
+    assert "| fine-tune nll-s0 | reused: finished by an earlier call (--resume) |" in text
+    assert "| fine-tune cdiv-1.4-s0 | 1:15 |" in text
+
+
+def _overrides(root, loss="nll", seed=0, model="/models/lm", steps=None):
+    """The fine-tune overrides demo-text passes for one run under ``root`` (quick recipe)."""
+    from recall_dist.demo.text import TextRecipe, finetune_overrides
+
+    recipe = TextRecipe.quick()
+    recipe.finetune_steps = steps or recipe.finetune_steps
+    run_dir = root / "runs" / "nll-s0"
+    return run_dir, finetune_overrides(
+        recipe, model, root / "train.jsonl", root / "heldout.jsonl", run_dir, loss, {}, seed
+    )
+
+
+def _trained(root, steps: int, final: bool = True, **run):
+    """A run directory as the trainer leaves it after ``steps`` steps of this fine-tune: a complete
+    checkpoint with the config and experiment fingerprint ``Checkpointer.save`` writes, and an export."""
+    import yaml
+
+    from recall_dist.configtree import to_dict
+    from recall_dist.demo.text import CONFIG_DIR
+    from recall_dist.train.config import load_train_config
+    from recall_dist.train.rundir.experiment import FINGERPRINT, config_fingerprint
+
+    run_dir, overrides = _overrides(root, **run)
+    config = to_dict(load_train_config(CONFIG_DIR / "finetune.yaml", overrides))
+    ckpt = run_dir / "checkpoints" / f"step_{steps:08d}"
+    ckpt.mkdir(parents=True)
+    (ckpt / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    (ckpt / FINGERPRINT).write_text(json.dumps(config_fingerprint(config)))
+    (ckpt / "COMPLETE").write_text(f"{steps}\n")
+    if final:
+        (run_dir / "final").mkdir()
+        (run_dir / "final" / "config.json").write_text("{}")
+    return run_dir
+
+
+def test_resume_reuses_only_the_same_finished_fine_tune(tmp_path):
+    """``demo-text --resume`` keeps a fine-tune only when it is this one and it finished: same model,
+    loss, data, seed, all its steps, exported.  Each other case is trained again."""
+    from recall_dist.demo.text import TextRecipe, finished_run
+
+    steps = TextRecipe.quick().finetune_steps
+    cases = {  # case: (how the run was trained, what this call asks for, reused?)
+        "same": ({}, {}, True),
+        "another seed": ({}, {"seed": 1}, False),
+        "another loss": ({}, {"loss": "cdiv"}, False),
+        "another model": ({}, {"model": "/models/other"}, False),
+        "more steps wanted": ({}, {"steps": steps + 1}, False),
+        "killed before the export": ({"final": False}, {}, False),
+        "killed mid-run": ({"steps": 1}, {}, False),
+    }
+    for case, (made, asked, expected) in cases.items():
+        root = tmp_path / case.replace(" ", "_")
+        run_dir = _trained(root, **{"steps": steps, **made})
+        assert finished_run(run_dir, _overrides(root, **asked)[1], asked.get("steps", steps)) is expected, case
+    run_dir = _trained(tmp_path / "torn", steps)  # a checkpoint whose save did not complete
+    (run_dir / "checkpoints" / f"step_{steps:08d}" / "COMPLETE").unlink()
+    assert not finished_run(run_dir, _overrides(tmp_path / "torn")[1], steps)
