@@ -104,3 +104,39 @@ def test_custom_rule_example_runs():
     nll = torch.nn.functional.cross_entropy(h @ w.t(), y, reduction="none")
     weight = (1 - torch.exp(-nll)) ** 1.0
     assert float(out.loss) == pytest.approx(float((weight * nll).sum() / weight.sum()))
+
+
+def test_demo_text_table_is_the_shipped_sweep():
+    """The README's demo-text table (mean Precision / Recall over seeds, Recall's min and max) is what
+    docs/demo-text/sweep.csv holds, recomputed here with the standard library."""
+    import csv
+    import statistics
+
+    points: dict[str, dict[float, list[tuple[float, float]]]] = {}
+    with open(ROOT / "docs" / "demo-text" / "sweep.csv") as f:
+        for row in csv.DictReader(f):
+            loss = re.sub(r"-s\d+$", "", row["model"])
+            points.setdefault(loss, {}).setdefault(float(row["temperature"]), []).append(
+                (float(row["precision"]), float(row["recall"]))
+            )
+    header = next(line for line in README.splitlines() if line.startswith("| loss | T=0.6"))
+    temps = [float(c.strip()[2:]) for c in header.strip("|").split("|")[1:]]
+    names = {
+        "nll": "nll",
+        "cdiv α=1.4": "cdiv-1.4",
+        "cdiv α=2.0": "cdiv-2.0",
+        "truncr": "truncr",
+        "lambda_pr": "lambda_pr",
+    }
+    lines = README.splitlines()
+    start = lines.index(header) + 2
+    checked = 0
+    for line in lines[start : start + len(names)]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        loss = names[cells[0]]
+        for t, cell in zip(temps, cells[1:], strict=True):
+            ps, rs = zip(*points[loss][t], strict=True)
+            want = f"{statistics.mean(ps):.3f} / {statistics.mean(rs):.3f} [{min(rs):.2f}, {max(rs):.2f}]"
+            assert cell == want, (loss, t)
+            checked += 1
+    assert checked == 5 * 6 and all(len(v) == 3 for pts in points.values() for v in pts.values())

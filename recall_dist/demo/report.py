@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 
-from recall_dist.eval.summary import PRECISION_TOLERANCE, TOLERANCE, dominance, recall_at, temperature_effect
+from recall_dist.eval.summary import (
+    PRECISION_TOLERANCE,
+    TOLERANCE,
+    dominance,
+    recall_at,
+    seed_name,
+    temperature_effect,
+)
 
 PRECISION_LEVELS = (0.9, 0.95, 0.99, 0.995)
-SEED_SUFFIX = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
 
 
 def fmt_time(seconds: float) -> str:
@@ -189,8 +194,8 @@ def split_seeds(curves: dict) -> dict[str, dict[int, list]]:
     ``-s<k>`` suffix is seed 0), models in first-seen order."""
     out: dict[str, dict[int, list]] = {}
     for model, points in curves.items():
-        m = SEED_SUFFIX.match(model)
-        name, seed = (m["name"], int(m["seed"])) if m else (model, 0)
+        name, seed = seed_name(model)
+        seed = 0 if seed is None else seed
         out.setdefault(name, {})[seed] = points
     return out
 

@@ -204,11 +204,12 @@ def _verdicts(by_model: dict, tol: float) -> list[str]:
             ref_t1 = min(by_model[REFERENCE][seed], key=lambda x: abs(x[0] - 1))
             t1 = min(points, key=lambda x: abs(x[0] - 1))
             who = name + (f" (seed {seed})" if len(seeds) > 1 else "")
+            best = recall_at(points, ref_t1[1])
+            best = "none (no temperature reaches that Precision)" if math.isnan(best) else f"{best:.3f}"
             out.append(
                 f"- {who}: {d['verdict']} NLL + temperature (above it at {d['above']} and below at {d['below']} "
                 f"of NLL's {d['points']} points); at T = 1 Precision {t1[1]:.3f} vs {ref_t1[1]:.3f}, Recall "
-                f"{t1[2]:.3f} vs {ref_t1[2]:.3f}; best Recall at NLL's T = 1 Precision: "
-                f"{recall_at(points, ref_t1[1]):.3f} vs {ref_t1[2]:.3f}."
+                f"{t1[2]:.3f} vs {ref_t1[2]:.3f}; best Recall at NLL's T = 1 Precision: {best} vs {ref_t1[2]:.3f}."
             )
     return out
 

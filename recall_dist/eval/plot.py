@@ -14,6 +14,27 @@ import matplotlib.colors
 import matplotlib.pyplot as plt
 
 MARKERS = "osD^vP*X"
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def model_styles(models: list[str]) -> dict[str, dict]:
+    """A colour per model; with several seeds of a loss (``<name>-s<k>``), a colour per loss and a line
+    style and marker per seed, so the seeds of one loss read as one family."""
+    from recall_dist.eval.summary import seed_name
+
+    names = list(dict.fromkeys(seed_name(m)[0] for m in models))
+    seeded = any(seed_name(m)[1] is not None for m in models)
+    styles = {}
+    for i, model in enumerate(models):
+        name, seed = seed_name(model)
+        k = names.index(name) if seeded else i
+        j = 0 if seed is None else seed
+        styles[model] = {
+            "color": f"C{k % 10}",
+            "marker": MARKERS[(j if seeded else i) % len(MARKERS)],
+            "linestyle": LINESTYLES[j % len(LINESTYLES)] if seeded else "-",
+        }
+    return styles
 
 
 def _limits(values: list[float]) -> tuple[float, float]:
@@ -37,15 +58,16 @@ def _sweep_panel(fig, ax, result: dict) -> None:
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     placed: list[tuple[float, float]] = []
-    for i, model in enumerate(models):
+    styles = model_styles(models)
+    for model in models:
         rows = sorted((r for r in rows_all if r["model"] == model), key=lambda r: r["temperature"])
-        s = result["summary"][model]
+        s, style = result["summary"][model], styles[model]
         xs, ys = [r["recall"] for r in rows], [r["precision"] for r in rows]
         ax.plot(
             xs,
             ys,
-            "-",
-            color=f"C{i}",
+            style["linestyle"],
+            color=style["color"],
             lw=1.8,
             zorder=1,
             label=f"{model}  (max R {s['max_recall']:.3f}, AUC {s['pr_auc']:.3f})",
@@ -57,8 +79,8 @@ def _sweep_panel(fig, ax, result: dict) -> None:
             cmap=cmap,
             norm=norm,
             s=55,
-            marker=MARKERS[i % len(MARKERS)],
-            edgecolors=f"C{i}",
+            marker=style["marker"],
+            edgecolors=style["color"],
             linewidths=1.5,
             zorder=2,
         )
@@ -75,7 +97,7 @@ def _sweep_panel(fig, ax, result: dict) -> None:
                     textcoords="offset points",
                     xytext=(6, 4),
                     fontsize=8,
-                    color=f"C{i}",
+                    color=style["color"],
                 )
     fig.colorbar(matplotlib.cm.ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="temperature T", pad=0.02)
     if result["metric"] == "text":
@@ -102,9 +124,11 @@ def _pr_curve_panel(ax, result: dict) -> None:
     temps = sorted({c["temperature"] for c in result["pr_curves"]})
     t_ref = min(temps, key=lambda t: abs(t - 1.0))
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
-    for i, model in enumerate(models):
+    styles = model_styles(models)
+    for model in models:
         curve = next(c for c in result["pr_curves"] if c["model"] == model and c["temperature"] == t_ref)
-        ax.plot(curve["beta"], curve["alpha"], "-", color=f"C{i}", lw=1.8, label=model)
+        style = styles[model]
+        ax.plot(curve["beta"], curve["alpha"], style["linestyle"], color=style["color"], lw=1.8, label=model)
     ax.set_xlabel("recall  beta_lambda")
     ax.set_ylabel("precision  alpha_lambda")
     ax.set_xlim(-0.02, 1.02)

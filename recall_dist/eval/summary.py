@@ -9,6 +9,7 @@ Input is the sweep's points ordered by temperature; pure Python, no model code.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 # Recall differences within TOLERANCE count as ties in the verdicts (the demo's numbers are exact
@@ -17,6 +18,14 @@ TOLERANCE = 0.002
 # A loss counts as reaching Precision P if it reaches P - PRECISION_TOLERANCE: at the cold end of the
 # grid every model is at Precision 0.9999x, and a 2e-5 difference there says nothing about the losses.
 PRECISION_TOLERANCE = 1e-4
+# Several fine-tuning seeds of one loss are swept as ``<name>-s<k>`` (``demo/runner.py``'s ``seed_runs``).
+SEED_SUFFIX = re.compile(r"^(?P<name>.+)-s(?P<seed>\d+)$")
+
+
+def seed_name(model: str) -> tuple[str, int | None]:
+    """``"cdiv-1.4-s2"`` -> ``("cdiv-1.4", 2)``; a name without the ``-s<k>`` suffix -> ``(name, None)``."""
+    m = SEED_SUFFIX.match(model)
+    return (m["name"], int(m["seed"])) if m else (model, None)
 
 
 def _check(precision: Sequence[float], recall: Sequence[float]) -> None:

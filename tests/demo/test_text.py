@@ -112,6 +112,9 @@ def test_summary_numbers_and_verdicts(tmp_path):
     assert cells[5].startswith("1 of 1")
     assert "- cdiv-1.4: dominates NLL + temperature" in text
     assert "- truncr: does not dominate NLL + temperature" in text
+    # truncr's Precision never reaches NLL's 0.801 at T = 1 (its best is 0.70): no Recall to report there
+    assert "best Recall at NLL's T = 1 Precision: none (no temperature reaches that Precision) vs 0.400" in text
+    assert "nan" not in text
     # NLL gains 0.05 of Recall above T = 1, more than the tolerance 0.025.
     assert "Best Recall at a T above 1 minus Recall at T = 1: +0.050" in text
     # a --resume call: the reused fine-tunes are named as such, not given this call's time

@@ -50,3 +50,39 @@ def test_title_names_what_was_measured(metric, references, title, tmp_path, monk
     assert titles[0] == title
     # known-support sweeps get the PR-curve panel at the temperature closest to 1
     assert len(titles) == (1 if metric == "text" else 2)
+
+
+def test_seeds_of_one_loss_share_a_colour_and_differ_in_line_style(tmp_path, monkeypatch):
+    """15 curves (5 losses x 3 seeds) would cycle through matplotlib's 10 colours and give two losses one
+    colour; the figure instead colours by loss and draws each seed in its own line style."""
+    models = [f"{loss}-s{seed}" for seed in range(3) for loss in ("nll", "cdiv-1.4", "cdiv-2.0", "truncr", "lambda_pr")]
+    rows = [
+        {"model": m, "temperature": t, "precision": 0.9 - 0.01 * i, "recall": 0.5 + 0.01 * i, "recall_at_n": 8}
+        for i, m in enumerate(models)
+        for t in (0.8, 1.2)
+    ]
+    summary = {m: {"max_recall": 0.5, "pr_auc": 0.5} for m in models}
+    drawn = {}
+    real_savefig = plt.Figure.savefig
+
+    def savefig(fig, *args, **kwargs):
+        for line in fig.axes[0].get_lines():
+            drawn[line.get_label().split()[0]] = (line.get_color(), line.get_linestyle())
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(plt.Figure, "savefig", savefig)
+    plot.plot_sweep({"metric": "text", "task": "t", "rows": rows, "summary": summary}, tmp_path / "pr.png")
+    assert set(drawn) == set(models)
+    for loss in ("nll", "cdiv-1.4", "cdiv-2.0", "truncr", "lambda_pr"):
+        assert len({drawn[f"{loss}-s{k}"][0] for k in range(3)}) == 1, loss  # one colour per loss
+        assert len({drawn[f"{loss}-s{k}"][1] for k in range(3)}) == 3, loss  # a line style per seed
+    assert len({drawn[f"{loss}-s0"][0] for loss in ("nll", "cdiv-1.4", "cdiv-2.0", "truncr", "lambda_pr")}) == 5
+    # without seeds every model keeps its own colour and a solid line
+    drawn.clear()
+    plain = [r | {"model": r["model"].replace("-s0", "")} for r in rows if r["model"].endswith("-s0")]
+    names = [m.replace("-s0", "") for m in models[:5]]
+    plot.plot_sweep(
+        {"metric": "text", "task": "t", "rows": plain, "summary": {m: summary[m + "-s0"] for m in names}},
+        tmp_path / "plain.png",
+    )
+    assert len({c for c, _ in drawn.values()}) == 5 and {s for _, s in drawn.values()} == {"-"}
