@@ -12,7 +12,7 @@ import recall_dist.eval
 RANK = {
     "pr_metrics": 0,
     "summary": 0,
-    "plot": 0,
+    "plot": 1,  # reads seed names through summary
     "tokens": 0,
     "generate": 0,
     "content_hash": 0,
