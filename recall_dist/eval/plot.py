@@ -13,6 +13,8 @@ import matplotlib.cm
 import matplotlib.colors
 import matplotlib.pyplot as plt
 
+from recall_dist.eval.summary import seed_name
+
 MARKERS = "osD^vP*X"
 LINESTYLES = ("-", "--", ":", "-.")
 
@@ -20,20 +22,20 @@ LINESTYLES = ("-", "--", ":", "-.")
 def model_styles(models: list[str]) -> dict[str, dict]:
     """A colour per model; with several seeds of a loss (``<name>-s<k>``), a colour per loss and a line
     style and marker per seed, so the seeds of one loss read as one family."""
-    from recall_dist.eval.summary import seed_name
-
     names = list(dict.fromkeys(seed_name(m)[0] for m in models))
     seeded = any(seed_name(m)[1] is not None for m in models)
     styles = {}
     for i, model in enumerate(models):
         name, seed = seed_name(model)
-        k = names.index(name) if seeded else i
-        j = 0 if seed is None else seed
-        styles[model] = {
-            "color": f"C{k % 10}",
-            "marker": MARKERS[(j if seeded else i) % len(MARKERS)],
-            "linestyle": LINESTYLES[j % len(LINESTYLES)] if seeded else "-",
-        }
+        if seeded:
+            k, j = names.index(name), seed or 0
+            styles[model] = {
+                "color": f"C{k % 10}",
+                "marker": MARKERS[j % len(MARKERS)],
+                "linestyle": LINESTYLES[j % len(LINESTYLES)],
+            }
+        else:
+            styles[model] = {"color": f"C{i % 10}", "marker": MARKERS[i % len(MARKERS)], "linestyle": "-"}
     return styles
 
 
