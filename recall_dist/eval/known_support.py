@@ -12,7 +12,6 @@ temperature.  The pure maths lives in ``pr_metrics.py``; this module only turns 
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -23,12 +22,7 @@ from recall_dist.constants import IGNORE_INDEX
 from recall_dist.data.dataset import tokenize_example
 from recall_dist.eval import pr_metrics
 from recall_dist.eval.tokens import pad_batch, prompt_ids, tempered_generate
-
-
-def derive_seed(*parts) -> int:
-    """A 63-bit seed that is a pure function of ``parts`` (model name, T, prompt, sample index, ...)."""
-    digest = hashlib.sha256(repr(parts).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+from recall_dist.seeding import derive_seed
 
 
 @dataclass

@@ -31,6 +31,7 @@ from recall_dist.eval.shards import (
     write_json_atomic,
 )
 from recall_dist.eval.tokens import pad_token_id
+from recall_dist.seeding import derive_seed
 
 
 def _known_support_record(cfg: SweepConfig, item: WorkItem, model, tokenizer, task) -> dict:
@@ -42,7 +43,7 @@ def _known_support_record(cfg: SweepConfig, item: WorkItem, model, tokenizer, ta
         recall_at_n=cfg.recall_at_n,
         num_samples=cfg.num_samples,
         lambdas=cfg.lambda_grid(),
-        seeds=[known_support.derive_seed(cfg.seed, item.model, t, item.prompt) for t in cfg.temperatures],
+        seeds=[derive_seed(cfg.seed, item.model, t, item.prompt) for t in cfg.temperatures],
         score_batch_size=cfg.score_batch_size,
         generate_batch_size=cfg.generate_batch_size,
         pad_id=pad_token_id(tokenizer),
@@ -66,10 +67,7 @@ def _text_record(cfg: SweepConfig, item: WorkItem, model, tokenizer, cache: dict
     encoder = _text_encoder(cfg, model, tokenizer, cache)
     # One seed per (model, T, reference row): a text does not depend on the chunking or the rank.
     seeds = [
-        [
-            known_support.derive_seed(cfg.seed, item.model, t, "text", row)
-            for row in range(item.row_start, item.row_stop)
-        ]
+        [derive_seed(cfg.seed, item.model, t, "text", row) for row in range(item.row_start, item.row_stop)]
         for t in cfg.temperatures
     ]
     per_t = text.generate_texts(
