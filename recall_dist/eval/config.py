@@ -70,7 +70,7 @@ class SweepConfig:
     temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
     num_samples: int = 200  # sampled estimates per (model, T, prompt); 0 = exact metrics only
     recall_at_n: int | None = None  # N of the exact Recall@N; default num_samples (same estimand)
-    lambdas: list[float] | None = None  # PR-curve grid; default metrics.default_lambdas()
+    lambdas: list[float] | None = None  # PR-curve grid; default pr_metrics.default_lambdas()
     min_precision: float = 0.9  # summary: Recall at Precision >= min_precision
     output_dir: str = "runs/sweep"
     score_batch_size: int = 256  # completions per teacher-forcing forward
@@ -129,11 +129,11 @@ class SweepConfig:
         return build_task(self.task, **self.task_params)
 
     def lambda_grid(self) -> np.ndarray:
-        """The PR-curve grid: ``lambdas``, or ``metrics.default_lambdas()``."""
+        """The PR-curve grid: ``lambdas``, or ``pr_metrics.default_lambdas()``."""
         return np.asarray(self.lambdas, dtype=np.float64) if self.lambdas is not None else default_lambdas()
 
     def fingerprint(self) -> dict:
-        """The config part of a shard's key (the models' content is the other part, ``plan.shard_key``).
+        """The config part of a shard's key (the models' content is the other part, ``shards.shard_key``).
 
         Left out: where results go (``output_dir``), how work is cut (``num_shards``), what only the
         summary reads (``min_precision``), and the models' paths (their content stands for them)."""

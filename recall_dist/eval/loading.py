@@ -18,7 +18,7 @@ def _dtype(name: str, auto):
 
 def load_model(spec: ModelSpec, cache_dir: Path, fingerprint: str, dtype: str = "auto"):
     """(model, tokenizer) on this rank's device, in eval mode.  ``fingerprint`` (the checkpoint's
-    content, ``plan.model_fingerprint``) names the export of a raw checkpoint, so a retrained
+    content, ``shards.model_fingerprint``) names the export of a raw checkpoint, so a retrained
     checkpoint at the same path is exported again instead of reusing the old export.  ``dtype``:
     ``auto`` (the saved dtype on a GPU, float32 on a CPU), ``float32`` or ``bfloat16``."""
     from transformers import AutoModelForCausalLM
