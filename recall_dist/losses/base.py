@@ -139,7 +139,8 @@ class RecallLoss:
         """Weights known chunk by chunk and one global scale: gradients can be formed in forward."""
         return self.rule.per_token and self.nll_mix == 0.0
 
-    def token_weights(self, batch: TokenBatch) -> torch.Tensor:
+    def clipped_weights(self, batch: TokenBatch) -> torch.Tensor:
+        """float64 ``[N]``: the rule's weights of ``batch``, clipped at ``max_weight`` when one is set."""
         w = self.rule.weights(batch).to(torch.float64)
         if self.max_weight is not None:
             w = w.clamp(max=self.max_weight)
@@ -158,11 +159,13 @@ class RecallLoss:
         z = sum_w if self.normalize == "weights" else count
         return (1.0 - self.nll_mix) * inverse_or_zero(z), self.nll_mix * inverse_or_zero(count)
 
-    def summarize(self, sums: torch.Tensor, wmax: torch.Tensor) -> torch.Tensor:
+    def summarize(
+        self, sums: torch.Tensor, wmax: torch.Tensor, contributions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Statistics of one call from its global sums (``losses/accumulator.py`` ``SUM_NAMES``); inside an
-        optimizer step the sums are also added to the step's."""
+        optimizer step the sums (and this rank's per-token w_n l_n ``contributions``) are added to the step's."""
         if self._step is not None:
-            self._step.record(sums, wmax)
+            self._step.record(sums, wmax, contributions)
         return stats_from_sums(sums, wmax, self.nll_mix, self.normalize)
 
     @contextlib.contextmanager

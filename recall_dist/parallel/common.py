@@ -177,17 +177,18 @@ def finalize(
     a, b = loss.coefficients(sums[0], sums[1])
     skip = sums[-1] > 0
     a, b = torch.where(skip, torch.zeros_like(a), a), torch.where(skip, torch.zeros_like(b), b)
-    return a, b, loss.summarize(sums, wmax)
+    return a, b, loss.summarize(sums, wmax, weights * nll)
 
 
-def token_weights(
+def finite_token_weights(
     loss: RecallLoss, nll: torch.Tensor, dp_group, sequence_ids: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float64 (nll, weights, finite) for a set of tokens; non-finite tokens get weight 0."""
+    """float64 (nll, weights, finite) for a set of tokens: the loss's ``clipped_weights`` of the finite
+    NLLs; a non-finite token gets NLL 0 and weight 0 (``finite`` marks which, so the step can be skipped)."""
     nll = nll.to(torch.float64)
     finite = torch.isfinite(nll)
     nll = torch.where(finite, nll, torch.zeros_like(nll))
-    w = loss.token_weights(TokenBatch(nll, sequence_ids, dp_group))
+    w = loss.clipped_weights(TokenBatch(nll, sequence_ids, dp_group))
     return nll, torch.where(finite, w, torch.zeros_like(w)), finite
 
 
@@ -201,7 +202,7 @@ def global_coefficients(
     empty = torch.zeros(0, dtype=dtype, device=device)
     m, s, zt = (torch.cat(p) for p in zip(*parts, strict=False)) if parts else (empty, empty, empty)
     lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
-    nll, w, finite = token_weights(loss, lse - zt, dp_group, tokens.sequence_ids)
+    nll, w, finite = finite_token_weights(loss, lse - zt, dp_group, tokens.sequence_ids)
     a, b, stats = finalize(loss, nll, w, finite, dp_group)
     return lse, nll, (a * w + b) * group_size(dp_group), stats
 

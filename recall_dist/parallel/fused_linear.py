@@ -32,11 +32,11 @@ from recall_dist.parallel.common import (
     chunk_partials,
     chunk_rows,
     finalize,
+    finite_token_weights,
     global_coefficients,
     prepare_tokens,
     reduce_lse,
     reduce_max,
-    token_weights,
 )
 from recall_dist.parallel.matmul import addmm_, mm
 from recall_dist.parallel.options import KernelOptions
@@ -90,7 +90,7 @@ def _single_pass(h, w, tokens: Tokens, loss: RecallLoss, tp_group, dp_group, row
         z = _logits(hc, w)
         m, s, zt = chunk_partials(z, target, in_shard, inplace=True)  # z now holds exp(z - local max)
         lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
-        nll, wt, finite = token_weights(loss, lse - zt, dp_group)
+        nll, wt, finite = finite_token_weights(loss, lse - zt, dp_group)
         # w * softmax in one pass: exp(z - m) * w * exp(m - lse); then -w at the target
         w_chunk = wt.to(z.dtype)
         p = z.mul_((w_chunk * torch.exp(m - lse)).unsqueeze(1))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from recall_dist.distributed.collectives import group_size
-from recall_dist.parallel.common import chunk_rows, finalize, reduce_lse, reduce_max, token_weights
+from recall_dist.parallel.common import chunk_rows, finalize, finite_token_weights, reduce_lse, reduce_max
 from recall_dist.parallel.matmul import addmm_, mm
 from recall_dist.parallel.triton_ops import _logits_grad, logits_statistics
 
@@ -38,7 +38,7 @@ def single_pass_head(h, w, tokens, target_col, loss, tp_group, dp_group, *, chun
         local = torch.arange(c, device=h.device)
         m, s, zt = logits_statistics(z, local, target, n_cols)
         lse, zt = reduce_lse(reduce_max(m, tp_group), m, s, zt, tp_group)
-        nll, wt, finite = token_weights(loss, lse - zt, dp_group)
+        nll, wt, finite = finite_token_weights(loss, lse - zt, dp_group)
         nlls.append(nll), weights.append(wt), finites.append(finite)
         if need_h or need_w:
             d = torch.empty((c, n_cols), dtype=h.dtype, device=h.device)

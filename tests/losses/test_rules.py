@@ -20,7 +20,7 @@ def test_registry_lists_all_rules():
 @pytest.mark.parametrize("alpha", [0.7, 1.0, 1.4, 2.0])
 def test_cdiv_weight_is_q_pow_one_minus_alpha(alpha):
     nll = [0.01, 0.5, 2.0, 7.0]
-    w = build_loss("cdiv", alpha=alpha).token_weights(batch(nll))
+    w = build_loss("cdiv", alpha=alpha).clipped_weights(batch(nll))
     expected = [math.exp(-x) ** (1 - alpha) for x in nll]
     assert torch.allclose(w, torch.tensor(expected, dtype=torch.float64), rtol=1e-12)
 
@@ -50,13 +50,13 @@ def test_lambda_pr_weight_and_divergence_gradient():
         (g_div,) = torch.autograd.grad(d, z)
         nll = -torch.log_softmax(z, 0)[y]
         (g_nll,) = torch.autograd.grad(nll, z)
-        w = build_loss("lambda_pr", lam=lam).token_weights(batch([float(nll)]))[0]
+        w = build_loss("lambda_pr", lam=lam).clipped_weights(batch([float(nll)]))[0]
         assert float(w) == pytest.approx(float(q) if float(q) < lam else 0.0)
         assert torch.allclose(g_div, w * g_nll, atol=1e-12)
 
 
 def test_max_weight_clips_every_rule():
-    w = build_loss("cdiv", alpha=2.0, max_weight=3.0).token_weights(batch([0.1, 5.0]))
+    w = build_loss("cdiv", alpha=2.0, max_weight=3.0).clipped_weights(batch([0.1, 5.0]))
     assert w.tolist() == pytest.approx([math.exp(0.1), 3.0])
 
 
