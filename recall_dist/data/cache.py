@@ -32,7 +32,10 @@ COMPLETE = "COMPLETE"
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("RECALL_DIST_CACHE", "~/.cache/recall_dist")).expanduser()
+    """The root of recall_dist's caches (tokenised data here, converted models in ``convert.py``):
+    ``$RECALL_DIST_CACHE``, or ``~/.cache/recall_dist`` when it is unset or empty; ``~`` is expanded.
+    The one place that reads the variable."""
+    return Path(os.environ.get("RECALL_DIST_CACHE") or "~/.cache/recall_dist").expanduser()
 
 
 def tokenizer_fingerprint(tokenizer) -> str:

@@ -62,3 +62,20 @@ def test_rank_zero_tokenises_the_others_read(tmp_path):
     assert (tmp_path / "rank0.txt").read_text() == (tmp_path / "rank1.txt").read_text()
     expected = build_dataset(DataConfig(task_params={"max_factor": 9}, num_samples=300), load_tokenizer("char:product"))
     assert (tmp_path / "rank1.txt").read_text() == repr(expected)
+
+
+@pytest.mark.parametrize("value", [None, "", "~/rd-cache", "/tmp/rd-cache"])
+def test_one_reader_of_recall_dist_cache(monkeypatch, value):
+    """``RECALL_DIST_CACHE`` is read by ``default_cache_dir`` alone: unset or empty means
+    ``~/.cache/recall_dist``, ``~`` is expanded, and converted models live under the same root."""
+    from recall_dist.convert import default_output_dir
+    from recall_dist.data.cache import default_cache_dir
+
+    if value is None:
+        monkeypatch.delenv("RECALL_DIST_CACHE", raising=False)
+    else:
+        monkeypatch.setenv("RECALL_DIST_CACHE", value)
+    expected = {None: Path.home() / ".cache" / "recall_dist", "": Path.home() / ".cache" / "recall_dist"}
+    expected |= {"~/rd-cache": Path.home() / "rd-cache", "/tmp/rd-cache": Path("/tmp/rd-cache")}
+    assert default_cache_dir() == expected[value]
+    assert default_output_dir() == expected[value] / "models" / "smollm2-135m-instruct"
