@@ -141,7 +141,8 @@ def measure_loss(args, loss: str, ctx, peak_tflops, out: Path) -> dict:
     """setup + (warmup + steps) x train_step for one loss; the result is written to out/train_<loss>.json."""
     import torch
 
-    from recall_dist.train.config import train_config_from_dict, validate_resources
+    from recall_dist.train.config import train_config_from_dict
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import setup, train_step
 
     cuda = ctx.device.type == "cuda"

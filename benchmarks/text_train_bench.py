@@ -83,7 +83,7 @@ def main() -> int:
     from recall_dist.data import DistributedBatchIterator, build_dataset
     from recall_dist.demo.text import prepare_model, read_fortunes, write_corpus
     from recall_dist.distributed.process_group import init_distributed
-    from recall_dist.train.config import validate_resources
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup, train_step
 
     torch.set_num_threads(args.threads)

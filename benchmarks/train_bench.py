@@ -78,7 +78,7 @@ def main() -> int:
     import torch
 
     from recall_dist.distributed.process_group import init_distributed
-    from recall_dist.train.config import validate_resources
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup
 
     torch.set_num_threads(1)

@@ -85,8 +85,9 @@ def _finetune_worker(model_dir: str, data_path: str, out: str) -> None:
     import torch.distributed as dist
 
     from recall_dist.distributed.process_group import init_distributed
-    from recall_dist.train.config import train_config_from_dict, validate_resources
+    from recall_dist.train.config import train_config_from_dict
     from recall_dist.train.export import export_from_engine
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup, train_step
 
     cfg = train_config_from_dict(

@@ -3,9 +3,9 @@ prompt/completion masking, chat conversations through the tokenizer's template, 
 batch iterator."""
 
 from recall_dist.data.chat import chat_prompt_ids, set_chat_template, tokenize_messages
+from recall_dist.data.config import DataConfig
 from recall_dist.data.dataset import (
     IGNORE_INDEX,
-    DataConfig,
     build_dataset,
     encode_text,
     load_records,

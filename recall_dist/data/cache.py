@@ -22,7 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from recall_dist.configtree import to_dict
-from recall_dist.data.dataset import DataConfig, build_dataset
+from recall_dist.data.config import DataConfig
+from recall_dist.data.dataset import build_dataset
 from recall_dist.io import fresh_dir, publish_dir, temp_sibling
 
 logger = logging.getLogger(__name__)

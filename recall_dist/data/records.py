@@ -23,7 +23,7 @@ from recall_dist.configtree import ConfigError
 from recall_dist.data.chat import check_messages
 
 if TYPE_CHECKING:
-    from recall_dist.data.dataset import DataConfig
+    from recall_dist.data.config import DataConfig
 
 TEXT_FIELD = "text"
 DEFAULT_MESSAGES_FIELD = "messages"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from recall_dist.configtree import ConfigError
 from recall_dist.data.chat import require_chat_template
-from recall_dist.data.dataset import DataConfig
+from recall_dist.data.config import DataConfig
 from recall_dist.data.records import RecordError, describe, detect_form, form_fields, to_record
 from recall_dist.data.sources import check_split, csv_header, folder_splits, local_path, parse_split, saved_kind
 

@@ -46,7 +46,8 @@ def _say(message: str, everywhere: bool = False) -> None:
 def _run(args) -> tuple[str, int, dict]:
     from recall_dist.data.validation import DataError, validate_data_source
     from recall_dist.io import is_disk_full
-    from recall_dist.train.config import load_train_config, validate_resources
+    from recall_dist.train.config import load_train_config
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.rundir import CheckpointError, RunDirError
     from recall_dist.train.trainer import TrainingDiverged, run_training
 

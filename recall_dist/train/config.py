@@ -2,9 +2,9 @@
 
 YAML lives at the edge (``load_train_config``); ``model:`` may name a preset of
 ``recall_dist/presets/models/`` (``configs/models/`` in a checkout) or a file (``model: llama2-7b`` or
-``model: path/to/model.yaml``).  Checks that need the tokenizer or the
-model's config (vocabulary sizes, dataset files) run in ``validate_resources``, still before anything
-is written.
+``model: path/to/model.yaml``).  Building a config reads no tokenizer, model or dataset: the checks
+that need them (vocabulary sizes, dataset files) are ``train/resources.py``'s, which the running code
+calls before anything is written.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from typing import Any, Literal
 import yaml
 
 from recall_dist.configtree import ConfigError, apply_overrides, check, from_dict, load_yaml
-from recall_dist.data.dataset import DataConfig
+from recall_dist.data.config import DataConfig
 from recall_dist.presets import DEEPSPEED_CONFIG_DIR, MODEL_PRESET_DIR
 
 
@@ -146,7 +146,9 @@ class BackendConfig:
     name: Literal["deepspeed", "fsdp2"] = "deepspeed"
     zero_stage: int = 2
     deepspeed_config: str | None = None  # JSON path; None: the zero{stage}[_offload].json preset
-    bf16: bool | None = None  # bf16 compute (fp32 masters either way); None: model.dtype == bfloat16
+    # bf16 compute (fp32 masters either way); None: model.dtype == bfloat16; auto: bf16 where the GPU or CPU
+    # has native bf16, else fp32, decided at start and saved as true/false (train/precision.py)
+    bf16: bool | Literal["auto"] | None = None
     cpu_offload: bool = False  # DeepSpeed: optimizer (and at stage 3 parameter) offload; FSDP2: CPUOffloadPolicy
     fsdp_reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     fsdp_reshard_after_forward: bool = True
@@ -194,6 +196,12 @@ class TrainSection:
     tensorboard: bool = False
     wandb: bool = False
     export_final: bool = True
+    # Checkpoint the last step (fp32 masters + Adam states, what a resume needs); false: only final/, and the
+    # finished run cannot be resumed or extended (README "Training")
+    final_checkpoint: bool = True
+    # Warn when the step's ESS / tokens stays under ess_warn_fraction for ess_warn_steps steps in a row (0: never)
+    ess_warn_fraction: float = 0.05
+    ess_warn_steps: int = 5
 
     def __post_init__(self):
         check(self.micro_batch_size >= 1, "micro_batch_size", self.micro_batch_size, "an integer >= 1")
@@ -225,6 +233,14 @@ class TrainSection:
             "allowed: auto, none, or an existing checkpoint directory",
         )
         check(self.output_dir.strip() != "", "output_dir", self.output_dir, "a directory path")
+        check(
+            self.final_checkpoint or self.export_final,
+            "final_checkpoint",
+            self.final_checkpoint,
+            "true when train.export_final is false (the run would save nothing at its end)",
+        )
+        check(0 <= self.ess_warn_fraction < 1, "ess_warn_fraction", self.ess_warn_fraction, "a number in [0, 1)")
+        check(self.ess_warn_steps >= 1, "ess_warn_steps", self.ess_warn_steps, "an integer >= 1")
 
     def accumulation_steps(self, dp_size: int) -> int:
         """Micro-batches per optimizer step on each rank."""
@@ -295,43 +311,3 @@ def load_train_config(path: str | Path | None, overrides: list[str] = ()) -> Tra
         data["model"] = _resolve_model_file(data["model"], base)
     apply_overrides(data, rest)
     return train_config_from_dict(data, base)
-
-
-def validate_resources(cfg: TrainConfig):
-    """Checks that need files: the data sources exist, the model and tokenizer paths exist or are hub
-    names, the tokenizer loads (with ``data.chat_template`` set), and the model's vocabulary covers the
-    tokenizer's.  Returns the tokenizer.  Raises ``ConfigError`` before anything is written."""
-    from recall_dist.data import load_tokenizer, set_chat_template
-    from recall_dist.data.sources import local_path
-    from recall_dist.train.models import check_model_path, first_line
-
-    for data in (cfg.data, cfg.data.eval_config()):
-        if data is not None and not data.is_synthetic:
-            local_path(data.source, data.source_key)
-    if cfg.model.name_or_path is not None:
-        check_model_path(cfg.model.name_or_path)
-    tokenizer_key = "model.tokenizer" if cfg.model.tokenizer is not None else "model.name_or_path"
-    if not cfg.model.tokenizer_name.startswith("char:"):
-        check_model_path(cfg.model.tokenizer_name, tokenizer_key)
-    try:
-        tokenizer = load_tokenizer(cfg.model.tokenizer_name)
-    except (OSError, ValueError) as e:
-        raise ConfigError(tokenizer_key, f"{cfg.model.tokenizer_name!r}: {e}") from None
-    set_chat_template(tokenizer, cfg.data.chat_template)
-    try:
-        model_vocab = cfg.model.hf_config().vocab_size
-    except (OSError, ValueError) as e:
-        raise ConfigError(
-            "model.name_or_path",
-            f"{cfg.model.name_or_path!r}: cannot read the model's config.json (not a model directory, or a hub "
-            f"model that cannot be reached: offline?): {first_line(e)}",
-        ) from None
-    if model_vocab < len(tokenizer):
-        key = "model.config.vocab_size" if cfg.model.config is not None else "model.name_or_path"
-        raise ConfigError(
-            key,
-            f"vocabulary mismatch: the model has {model_vocab} output tokens but tokenizer "
-            f"{cfg.model.tokenizer_name!r} has {len(tokenizer)}; the model vocabulary must be "
-            f">= the tokenizer's (set model.config.vocab_size: {len(tokenizer)})",
-        )
-    return tokenizer

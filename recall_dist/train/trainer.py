@@ -27,10 +27,11 @@ from recall_dist.distributed.process_group import init_distributed, shutdown
 from recall_dist.log import get_logger
 from recall_dist.losses.accumulator import step_token_count
 from recall_dist.train.backends import build_engine
-from recall_dist.train.config import TrainConfig, validate_resources
+from recall_dist.train.config import TrainConfig
 from recall_dist.train.export import export_from_engine
 from recall_dist.train.metrics_log import EVAL_PREFIX, MetricsLogger, mark_nonfinite, nonfinite_step
 from recall_dist.train.preemption import PreemptionWatcher
+from recall_dist.train.resources import validate_resources
 from recall_dist.train.rundir import (
     Checkpointer,
     checkpoint_step,
@@ -105,8 +106,9 @@ def endless(batches: DistributedBatchIterator):
 def train_step(run: Run, data, before_update=None) -> dict[str, float]:
     """One optimizer step = one weighted NLL over all of its tokens (``losses/accumulator.py``): every
     micro-batch's gradient with the step's provisional scale, then the engine rescales the sum by the
-    step's exact normaliser before clipping and the update.  A step with non-finite tokens (the loss
-    already zeroed their gradients on every rank) or a non-finite gradient norm is skipped.
+    step's exact normaliser before clipping and the update (``train/step_scale.py``).  A skipped step
+    (non-finite tokens, or no token with weight: its gradient scale is ``SKIP``) or a non-finite gradient
+    norm leaves the model and the optimizer as they were.
     ``before_update(grad_scale, stats)``, if given, runs after the backward passes, before the update
     (the accumulated gradients times ``grad_scale`` are the step's gradient)."""
     engine, device, dp_group = run.engine, run.ctx.device, run.ctx.dp_group
@@ -124,7 +126,7 @@ def train_step(run: Run, data, before_update=None) -> dict[str, float]:
     stats["lr"] = engine.lr()  # the rate this step's update uses
     if before_update is not None:
         before_update(grad_scale, stats)
-    result = engine.step(grad_scale=grad_scale, skip=stats["nonfinite_tokens"] > 0)
+    result = engine.step(grad_scale=grad_scale)
     stats.update(skipped=float(result.skipped), input_tokens=float(input_tokens.item()))
     if result.grad_norm is not None:
         stats["grad_norm"] = result.grad_norm

@@ -3,7 +3,8 @@ import json
 import pytest
 
 from recall_dist.configtree import ConfigError, from_dict
-from recall_dist.data.dataset import DataConfig, build_dataset, load_records, tokenize_example
+from recall_dist.data.config import DataConfig
+from recall_dist.data.dataset import build_dataset, load_records, tokenize_example
 from recall_dist.data.synthetic import build_task
 from recall_dist.data.tokenizer import CharTokenizer, load_tokenizer
 

@@ -18,7 +18,8 @@ import pytest
 from recall_dist.configtree import ConfigError, from_dict
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.data.chat import tokenize_messages
-from recall_dist.data.dataset import DataConfig, build_dataset, load_records
+from recall_dist.data.config import DataConfig
+from recall_dist.data.dataset import build_dataset, load_records
 from recall_dist.data.sources import open_split, parse_split
 from tests.data.chat_tokenizer import chatml_tokenizer
 

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from recall_dist.configtree import ConfigError
-from recall_dist.data.dataset import DataConfig
+from recall_dist.data.config import DataConfig
 from recall_dist.data.validation import DataError, validate_data_source
 from recall_dist.distributed.net import free_port
 from tests.train.helpers import tiny_config_dict

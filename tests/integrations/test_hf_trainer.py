@@ -8,7 +8,8 @@ from transformers import TrainingArguments
 
 from recall_dist import build_loss
 from recall_dist.data import load_tokenizer
-from recall_dist.data.dataset import DataConfig, build_dataset
+from recall_dist.data.config import DataConfig
+from recall_dist.data.dataset import build_dataset
 from recall_dist.data.loader import DistributedBatchIterator
 from recall_dist.integrations.hf import RecallTrainer, recall_compute_loss
 from recall_dist.train.config import load_train_config

@@ -302,7 +302,8 @@ def _trainer_steps(kernel: str, backend: dict, out_dir: str, result_path: str):
     import os
 
     from recall_dist.distributed.process_group import init_distributed
-    from recall_dist.train.config import train_config_from_dict, validate_resources
+    from recall_dist.train.config import train_config_from_dict
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup, train_step
     from tests.train.helpers import tiny_config_dict
 

@@ -50,7 +50,7 @@ def _split_worker(pretrained: str, splits: list[str], result_dir: str) -> None:
     import torch.distributed as dist
 
     from recall_dist.distributed.process_group import init_distributed
-    from recall_dist.train.config import validate_resources
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup, train_step
 
     ctx = init_distributed()

@@ -11,8 +11,8 @@ import pytest
 
 from recall_dist.configtree import ConfigError, load_yaml
 from recall_dist.presets import MODEL_PRESET_DIR
-from recall_dist.train.config import validate_resources
 from recall_dist.train.models import check_model_path
+from recall_dist.train.resources import validate_resources
 from tests.data.chat_tokenizer import CHATML, chatml_tokenizer, save_chatml_tokenizer
 from tests.train.helpers import build, tiny_config_dict
 

@@ -11,8 +11,9 @@ import torch
 
 from recall_dist.train import memory_plan as plan_cli
 from recall_dist.train.backends.fsdp2 import sharding_plan
-from recall_dist.train.config import load_train_config, validate_resources
+from recall_dist.train.config import load_train_config
 from recall_dist.train.models import build_model, count_parameters, resolve_attn_implementation
+from recall_dist.train.resources import validate_resources
 
 
 def _closed_form_llama(vocab, hidden, inter, layers) -> int:

@@ -53,7 +53,7 @@ def _optimizer_state(engine) -> dict:
 
 def _nonfinite_worker(data: dict) -> None:
     from recall_dist.distributed.process_group import init_distributed
-    from recall_dist.train.config import validate_resources
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup, train_step
 
     cfg = build(data)

@@ -38,8 +38,8 @@ def test_packing_isolation(attn):
     trainer does, position_ids restarting per example) equal those of each example run alone."""
     from recall_dist.data.dataset import build_dataset
     from recall_dist.data.loader import DistributedBatchIterator
-    from recall_dist.train.config import validate_resources
     from recall_dist.train.models import build_model
+    from recall_dist.train.resources import validate_resources
 
     model_dict = _tiny_model()
     model_dict["attn_implementation"] = attn
@@ -74,7 +74,7 @@ def _fp32_master_worker(data: dict, result_path: str) -> None:
     import torch.distributed as dist
 
     from recall_dist.distributed.process_group import init_distributed
-    from recall_dist.train.config import validate_resources
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup, step_token_count
 
     cfg = build(data)
@@ -133,7 +133,7 @@ def _first_step_worker(data: dict, result_path: str, steps: int) -> None:
     import torch.distributed as dist
 
     from recall_dist.distributed.process_group import init_distributed
-    from recall_dist.train.config import validate_resources
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup, train_step
 
     cfg = build(data)
@@ -152,8 +152,8 @@ def _reference_grads(data: dict) -> dict[str, torch.Tensor]:
     """One process, micro-batch = the global batch, full logits, from the model the config describes."""
     from recall_dist.data.dataset import build_dataset
     from recall_dist.data.loader import DistributedBatchIterator
-    from recall_dist.train.config import validate_resources
     from recall_dist.train.models import build_model
+    from recall_dist.train.resources import validate_resources
 
     cfg = build(data)
     tokenizer = validate_resources(cfg)
@@ -237,7 +237,7 @@ def _init_worker(data: dict, result_path: str) -> None:
     import torch.distributed as dist
 
     from recall_dist.distributed.process_group import init_distributed
-    from recall_dist.train.config import validate_resources
+    from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import setup
 
     cfg = build(data)

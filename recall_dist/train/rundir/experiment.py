@@ -54,7 +54,7 @@ def config_fingerprint(config: dict) -> dict:
 def _data_defaults() -> dict:
     """The flattened defaults of the data section (``data.messages_field``: ``"messages"``, ...)."""
     from recall_dist.configtree import to_dict
-    from recall_dist.data.dataset import DataConfig
+    from recall_dist.data.config import DataConfig
 
     keys: dict = {}
     _flatten(to_dict(DataConfig()), "data", keys)
