@@ -1,5 +1,7 @@
 """``recall-dist sweep CONFIG.yaml [key=value ...]``: run the temperature sweep in this process, or
-as one rank of torchrun / srun (every rank runs the same command; rank 0 writes the tables).
+as one rank of torchrun / srun (every rank runs the same command; rank 0 writes the tables).  The ranks
+join one gloo group through ``distributed/process_group.py``, as the trainer's do (srun: ``SLURM_PROCID``,
+``SLURM_NTASKS``, ``SLURM_LOCALID`` with ``MASTER_ADDR``/``MASTER_PORT``).
 
     recall-dist sweep configs/sweep.yaml output_dir=runs/sweep1 temperatures=[0.5,1,2]
     torchrun --nproc-per-node 2 -m recall_dist sweep configs/sweep.yaml
@@ -10,8 +12,6 @@ as one rank of torchrun / srun (every rank runs the same command; rank 0 writes 
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
 import sys
 
 from recall_dist.configtree import ConfigError, load_config
@@ -74,17 +74,18 @@ def main(argv: list[str] | None = None) -> int:
             print(f"recall-dist sweep: cannot aggregate: {e}", file=sys.stderr)
             return 1
     else:
-        import torch.distributed as dist
+        from recall_dist.distributed.process_group import init_distributed, shutdown
+        from recall_dist.distributed.ranks import rank_and_world
 
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        started = world > 1 and not dist.is_initialized()
-        if started:  # torchrun: a CPU group is enough, it only carries one barrier
-            dist.init_process_group("gloo", timeout=datetime.timedelta(hours=24))
+        # Several ranks (torchrun, srun, an existing group) share one CPU group: it carries barriers
+        # only, and a rank may wait a day in one for the others' shards; the models reach each rank's
+        # GPU in eval/loading.py, not through the group.  One process needs no group.
+        ctx = init_distributed(timeout_minutes=24 * 60, backend="gloo") if rank_and_world()[1] > 1 else None
         try:
-            result = run_sweep(cfg)
+            result = run_sweep(cfg, ctx.rank, ctx.world_size) if ctx is not None else run_sweep(cfg, 0, 1)
         finally:
-            if started:
-                dist.destroy_process_group()
+            if ctx is not None:
+                shutdown(ctx)
     if result is not None:
         _print_table(result)
         print(f"wrote {cfg.output_dir}/sweep.csv, sweep.json, pr_curve.png")

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch.distributed as dist
 
 from recall_dist.distributed.process_group import init_distributed, shutdown
@@ -33,10 +34,10 @@ else:
 """
 
 
-def _probe(env: dict[str, str]) -> dict:
+def _probe(env: dict[str, str], code: str = _PROBE) -> dict:
     base = {k: v for k, v in os.environ.items() if k not in (*_LAUNCHER_VARS, "MASTER_ADDR", "MASTER_PORT")}
     proc = subprocess.run(
-        [sys.executable, "-c", _PROBE], env={**base, **env}, capture_output=True, text=True, timeout=120, check=True
+        [sys.executable, "-c", code], env={**base, **env}, capture_output=True, text=True, timeout=120, check=True
     )
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -71,3 +72,17 @@ def _existing_group_is_used() -> None:
 
 def test_an_existing_group_is_used_as_is_and_left_alone():
     run_distributed_test(_existing_group_is_used, world_size=3)
+
+
+def test_an_unknown_backend_is_refused_before_anything_starts():
+    with pytest.raises(ValueError, match=r"backend='nccl'.*allowed: None \(nccl with CUDA, else gloo\) or 'gloo'"):
+        init_distributed(backend="nccl")
+    assert not dist.is_initialized()
+
+
+def test_a_gloo_only_group_from_srun_ranks_leaves_the_gpu_alone():
+    code = _PROBE.replace("init_distributed()", "init_distributed(backend='gloo')")
+    code = code.replace('"created": ctx.created_group,', '"device": str(ctx.device), "backend": dist.get_backend(),')
+    seen = _probe({"SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0"}, code)
+    assert (seen["rank"], seen["world"], seen["local"]) == (0, 1, 0)
+    assert seen["device"] == "cpu" and seen["backend"] == "gloo"  # even on a machine with GPUs
