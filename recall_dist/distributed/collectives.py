@@ -61,6 +61,17 @@ def all_reduce_(tensor: torch.Tensor, op: str, group) -> torch.Tensor:
     return tensor
 
 
+def all_gather_cat(values: torch.Tensor, group) -> torch.Tensor:
+    """Concatenate 1-D ``values`` of the same length from every rank, in rank order (one collective)."""
+    world = group_size(group)
+    if world == 1:
+        return values
+    parts = [torch.empty_like(values) for _ in range(world)]
+    _record(group, values)
+    dist.all_gather(parts, values, group=group)
+    return torch.cat(parts)
+
+
 def all_gather_varlen(values: torch.Tensor, group) -> torch.Tensor:
     """Concatenate 1-D ``values`` of possibly different lengths from every rank, in rank order.
 

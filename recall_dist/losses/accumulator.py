@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.distributed.collectives import all_reduce_, group_size
+from recall_dist.losses.diagnostics import TopContributions, top_count, weight_diagnostics
 
 # The order of the per-call global sums the kernels all-reduce (float64).
 SUM_NAMES = ("sum_w", "count", "sum_wl", "sum_l", "sum_w2", "kept", "sum_div", "nonfinite")
@@ -71,13 +72,17 @@ class StepAccumulator:
         self.sums: torch.Tensor | None = None
         self.wmax: torch.Tensor | None = None
         self.calls = 0
+        self.top = TopContributions(top_count(self.token_count))  # this rank's largest w_n l_n of the step
 
     def coefficients(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) of every call inside the step: gradient of sum_n (A w_n + B) l_n, scale 1/N."""
         inv_n = inverse_or_zero(torch.tensor(self.token_count, dtype=torch.float64, device=like.device))
         return (1.0 - self.nll_mix) * inv_n, self.nll_mix * inv_n
 
-    def record(self, sums: torch.Tensor, wmax: torch.Tensor) -> None:
+    def record(self, sums: torch.Tensor, wmax: torch.Tensor, contributions: torch.Tensor | None = None) -> None:
+        """Add one call's global sums and max weight (and its local per-token w_n l_n, for ``top_share``)."""
+        if contributions is not None:
+            self.top.add(contributions)
         sums, wmax = sums.detach().to("cpu", torch.float64), wmax.detach().to("cpu", torch.float64)
         self.sums = sums.clone() if self.sums is None else self.sums + sums
         self.wmax = wmax.clone() if self.wmax is None else torch.maximum(self.wmax, wmax)
@@ -115,7 +120,14 @@ class StepAccumulator:
         if self.sums is None:
             return dict.fromkeys(STAT_NAMES, 0.0)
         values = stats_from_sums(self.sums, self.wmax, self.nll_mix, self.normalize).tolist()
-        return dict(zip(STAT_NAMES, values, strict=True))
+        stats = dict(zip(STAT_NAMES, values, strict=True))
+        return stats | weight_diagnostics(stats)
+
+    def top_share(self, dp_group) -> float:
+        """Collective over ``dp_group``: the share of sum_n w_n l_n carried by the step's top 1% of tokens,
+        exact over every call and rank (``losses/diagnostics.py``); every rank calls it once per step."""
+        device = _collective_device(dp_group) if group_size(dp_group) > 1 else None
+        return self.top.global_share(self._sum("sum_wl"), dp_group, device)
 
 
 def step_token_count(

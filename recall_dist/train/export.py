@@ -1,6 +1,7 @@
 """Export a trained model in Hugging Face format (config, sharded safetensors + index, tokenizer), which
 the temperature sweep and ``from_pretrained`` load: from the live engine at the end of training
-(``export_from_engine``), or offline from a checkpoint directory (``export_hf``).
+(``export_from_engine``), or offline from a checkpoint directory (``export_hf``).  A pretrained base's
+``generation_config.json`` (stop ids, chat defaults) goes with it (``base_generation_config``).
 
 Streamed: parameters arrive one at a time (gathered from their shards), are cast to ``model.dtype`` and
 appended to the current safetensors shard; a shard is written as soon as it reaches ``max_shard_bytes``.
@@ -110,10 +111,33 @@ def write_hf_directory(
     return out_dir
 
 
-def export_from_engine(engine, tokenizer, out_dir: str | Path, rank: int, dtype: str = "float32") -> Path | None:
-    """Collective: every rank gathers the parameters one at a time, rank 0 writes ``out_dir``."""
+def base_generation_config(name_or_path: str | None):
+    """The ``GenerationConfig`` of the pretrained model ``name_or_path`` (its ``generation_config.json``: stop
+    ids, chat sampling defaults), None when there is no such file or no pretrained model (``model.config``).
+    The export writes it next to the trained weights, so ``generate()`` stops where the base model's does."""
+    if name_or_path is None:
+        return None
+    from transformers import GenerationConfig
+
+    try:
+        return GenerationConfig.from_pretrained(name_or_path, local_files_only=True)
+    except OSError:  # the base has no generation_config.json
+        return None
+
+
+def export_from_engine(
+    engine, tokenizer, out_dir: str | Path, rank: int, dtype: str = "float32", generation_config=None
+) -> Path | None:
+    """Collective: every rank gathers the parameters one at a time, rank 0 writes ``out_dir`` (with
+    ``generation_config``, e.g. ``base_generation_config(cfg.model.name_or_path)``, when given)."""
     return write_hf_directory(
-        engine.module.model.config, engine.full_parameters(), tokenizer, out_dir, DTYPES[dtype], writer=rank == 0
+        engine.module.model.config,
+        engine.full_parameters(),
+        tokenizer,
+        out_dir,
+        DTYPES[dtype],
+        writer=rank == 0,
+        generation_config=generation_config,
     )
 
 
@@ -147,5 +171,10 @@ def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
     model = build_model(cfg.model, meta=True)
     parameters = _checkpoint_parameters(checkpoint_dir / "engine", cfg.backend.name, model)
     return write_hf_directory(
-        model.config, parameters, load_tokenizer(cfg.model.tokenizer_name), out_dir, DTYPES[cfg.model.dtype]
+        model.config,
+        parameters,
+        load_tokenizer(cfg.model.tokenizer_name),
+        out_dir,
+        DTYPES[cfg.model.dtype],
+        generation_config=base_generation_config(cfg.model.name_or_path),
     )

@@ -165,6 +165,10 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None, d
     from recall_dist.train.backends.fsdp2 import sharding_plan
     from recall_dist.train.models import build_model, count_parameters
 
+    if cfg.backend.bf16 == "auto":  # GPUs a plan is made for (Ampere and later) have bf16; CPU ranks: this CPU's
+        from recall_dist.train.precision import native_bf16
+
+        cfg.backend.bf16 = device == "cuda" or native_bf16("cpu")[0]
     model = build_model(cfg.model, meta=True)
     world = nodes * gpus_per_node
     params, largest = count_parameters(model), largest_layer_params(model)

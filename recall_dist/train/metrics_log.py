@@ -1,5 +1,8 @@
 """Training metrics: JSON lines at ``<output_dir>/metrics.jsonl`` on rank 0 (TensorBoard and W&B
-optional).  A step's statistics come from the loss (``losses/accumulator.py``): they describe the whole step."""
+optional).  A step's statistics come from the loss (``losses/accumulator.py``): they describe the whole step.
+Also the step's throughput (``throughput``), the progress line's fields (``progress_fields``) and the
+warning when the weights concentrate on a few tokens for several steps (``LowEssWarning``); README "Metrics"
+lists every key."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import math
 from pathlib import Path
 
 from recall_dist.io import atomic_write_text
+from recall_dist.log import get_logger
 
 # What a step's loss reports; a step with a non-finite token has no meaningful value for any of them.
 _LOSS_VALUES = ("loss", "nll", "divergence")
@@ -32,6 +36,67 @@ def mark_nonfinite(stats: dict[str, float]) -> dict[str, float]:
             if key in stats:
                 stats[key] = float("nan")
     return stats
+
+
+def throughput(stats: dict[str, float], seconds: float) -> dict[str, float]:
+    """A step's wall time and rates: ``trained_tokens_per_s`` counts the tokens that carry loss (``tokens``:
+    labels != ignore_index, all micro-batches and ranks), ``input_tokens_per_s`` every non-padding input
+    token (``input_tokens``), so a loss that trains on fewer of its input tokens shows it.
+    ``tokens_per_s`` is the earlier name of ``input_tokens_per_s`` (kept as an alias)."""
+    seconds = max(seconds, 1e-9)
+    inputs = stats["input_tokens"] / seconds
+    return {
+        "step_seconds": seconds,
+        "trained_tokens_per_s": stats["tokens"] / seconds,
+        "input_tokens_per_s": inputs,
+        "tokens_per_s": inputs,
+    }
+
+
+def progress_fields(stats: dict[str, float], last_eval: dict[str, str]) -> dict[str, str]:
+    """The progress line: loss, learning rate, ESS / tokens, max / mean weight, the top 1%'s share of
+    the objective, and the last validation loss."""
+    fields = {"loss": f"{stats['loss']:.4f}", "lr": f"{stats['lr']:.2e}"}
+    if "ess_fraction" in stats:
+        fields["ess/tok"] = f"{stats['ess_fraction']:.3f}"
+        fields["wmax/mean"] = f"{stats['weight_max_over_mean']:.3g}"
+    if "top1pct_share" in stats:
+        fields["top1%"] = f"{stats['top1pct_share']:.3f}"
+    return fields | last_eval
+
+
+class LowEssWarning:
+    """Warns (``recall-dist train: WARNING: ...``) once ESS / tokens has stayed under ``threshold`` for
+    ``steps`` optimizer steps in a row, and again after each further ``steps`` such steps; a step at or above
+    the threshold starts the count over.  Skipped (non-finite) steps neither count nor reset it.
+    ``threshold`` 0: never."""
+
+    def __init__(self, threshold: float, steps: int, enabled: bool = True):
+        self.threshold, self.steps, self.enabled = threshold, steps, enabled
+        self.low = 0  # consecutive low steps
+        self.log = get_logger("train")
+
+    def update(self, step: int, stats: dict[str, float]) -> bool:
+        """Count step ``step``; returns whether it warned."""
+        if nonfinite_step(stats) or "ess_fraction" not in stats:
+            return False
+        self.low = self.low + 1 if stats["ess_fraction"] < self.threshold else 0
+        if not (self.enabled and self.low and self.low % self.steps == 0):
+            return False
+        self.log.warning(
+            "ESS / tokens has been under %g for %d steps in a row (step %d: %.4f, max/mean weight %.3g, top 1%% "
+            "of tokens carry %.0f%% of the objective): the weights train on a few tokens only.  Bound them with "
+            "loss.params.max_weight, mix in NLL with loss.params.nll_mix, use a rule closer to NLL (cdiv: "
+            "loss.params.alpha closer to 1), or lower optim.lr; train.ess_warn_fraction sets this threshold "
+            "(0: no warning).",
+            self.threshold,
+            self.low,
+            step,
+            stats["ess_fraction"],
+            stats.get("weight_max_over_mean", float("nan")),
+            100 * stats.get("top1pct_share", float("nan")),
+        )
+        return True
 
 
 def _tensorboard_tag(key: str) -> str:

@@ -28,8 +28,17 @@ from recall_dist.log import get_logger
 from recall_dist.losses.accumulator import step_token_count
 from recall_dist.train.backends import build_engine
 from recall_dist.train.config import TrainConfig
-from recall_dist.train.export import export_from_engine
-from recall_dist.train.metrics_log import EVAL_PREFIX, MetricsLogger, mark_nonfinite, nonfinite_step
+from recall_dist.train.export import base_generation_config, export_from_engine
+from recall_dist.train.metrics_log import (
+    EVAL_PREFIX,
+    LowEssWarning,
+    MetricsLogger,
+    mark_nonfinite,
+    nonfinite_step,
+    progress_fields,
+    throughput,
+)
+from recall_dist.train.precision import resolve_compute_bf16
 from recall_dist.train.preemption import PreemptionWatcher
 from recall_dist.train.resources import validate_resources
 from recall_dist.train.rundir import (
@@ -39,6 +48,7 @@ from recall_dist.train.rundir import (
     clear_preempted,
     latest_checkpoint,
     mark_diverged,
+    mark_no_final_checkpoint,
     mark_preempted,
     open_run,
     rng_state,
@@ -71,6 +81,7 @@ def seed_everything(seed: int) -> None:
 
 def setup(cfg: TrainConfig, tokenizer, ctx) -> Run:
     seed_everything(cfg.train.seed)
+    resolve_compute_bf16(cfg, ctx)  # backend.bf16=auto -> true/false, logged, and saved so with the config
     # Tokenised once (rank 0) and memory-mapped by every rank (data/cache.py).
     barrier = torch.distributed.barrier if ctx.world_size > 1 else None
     dataset = load_dataset(cfg.data, tokenizer, ctx.rank, barrier)
@@ -123,6 +134,7 @@ def train_step(run: Run, data, before_update=None) -> dict[str, float]:
             engine.backward(loss)
         grad_scale = objective.gradient_scale()
         stats = objective.stats() | run.loss.rule.extra_stats()
+        stats["top1pct_share"] = objective.top_share(dp_group)  # collective: every rank, every step
     stats["lr"] = engine.lr()  # the rate this step's update uses
     if before_update is not None:
         before_update(grad_scale, stats)
@@ -238,6 +250,38 @@ def _diverged(run: Run, out: Path, bad_steps: int, stats: dict) -> TrainingDiver
     )
 
 
+def _finish(run: Run, out: Path, checkpointer: Checkpointer, saved_at, preempted: bool, on_checkpoint) -> None:
+    """The end of a run that did not diverge: a checkpoint of its last step unless there is one already
+    (skipped with ``train.final_checkpoint: false``, except on preemption, which must be resumable), then
+    the ``PREEMPTED`` marker, or the export to ``final/`` (with the base model's generation config)."""
+    cfg, ctx = run.cfg, run.ctx
+    checkpointed = saved_at == run.step
+    if not checkpointed and (preempted or cfg.train.final_checkpoint):
+        path = save_checkpoint(run, checkpointer)
+        checkpointed = True
+        if on_checkpoint is not None:
+            on_checkpoint(path, run.step)
+    if preempted:
+        if ctx.is_main:
+            mark_preempted(out, run.step)
+        return
+    if cfg.train.export_final:
+        generation = base_generation_config(cfg.model.name_or_path) if ctx.rank == 0 else None
+        export_from_engine(run.engine, run.tokenizer, out / "final", ctx.rank, cfg.model.dtype, generation)
+    if not checkpointed and ctx.is_main:  # after final/ exists: the marker refuses a later start here
+        latest = latest_checkpoint(out / "checkpoints")
+        mark_no_final_checkpoint(out, {"step": run.step, "latest_checkpoint": None if latest is None else str(latest)})
+        log.info(
+            "train.final_checkpoint=false: no checkpoint of the last step %d (latest: %s); %s holds the model. "
+            "This run cannot be resumed or extended: a new start in %s is refused unless train.overwrite=true "
+            "moves it aside.",
+            run.step,
+            latest or "none",
+            out / "final",
+            out,
+        )
+
+
 def _train(cfg: TrainConfig, tokenizer, ctx, start: Path | None = None, on_checkpoint=None) -> dict:
     run = setup(cfg, tokenizer, ctx)
     out = Path(cfg.train.output_dir)
@@ -260,6 +304,7 @@ def _train(cfg: TrainConfig, tokenizer, ctx, start: Path | None = None, on_check
     data, stats, saved_at, preempted = endless(run.batches), {}, (run.step or None), False
     bad_steps = 0  # consecutive non-finite steps (the same count on every rank: the stats are global)
     last_eval = {}  # the progress line shows the last validation loss
+    low_ess = LowEssWarning(cfg.train.ess_warn_fraction, cfg.train.ess_warn_steps, enabled=ctx.is_main)
     try:
         while run.step < run.total_steps:
             began = time.perf_counter()
@@ -268,9 +313,8 @@ def _train(cfg: TrainConfig, tokenizer, ctx, start: Path | None = None, on_check
             run.skipped_steps += int(stats["skipped"])
             bad_steps = bad_steps + 1 if nonfinite_step(stats) else 0
             mark_nonfinite(stats)
-            stats.update(
-                tokens_per_s=stats["input_tokens"] / (time.perf_counter() - began), skipped_steps=run.skipped_steps
-            )
+            stats.update(throughput(stats, time.perf_counter() - began), skipped_steps=run.skipped_steps)
+            low_ess.update(run.step, stats)
             evaluated = eval_due(run)
             if evaluated:
                 stats.update(evaluate(run))
@@ -278,7 +322,7 @@ def _train(cfg: TrainConfig, tokenizer, ctx, start: Path | None = None, on_check
             if evaluated or bad_steps or run.step % cfg.train.log_every == 0 or run.step == run.total_steps:
                 logger.log(run.step, stats)
             bar.update(1)
-            bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{stats['lr']:.2e}", **last_eval)
+            bar.set_postfix(progress_fields(stats, last_eval))
             if bad_steps >= cfg.train.max_bad_steps:
                 break
             if cfg.train.checkpoint_every and run.step % cfg.train.checkpoint_every == 0:
@@ -292,15 +336,8 @@ def _train(cfg: TrainConfig, tokenizer, ctx, start: Path | None = None, on_check
         diverged = None
         if bad_steps >= cfg.train.max_bad_steps:  # no checkpoint of a diverged state, no export
             diverged = _diverged(run, out, bad_steps, stats)
-        elif saved_at != run.step:
-            path = save_checkpoint(run, checkpointer)
-            if on_checkpoint is not None:
-                on_checkpoint(path, run.step)
-        if diverged is None and preempted:
-            if ctx.is_main:
-                mark_preempted(out, run.step)
-        elif diverged is None and cfg.train.export_final:
-            export_from_engine(run.engine, tokenizer, out / "final", ctx.rank, cfg.model.dtype)
+        else:
+            _finish(run, out, checkpointer, saved_at, preempted, on_checkpoint)
         # Leave together: a rank that tears down its gloo group while another still writes the
         # export was seen to abort at exit ("terminate called without an active exception").
         # Success path only: after an exception a barrier could wait forever on a dead peer.

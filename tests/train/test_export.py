@@ -217,3 +217,32 @@ def test_export_hf_reads_a_distributed_checkpoint(tmp_path):
     for name, p in source.named_parameters():
         assert torch.equal(loaded.state_dict()[name], p.detach().to(torch.bfloat16)), name
     assert len(load_tokenizer(str(out))) == loaded.config.vocab_size
+
+
+def test_base_generation_config_is_the_pretrained_models_and_export_hf_publishes_it(tmp_path):
+    """A base with generation_config.json: its stop ids and sampling defaults reach the export (offline
+    here; the live export of a real run: tests/e2e/test_run_outputs.py); without one, or built from
+    ``model.config``, there is none."""
+    import torch.distributed.checkpoint as dcp
+    from transformers import GenerationConfig
+
+    from recall_dist.data import load_tokenizer
+    from recall_dist.train.export import base_generation_config
+
+    base = tmp_path / "base"
+    source = _model(seed=3)
+    source.save_pretrained(base)
+    assert base_generation_config(None) is None
+    (base / "generation_config.json").unlink(missing_ok=True)  # save_pretrained may write a default one
+    assert base_generation_config(str(base)) is None
+    GenerationConfig(eos_token_id=[2, 9], pad_token_id=0, do_sample=True, top_p=0.8).save_pretrained(base)
+    assert base_generation_config(str(base)).eos_token_id == [2, 9]
+
+    data = tiny_config_dict(tmp_path / "run", backend={"name": "fsdp2"}, model={"name_or_path": str(base)})
+    step = tmp_path / "run" / "checkpoints" / "step_00000002"
+    state = {f"model.{name}": p.detach().clone() for name, p in source.named_parameters()}
+    dcp.save({"model": state}, checkpoint_id=str(step / "engine"), no_dist=True)
+    (step / "config.yaml").write_text(yaml.safe_dump(data))
+    load_tokenizer("char:product").save_pretrained(base)  # model.tokenizer defaults to the base's
+    exported = GenerationConfig.from_pretrained(export_hf(step, tmp_path / "exported"))
+    assert exported.eos_token_id == [2, 9] and exported.top_p == 0.8 and exported.do_sample

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -68,3 +69,105 @@ def test_a_nonfinite_step_is_logged_as_nan(tmp_path):
 )
 def test_tensorboard_tags(key, tag):
     assert _tensorboard_tag(key) == tag
+
+
+def test_throughput_divides_the_steps_token_counts_by_its_wall_time():
+    from recall_dist.train.metrics_log import throughput
+
+    got = throughput({"tokens": 300.0, "input_tokens": 480.0}, 1.5)
+    assert got == {
+        "step_seconds": 1.5,
+        "trained_tokens_per_s": 200.0,
+        "input_tokens_per_s": 320.0,
+        "tokens_per_s": 320.0,  # the earlier name of input_tokens_per_s
+    }
+
+
+def test_the_progress_line_shows_the_weight_diagnostics():
+    from recall_dist.train.metrics_log import progress_fields
+
+    stats = {"loss": 1.23456, "lr": 2e-5, "ess_fraction": 0.1234, "weight_max_over_mean": 36.4, "top1pct_share": 0.2}
+    assert progress_fields(stats, {"eval_loss": "1.5000"}) == {
+        "loss": "1.2346",
+        "lr": "2.00e-05",
+        "ess/tok": "0.123",
+        "wmax/mean": "36.4",
+        "top1%": "0.200",
+        "eval_loss": "1.5000",
+    }
+    assert progress_fields({"loss": 1.0, "lr": 1.0}, {}) == {"loss": "1.0000", "lr": "1.00e+00"}
+
+
+def _ess_step(ess_fraction: float, **extra) -> dict[str, float]:
+    return {"loss": 1.0, "ess_fraction": ess_fraction, "weight_max_over_mean": 40.0, "top1pct_share": 0.3} | extra
+
+
+def test_the_low_ess_warning_fires_after_k_low_steps_and_not_before(capsys):
+    from recall_dist.train.metrics_log import LowEssWarning
+
+    warning = LowEssWarning(0.05, 3)
+    fired = [warning.update(step, _ess_step(0.01)) for step in range(1, 3)]
+    assert fired == [False, False] and capsys.readouterr().err == ""
+    assert warning.update(3, _ess_step(0.049))  # the third low step in a row
+    err = capsys.readouterr().err
+    assert "WARNING: ESS / tokens has been under 0.05 for 3 steps in a row (step 3: 0.0490" in err
+    for key in ("loss.params.max_weight", "loss.params.nll_mix", "loss.params.alpha", "optim.lr"):
+        assert key in err, key
+    assert [warning.update(step, _ess_step(0.01)) for step in (4, 5, 6)] == [False, False, True]  # every K more
+    capsys.readouterr()
+    # A step at the threshold starts the count over; a skipped step neither counts nor resets it.
+    assert not warning.update(7, _ess_step(0.05))
+    assert [warning.update(step, _ess_step(0.01)) for step in (8, 9)] == [False, False]
+    assert not warning.update(10, _ess_step(0.01, loss=float("nan"), nonfinite_tokens=1.0))
+    assert warning.update(11, _ess_step(0.01))
+    assert "(step 11: 0.0100" in capsys.readouterr().err
+    quiet = LowEssWarning(0.05, 3, enabled=False)  # ranks other than 0 count but never print
+    assert not any(quiet.update(step, _ess_step(0.0)) for step in range(1, 10))
+    never = LowEssWarning(0.0, 1)  # threshold 0: no warning
+    assert not any(never.update(step, _ess_step(0.0)) for step in range(1, 10))
+    assert "WARNING" not in capsys.readouterr().err
+
+
+def _token_count_worker(result_dir: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from recall_dist.distributed.process_group import init_distributed
+    from recall_dist.train.resources import validate_resources
+    from recall_dist.train.trainer import endless, setup, train_step
+    from tests.train.helpers import build, tiny_config_dict
+
+    ctx = init_distributed()
+    cfg = build(
+        tiny_config_dict(
+            Path(result_dir) / "run",
+            backend={"name": "fsdp2"},
+            train={"micro_batch_size": 4, "global_batch_size": 16},  # 2 ranks x 2 micro-batches of 4
+        )
+    )
+    run = setup(cfg, validate_resources(cfg), ctx)
+    assert run.accumulation_steps == 2
+    data = endless(run.batches)
+    micro = [next(data) for _ in range(run.accumulation_steps)]
+    # The naive counts: every target after the first position that is not ignored; every unpadded input token.
+    trained = sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro)
+    inputs = sum(int(b["attention_mask"].sum()) for b in micro)
+    stats = train_step(run, iter(micro))
+    torch.save({"trained": trained, "inputs": inputs, "stats": stats}, Path(result_dir, f"rank{dist.get_rank()}.pt"))
+
+
+@pytest.mark.slow
+def test_trained_and_input_tokens_of_a_step_equal_a_naive_count_over_all_ranks(tmp_path):
+    import torch
+
+    from recall_dist.distributed.testing import run_distributed_test
+    from recall_dist.train.metrics_log import throughput
+
+    run_distributed_test(_token_count_worker, 2, str(tmp_path))
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    trained, inputs = sum(r["trained"] for r in ranks), sum(r["inputs"] for r in ranks)
+    assert 0 < trained < inputs
+    for r in ranks:  # every rank reports the step's global counts
+        assert r["stats"]["tokens"] == trained and r["stats"]["input_tokens"] == inputs
+        rates = throughput(r["stats"], 2.0)
+        assert rates["trained_tokens_per_s"] == trained / 2.0 and rates["input_tokens_per_s"] == inputs / 2.0

@@ -18,10 +18,22 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 PREEMPTED = "PREEMPTED"  # a stop on request: the step of the checkpoint saved (train/preemption.py)
 DIVERGED = "DIVERGED"  # train.max_bad_steps non-finite steps in a row: the report
+# A run that finished with train.final_checkpoint false: its end has no checkpoint, it cannot be continued
+NO_FINAL_CHECKPOINT = "NO_FINAL_CHECKPOINT"
 PREVIOUS_RUNS = "previous_runs"
 # What a run writes in its output_dir; the rest (Ray's run state ``ray/``, Slurm's STOP file, the user's
 # own files) belongs to someone else and is neither counted nor moved.
-RUN_FILES = (CHECKPOINTS, "metrics.jsonl", FINAL, ".tmp-final", PREEMPTED, DIVERGED, "tensorboard", "wandb")
+RUN_FILES = (
+    CHECKPOINTS,
+    "metrics.jsonl",
+    FINAL,
+    ".tmp-final",
+    PREEMPTED,
+    DIVERGED,
+    NO_FINAL_CHECKPOINT,
+    "tensorboard",
+    "wandb",
+)
 
 
 def utc_now() -> str:
@@ -49,6 +61,15 @@ def mark_diverged(output_dir: str | Path, report: dict) -> Path:
 
 def clear_diverged(output_dir: str | Path) -> None:
     (Path(output_dir) / DIVERGED).unlink(missing_ok=True)
+
+
+def mark_no_final_checkpoint(output_dir: str | Path, report: dict) -> Path:
+    """Written after ``final/`` when a finished run saved no checkpoint of its last step: a later start in
+    this directory is refused (``prepare_output_dir``) instead of re-training from an older checkpoint
+    and replacing ``final/``."""
+    path = Path(output_dir) / NO_FINAL_CHECKPOINT
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path
 
 
 # ------------------------------------------------------------------------------------ used directories
@@ -103,12 +124,25 @@ def prepare_output_dir(
     found = run_files(out)
     if not found:
         return resume, None
+    if NO_FINAL_CHECKPOINT in found and not overwrite:
+        raise RunDirError(
+            "train.output_dir",
+            f"{out} holds a finished run without a checkpoint of its last step (train.final_checkpoint was "
+            f"false; {out / NO_FINAL_CHECKPOINT}): it cannot be continued, and re-training it from an older "
+            f"checkpoint would replace its final/. Use another train.output_dir, or set train.overwrite=true "
+            f"to move it, final/ included, to {out / PREVIOUS_RUNS}/<time>/ and start over.",
+        )
+    finished = NO_FINAL_CHECKPOINT in found  # and overwrite: moved aside below, never continued
+    if finished and resume == "auto":
+        resume = "none"
     if resume == "auto":
         if newest_step is not None:
             return resume, None
         dest = move_aside(out, "train.resume=auto found no complete checkpoint to continue")
         return resume, f"no complete checkpoint to resume in {out}: starting over; its files were moved to {dest}"
-    continues_here = resume != "none" and _inside(Path(resume), out / CHECKPOINTS) and resume_step == newest_step
+    continues_here = (
+        not finished and resume != "none" and _inside(Path(resume), out / CHECKPOINTS) and resume_step == newest_step
+    )
     if continues_here:
         return resume, None
     if not overwrite:

@@ -65,3 +65,26 @@ def test_auto_without_a_complete_checkpoint_starts_over_keeping_the_files(tmp_pa
     assert resume == "auto" and "starting over" in note
     (moved,) = (out / PREVIOUS_RUNS).iterdir()
     assert (moved / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+
+
+@pytest.mark.parametrize("resume", ["auto", "none", "checkpoints/step_00000008"])
+def test_a_finished_run_without_a_final_checkpoint_is_never_continued(tmp_path, resume):
+    """``train.final_checkpoint: false``: its final/ is newer than its newest checkpoint.  Any start is
+    refused with nothing touched (continuing step 8 would re-train and replace final/); with overwrite
+    the whole run, final/ included, is moved aside and the new one starts over."""
+    from recall_dist.train.rundir.layout import NO_FINAL_CHECKPOINT, mark_no_final_checkpoint
+
+    out = tmp_path / "run"
+    _fill(out)
+    mark_no_final_checkpoint(out, {"step": 10, "latest_checkpoint": str(out / "checkpoints" / "step_00000008")})
+    assert NO_FINAL_CHECKPOINT in run_files(out)
+    resume = resume if "/" not in resume else str(out / resume)
+    before = _snapshot(out)
+    with pytest.raises(RunDirError, match=r"finished run without a checkpoint of its last step.*train.overwrite"):
+        prepare_output_dir(out, resume, overwrite=False, newest_step=8, resume_step=8)
+    assert _snapshot(out) == before
+    new_resume, note = prepare_output_dir(out, resume, overwrite=True, newest_step=8, resume_step=8)
+    (moved,) = (out / PREVIOUS_RUNS).iterdir()
+    assert {k: v for k, v in _snapshot(moved).items() if k != "MOVED_HERE"} == before and "moved to" in note
+    assert new_resume == "none" or new_resume.startswith(str(moved))  # a given checkpoint is followed
+    assert run_files(out) == []
