@@ -55,9 +55,10 @@ test-fast: setup
 	DS_ACCELERATOR=cpu $(PY) -m pytest -m "not gpu and not slow and not cluster" -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # SEEDS=3 repeats every fine-tune with 3 seeds and reports mean and min-max (default: one seed, fastest).
+# RESUME=1 (every demo), after an interrupted run, reuses the trainings it finished and runs only the rest.
 SEEDS ?= 1
 demo: setup
-	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo --seeds $(SEEDS)
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo --seeds $(SEEDS) $(if $(RESUME),--resume)
 
 # TruncR / lambda-PR settings grid on the demo task (not part of `make demo`): results/demo-grid/grid.md
 demo-grid: setup

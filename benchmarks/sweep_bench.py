@@ -102,11 +102,12 @@ def _extract(rev: str, into: Path) -> Path:
 def _sweep(root: Path, models: list[tuple[str, Path]], out: Path, num_samples: int) -> dict:
     """Run the demo's sweep stage with the package under ``root``; wall time and counted forwards."""
     from recall_dist.demo import runner as demo
+    from recall_dist.demo.stages import torchrun
 
-    recipe = demo.Recipe.full()
+    recipe = demo.ProductRecipe.full()
     listing = "[" + ", ".join(f"{{name: {n}, path: {p}}}" for n, p in models) + "]"
     count_file = out / "forward_counts"
-    cmd = demo.torchrun(
+    cmd = torchrun(
         str(Path(__file__).resolve()),
         "--worker",
         str(count_file),
@@ -163,7 +164,7 @@ def main() -> int:
     from recall_dist.demo import runner as demo
 
     models_dir = Path(args.models_dir).resolve()
-    names = [name for name, *_ in demo.Recipe.full().losses]
+    names = [name for name, *_ in demo.ProductRecipe.full().losses]
     models = [(n, models_dir / f"{n}{args.suffix}" / "final") for n in names]
     missing = [str(path) for _, path in models if not (path / "config.json").is_file()]
     if missing:
@@ -183,11 +184,11 @@ def main() -> int:
     roots = {"before": _extract(before_rev, scratch / "before-src"), "after": REPO}
     from recall_dist.data import build_task
 
-    support = len(build_task("product", max_factor=demo.Recipe.full().max_factor).target_distribution(""))
+    support = len(build_task("product", max_factor=demo.ProductRecipe.full().max_factor).target_distribution(""))
     examples = support * len(models)
     print(f"before = {before_rev}, after = {after_rev}; {len(models)} models x {support} support sequences")
     print(f"{'num_samples':>11} {'version':>12} {'wall s':>8} {'eval s':>8} {'fwd/example':>12} {'generate calls':>15}")
-    for num_samples in (demo.Recipe.full().num_samples, 0):
+    for num_samples in (demo.ProductRecipe.full().num_samples, 0):
         best: dict[str, dict] = {}
         for r in range(args.rounds):
             for version in ("before", "after") if r % 2 == 0 else ("after", "before"):

@@ -7,7 +7,7 @@ same model and the same batches (fp32 weights, ``torch.autocast`` bf16, full log
         [--steps 3] [--rounds 2] [--threads 2]
 
 Default model: SmolLM2-135M-Instruct converted by ``recall-dist convert-gguf`` (cached); batches: the
-demo-text chat examples of Debian's fortunes (``recall_dist/demo/text.py``).
+demo-text chat examples of Debian's fortunes (``recall_dist/demo/fortunes.py``).
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from recall_dist.data import DistributedBatchIterator, build_dataset
-    from recall_dist.demo.text import prepare_model, read_fortunes, write_corpus
+    from recall_dist.demo.fortunes import prepare_model, read_fortunes, write_corpus
     from recall_dist.distributed.process_group import init_distributed
     from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup, train_step

@@ -16,7 +16,7 @@ COMMANDS = {
     "plan": ("recall_dist.train.memory_plan", "Per-GPU memory plan of a training config for N nodes x G GPUs."),
     "sweep": ("recall_dist.eval.cli", "Temperature sweep: Precision/Recall table and PR-curve plot."),
     "demo": ("recall_dist.demo.runner", "Train NLL and recall losses on a sparse task, sweep, write the PR curves."),
-    "demo-text": ("recall_dist.demo.text", "The same on a real pretrained LM and human text (SmolLM2, fortunes)."),
+    "demo-text": ("recall_dist.demo.fortunes", "The same on a real pretrained LM and human text (SmolLM2, fortunes)."),
     "convert-gguf": ("recall_dist.convert", "A GGUF model file into a Hugging Face safetensors directory."),
 }
 

@@ -71,15 +71,16 @@ def test_wheel_holds_the_presets_and_runs_outside_the_tree(installed, tmp_path):
 
 
 def test_wheel_holds_the_demo_configs(installed, tmp_path):
-    """The demos' recipes (``Recipe.full()``, ``TextRecipe.full()``) read the YAML files shipped in the
+    """The demos' recipes (``ProductRecipe.full()``, ``FortunesRecipe.full()``) read the YAML files shipped in the
     installed package, and the pre-training config's model file, named relative to it, is found there."""
     python, cli = installed / "bin" / "python", installed / "bin" / "recall-dist"
     work = tmp_path / "elsewhere"
     work.mkdir()
     env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH="")
     probe = (
-        "import json; from recall_dist.demo import runner, text; r, t = runner.Recipe.full(), text.TextRecipe.full(); "
-        "print(json.dumps({'demo': str(runner.CONFIG_DIR), 'text': str(text.CONFIG_DIR), "
+        "import json; from recall_dist.demo import runner, fortunes; "
+        "r, t = runner.ProductRecipe.full(), fortunes.FortunesRecipe.full(); "
+        "print(json.dumps({'demo': str(runner.CONFIG_DIR), 'text': str(fortunes.CONFIG_DIR), "
         "'temperatures': r.temperatures, 'finetune_steps': r.finetune_steps, 'text_temperatures': t.temperatures, "
         "'num_texts': t.num_texts}))"
     )

@@ -24,8 +24,8 @@ import json
 import math
 from pathlib import Path
 
-from recall_dist.demo.report import PRECISION_LEVELS, read_curves
-from recall_dist.eval.summary import PRECISION_TOLERANCE, TOLERANCE, dominance, recall_at
+from recall_dist.demo.report import PRECISION_LEVELS
+from recall_dist.demo.verdicts import PRECISION_TOLERANCE, TOLERANCE, dominance, read_curves, recall_at
 
 REFERENCES = [("nll", "nll", {}), ("cdiv-1.4", "cdiv", {"alpha": 1.4})]
 TRUNCR = [

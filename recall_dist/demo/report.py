@@ -1,6 +1,7 @@
-"""What the demo writes from a sweep's ``sweep.csv``: the statements and tables of ``summary.md``
-(one seed, or mean and min-max over several fine-tuning seeds), and the high-Precision zoom figure.
-Nothing is hard-coded: every number and verdict is computed here from the CSV.
+"""What ``recall-dist demo`` writes from a sweep's ``sweep.csv``: the statements and tables of ``summary.md``
+(one seed, or mean and min-max over several fine-tuning seeds; on the skeleton of ``demo/markdown.py``,
+verdicts by ``demo/verdicts.py``), and the high-Precision zoom figure.  Nothing is hard-coded: every number
+and verdict is computed here from the CSV.
 """
 
 from __future__ import annotations
@@ -11,32 +12,28 @@ from pathlib import Path
 
 import numpy as np
 
-from recall_dist.eval.summary import (
+from recall_dist.demo.markdown import (
+    TEMPERATURE_QUESTION,
+    Section,
+    loss_settings,
+    num,
+    summary_document,
+    table,
+    wall_time_sentence,
+)
+from recall_dist.demo.verdicts import (
     PRECISION_TOLERANCE,
     TOLERANCE,
     dominance,
+    read_families,
     recall_at,
-    seed_name,
+    seed_statistics,
+    spread,
     temperature_effect,
 )
 
 PRECISION_LEVELS = (0.9, 0.95, 0.99, 0.995)
-
-
-def fmt_time(seconds: float) -> str:
-    m, s = divmod(int(seconds), 60)
-    return f"{m}:{s:02d}"
-
-
-def read_curves(csv_path: Path) -> dict[str, list[tuple[float, float, float]]]:
-    """model -> [(T, precision, recall), ...] sorted by T, from a sweep's ``sweep.csv``."""
-    curves: dict[str, list] = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            curves.setdefault(row["model"], []).append(
-                (float(row["temperature"]), float(row["precision"]), float(row["recall"]))
-            )
-    return {m: sorted(points) for m, points in curves.items()}
+DOMINANCE_QUESTION = "Does a recall loss dominate NLL + temperature?"
 
 
 def scale_sentence(max_factor: int, recall_at_n: int) -> str:
@@ -77,8 +74,7 @@ def _intro(recipe, wall_seconds: float | None) -> list[str]:
         f"with each loss for {recipe.finetune_steps} steps ({same}; 2 processes, "
         f"FSDP2 on CPU). Precision = Q_T(supp P); Recall = Recall@{n}, the expected P-mass covered by "
         f"{n} samples; both exact (enumeration of the support). Every number below is computed from "
-        f"`sweep.csv` by `recall_dist/demo/report.py`."
-        + (f" Wall time of the run: {fmt_time(wall_seconds)}." if wall_seconds is not None else ""),
+        f"`sweep.csv` by `recall_dist/demo/report.py`." + wall_time_sentence(wall_seconds),
         "",
         "Settings: "
         + "; ".join(loss_settings(recipe.losses))
@@ -93,86 +89,78 @@ def _intro(recipe, wall_seconds: float | None) -> list[str]:
     ]
 
 
-def loss_settings(losses) -> list[str]:
-    """'model: rule(param=value, ...)' of every (model, loss, params), the rule's defaults filled in
-    from the rule itself (so the report shows what ran, not what the demo passed)."""
-    import inspect
-
-    from recall_dist.losses import build_loss
-
-    out = []
-    for name, loss, params in losses:
-        built = build_loss(loss, **params)
-        keys = [k for k in inspect.signature(type(built.rule).__init__).parameters if k != "self"]
-        shown = [f"{k}={getattr(built.rule, k)!r}" for k in keys if k in ("alpha", "lam", "drop", "granularity")]
-        shown += [f"nll_mix={built.nll_mix:g}"] if built.nll_mix else []
-        out.append(f"{name}: `{loss}({', '.join(shown)})`")
-    return out
-
-
-def _num(x: float) -> str:
-    return "n/a" if math.isnan(x) else f"{x:.3f}"
-
-
 def summary_markdown(
-    curves: dict,
+    families: dict[str, dict[int, list]],
     reference: str = "nll",
     levels=PRECISION_LEVELS,
     recipe=None,
     wall_seconds: float | None = None,
     tol: float = TOLERANCE,
 ) -> str:
-    """The text of summary.md from the curves of ``read_curves``."""
-    if reference not in curves:
-        raise ValueError(f"the sweep has no {reference!r} model to compare with; models: {', '.join(curves)}")
-    ref = curves[reference]
+    """The text of summary.md from the curves of ``verdicts.read_families``: the one-seed report, or the
+    over-seeds one (mean [min, max] of every number, margins paired by seed) when a model has several seeds."""
+    if reference not in families:
+        raise ValueError(f"the sweep has no {reference!r} model to compare with; models: {', '.join(families)}")
+    intro = _intro(recipe, wall_seconds) if recipe is not None else []
+    title = "recall-dist demo: NLL + temperature vs recall-oriented losses"
+    if all(len(seeds) == 1 for seeds in families.values()):
+        curves = {model: next(iter(seeds.values())) for model, seeds in families.items()}
+        sections = [_temperature_section(curves[reference], tol), _dominance_section(curves, reference, levels, tol)]
+        return summary_document(title, intro, sections)
+    stats = seed_statistics(families, reference, levels, tol)
+    sections = [
+        _seeds_temperature_section(families[reference], tol),
+        _seeds_dominance_section(stats, reference, levels, tol),
+    ]
+    return summary_document(title + ", over seeds", intro, sections)
+
+
+def _temperature_section(ref: list, tol: float) -> Section:
     eff = temperature_effect(ref, tol)
-    lines = ["# recall-dist demo: NLL + temperature vs recall-oriented losses", ""]
-    if recipe is not None:
-        lines += _intro(recipe, wall_seconds)
-    lines += ["## Does raising the temperature buy NLL more Recall?", ""]
     delta = eff["recall_best_above"] - eff["recall_ref"]
     if eff["rose"]:
-        lines.append(
+        answer = (
             f"**Yes, by {delta:+.3f}**{' (slightly)' if delta < 5 * tol else ''}: "
             f"NLL's Recall is {eff['recall_ref']:.3f} at T={eff['t_ref']:g} and "
             f"reaches {eff['recall_best_above']:.3f} at T={eff['t_best_above']:g} (best T > {eff['t_ref']:g})."
         )
     else:
-        lines.append(
+        answer = (
             f"**No**: NLL's Recall is {eff['recall_ref']:.3f} at T={eff['t_ref']:g} and no T above it "
-            f"raises it by more than {tol:g} (best above: {_num(eff['recall_best_above'])} at "
+            f"raises it by more than {tol:g} (best above: {num(eff['recall_best_above'])} at "
             f"T={eff['t_best_above']:g})."
         )
     precision_of = {t: p for t, p, _ in ref}
-    lines.append(
-        f"Over the grid its Recall peaks at T={eff['argmax_t']:g} ({eff['max_recall']:.3f}); at the largest "
-        f"T={eff['t_max']:g} it is {eff['recall_t_max']:.3f}, and Precision has gone from "
-        f"{precision_of[eff['t_ref']]:.3f} (T={eff['t_ref']:g}) to {precision_of[eff['t_max']]:.3f}: "
-        f"1 - Precision is the mass the tempered model puts on invalid outputs."
+    return Section(
+        TEMPERATURE_QUESTION,
+        [
+            answer,
+            f"Over the grid its Recall peaks at T={eff['argmax_t']:g} ({eff['max_recall']:.3f}); at the largest "
+            f"T={eff['t_max']:g} it is {eff['recall_t_max']:.3f}, and Precision has gone from "
+            f"{precision_of[eff['t_ref']]:.3f} (T={eff['t_ref']:g}) to {precision_of[eff['t_max']]:.3f}: "
+            f"1 - Precision is the mass the tempered model puts on invalid outputs.",
+        ],
     )
-    lines += [
-        "",
-        "## Does a recall loss dominate NLL + temperature?",
-        "",
-        "Recall at matched Precision: the best Recall of each model's temperature curve (interpolated "
-        "between grid points) among points with Precision >= p. n/a: the curve never reaches p.",
-        "",
-    ]
-    header = ["model"] + [f"R @ P>={p:g}" for p in levels] + ["max R (T)", "verdict vs nll"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    verdicts = {}
+
+
+def _dominance_section(curves: dict, reference: str, levels, tol: float) -> Section:
+    ref = curves[reference]
+    rows, verdicts = [], {}
     for model, points in curves.items():
         best = max(points, key=lambda x: x[2])
-        cells = [model] + [_num(recall_at(points, p)) for p in levels] + [f"{best[2]:.3f} (T={best[0]:g})"]
+        cells = [model] + [num(recall_at(points, p)) for p in levels] + [f"{best[2]:.3f} (T={best[0]:g})"]
         if model == reference:
             cells.append("reference")
         else:
             d = dominance(points, ref, tol)
             verdicts[model] = d
             cells.append(f"{d['verdict']} ({d['above']} above, {d['below']} below of {d['points']})")
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
+        rows.append(cells)
+    lines = [
+        "Recall at matched Precision: the best Recall of each model's temperature curve (interpolated "
+        "between grid points) among points with Precision >= p. n/a: the curve never reaches p.",
+        "",
+        *table(["model"] + [f"R @ P>={p:g}" for p in levels] + ["max R (T)", "verdict vs nll"], rows),
         "",
         f"Verdict: at the Precision P_i of each of NLL's {len(ref)} temperature points, the model's best "
         f"Recall at Precision >= P_i - {PRECISION_TOLERANCE:g} is compared with NLL's at Precision >= P_i "
@@ -186,102 +174,48 @@ def summary_markdown(
             f"P>={p:g}: {'n/a' if math.isnan(x) else f'{x:+.3f}'}" for p, x in zip(levels, diffs, strict=False)
         )
         lines.append(f"- **{model}** vs NLL + temperature: **{d['verdict']}** (Recall minus NLL's at {shown}).")
-    return "\n".join(lines) + "\n"
+    return Section(DOMINANCE_QUESTION, lines)
 
 
-def split_seeds(curves: dict) -> dict[str, dict[int, list]]:
-    """``{"nll-s0": ..., "nll-s1": ...}`` -> ``{"nll": {0: ..., 1: ...}}`` (a name without the
-    ``-s<k>`` suffix is seed 0), models in first-seen order."""
-    out: dict[str, dict[int, list]] = {}
-    for model, points in curves.items():
-        name, seed = seed_name(model)
-        seed = 0 if seed is None else seed
-        out.setdefault(name, {})[seed] = points
-    return out
-
-
-def seed_statistics(curves: dict, reference: str = "nll", levels=PRECISION_LEVELS, tol: float = TOLERANCE) -> dict:
-    """Per model, per seed: Recall at each Precision level, max Recall, the paired margin over the
-    reference of the same seed at each level, and the dominance verdict against it."""
-    by_model = split_seeds(curves)
-    if reference not in by_model:
-        raise ValueError(f"the sweep has no {reference!r} model to compare with; models: {', '.join(by_model)}")
-    ref = by_model[reference]
-    stats = {}
-    for model, seeds in by_model.items():
-        missing = sorted(set(ref) - set(seeds))
-        if missing:
-            raise ValueError(f"model {model!r} lacks seed(s) {missing} that {reference!r} has")
-        per_seed = {}
-        for seed, points in sorted(seeds.items()):
-            recall = {p: recall_at(points, p) for p in levels}
-            per_seed[seed] = {
-                "recall_at": recall,
-                "max_recall": max(r for _, _, r in points),
-                "margin": {p: recall[p] - recall_at(ref[seed], p) for p in levels},
-                "verdict": None if model == reference else dominance(points, ref[seed], tol)["verdict"],
-            }
-        stats[model] = per_seed
-    return stats
-
-
-def spread(values, signed: bool = False) -> str:
-    """'mean [min, max]' of the finite values (n/a if none; '(k of n)' when some are n/a)."""
-    finite = [v for v in values if not math.isnan(v)]
-    if not finite:
-        return "n/a"
-    f = "+.3f" if signed else ".3f"
-    text = f"{np.mean(finite):{f}} [{min(finite):{f}}, {max(finite):{f}}]"
-    return text if len(finite) == len(values) else f"{text} ({len(finite)} of {len(values)})"
-
-
-def seeds_markdown(
-    curves: dict, reference: str = "nll", levels=PRECISION_LEVELS, recipe=None, wall_seconds=None, tol=TOLERANCE
-) -> str:
-    """summary.md of a run with several fine-tuning seeds: mean [min, max] over seeds of every
-    summary number, and margins over NLL paired by seed."""
-    stats = seed_statistics(curves, reference, levels, tol)
-    n_seeds = len(stats[reference])
-    lines = ["# recall-dist demo: NLL + temperature vs recall-oriented losses, over seeds", ""]
-    if recipe is not None:
-        lines += _intro(recipe, wall_seconds)
-    effects = [temperature_effect(points, tol) for points in split_seeds(curves)[reference].values()]
+def _seeds_temperature_section(ref_seeds: dict[int, list], tol: float) -> Section:
+    effects = [temperature_effect(points, tol) for points in ref_seeds.values()]
     gains = [e["recall_best_above"] - e["recall_ref"] for e in effects]
-    lines += [
-        "## Does raising the temperature buy NLL more Recall?",
-        "",
-        f"Best Recall at a T above {effects[0]['t_ref']:g} minus Recall at T = {effects[0]['t_ref']:g}, over "
-        f"the {n_seeds} seeds: {spread(gains, signed=True)}; more than {tol:g} in {sum(e['rose'] for e in effects)} "
-        f"of {n_seeds}. At the largest T = {effects[0]['t_max']:g} NLL's Recall is "
-        f"{spread([e['recall_t_max'] for e in effects])}.",
-        "",
-        "## Does a recall loss dominate NLL + temperature?",
-        "",
+    n_seeds = len(effects)
+    return Section(
+        TEMPERATURE_QUESTION,
+        [
+            f"Best Recall at a T above {effects[0]['t_ref']:g} minus Recall at T = {effects[0]['t_ref']:g}, over "
+            f"the {n_seeds} seeds: {spread(gains, signed=True)}; more than {tol:g} in "
+            f"{sum(e['rose'] for e in effects)} of {n_seeds}. At the largest T = {effects[0]['t_max']:g} NLL's "
+            f"Recall is {spread([e['recall_t_max'] for e in effects])}."
+        ],
+    )
+
+
+def _seeds_dominance_section(stats: dict, reference: str, levels, tol: float) -> Section:
+    n_seeds = len(stats[reference])
+    recall_rows, margin_rows = [], []
+    for model, per_seed in stats.items():
+        seeds = per_seed.values()
+        recall = [spread([s["recall_at"][p] for s in seeds]) for p in levels]
+        recall_rows.append([model, *recall, spread([s["max_recall"] for s in seeds])])
+        if model != reference:
+            margins = [spread([s["margin"][p] for s in seeds], signed=True) for p in levels]
+            wins = sum(s["verdict"] == "dominates" for s in seeds)
+            margin_rows.append([model, *margins, f"{wins} of {n_seeds}"])
+    lines = [
         f"Every cell is the mean [min, max] over {n_seeds} fine-tuning seeds. Recall at matched Precision: "
         "the best Recall of a model's temperature curve (interpolated between grid points) among points "
         "with Precision >= p.",
         "",
-    ]
-    header = ["model"] + [f"R @ P>={p:g}" for p in levels] + ["max R"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model, per_seed in stats.items():
-        cells = [spread([s["recall_at"][p] for s in per_seed.values()]) for p in levels]
-        lines.append("| " + " | ".join([model, *cells, spread([s["max_recall"] for s in per_seed.values()])]) + " |")
-    lines += [
+        *table(["model"] + [f"R @ P>={p:g}" for p in levels] + ["max R"], recall_rows),
         "",
         f"Margin over NLL of the same seed (Recall minus NLL's Recall at Precision >= p), and in how many "
         f"seeds the model dominates NLL + temperature (verdict as in a one-seed run, ties within {tol:g}):",
         "",
+        *table(["model"] + [f"margin @ P>={p:g}" for p in levels] + ["dominates"], margin_rows),
+        "",
     ]
-    header = ["model"] + [f"margin @ P>={p:g}" for p in levels] + ["dominates"]
-    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for model, per_seed in stats.items():
-        if model == reference:
-            continue
-        cells = [spread([s["margin"][p] for s in per_seed.values()], signed=True) for p in levels]
-        wins = sum(s["verdict"] == "dominates" for s in per_seed.values())
-        lines.append("| " + " | ".join([model, *cells, f"{wins} of {n_seeds}"]) + " |")
-    lines.append("")
     for model, per_seed in stats.items():
         if model == reference:
             continue
@@ -294,7 +228,7 @@ def seeds_markdown(
         else:
             verdict = "no level where every seed is more than the tie tolerance above (or below) NLL"
         lines.append(f"- **{model}**: {verdict}.")
-    return "\n".join(lines) + "\n"
+    return Section(DOMINANCE_QUESTION, lines)
 
 
 def plot_zoom(csv_path: Path, out_path: Path, reference: str = "nll") -> Path:
@@ -305,8 +239,8 @@ def plot_zoom(csv_path: Path, out_path: Path, reference: str = "nll") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves = read_curves(csv_path)
-    by_model = split_seeds(curves)
+    by_model = read_families(csv_path)
+    curves = {(model, seed): points for model, seeds in by_model.items() for seed, points in seeds.items()}
     ref_recalls = [r for points in by_model[reference].values() for _, _, r in points]
     top = max(r for points in curves.values() for _, _, r in points)
     lo = min(ref_recalls) - 0.25 * (top - min(ref_recalls))
@@ -351,8 +285,7 @@ def read_recall_at_n(csv_path: Path) -> str:
 
 
 def write_summary(csv_path: Path, out_path: Path, **kwargs) -> Path:
-    """summary.md from ``sweep.csv``: the one-seed report, or the over-seeds one when models carry ``-s<k>``."""
-    curves = read_curves(csv_path)
-    several = any(len(seeds) > 1 for seeds in split_seeds(curves).values())
-    out_path.write_text((seeds_markdown if several else summary_markdown)(curves, **kwargs))
+    """summary.md from ``sweep.csv``: the one-seed report, or the over-seeds one when a model has several
+    seeds (the sweep's ``seed`` column)."""
+    out_path.write_text(summary_markdown(read_families(csv_path), **kwargs))
     return out_path

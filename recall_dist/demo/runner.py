@@ -1,9 +1,10 @@
 """``recall-dist demo``: the paper's claim, reproduced on CPU in minutes with the real trainer and sweep.
 
     recall-dist demo [--out results/demo] [--seeds S] [--grid] [--only NAME[,NAME]] [--pretrained DIR]
-                     [--steps N] [--quick]
+                     [--steps N] [--quick] [--resume]
 
-Three stages, each a ``torchrun --nproc-per-node 2`` subprocess of the real CLI (logs in ``OUT/logs/``):
+Three stages on the demos' skeleton (``demo/pipeline.py``), each a ``torchrun --nproc-per-node 2`` subprocess
+of the real CLI (logs in ``OUT/logs/``):
 
 1. **Pre-train** a tiny Llama (``configs/demo/tiny-llama-h64.yaml``) with NLL from scratch on the
    built-in ``product`` task (a, b ~ U{1..A}, completion str(a*b); A = 30 gives 308 valid products).
@@ -26,300 +27,114 @@ package (``recall_dist/demo/configs/demo/``): the configs are the one place they
 instead and writes ``grid.md`` and ``grid.csv``, plus ``precision_rules.md`` / ``.csv`` (default output
 ``results/demo-grid``).  ``--only NAME[,NAME]`` trains and sweeps only those models of the demo (or,
 with ``--grid``, of the grid), with the ``nll`` reference always included: e.g. ``recall-dist demo
---grid --only dft,cdiv-0.5``.  ``--quick`` is the CI-sized run (tests/e2e/test_demo.py).
+--grid --only dft,cdiv-0.5``.  ``--quick`` is the CI-sized run (tests/e2e/test_demo.py); ``--resume`` reuses
+the pre-training and fine-tunes an interrupted call finished.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import re
-import subprocess
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 from recall_dist.configtree import load_yaml
-from recall_dist.demo.report import fmt_time, plot_zoom, write_summary
+from recall_dist.demo.pipeline import (
+    CONFIGS,
+    Prepared,
+    Progress,
+    Recipe,
+    Result,
+    add_common_arguments,
+    recipe_from_args,
+    run_command,
+)
 
-# The directory that holds the recall_dist package (the source checkout, or site-packages when installed):
-# the stages' subprocesses run there and import this same package.
-PACKAGE_PARENT = Path(__file__).resolve().parents[2]
-# The demos' configs ship inside the package (package data), so an installed ``recall-dist demo`` finds them.
-CONFIGS = Path(__file__).resolve().parent / "configs"
 CONFIG_DIR = CONFIGS / "demo"
 
-# (model name, loss name, loss params): the models the demo trains, NLL first (the reference).
-# TruncR and lambda-PR run at their defaults, the best settings of the demo's grid (README).
-LOSSES = [
-    ("nll", "nll", {}),
-    ("cdiv-1.4", "cdiv", {"alpha": 1.4}),
-    ("cdiv-2.0", "cdiv", {"alpha": 2.0}),
-    ("truncr", "truncr", {}),
-    ("lambda_pr", "lambda_pr", {"nll_mix": 0.5}),  # nll_mix is a shared option: not part of the rule's defaults
-]
 
+@dataclass(kw_only=True)
+class ProductRecipe(Recipe):
+    """The product demo: its sizes besides every recipe's (``demo/pipeline.py``), read from
+    ``configs/demo/*.yaml`` by ``full()``; ``quick()`` is the CI-sized run.  ``model``: an NLL model (HF
+    export) to fine-tune instead of pre-training one."""
 
-@dataclass
-class Recipe:
-    """Sizes of one demo run: ``Recipe.full()`` reads them from ``CONFIG_DIR`` (``configs/demo/*.yaml``);
-    ``Recipe.quick()`` is the CI-sized run."""
+    COMMAND = "demo"
+    CONFIG_DIR = CONFIG_DIR
+    OUT = "results/demo"
+    QUICK: ClassVar[dict] = {
+        "pretrain_steps": 60,
+        "finetune_steps": 10,
+        "max_factor": 9,
+        "recall_at_n": 50,
+        "num_samples": 0,
+        "temperatures": [0.5, 1.0, 1.5, 2.0],
+    }
 
     pretrain_steps: int
-    finetune_steps: int
     max_factor: int
     recall_at_n: int
     num_samples: int
-    temperatures: list[float]
-    global_batch: int
-    train_seed: int = 0
-    data_seed: int = 1
-    losses: list[tuple] = field(default_factory=lambda: list(LOSSES))
-    seeds: int = 1
+    grid: bool = False  # fine-tune ``demo/grid.py``'s settings and write the grid report instead
 
     @classmethod
-    def full(cls) -> Recipe:
-        pretrain, finetune = load_yaml(CONFIG_DIR / "pretrain.yaml"), load_yaml(CONFIG_DIR / "finetune.yaml")
-        sweep = load_yaml(CONFIG_DIR / "sweep.yaml")
-        return cls(
-            pretrain_steps=pretrain["train"]["max_steps"],
-            finetune_steps=finetune["train"]["max_steps"],
-            max_factor=finetune["data"]["task_params"]["max_factor"],
-            recall_at_n=sweep["recall_at_n"],
-            num_samples=sweep["num_samples"],
-            temperatures=list(sweep["temperatures"]),
-            global_batch=finetune["train"]["global_batch_size"],
-            train_seed=finetune["train"]["seed"],
-            data_seed=finetune["data"]["seed"],
+    def configured(cls, finetune: dict, sweep: dict) -> dict:
+        return {
+            "pretrain_steps": load_yaml(CONFIG_DIR / "pretrain.yaml")["train"]["max_steps"],
+            "max_factor": finetune["data"]["task_params"]["max_factor"],
+            "recall_at_n": sweep["recall_at_n"],
+            "num_samples": sweep["num_samples"],
+            "data_seed": finetune["data"]["seed"],
+        }
+
+    def banner(self) -> str:
+        return (
+            f"recall-dist demo: {len(self.losses)} losses x {self.seeds} seed(s) on products of integers in "
+            f"[1, {self.max_factor}], 2 processes; "
+            + ("pre-trained model " + str(self.model) if self.model else f"pre-train {self.pretrain_steps} steps")
+            + f", fine-tune {self.finetune_steps} steps each; output in {self.out}"
         )
 
-    @classmethod
-    def quick(cls) -> Recipe:
-        full = cls.full()
-        return cls(
-            pretrain_steps=60,
-            finetune_steps=10,
-            max_factor=9,
-            recall_at_n=50,
-            num_samples=0,
-            temperatures=[0.5, 1.0, 1.5, 2.0],
-            global_batch=full.global_batch,
-            train_seed=full.train_seed,
-            data_seed=full.data_seed,
-            losses=[LOSSES[0], LOSSES[1]],
-        )
+    def prepare_stages(self) -> int:
+        return 0 if self.model else 1
 
-    def runs(self) -> list[tuple[str, str, dict, int]]:
-        return seed_runs(self.losses, self.seeds)
-
-
-def seed_runs(losses: list[tuple], seeds: int) -> list[tuple[str, str, dict, int]]:
-    """(model name, loss, params, seed index) of every fine-tune of ``losses`` x ``seeds``; names get
-    ``-s<k>`` with several seeds (what ``report.split_seeds`` reads back)."""
-    return [
-        (name if seeds == 1 else f"{name}-s{seed}", loss, params, seed)
-        for seed in range(seeds)
-        for name, loss, params in losses
-    ]
-
-
-class DemoError(RuntimeError):
-    pass
-
-
-# ---------------------------------------------------------------------------------------------
-# Running the stages: torchrun subprocesses of the real CLI, with a progress line per stage.
-
-
-def torchrun(*target: str) -> list[str]:
-    """The command that runs ``target`` (``-m module ...`` or ``script.py ...``) in 2 local processes."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target]
-
-
-def _tqdm_progress(log: Path) -> str:
-    """'123/500' from the last tqdm update in ``log`` (rank 0's bar), or ''."""
-    try:
-        with open(log, "rb") as f:
-            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
-            tail = f.read().decode(errors="replace")
-    except OSError:
-        return ""
-    found = re.findall(r"(\d+)/(\d+) \[", tail)
-    return f"{found[-1][0]}/{found[-1][1]}" if found else ""
-
-
-def _run_once(label: str, what: str, args: list[str], log: Path, demo_start: float) -> tuple[int, float]:
-    """Run ``torchrun --nproc-per-node 2 -m recall_dist ARGS`` with its output in ``log``, printing
-    progress; return (exit code, seconds)."""
-    cmd = torchrun("-m", "recall_dist", *args)
-    env = dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"),
-        PYTHONPATH=os.pathsep.join(filter(None, [str(PACKAGE_PARENT), os.environ.get("PYTHONPATH")])),
-    )
-    log.parent.mkdir(parents=True, exist_ok=True)
-    start, last_print, tty = time.monotonic(), 0.0, sys.stdout.isatty()
-    with open(log, "w") as out:
-        out.write(" ".join(cmd) + "\n\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, cwd=PACKAGE_PARENT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            while proc.poll() is None:
-                time.sleep(0.5)
-                now = time.monotonic()
-                if tty or now - last_print >= 15:
-                    step = _tqdm_progress(log)
-                    line = (
-                        f"{label} {what}: {step or 'starting'}  ({fmt_time(now - start)}, "
-                        f"demo {fmt_time(now - demo_start)})"
-                    )
-                    print(f"\r{line:<90}" if tty else line, end="" if tty else "\n", flush=True)
-                    last_print = now
-        except BaseException:
-            proc.terminate()
-            proc.wait()
-            raise
-    if tty:
-        print("\r" + " " * 90 + "\r", end="")
-    return proc.returncode, time.monotonic() - start
-
-
-def _run_stage(
-    label: str, what: str, args: list[str], log: Path, demo_start: float, run_dir: Path | None = None, attempts: int = 2
-) -> float:
-    """``_run_once``, retried once: a worker of the CPU gloo runs occasionally aborts in teardown
-    after finishing (exit -6, "terminate called without an active exception"), so one retry, announced
-    on the console, keeps the demo from dying of that.  For a training stage (``run_dir``), a run whose
-    export ``final/`` was written before the abort counts as done, and a retry starts from an empty
-    ``run_dir`` (the trainer refuses to start over in a used one).  A stage that fails twice raises
-    ``DemoError`` naming it and its log.  Returns the seconds of the successful attempt."""
-    import shutil
-
-    for attempt in range(1, attempts + 1):
-        code, seconds = _run_once(label, what, args, log, demo_start)
-        finished = run_dir is not None and (run_dir / "final" / "config.json").is_file()
-        if code == 0 or finished:
-            note = "" if code == 0 else f" (exit code {code} after the export; the model is complete)"
-            print(
-                f"{label} {what}: done in {fmt_time(seconds)}{note}  (demo {fmt_time(time.monotonic() - demo_start)})",
-                flush=True,
+    def prepare(self, progress: Progress, resume: bool) -> Prepared:
+        """Pre-train the tiny Llama with NLL (unless ``model`` is given); every fine-tune starts from it."""
+        task = f"data.task_params={{max_factor: {self.max_factor}}}"
+        model = self.model
+        if model is None:
+            run_dir = self.out / "runs" / "pretrain"
+            progress.train(
+                f"pre-train NLL ({self.pretrain_steps} steps)",
+                CONFIG_DIR / "pretrain.yaml",
+                [
+                    task,
+                    f"train.output_dir={run_dir}",
+                    f"train.max_steps={self.pretrain_steps}",
+                    f"data.num_samples={self.pretrain_steps * self.global_batch}",
+                ],
+                run_dir,
+                self.pretrain_steps,
+                resume,
+                key="pre-train",
             )
-            return seconds
-        tail = "".join(log.read_text(errors="replace").splitlines(keepends=True)[-15:])
-        if attempt < attempts:
-            kept = log.with_suffix(f".attempt{attempt}.log")
-            log.replace(kept)
-            if run_dir is not None:
-                shutil.rmtree(run_dir, ignore_errors=True)
-            print(f"{label} {what}: FAILED (exit code {code}, log {kept}); retrying once", flush=True)
-    raise DemoError(
-        f"{what} failed (exit code {code}, {attempts} attempts); full log: {log}\n--- last lines ---\n{tail}"
-    )
-
-
-def _yaml_flow(params: dict) -> str:
-    return "{" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}"
-
-
-def _pretrain(out: Path, recipe: Recipe, task: str, label: str, demo_start: float) -> Path:
-    pretrain = out / "runs" / "pretrain"
-    _run_stage(
-        label,
-        f"pre-train NLL ({recipe.pretrain_steps} steps)",
-        [
-            "train",
-            str(CONFIG_DIR / "pretrain.yaml"),
-            task,
-            f"train.output_dir={pretrain}",
-            f"train.max_steps={recipe.pretrain_steps}",
-            f"data.num_samples={recipe.pretrain_steps * recipe.global_batch}",
-        ],
-        out / "logs" / "pretrain.log",
-        demo_start,
-        run_dir=pretrain,
-    )
-    return pretrain / "final"
-
-
-def _finetune(out: Path, recipe: Recipe, task: str, pretrained: Path, labels, demo_start: float) -> list[str]:
-    names = []
-    for label, (name, loss, params, seed) in zip(labels, recipe.runs(), strict=True):
-        _run_stage(
-            label,
-            f"fine-tune {name} ({recipe.finetune_steps} steps)",
-            [
-                "train",
-                str(CONFIG_DIR / "finetune.yaml"),
-                task,
-                f"model={{name_or_path: {pretrained}, attn_implementation: sdpa}}",
-                f"loss.name={loss}",
-                f"loss.params={_yaml_flow(params)}",
-                f"train.output_dir={out / 'runs' / name}",
-                f"train.max_steps={recipe.finetune_steps}",
-                f"data.num_samples={recipe.finetune_steps * recipe.global_batch}",
-                f"train.seed={recipe.train_seed + seed}",
-                f"data.seed={recipe.data_seed + seed}",
-            ],
-            out / "logs" / f"{name}.log",
-            demo_start,
-            run_dir=out / "runs" / name,
+            model = str(run_dir / "final")
+        return Prepared(
+            model=model,
+            finetune=[f"model={{name_or_path: {model}, attn_implementation: sdpa}}", task],
+            sweep=[task[5:], f"recall_at_n={self.recall_at_n}", f"num_samples={self.num_samples}"],
         )
-        names.append(name)
-    return names
 
+    def report(self, result: Result) -> Path:
+        from recall_dist.demo.grid import write_grid_report
+        from recall_dist.demo.report import plot_zoom, write_summary
 
-def run_pipeline(out: Path, recipe: Recipe, pretrained: Path | None = None, grid: bool = False) -> Path:
-    """Train every model of ``recipe``, sweep them, write the outputs in ``out``; return the report's path."""
-    import shutil
-
-    from recall_dist.demo.grid import write_grid_report
-
-    demo_start = time.monotonic()
-    task = f"data.task_params={{max_factor: {recipe.max_factor}}}"
-    runs = recipe.runs()
-    # Every model is trained afresh into an empty directory (a run's directory belongs to that run).
-    # The sweep's shards are keyed by the models' content, so old shards are not reused for them.
-    for name in [name for name, *_ in runs] + (["pretrain"] if pretrained is None else []):
-        shutil.rmtree(out / "runs" / name, ignore_errors=True)
-    stages = len(runs) + 1 + (pretrained is None)
-    labels = iter(f"[{k}/{stages}]" for k in range(1, stages + 1))
-    print(
-        f"recall-dist demo: {len(recipe.losses)} losses x {recipe.seeds} seed(s) on products of integers in "
-        f"[1, {recipe.max_factor}], 2 processes; "
-        + ("pre-trained model " + str(pretrained) if pretrained else f"pre-train {recipe.pretrain_steps} steps")
-        + f", fine-tune {recipe.finetune_steps} steps each; output in {out}",
-        flush=True,
-    )
-    if pretrained is None:
-        pretrained = _pretrain(out, recipe, task, next(labels), demo_start)
-    names = _finetune(out, recipe, task, pretrained, [next(labels) for _ in runs], demo_start)
-    models = "[" + ", ".join(f"{{name: {name}, path: {out / 'runs' / name / 'final'}}}" for name in names) + "]"
-    _run_stage(
-        next(labels),
-        f"sweep {len(names)} models x {len(recipe.temperatures)} temperatures",
-        [
-            "sweep",
-            str(CONFIG_DIR / "sweep.yaml"),
-            f"models={models}",
-            f"output_dir={out}",
-            task[5:],
-            f"temperatures=[{', '.join(f'{t:g}' for t in recipe.temperatures)}]",
-            f"recall_at_n={recipe.recall_at_n}",
-            f"num_samples={recipe.num_samples}",
-        ],
-        out / "logs" / "sweep.log",
-        demo_start,
-    )
-    wall = time.monotonic() - demo_start
-    if grid:
-        report = write_grid_report(out / "sweep.csv", out, recipe)
-    else:
-        plot_zoom(out / "sweep.csv", out / "pr_curve_zoom.png")
-        report = write_summary(out / "sweep.csv", out / "summary.md", recipe=recipe, wall_seconds=wall)
-    print(f"demo done in {fmt_time(wall)}: {report}", flush=True)
-    return report
+        csv_path = self.out / "sweep.csv"
+        if self.grid:
+            return write_grid_report(csv_path, self.out, self)
+        plot_zoom(csv_path, self.out / "pr_curve_zoom.png")
+        return write_summary(csv_path, self.out / "summary.md", recipe=self, wall_seconds=result.wall_seconds)
 
 
 def select_models(losses: list[tuple], only: str) -> list[tuple] | str:
@@ -340,8 +155,7 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="recall-dist demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", default=None, help="output directory (default: results/demo, grid: results/demo-grid)")
-    p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per loss (default: 1)")
+    add_common_arguments(p, ProductRecipe, "CI-sized run: 2 losses, few steps, 4 temperatures")
     p.add_argument(
         "--grid", action="store_true", help="fine-tune the TruncR / lambda-PR grid instead of the demo's losses"
     )
@@ -352,51 +166,42 @@ def _parser() -> argparse.ArgumentParser:
         help="train and sweep only these models (of the demo, or of the grid with --grid); nll is always included",
     )
     p.add_argument("--pretrained", default=None, help="use this NLL model (HF export) instead of pre-training")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per loss (default: configs/demo)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="NLL pre-training steps (default: configs/demo)")
     p.add_argument("--max-factor", type=int, default=None, help="A of the product task (default: configs/demo)")
-    p.add_argument("--quick", action="store_true", help="CI-sized run: 2 losses, few steps, 4 temperatures")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    recipe = Recipe.quick() if args.quick else Recipe.full()
-    for key, flag, value in (
-        ("finetune_steps", "--steps", args.steps),
-        ("pretrain_steps", "--pretrain-steps", args.pretrain_steps),
-        ("max_factor", "--max-factor", args.max_factor),
-        ("seeds", "--seeds", args.seeds),
-    ):
-        if value is not None:
-            if value < 1:
-                print(f"recall-dist demo: {flag} = {value}: must be >= 1", file=sys.stderr)
-                return 2
-            setattr(recipe, key, value)
-    pretrained = Path(args.pretrained).resolve() if args.pretrained else None
-    if pretrained is not None and not (pretrained / "config.json").is_file():
-        print(
-            f"recall-dist demo: --pretrained {args.pretrained}: no config.json (a Hugging Face export?)",
-            file=sys.stderr,
-        )
+    if args.grid and args.out is None:
+        args.out = "results/demo-grid"
+    recipe = recipe_from_args(
+        ProductRecipe,
+        args,
+        (("pretrain_steps", "--pretrain-steps", args.pretrain_steps), ("max_factor", "--max-factor", args.max_factor)),
+    )
+    if isinstance(recipe, str):
+        print(f"recall-dist demo: {recipe}", file=sys.stderr)
         return 2
+    if args.pretrained:
+        recipe.model = str(Path(args.pretrained).resolve())
+        if not (Path(recipe.model) / "config.json").is_file():
+            print(
+                f"recall-dist demo: --pretrained {args.pretrained}: no config.json (a Hugging Face export?)",
+                file=sys.stderr,
+            )
+            return 2
     if args.grid:
         from recall_dist.demo.grid import GRID
 
-        recipe.losses = list(GRID)
+        recipe.grid, recipe.losses = True, list(GRID)
     if args.only is not None:
         chosen = select_models(recipe.losses, args.only)
         if isinstance(chosen, str):
             print(f"recall-dist demo: --only {args.only}: {chosen}", file=sys.stderr)
             return 2
         recipe.losses = chosen
-    out = Path(args.out or ("results/demo-grid" if args.grid else "results/demo")).resolve()
-    try:
-        run_pipeline(out, recipe, pretrained, grid=args.grid)
-    except DemoError as e:
-        print(f"recall-dist demo: {e}", file=sys.stderr)
-        return 1
-    return 0
+    return run_command(recipe, args.resume)
 
 
 if __name__ == "__main__":

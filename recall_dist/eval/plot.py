@@ -13,22 +13,21 @@ import matplotlib.cm
 import matplotlib.colors
 import matplotlib.pyplot as plt
 
-from recall_dist.eval.summary import seed_name
-
 MARKERS = "osD^vP*X"
 LINESTYLES = ("-", "--", ":", "-.")
 
 
-def model_styles(models: list[str]) -> dict[str, dict]:
-    """A colour per model; with several seeds of a loss (``<name>-s<k>``), a colour per loss and a line
-    style and marker per seed, so the seeds of one loss read as one family."""
-    names = list(dict.fromkeys(seed_name(m)[0] for m in models))
-    seeded = any(seed_name(m)[1] is not None for m in models)
+def model_styles(rows: list[dict]) -> dict[str, dict]:
+    """A style per model of a sweep's ``rows``: a colour per model; when models carry a ``seed`` (the sweep's
+    model entries set it, ``ModelSpec``), a colour per ``family`` (e.g. the loss) and a line style and marker
+    per seed, so the seeds of one loss read as one family.  A model's name is never parsed for a seed."""
+    labels = {r["model"]: (r.get("family") or r["model"], r.get("seed")) for r in rows}
+    families = list(dict.fromkeys(family for family, _ in labels.values()))
+    seeded = any(seed is not None for _, seed in labels.values())
     styles = {}
-    for i, model in enumerate(models):
-        name, seed = seed_name(model)
+    for i, (model, (family, seed)) in enumerate(labels.items()):
         if seeded:
-            k, j = names.index(name), seed or 0
+            k, j = families.index(family), seed or 0
             styles[model] = {
                 "color": f"C{k % 10}",
                 "marker": MARKERS[j % len(MARKERS)],
@@ -60,7 +59,7 @@ def _sweep_panel(fig, ax, result: dict) -> None:
     ax.set_xlim(*xlim)
     ax.set_ylim(*ylim)
     placed: list[tuple[float, float]] = []
-    styles = model_styles(models)
+    styles = model_styles(rows_all)
     for model in models:
         rows = sorted((r for r in rows_all if r["model"] == model), key=lambda r: r["temperature"])
         s, style = result["summary"][model], styles[model]
@@ -126,7 +125,7 @@ def _pr_curve_panel(ax, result: dict) -> None:
     temps = sorted({c["temperature"] for c in result["pr_curves"]})
     t_ref = min(temps, key=lambda t: abs(t - 1.0))
     models = list(dict.fromkeys(r["model"] for r in result["rows"]))
-    styles = model_styles(models)
+    styles = model_styles(result["rows"])
     for model in models:
         curve = next(c for c in result["pr_curves"] if c["model"] == model and c["temperature"] == t_ref)
         style = styles[model]

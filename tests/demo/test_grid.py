@@ -94,7 +94,8 @@ def test_precision_report_from_hand_made_curves():
 
 
 def test_only_selects_models_and_keeps_the_reference():
-    from recall_dist.demo.runner import LOSSES, select_models
+    from recall_dist.demo.pipeline import LOSSES
+    from recall_dist.demo.runner import select_models
 
     chosen = select_models(demo_grid.GRID, "cdiv-0.5, dft")
     assert [name for name, *_ in chosen] == ["nll", "dft", "cdiv-0.5"]  # the grid's order

@@ -1,5 +1,5 @@
 """recall_dist/demo/runner.py without running it: bad arguments exit 2 with a message naming the option,
-and the recipe (``Recipe.full()``) is read from the demo's own configs.  ``recall-dist demo --quick`` end
+and the recipe (``ProductRecipe.full()``) is read from the demo's own configs.  ``recall-dist demo --quick`` end
 to end (real torchrun training and sweep): tests/e2e/test_demo.py."""
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def test_bad_pretrained_and_seeds_exit_2(tmp_path, capsys):
 def test_recipe_comes_from_the_demo_configs():
     from recall_dist.configtree import load_yaml
 
-    recipe = demo.Recipe.full()
+    recipe = demo.ProductRecipe.full()
     sweep = load_yaml(demo.CONFIG_DIR / "sweep.yaml")
     finetune = load_yaml(demo.CONFIG_DIR / "finetune.yaml")
     assert recipe.temperatures == sweep["temperatures"] and recipe.recall_at_n == sweep["recall_at_n"]
@@ -30,5 +30,6 @@ def test_recipe_comes_from_the_demo_configs():
     assert recipe.max_factor == finetune["data"]["task_params"]["max_factor"] == sweep["task_params"]["max_factor"]
     recipe.seeds = 3
     runs = recipe.runs()
-    assert len(runs) == 3 * len(recipe.losses) and len({name for name, *_ in runs}) == len(runs)
-    assert {seed for *_, seed in runs} == {0, 1, 2} and runs[-1][0] == f"{recipe.losses[-1][0]}-s2"
+    assert len(runs) == 3 * len(recipe.losses) and len({run.name for run in runs}) == len(runs)
+    assert {run.seed for run in runs} == {0, 1, 2} and runs[-1].name == f"{recipe.losses[-1][0]}-s2"
+    assert recipe.data_seed == finetune["data"]["seed"] and recipe.train_seed == finetune["train"]["seed"]

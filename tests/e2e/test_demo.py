@@ -20,6 +20,7 @@ from PIL import Image
 
 from recall_dist.demo import report as demo_report
 from recall_dist.demo import runner as demo
+from recall_dist.demo import verdicts
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -60,7 +61,7 @@ def quick_demo(tmp_path_factory) -> Path:
 
 @pytest.mark.slow
 def test_quick_demo_writes_the_three_files(quick_demo: Path):
-    recipe = demo.Recipe.quick()
+    recipe = demo.ProductRecipe.quick()
     for name in ("pr_curve.png", "pr_curve_zoom.png", "sweep.csv", "summary.md"):
         assert (quick_demo / name).is_file(), name
     rows = _rows(quick_demo / "sweep.csv")
@@ -89,7 +90,7 @@ def test_summary_statements_follow_from_the_csv(quick_demo: Path):
     recall_1 = next(r for t, _, r in nll if t == 1.0)
     best_above = max(r for t, _, r in nll if t > 1.0)
     argmax_t = max(nll, key=lambda x: x[2])[0]
-    rose = best_above > recall_1 + demo_report.TOLERANCE
+    rose = best_above > recall_1 + verdicts.TOLERANCE
     assert (f"**Yes, by {best_above - recall_1:+.3f}**" if rose else "**No**") in text
     assert f"NLL's Recall is {recall_1:.3f} at T=1" in text
     assert f"peaks at T={argmax_t:g}" in text
@@ -109,13 +110,13 @@ def test_summary_statements_follow_from_the_csv(quick_demo: Path):
     gaps = []
     for _, p_i, _ in nll:
         best = _dense_recall_at_precision(
-            [(p, r) for _, p, r in sorted(curves["cdiv-1.4"])], p_i - demo_report.PRECISION_TOLERANCE
+            [(p, r) for _, p, r in sorted(curves["cdiv-1.4"])], p_i - verdicts.PRECISION_TOLERANCE
         )
         gaps.append((0.0 if math.isnan(best) else best) - _dense_recall_at_precision([(p, r) for _, p, r in nll], p_i))
-    above = sum(g > demo_report.TOLERANCE + 1e-6 for g in gaps)
-    below = sum(g < -demo_report.TOLERANCE - 1e-6 for g in gaps)
+    above = sum(g > verdicts.TOLERANCE + 1e-6 for g in gaps)
+    below = sum(g < -verdicts.TOLERANCE - 1e-6 for g in gaps)
     verdict = "dominates" if above and not below else ("does not dominate" if not above else "mixed")
-    if not any(abs(abs(g) - demo_report.TOLERANCE) < 1e-5 for g in gaps):  # away from the tie threshold
+    if not any(abs(abs(g) - verdicts.TOLERANCE) < 1e-5 for g in gaps):  # away from the tie threshold
         assert re.search(rf"\*\*cdiv-1\.4\*\* vs NLL \+ temperature: \*\*{verdict}\*\*", text), text
 
 
@@ -129,9 +130,12 @@ def test_quick_demo_with_seeds_reuses_a_pretrained_model(quick_demo: Path, tmp_p
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pre-train NLL" not in proc.stdout and "fine-tune cdiv-1.4-s1" in proc.stdout
-    models = {r["model"] for r in _rows(out / "sweep.csv")}
-    assert models == {"nll-s0", "nll-s1", "cdiv-1.4-s0", "cdiv-1.4-s1"}
+    labels = {(r["model"], r["family"], r["seed"]) for r in _rows(out / "sweep.csv")}  # the seed is a column
+    assert labels == {("nll-s0", "nll", "0"), ("nll-s1", "nll", "1"), ("cdiv-1.4-s0", "cdiv-1.4", "0")} | {
+        ("cdiv-1.4-s1", "cdiv-1.4", "1")
+    }
+    assert "seed" not in _rows(quick_demo / "sweep.csv")[0]  # one seed: no label columns
     text = (out / "summary.md").read_text()
-    stats = demo_report.seed_statistics(demo_report.read_curves(out / "sweep.csv"))
-    cells = [demo_report.spread([s["recall_at"][0.9] for s in stats["cdiv-1.4"].values()])]
+    stats = verdicts.seed_statistics(verdicts.read_families(out / "sweep.csv"), "nll", demo_report.PRECISION_LEVELS)
+    cells = [verdicts.spread([s["recall_at"][0.9] for s in stats["cdiv-1.4"].values()])]
     assert f"| cdiv-1.4 | {cells[0]} |" in text

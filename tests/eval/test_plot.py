@@ -54,10 +54,13 @@ def test_title_names_what_was_measured(metric, references, title, tmp_path, monk
 
 def test_seeds_of_one_loss_share_a_colour_and_differ_in_line_style(tmp_path, monkeypatch):
     """15 curves (5 losses x 3 seeds) would cycle through matplotlib's 10 colours and give two losses one
-    colour; the figure instead colours by loss and draws each seed in its own line style."""
-    models = [f"{loss}-s{seed}" for seed in range(3) for loss in ("nll", "cdiv-1.4", "cdiv-2.0", "truncr", "lambda_pr")]
+    colour; the figure instead colours by the rows' ``family`` and draws each ``seed`` in its own line style."""
+    losses = ("nll", "cdiv-1.4", "cdiv-2.0", "truncr", "lambda_pr")
+    labels = {f"{loss}-s{seed}": {"family": loss, "seed": seed} for seed in range(3) for loss in losses}
+    models = list(labels)
     rows = [
-        {"model": m, "temperature": t, "precision": 0.9 - 0.01 * i, "recall": 0.5 + 0.01 * i, "recall_at_n": 8}
+        {"model": m, **labels[m], "temperature": t, "precision": 0.9 - 0.01 * i, "recall": 0.5 + 0.01 * i}
+        | {"recall_at_n": 8}
         for i, m in enumerate(models)
         for t in (0.8, 1.2)
     ]
@@ -79,10 +82,33 @@ def test_seeds_of_one_loss_share_a_colour_and_differ_in_line_style(tmp_path, mon
     assert len({drawn[f"{loss}-s0"][0] for loss in ("nll", "cdiv-1.4", "cdiv-2.0", "truncr", "lambda_pr")}) == 5
     # without seeds every model keeps its own colour and a solid line
     drawn.clear()
-    plain = [r | {"model": r["model"].replace("-s0", "")} for r in rows if r["model"].endswith("-s0")]
+    plain = [
+        {k: v for k, v in r.items() if k not in ("family", "seed")} | {"model": r["family"]}
+        for r in rows
+        if r["seed"] == 0
+    ]
     names = [m.replace("-s0", "") for m in models[:5]]
     plot.plot_sweep(
         {"metric": "text", "task": "t", "rows": plain, "summary": {m: summary[m + "-s0"] for m in names}},
         tmp_path / "plain.png",
     )
     assert len({c for c, _ in drawn.values()}) == 5 and {s for _, s in drawn.values()} == {"-"}
+
+
+def test_styles_read_the_seed_field_never_the_name():
+    """A model named ``foo-s3`` without a seed field is a model of its own, not seed 3 of ``foo`` (the old
+    rule parsed ``-s<k>`` out of names); with the fields, the family and the seed decide the style."""
+    unlabelled = plot.model_styles([{"model": "foo-s3"}, {"model": "foo-s0"}, {"model": "foo"}])
+    assert len({s["color"] for s in unlabelled.values()}) == 3 and {s["linestyle"] for s in unlabelled.values()} == {
+        "-"
+    }
+    labelled = plot.model_styles(
+        [
+            {"model": "a", "family": "foo", "seed": 3},
+            {"model": "b", "family": "foo", "seed": 0},
+            {"model": "foo-s3", "family": None, "seed": None},
+        ]
+    )
+    assert labelled["a"]["color"] == labelled["b"]["color"] != labelled["foo-s3"]["color"]
+    assert labelled["a"]["linestyle"] == plot.LINESTYLES[3] and labelled["b"]["linestyle"] == plot.LINESTYLES[0]
+    assert labelled["foo-s3"]["linestyle"] == plot.LINESTYLES[0]  # no seed: styled as seed 0 of its own family

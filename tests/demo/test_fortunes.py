@@ -1,5 +1,6 @@
-"""demo-text's own parts: the fortunes corpus (parsing, filters, the hash split) and the report's
-numbers and verdicts from a sweep.csv, each against values worked out independently here."""
+"""demo-text's own parts (recall_dist/demo/fortunes.py, fortunes_report.py): the fortunes corpus
+(parsing, filters, the hash split), the report's numbers and verdicts from a sweep.csv, each against
+values worked out independently here, and which fine-tunes ``--resume`` reuses."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import os
 
 import pytest
 
-from recall_dist.demo.text import PROMPT, SYSTEM, is_heldout, read_fortunes, write_corpus
-from recall_dist.demo.text_report import precision_levels, summary_markdown, tie_tolerance
+from recall_dist.demo.fortunes import PROMPT, SYSTEM, FortunesRecipe, is_heldout, read_fortunes, write_corpus
+from recall_dist.demo.fortunes_report import precision_levels, summary_markdown, tie_tolerance
 
 
 def _fortunes_dir(tmp_path):
@@ -99,8 +100,7 @@ def test_summary_numbers_and_verdicts(tmp_path):
     better = [(0.6, 0.92, 0.30), (1.0, 0.85, 0.50), (1.4, 0.60, 0.60)]
     worse = [(0.6, 0.70, 0.10), (1.0, 0.60, 0.20), (1.4, 0.40, 0.30)]
     path = _write_csv(tmp_path / "sweep.csv", {"nll": nll, "cdiv-1.4": better, "truncr": worse})
-    curves = {"nll": nll}
-    assert precision_levels(curves) == (0.9, 0.8)  # NLL's Precision at T <= 1, rounded down
+    assert precision_levels({"nll": {0: nll}}) == (0.9, 0.8)  # NLL's Precision at T <= 1, rounded down
     assert tie_tolerance(400) == 0.025
     text = summary_markdown(path)
     row = next(line for line in text.splitlines() if line.startswith("| cdiv-1.4 |"))
@@ -118,10 +118,8 @@ def test_summary_numbers_and_verdicts(tmp_path):
     # NLL gains 0.05 of Recall above T = 1, more than the tolerance 0.025.
     assert "Best Recall at a T above 1 minus Recall at T = 1: +0.050" in text
     # a --resume call: the reused fine-tunes are named as such, not given this call's time
-    from recall_dist.demo.text import TextRecipe
-
     times = {"fine-tune nll-s0": None, "fine-tune cdiv-1.4-s0": 75.0, "sweep": 125.0}
-    text = summary_markdown(path, recipe=TextRecipe.full(), wall_seconds=200.0, stage_seconds=times)
+    text = summary_markdown(path, recipe=FortunesRecipe.full(), wall_seconds=200.0, stage_seconds=times)
     assert "1 of the fine-tunes were finished by an earlier, interrupted call and reused" in text
     assert "| fine-tune nll-s0 | reused: finished by an earlier call (--resume) |" in text
     assert "| fine-tune cdiv-1.4-s0 | 1:15 |" in text
@@ -129,14 +127,13 @@ def test_summary_numbers_and_verdicts(tmp_path):
 
 def _overrides(root, loss="nll", seed=0, model="/models/lm", steps=None):
     """The fine-tune overrides demo-text passes for one run under ``root`` (quick recipe)."""
-    from recall_dist.demo.text import TextRecipe, finetune_overrides
+    from recall_dist.demo.pipeline import Run
 
-    recipe = TextRecipe.quick()
+    recipe = FortunesRecipe.quick()
     recipe.finetune_steps = steps or recipe.finetune_steps
     run_dir = root / "runs" / "nll-s0"
-    return run_dir, finetune_overrides(
-        recipe, model, root / "train.jsonl", root / "heldout.jsonl", run_dir, loss, {}, seed
-    )
+    prepared = recipe.prepared(model, root / "train.jsonl", root / "heldout.jsonl")
+    return run_dir, recipe.finetune_overrides(prepared, Run("nll-s0", "nll", loss, {}, seed, True), run_dir)
 
 
 def _trained(root, steps: int, final: bool = True, **run):
@@ -145,7 +142,7 @@ def _trained(root, steps: int, final: bool = True, **run):
     import yaml
 
     from recall_dist.configtree import to_dict
-    from recall_dist.demo.text import CONFIG_DIR
+    from recall_dist.demo.fortunes import CONFIG_DIR
     from recall_dist.train.config import load_train_config
     from recall_dist.train.rundir.experiment import FINGERPRINT, config_fingerprint
 
@@ -165,9 +162,11 @@ def _trained(root, steps: int, final: bool = True, **run):
 def test_resume_reuses_only_the_same_finished_fine_tune(tmp_path):
     """``demo-text --resume`` keeps a fine-tune only when it is this one and it finished: same model,
     loss, data, seed, all its steps, exported.  Each other case is trained again."""
-    from recall_dist.demo.text import TextRecipe, finished_run
+    from recall_dist.demo.fortunes import CONFIG_DIR
+    from recall_dist.demo.pipeline import finished_run
 
-    steps = TextRecipe.quick().finetune_steps
+    config = CONFIG_DIR / "finetune.yaml"
+    steps = FortunesRecipe.quick().finetune_steps
     cases = {  # case: (how the run was trained, what this call asks for, reused?)
         "same": ({}, {}, True),
         "another seed": ({}, {"seed": 1}, False),
@@ -180,7 +179,7 @@ def test_resume_reuses_only_the_same_finished_fine_tune(tmp_path):
     for case, (made, asked, expected) in cases.items():
         root = tmp_path / case.replace(" ", "_")
         run_dir = _trained(root, **{"steps": steps, **made})
-        assert finished_run(run_dir, _overrides(root, **asked)[1], asked.get("steps", steps)) is expected, case
+        assert finished_run(run_dir, config, _overrides(root, **asked)[1], asked.get("steps", steps)) is expected, case
     run_dir = _trained(tmp_path / "torn", steps)  # a checkpoint whose save did not complete
     (run_dir / "checkpoints" / f"step_{steps:08d}" / "COMPLETE").unlink()
-    assert not finished_run(run_dir, _overrides(tmp_path / "torn")[1], steps)
+    assert not finished_run(run_dir, config, _overrides(tmp_path / "torn")[1], steps)

@@ -1,0 +1,323 @@
+"""The one shape of every ``recall-dist demo*`` command: a ``Recipe`` says what a demo trains and sweeps,
+and ``run_pipeline`` runs it: prepare -> fine-tunes (each reused with ``--resume`` when it finished)
+-> sweep -> report.  Every training and sweep stage is a ``torchrun --nproc-per-node 2`` subprocess of
+the real CLI (``demo/stages.py``; logs in ``OUT/logs/``).
+
+Extension points: a new demo (``demo/runner.py``: products on a tiny Llama; ``demo/fortunes.py``: a
+pretrained LM on human text) is one module with a ``Recipe`` subclass that sets
+  - ``COMMAND`` (its CLI name), ``CONFIG_DIR`` (its ``finetune.yaml`` and ``sweep.yaml``), ``OUT`` (the
+    default output directory) and ``QUICK`` (the CI-sized values ``quick()`` puts over ``full()``);
+  - its own sizes as fields, read from its configs by ``configured(finetune, sweep)``;
+  - ``prepare(progress, resume)``: the model and data every fine-tune starts from (convert a model,
+    pre-train one, write a corpus or a prompt split) as a ``Prepared``: the model and the overrides
+    that every fine-tune and the sweep get on top of the recipe's own;
+  - ``report(result)``: ``summary.md`` (on the skeleton of ``demo/markdown.py``, verdicts from
+    ``demo/verdicts.py``) and any other file; returns the summary's path.
+The fields every recipe has are the model (``None``: the demo's default), the losses and seeds (one
+fine-tune per ``Run``), the fine-tune sizes, the sweep's temperatures and the output directory; the
+sweep's metric (``known_support`` or ``text``) and its sizes are in ``CONFIG_DIR/sweep.yaml`` and the
+demo's fields.  A fine-tune's seed reaches the sweep as its model entry's ``seed`` and ``family``
+fields (``eval/config.py``'s ``ModelSpec``), which reports and figures read; no name is parsed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+from recall_dist.configtree import load_yaml
+from recall_dist.demo.stages import DemoError, fmt_time, run_stage
+
+# The demos' configs ship inside the package (package data), so an installed ``recall-dist demo`` finds them.
+CONFIGS = Path(__file__).resolve().parent / "configs"
+
+# (model name, loss name, loss params): the models a demo trains, NLL first (the reference).
+# TruncR and lambda-PR run at their defaults, the best settings of the demo's grid (README).
+LOSSES = [
+    ("nll", "nll", {}),
+    ("cdiv-1.4", "cdiv", {"alpha": 1.4}),
+    ("cdiv-2.0", "cdiv", {"alpha": 2.0}),
+    ("truncr", "truncr", {}),
+    ("lambda_pr", "lambda_pr", {"nll_mix": 0.5}),  # nll_mix is a shared option: not part of the rule's defaults
+]
+
+
+def yaml_flow(params: dict) -> str:
+    return "{" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One fine-tune: its model name (the loss's, ``-s<k>`` with several seeds, so names stay distinct),
+    the loss, its params, the seed index ``seed`` (added to the configs' seeds) and ``seeded`` (the
+    recipe repeats every loss over several seeds: the sweep's model entry then carries the seed)."""
+
+    name: str
+    family: str
+    loss: str
+    params: dict
+    seed: int
+    seeded: bool
+
+    def model_entry(self, path: Path) -> str:
+        """This model's entry of the sweep's ``models`` (YAML flow)."""
+        labels = f", family: {self.family}, seed: {self.seed}" if self.seeded else ""
+        return f"{{name: {self.name}, path: {path}{labels}}}"
+
+
+def seed_runs(losses: list[tuple], seeds: int) -> list[Run]:
+    """Every fine-tune of ``losses`` x ``seeds``, seed-major."""
+    return [
+        Run(name if seeds == 1 else f"{name}-s{seed}", name, loss, params, seed, seeds > 1)
+        for seed in range(seeds)
+        for name, loss, params in losses
+    ]
+
+
+@dataclass
+class Prepared:
+    """What the prepare stage made: the model every fine-tune starts from, and the overrides that every
+    fine-tune (``finetune``) and the sweep (``sweep``) get besides the recipe's own."""
+
+    model: str
+    finetune: list[str] = field(default_factory=list)
+    sweep: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Result:
+    """What the report stage reads: the prepared model, the sweep's overrides, wall and stage seconds
+    (``None``: a fine-tune reused by ``--resume``)."""
+
+    prepared: Prepared
+    sweep_overrides: list[str]
+    wall_seconds: float
+    stage_seconds: dict[str, float | None]
+
+
+@dataclass(kw_only=True)
+class Recipe:
+    """What one demo run trains and sweeps (module docstring: the extension points).  ``full()`` reads
+    the sizes from ``CONFIG_DIR``'s configs, ``quick()`` is the CI-sized run."""
+
+    COMMAND: ClassVar[str] = "demo"
+    CONFIG_DIR: ClassVar[Path] = CONFIGS / "demo"
+    OUT: ClassVar[str] = "results/demo"
+    QUICK: ClassVar[dict] = {}
+
+    finetune_steps: int
+    global_batch: int
+    temperatures: list[float]
+    train_seed: int = 0
+    data_seed: int | None = None  # None: the fine-tunes keep the config's data seed, whatever the run's seed
+    losses: list[tuple] = field(default_factory=lambda: list(LOSSES))
+    seeds: int = 1
+    model: str | None = None  # None: the demo's own model (pre-trained or converted by ``prepare``)
+    out: Path = Path("results/demo")
+
+    @classmethod
+    def full(cls) -> Recipe:
+        finetune, sweep = load_yaml(cls.CONFIG_DIR / "finetune.yaml"), load_yaml(cls.CONFIG_DIR / "sweep.yaml")
+        return cls(
+            finetune_steps=finetune["train"]["max_steps"],
+            global_batch=finetune["train"]["global_batch_size"],
+            temperatures=list(sweep["temperatures"]),
+            train_seed=finetune["train"]["seed"],
+            out=Path(cls.OUT),
+            **cls.configured(finetune, sweep),
+        )
+
+    @classmethod
+    def configured(cls, finetune: dict, sweep: dict) -> dict:
+        """The demo's own fields, read from its ``finetune.yaml`` and ``sweep.yaml``."""
+        return {}
+
+    @classmethod
+    def quick(cls) -> Recipe:
+        return dataclasses.replace(cls.full(), losses=list(LOSSES[:2]), **copy.deepcopy(cls.QUICK))
+
+    def runs(self) -> list[Run]:
+        return seed_runs(self.losses, self.seeds)
+
+    # --- the hooks of one demo -----------------------------------------------------------------
+
+    def banner(self) -> str:
+        return f"recall-dist {self.COMMAND}: {len(self.losses)} losses x {self.seeds} seed(s); output in {self.out}"
+
+    def prepare_stages(self) -> int:
+        """How many numbered stages ``prepare`` announces."""
+        return 0
+
+    def prepare(self, progress: Progress, resume: bool) -> Prepared:
+        raise NotImplementedError(f"{type(self).__name__}.prepare")
+
+    def sweep_label(self, models: int) -> str:
+        return f"sweep {models} models x {len(self.temperatures)} temperatures"
+
+    def report(self, result: Result) -> Path:
+        raise NotImplementedError(f"{type(self).__name__}.report")
+
+    # --- the overrides every demo passes -------------------------------------------------------
+
+    def finetune_overrides(self, prepared: Prepared, run: Run, run_dir: Path) -> list[str]:
+        """The ``recall-dist train`` overrides of one fine-tune (on top of ``CONFIG_DIR/finetune.yaml``)."""
+        return [
+            *prepared.finetune,
+            f"loss.name={run.loss}",
+            f"loss.params={yaml_flow(run.params)}",
+            f"train.output_dir={run_dir}",
+            f"train.max_steps={self.finetune_steps}",
+            f"data.num_samples={self.finetune_steps * self.global_batch}",
+            f"train.seed={self.train_seed + run.seed}",
+            *([f"data.seed={self.data_seed + run.seed}"] if self.data_seed is not None else []),
+        ]
+
+    def sweep_overrides(self, prepared: Prepared, runs: list[Run]) -> list[str]:
+        """The ``recall-dist sweep`` overrides (on top of ``CONFIG_DIR/sweep.yaml``)."""
+        models = "[" + ", ".join(r.model_entry(self.out / "runs" / r.name / "final") for r in runs) + "]"
+        return [
+            f"models={models}",
+            f"output_dir={self.out}",
+            f"temperatures=[{', '.join(f'{t:g}' for t in self.temperatures)}]",
+            *prepared.sweep,
+        ]
+
+
+# ---------------------------------------------------------------------------------------------
+# The skeleton
+
+
+def run_pipeline(recipe: Recipe, resume: bool = False) -> Path:
+    """Prepare, fine-tune every ``Run`` of ``recipe``, sweep them, report; return the report's path.
+    ``resume``: keep the fine-tunes an earlier, interrupted call finished (``finished_run``) and train
+    only the others; without it every model is trained afresh into an empty directory."""
+    runs = recipe.runs()
+    progress = Progress(recipe.prepare_stages() + len(runs) + 1)
+    print(recipe.banner(), flush=True)
+    prepared = recipe.prepare(progress, resume)
+    for run in runs:
+        run_dir = recipe.out / "runs" / run.name
+        progress.train(
+            f"fine-tune {run.name} ({recipe.finetune_steps} steps)",
+            recipe.CONFIG_DIR / "finetune.yaml",
+            recipe.finetune_overrides(prepared, run, run_dir),
+            run_dir,
+            recipe.finetune_steps,
+            resume,
+            key=f"fine-tune {run.name}",
+        )
+    sweep = recipe.sweep_overrides(prepared, runs)
+    progress.times["sweep"] = progress.stage(
+        recipe.sweep_label(len(runs)),
+        ["sweep", str(recipe.CONFIG_DIR / "sweep.yaml"), *sweep],
+        recipe.out / "logs" / "sweep.log",
+    )
+    wall = progress.elapsed()
+    report = recipe.report(Result(prepared, sweep, wall, progress.times))
+    print(f"{recipe.COMMAND} done in {fmt_time(wall)}: {report}", flush=True)
+    return report
+
+
+class Progress:
+    """The numbered stages of one demo call: ``[k/total]`` labels, the call's clock, the stage times."""
+
+    def __init__(self, total: int):
+        self.start = time.monotonic()
+        self.labels = iter(f"[{k}/{total}]" for k in range(1, total + 1))
+        self.times: dict[str, float | None] = {}
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def next_label(self) -> str:
+        """The label of the next stage, for a stage that runs in this process (and prints its own line)."""
+        return next(self.labels)
+
+    def stage(self, what: str, args: list[str], log: Path, run_dir: Path | None = None) -> float:
+        """Run the next stage: ``recall-dist ARGS`` on 2 processes (``stages.run_stage``); its seconds."""
+        return run_stage(self.next_label(), what, args, log, self.start, run_dir)
+
+    def train(
+        self, what: str, config: Path, overrides: list[str], run_dir: Path, steps: int, resume: bool, key: str
+    ) -> None:
+        """The next stage, a ``recall-dist train`` into ``run_dir``: reused when ``resume`` and it finished
+        earlier (its time recorded as None), else trained from scratch into an emptied ``run_dir``."""
+        if resume and finished_run(run_dir, config, overrides, steps):
+            print(f"{self.next_label()} {what}: finished earlier, reused ({run_dir / 'final'})", flush=True)
+            self.times[key] = None
+            return
+        shutil.rmtree(run_dir, ignore_errors=True)  # a run directory belongs to its run
+        log = run_dir.parent.parent / "logs" / f"{run_dir.name}.log"
+        self.times[key] = self.stage(what, ["train", str(config), *overrides], log, run_dir)
+
+
+def finished_run(run_dir: Path, config: Path, overrides: list[str], steps: int) -> bool:
+    """True when ``run_dir`` holds this very training run (``config`` + ``overrides``), finished: an
+    exported ``final/``, a complete checkpoint at step ``steps``, and that checkpoint's experiment
+    fingerprint (model, loss, optimizer, data: ``train/rundir/experiment.py``) equal to the one these
+    overrides give, and the same ``train.seed``.  Anything else (a different model or loss, fewer steps,
+    a run killed before its export) is not reused."""
+    from recall_dist.configtree import to_dict
+    from recall_dist.train.config import load_train_config
+    from recall_dist.train.rundir.checkpointer import checkpoint_step, latest_checkpoint
+    from recall_dist.train.rundir.experiment import config_fingerprint, fingerprint_differences, read_fingerprint
+
+    newest = latest_checkpoint(run_dir / "checkpoints")
+    if not (run_dir / "final" / "config.json").is_file() or newest is None or checkpoint_step(newest) != steps:
+        return False
+    cfg = load_train_config(config, overrides)
+    try:
+        saved = read_fingerprint(newest)
+        saved_seed = load_yaml(newest / "config.yaml")["train"]["seed"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return False
+    return not fingerprint_differences(saved, config_fingerprint(to_dict(cfg))) and saved_seed == cfg.train.seed
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line every demo shares.
+
+
+def add_common_arguments(p, recipe_cls: type[Recipe], quick_help: str) -> None:
+    """--out, --seeds, --steps, --quick, --resume: the options of every demo."""
+    p.add_argument("--out", default=None, help=f"output directory (default: {recipe_cls.OUT})")
+    p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per loss (default: 1)")
+    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per loss (default: the demo's config)")
+    p.add_argument("--quick", action="store_true", help=quick_help)
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="after an interrupted call: reuse the fine-tunes it finished (same model, loss, data, steps, seed) "
+        "and train only the rest (default: every model is trained afresh)",
+    )
+
+
+def recipe_from_args(recipe_cls: type[Recipe], args, sizes: tuple = ()) -> Recipe | str:
+    """The recipe the common options (and the demo's ``sizes``: (field, flag, value) triples) ask for,
+    or the message of the first option out of range."""
+    recipe = recipe_cls.quick() if args.quick else recipe_cls.full()
+    for key, flag, value in (("finetune_steps", "--steps", args.steps), *sizes, ("seeds", "--seeds", args.seeds)):
+        if value is not None:
+            if value < 1:
+                return f"{flag} = {value}: must be >= 1"
+            setattr(recipe, key, value)
+    if args.out is not None:
+        recipe.out = Path(args.out)
+    recipe.out = recipe.out.resolve()
+    return recipe
+
+
+def run_command(recipe: Recipe, resume: bool) -> int:
+    """``run_pipeline`` with its errors on stderr: exit 0 or 1."""
+    try:
+        run_pipeline(recipe, resume)
+    except (DemoError, FileNotFoundError, ValueError) as e:
+        print(f"recall-dist {recipe.COMMAND}: error: {e}", file=sys.stderr)
+        return 1
+    return 0
