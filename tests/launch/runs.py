@@ -34,10 +34,14 @@ def complete_checkpoints(output_dir: Path) -> list[int]:
     return [s for s in checkpoint_steps(output_dir) if (root / f"step_{s:08d}" / "COMPLETE").exists()]
 
 
+# The wall-clock values of a step (recall_dist/train/metrics_log.py, throughput)
+WALL_CLOCK = ("step_seconds", "trained_tokens_per_s", "input_tokens_per_s", "tokens_per_s")
+
+
 def loss_curve(output_dir: Path) -> list[dict]:
-    """Every logged step's numbers except the wall-clock ``tokens_per_s``: what must not depend on
+    """Every logged step's numbers except the wall-clock ones (``WALL_CLOCK``): what must not depend on
     where the ranks ran or how often the run was stopped and resumed."""
-    return [{k: v for k, v in m.items() if k != "tokens_per_s"} for m in read_metrics(output_dir)]
+    return [{k: v for k, v in m.items() if k not in WALL_CLOCK} for m in read_metrics(output_dir)]
 
 
 def first_difference(curve: list[dict], reference: list[dict]) -> str:
