@@ -18,6 +18,12 @@ fine-tune per ``Run``), the fine-tune sizes, the sweep's temperatures and the ou
 sweep's metric (``known_support`` or ``text``) and its sizes are in ``CONFIG_DIR/sweep.yaml`` and the
 demo's fields.  A fine-tune's seed reaches the sweep as its model entry's ``seed`` and ``family``
 fields (``eval/config.py``'s ``ModelSpec``), which reports and figures read; no name is parsed.
+
+A known-support demo on a real LM fits the same way: ``configs/<demo>/sweep.yaml`` with ``metric:
+known_support``; its recipe's fields the prompt split's sizes; ``prepare`` takes the model as
+``fortunes.prepare_model`` does and writes the training examples and the held-out support file,
+returning them as ``Prepared(model, finetune=[model and data overrides], sweep=["support=FILE"])``;
+``report`` reads ``sweep.csv`` with ``verdicts.read_families`` and writes its sections.
 """
 
 from __future__ import annotations
@@ -106,10 +112,10 @@ class Recipe:
     """What one demo run trains and sweeps (module docstring: the extension points).  ``full()`` reads
     the sizes from ``CONFIG_DIR``'s configs, ``quick()`` is the CI-sized run."""
 
-    COMMAND: ClassVar[str] = "demo"
-    CONFIG_DIR: ClassVar[Path] = CONFIGS / "demo"
-    OUT: ClassVar[str] = "results/demo"
-    QUICK: ClassVar[dict] = {}
+    COMMAND: ClassVar[str]  # the demo's CLI name
+    CONFIG_DIR: ClassVar[Path]  # its finetune.yaml and sweep.yaml
+    OUT: ClassVar[str]  # its default output directory
+    QUICK: ClassVar[dict] = {}  # the CI-sized values quick() puts over full()
 
     finetune_steps: int
     global_batch: int
@@ -119,7 +125,7 @@ class Recipe:
     losses: list[tuple] = field(default_factory=lambda: list(LOSSES))
     seeds: int = 1
     model: str | None = None  # None: the demo's own model (pre-trained or converted by ``prepare``)
-    out: Path = Path("results/demo")
+    out: Path  # full(): OUT
 
     @classmethod
     def full(cls) -> Recipe:
