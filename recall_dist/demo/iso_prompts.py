@@ -30,7 +30,7 @@ template or tokenizer may read as markup (``< > { } | \\ ```), is dropped.  Unic
 tokenizer handles them).  Exact duplicates within a prompt are dropped; answers are sorted.
 
 The split: a prompt is held out when the SHA-256 of its text is 0 modulo ``HELDOUT_EVERY`` (5: about
-20% held out), like ``demo/text.py``'s fortunes; deterministic, independent of file order and of the
+20% held out), like ``demo/fortunes.py``'s fortunes; deterministic, independent of file order and of the
 package's version for the prompts it keeps.  ``training_examples`` never draws a held-out prompt.
 """
 
