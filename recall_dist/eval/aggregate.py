@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recall_dist.eval import summary, text
+from recall_dist.eval import prompt_table, summary, text
 from recall_dist.eval.config import SweepConfig
 from recall_dist.eval.shards import (
     decode_array,
@@ -43,10 +43,9 @@ KNOWN_SUPPORT_COLUMNS = [
     "recall_at_num_samples",
     "num_samples",
     "num_prompts",
+    *prompt_table.spread_columns(),  # over the prompts: std about the weighted mean, min, max
 ]
 TEXT_COLUMNS = ["model", "temperature", "precision", "recall", "density", "coverage", "num_texts"]
-# A model entry's report labels (``ModelSpec.seed`` / ``family``), columns only when some model sets one.
-LABEL_COLUMNS = ["family", "seed"]
 
 
 def load_records(cfg: SweepConfig, num_shards: int) -> list[dict]:
@@ -94,6 +93,8 @@ def _known_support_rows(cfg: SweepConfig, records: list[dict], lambdas: np.ndarr
                 "num_samples": cfg.num_samples,
                 "num_prompts": len(recs),
             }
+            for name in prompt_table.SPREAD_OF:  # the spread over prompts next to their mean
+                row.update(prompt_table.spread(name, w, [r[name] for r in at_t]))
             if cfg.num_samples > 0:
                 row.update(
                     precision_sampled=_weighted_mean(w, [r["precision_sampled"] for r in at_t]),
@@ -184,16 +185,15 @@ def aggregate(cfg: SweepConfig, num_shards: int | None = None, num_parts: int = 
     if not num_shards:
         raise ValueError("aggregate needs num_shards (argument or cfg.num_shards)")
     lambdas = cfg.lambda_grid()
-    curves = {}
+    curves, per_prompt = {}, []
     if cfg.metric == "known_support":
-        rows, curves = _known_support_rows(cfg, load_records(cfg, num_shards), lambdas)
+        records = load_records(cfg, num_shards)
+        rows, curves = _known_support_rows(cfg, records, lambdas)
         columns = [c for c in KNOWN_SUPPORT_COLUMNS if c in rows[0]]
+        names = [m.name for m in cfg.models]
+        per_prompt = prompt_table.prompt_rows(names, cfg.temperatures, records, cfg.recall_at_n)
     else:
         rows, columns = _text_rows(cfg, num_shards, num_parts), TEXT_COLUMNS
-    if any(m.seed is not None or m.family is not None for m in cfg.models):
-        columns = [columns[0], *LABEL_COLUMNS, *columns[1:]]
-        labels = {m.name: {"family": m.family or m.name, "seed": m.seed} for m in cfg.models}
-        rows = [{**r, **labels[r["model"]]} for r in rows]
     summaries = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
@@ -209,13 +209,20 @@ def aggregate(cfg: SweepConfig, num_shards: int | None = None, num_parts: int = 
         writer = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    if per_prompt:
+        with open(out / "sweep_prompts.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=prompt_table.PROMPT_COLUMNS)
+            writer.writeheader()
+            writer.writerows(per_prompt)
     result = {
         "metric": cfg.metric,
         "task": cfg.task,
         "task_params": cfg.task_params,
+        "support": cfg.support,  # a support file replaces the task's prompts and P
         # what the samples were scored against: the task's own distribution, or a text references file
         "references": cfg.text.references if cfg.metric == "text" else None,
         "rows": rows,
+        "prompt_rows": per_prompt,
         "summary": summaries,
         "lambdas": lambdas.tolist(),
         "pr_curves": [{"model": m, "temperature": t, **c} for (m, t), c in curves.items()],

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -24,16 +25,9 @@ class ModelSpec:
     name: str
     path: str
     tokenizer: str | None = None  # default: the model directory itself
-    # Labels for reports and figures, never parsed from the name: the fine-tuning seed this model was
-    # trained with, and the family (e.g. its loss) it is one seed of (default: its own name).  Both go
-    # to sweep.csv / sweep.json as columns when a model sets them; neither changes a number.
-    seed: int | None = None
-    family: str | None = None
 
     def __post_init__(self):
         check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
-        check(self.seed is None or self.seed >= 0, "seed", self.seed, "an integer >= 0, or absent")
-        check(self.family is None or bool(self.family), "family", self.family, "a non-empty name, or absent")
         if not Path(self.path).expanduser().exists():
             raise ConfigError("path", f"checkpoint {self.path!r} does not exist")
 
@@ -73,6 +67,9 @@ class SweepConfig:
     models: list[ModelSpec]
     task: str = "product"
     task_params: dict[str, Any] = field(default_factory=dict)
+    # known_support on your own prompts instead of ``task``: a jsonl support file (``eval/support_file.py``)
+    support: str | None = None
+    normalize_p: bool = False  # support: divide each prompt's p by their sum instead of requiring 1
     metric: Literal["known_support", "text"] = "known_support"
     temperatures: list[float] = field(default_factory=lambda: list(DEFAULT_TEMPERATURES))
     num_samples: int = 200  # sampled estimates per (model, T, prompt); 0 = exact metrics only
@@ -125,12 +122,21 @@ class SweepConfig:
         for key in ("score_batch_size", "generate_batch_size"):
             check(getattr(self, key) >= 1, key, getattr(self, key), "must be >= 1")
         check(self.num_shards is None or self.num_shards >= 1, "num_shards", self.num_shards, "must be >= 1")
+        if self.support is not None:
+            check(self.metric == "known_support", "metric", self.metric, "must be known_support with a support file")
+            if not Path(self.support).expanduser().is_file():
+                raise ConfigError("support", f"file {self.support!r} does not exist")
         try:
             self.build_task()
         except ValueError as e:
-            raise ConfigError("task", str(e)) from None
+            raise ConfigError("support" if self.support is not None else "task", str(e)) from None
 
     def build_task(self):
+        """The known-support task: the support file's prompts (``support``), or the built-in ``task``."""
+        if self.support is not None:
+            from recall_dist.eval.support_file import SupportFile
+
+            return SupportFile(Path(self.support).expanduser(), self.normalize_p)
         from recall_dist.data import build_task
 
         return build_task(self.task, **self.task_params)
@@ -143,12 +149,12 @@ class SweepConfig:
         """The config part of a shard's key (the models' content is the other part, ``shards.shard_key``).
 
         Left out: where results go (``output_dir``), how work is cut (``num_shards``), what only the
-        summary reads (``min_precision``), the models' paths (their content stands for them) and their
-        ``seed`` / ``family`` labels (what reports group by; no number depends on them)."""
+        summary reads (``min_precision``), and the models' paths (their content stands for them)."""
         data = dataclasses.asdict(self)
         for key in ("output_dir", "num_shards", "min_precision"):
             data.pop(key)
         for model in data["models"]:
-            for key in ("path", "seed", "family"):  # the content stands for the path; the others are labels
-                model.pop(key)
+            model.pop("path")
+        if self.support is not None:  # the file's content, not where it lies
+            data["support"] = hashlib.sha256(Path(self.support).expanduser().read_bytes()).hexdigest()
         return data

@@ -35,7 +35,10 @@ from recall_dist.seeding import derive_seed
 
 
 def _known_support_record(cfg: SweepConfig, item: WorkItem, model, tokenizer, task) -> dict:
-    encoded = known_support.encode_prompt(tokenizer, item.prompt, task.target_distribution(item.prompt))
+    if cfg.support is not None:  # a user's support file: rows tokenized as training tokenizes them
+        encoded = task.encode(tokenizer, item.prompt, sampled=cfg.num_samples > 0)
+    else:
+        encoded = known_support.encode_prompt(tokenizer, item.prompt, task.target_distribution(item.prompt))
     per_t = known_support.evaluate_prompt(
         model,
         encoded,

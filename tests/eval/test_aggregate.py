@@ -85,6 +85,20 @@ def _write_shards(cfg: SweepConfig, records: list[dict], num_shards: int) -> Non
         write_json_atomic(shard_path(cfg, s, num_shards), data)
 
 
+SPREAD = [f"{name}_{stat}" for name in ("precision", "recall") for stat in ("std", "min", "max")]
+
+
+def _spread(mine: list[dict], k: int, total: float) -> dict:
+    """Over the prompts at temperature index k: the P(prompt)-weighted std about the weighted mean, min, max."""
+    out = {}
+    for name in ("precision", "recall"):
+        values = [r["temperatures"][k][name] for r in mine]
+        mean = sum(r["weight"] * v for r, v in zip(mine, values, strict=True)) / total
+        var = sum(r["weight"] * (v - mean) ** 2 for r, v in zip(mine, values, strict=True)) / total
+        out.update({f"{name}_std": math.sqrt(var), f"{name}_min": min(values), f"{name}_max": max(values)})
+    return out
+
+
 def _reference_rows(cfg: SweepConfig, records: list[dict]) -> tuple[list[dict], dict]:
     """The table in one piece, by the formulas: sum w x / sum w, sqrt(sum w^2 var) / sum w; alpha / lambda."""
     rows, curves = [], {}
@@ -113,6 +127,7 @@ def _reference_rows(cfg: SweepConfig, records: list[dict]) -> tuple[list[dict], 
                     "recall_at_num_samples": mean("recall_at_num_samples"),
                     "num_samples": 20,
                     "num_prompts": 3,
+                    **_spread(mine, k, total),
                 }
             )
             alpha = [sum(r["weight"] * r["temperatures"][k]["alpha"][j] for r in mine) / total for j in range(3)]
@@ -176,7 +191,7 @@ def test_the_files_written_hold_the_table(tmp_path):
     aggregate(exact_only, 1)
     with open(tmp_path / "exact" / "out" / "sweep.csv", newline="") as f:  # no sampled columns
         assert csv.DictReader(f).fieldnames == [
-            "model", "temperature", "precision", "recall", "recall_at_n", "num_samples", "num_prompts"
+            "model", "temperature", "precision", "recall", "recall_at_n", "num_samples", "num_prompts", *SPREAD
         ]  # fmt: skip
 
 
@@ -295,28 +310,3 @@ def test_text_table_equals_prdc_on_each_group(tmp_path, num_parts):
     assert len(scores) == 6  # every group its own numbers: a mix-up of groups would show
     with open(tmp_path / "out" / "sweep.csv", newline="") as f:
         assert csv.DictReader(f).fieldnames == TEXT_COLUMNS
-
-
-def test_model_labels_are_columns_and_change_no_number(tmp_path):
-    """A model entry's ``seed`` / ``family`` (``ModelSpec``) reach sweep.csv and sweep.json as columns, next
-    to the model; the numbers, and the shard keys (shards computed without labels are reused), stay as
-    they were.  Without labels there are no such columns (tested above)."""
-    cfg = _known_support_config(tmp_path, num_shards=2)
-    records = _known_support_records(cfg, seed=3)
-    _write_shards(cfg, records, 2)
-    plain = aggregate(cfg)
-    models = [{"name": m.name, "path": m.path, "family": "loss", "seed": k} for k, m in enumerate(cfg.models)]
-    del models[1]["family"]  # a seed without a family: the model is its own family
-    labelled_cfg = _known_support_config(tmp_path / "labelled", num_shards=2, models=models, output_dir=cfg.output_dir)
-    assert shard_key(labelled_cfg, 0, 2)["config"] == shard_key(cfg, 0, 2)["config"]
-    labelled = aggregate(labelled_cfg)
-    with open(tmp_path / "out" / "sweep.csv", newline="") as f:
-        reader = csv.DictReader(f)
-        assert reader.fieldnames == ["model", "family", "seed", *KNOWN_SUPPORT_COLUMNS[1:]]
-        table = list(reader)
-    assert [(r["model"], r["family"], r["seed"]) for r in table] == [("nll", "loss", "0")] * 3 + [
-        ("cdiv", "cdiv", "1")
-    ] * 3
-    assert [{k: v for k, v in r.items() if k not in ("family", "seed")} for r in labelled["rows"]] == plain["rows"]
-    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
-    assert [(r["family"], r["seed"]) for r in saved["rows"]] == [("loss", 0)] * 3 + [("cdiv", 1)] * 3
