@@ -96,3 +96,14 @@ def test_setup_replaces_auto_by_this_machines_answer_and_logs_it(tmp_path, capsy
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_auto_on_a_gpu_follows_torch():
     assert resolve_bf16(AUTO, "cuda")[0] is torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def test_the_memory_plan_of_auto_assumes_bf16_gpus_and_asks_this_cpu_for_cpu_ranks(tmp_path):
+    from recall_dist.train.memory_plan import make_plan
+
+    gpu = build(tiny_config_dict(tmp_path, backend={"name": "fsdp2", "bf16": "auto"}))
+    fp32 = build(tiny_config_dict(tmp_path, backend={"name": "fsdp2", "bf16": False}))
+    assert make_plan(gpu, 1, 2).total_bytes < make_plan(fp32, 1, 2).total_bytes and gpu.backend.bf16 is True
+    cpu = build(tiny_config_dict(tmp_path, backend={"name": "fsdp2", "bf16": "auto"}))
+    make_plan(cpu, 1, 2, device="cpu")
+    assert cpu.backend.bf16 is native_bf16("cpu")[0]
