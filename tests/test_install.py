@@ -67,7 +67,7 @@ def test_wheel_holds_the_presets_and_runs_outside_the_tree(installed, tmp_path):
     config.write_text(yaml.safe_dump(tiny))
     _run([str(cli), "train", str(config)], work, env)
     assert (work / "run" / "final" / "config.json").is_file()
-    assert len((work / "run" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((work / "run" / "metrics.jsonl").read_text().splitlines()) == 4  # the run's header, 3 steps
 
 
 def test_wheel_holds_the_demo_configs(installed, tmp_path):

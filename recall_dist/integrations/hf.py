@@ -77,7 +77,8 @@ def attach_loss_head(model: torch.nn.Module) -> LossHead:
     base = unwrap(model)
     head = getattr(base, HEAD_NAME, None)
     if head is None:
-        head = LossHead(base.get_output_embeddings(), None, vocab_size=base.config.vocab_size)
+        # the RECALL_DIST_* kernel variables, read once: when the head is made
+        head = LossHead(base.get_output_embeddings(), None, vocab_size=base.config.vocab_size, kernel=kernel_options())
         base.add_module(HEAD_NAME, head)
     return head
 
@@ -91,10 +92,11 @@ def _register_zero3(head: LossHead) -> None:
         head._zero3_registered = True
 
 
-def kernel_options(kernel: str | KernelOptions | None) -> KernelOptions | None:
-    """``kernel=`` of the functions below as the loss head's ``KernelOptions`` (a name: that kernel, the
-    other options at their defaults); the ``RECALL_DIST_*`` variables override it (``docs/kernels.md``)."""
-    return KernelOptions(kernel=kernel) if isinstance(kernel, str) else kernel
+def kernel_options(kernel: str | KernelOptions | None = None) -> KernelOptions:
+    """``kernel`` (a name: that kernel, the other options at their defaults; ``None``: the defaults) with
+    the ``RECALL_DIST_*`` variables that are set over it, read now (``docs/kernels.md``).  Called once, at
+    the start: ``RecallTrainer``'s construction, the head's creation (``attach_loss_head``)."""
+    return KernelOptions.from_env(KernelOptions(kernel=kernel) if isinstance(kernel, str) else kernel)
 
 
 def recall_loss_and_stats(
@@ -103,10 +105,13 @@ def recall_loss_and_stats(
     """``(loss, stats)`` of a Hugging Face causal LM on ``inputs`` (``input_ids``, ``labels`` aligned
     with them, -100 where no loss; optional ``attention_mask`` and ``PACKING_KEYS``).  ``loss`` is
     this rank's share of the objective normalised over this call (``dp_group="auto"``: the world
-    group under DDP/ZeRO, so averaged gradients are the global objective's).  ``kernel``: a
-    ``KernelOptions`` or a kernel name (``kernel_options``)."""
+    group under DDP/ZeRO, so averaged gradients are the global objective's).  ``kernel``: ``None`` keeps
+    the head's options (the variables read when the head was attached); a ``KernelOptions`` or a kernel
+    name is used as given (``kernel_options(kernel)`` merges the variables, once, at a caller's start)."""
     head = attach_loss_head(model)
-    head.loss, head.chunk_size, head.kernel = loss, chunk_size, kernel_options(kernel)
+    head.loss, head.chunk_size = loss, chunk_size
+    if kernel is not None:
+        head.kernel = kernel if isinstance(kernel, KernelOptions) else KernelOptions(kernel=kernel)
     head.dp_group = default_dp_group() if dp_group == "auto" else dp_group
     _register_zero3(head)
     labels, sequence_ids = inputs["labels"], None
@@ -169,7 +174,8 @@ class RecallTrainerMixin:
                 "applied over an accumulated step; use normalize='tokens' or gradient_accumulation_steps=1"
             )
         self.chunk_size = chunk_size
-        self.recall_kernel = kernel_options(kernel)  # how the loss head runs (docs/kernels.md); RECALL_DIST_* win
+        # how the loss head runs (docs/kernels.md): the RECALL_DIST_* variables win, read once, here
+        self.recall_kernel = kernel_options(kernel)
         attach_loss_head(self.model)
         self._micro_batch = 0
         self._step_context = self._objective = None

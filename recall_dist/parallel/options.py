@@ -2,9 +2,10 @@
 allowed values, defaults and environment overrides are defined (``docs/kernels.md``).
 
 A training config's ``loss.kernel``, ``loss.head_schedule``, ``loss.head_matmul`` and ``loss.triton_tiles``
-build one (``LossConfig``, validated with the config); the loss head passes it, merged with the
-environment (``KernelOptions.from_env``: a ``RECALL_DIST_*`` variable that is set wins), to
-``fused_linear_loss`` / ``vocab_parallel_loss`` as ``kernel=``, and the kernels read their choices from it.
+build one (``LossConfig``, validated with the config).  The environment (``KernelOptions.from_env``: a
+``RECALL_DIST_*`` variable that is set wins) is merged once, when a run starts (``TrainConfig.with_environment``,
+``RecallTrainer``'s construction); the loss head passes that frozen object to ``fused_linear_loss`` /
+``vocab_parallel_loss`` as ``kernel=``, and the kernels read their choices from it.
 The options never depend on the weight rule (a rule that cannot run a schedule falls back by a property of
 the loss, ``single_pass``).
 """
@@ -112,7 +113,7 @@ class KernelOptions:
     @classmethod
     def resolve(cls, kernel: str | KernelOptions | None) -> KernelOptions:
         """The options of a ``fused_linear_loss`` / ``vocab_parallel_loss`` call from its ``kernel=``
-        argument: a ``KernelOptions`` is used as given (the loss head has already merged the environment);
+        argument: a ``KernelOptions`` is used as given (the caller merged the environment once, at its start);
         a string picks the kernel (over ``$RECALL_DIST_KERNEL``) and leaves the other options to their
         environment variables; ``None`` takes everything from the environment, else the defaults."""
         if isinstance(kernel, KernelOptions):

@@ -55,7 +55,7 @@ def _run(args) -> tuple[str, int, dict]:
     try:
         cfg = load_train_config(args.config, args.overrides)
         if args.check:
-            validate_data_source(cfg.data, validate_resources(cfg))
+            validate_data_source(cfg.data, validate_resources(cfg.with_environment()))  # as run_training does
             print(f"config OK: {args.config}")
             return "checked", EXIT_OK, {}
         summary = run_training(cfg)

@@ -9,6 +9,8 @@ calls before anything is written.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -70,8 +72,9 @@ class ModelConfig:
 @dataclass
 class LossConfig:
     """A weight rule of ``recall_dist.build_loss`` and its parameters (README, "How the losses work"), and
-    how the loss head runs it: ``chunk_size`` and the kernel choices (``docs/kernels.md``; each
-    ``RECALL_DIST_*`` variable that is set overrides its key)."""
+    how the loss head runs it: ``chunk_size`` and the kernel choices (``docs/kernels.md``).  The
+    ``RECALL_DIST_*`` variables that are set override the kernel keys once, when a run starts
+    (``with_environment``), so the config a run saves says which kernel it used."""
 
     name: str = "nll"
     params: dict[str, Any] = field(default_factory=dict)
@@ -82,38 +85,59 @@ class LossConfig:
     triton_tiles: list[int] | None = None  # [bn, bv, bk, warps, stages, splits] on the GPU ($RECALL_DIST_TRITON_TILES)
 
     def __post_init__(self):
-        from recall_dist.losses import LossParamError, build_loss, known_rules
-        from recall_dist.parallel.options import ENV, KernelOptionError, KernelOptions
+        from recall_dist.losses import known_rules
+        from recall_dist.parallel.options import KernelOptionError
 
         known = list(known_rules())
         check(self.name in known, "name", self.name, f"allowed: {', '.join(known)}")
         check(self.chunk_size is None or self.chunk_size >= 1, "chunk_size", self.chunk_size, "an integer >= 1 or null")
         try:
-            self._kernel_options = KernelOptions(self.kernel, self.head_schedule, self.head_matmul, self.triton_tiles)
+            self.kernel_options()
         except KernelOptionError as e:
             raise ConfigError(e.key, f"{e.value!r} is not allowed; allowed: {e.allowed}") from None
-        try:  # a bad override stops the run now, not at the first loss call
-            KernelOptions.from_env(self._kernel_options)
-        except KernelOptionError as e:
-            raise ConfigError(
-                e.key, f"${ENV[e.key]}={e.value!r} (it overrides loss.{e.key}) is not allowed; allowed: {e.allowed}"
-            ) from None
-        # Validated by building it: the rule that owns a parameter names it (LossParamError.param).
+        self.build()  # validated by building a throwaway one: the rule that owns a parameter names it
+
+    def build(self):
+        """A new loss as this config describes it, on every call: a stateful rule (TruncR's quantile
+        buffer) is never shared by two callers."""
+        from recall_dist.losses import LossParamError, build_loss
+
         try:
-            self._loss = build_loss(self.name, **self.params)
+            return build_loss(self.name, **self.params)
         except LossParamError as e:
             raise ConfigError(f"params.{e.param}", f"{self.params.get(e.param)!r}: {e}") from None
         except (ValueError, TypeError) as e:
             raise ConfigError("params", f"{self.params!r}: {e}") from None
 
-    def build(self):
-        """The loss this config describes (built once, when the config was validated)."""
-        return self._loss
-
     def kernel_options(self):
-        """The config's ``KernelOptions`` (before the environment's overrides, which the loss head
-        applies at each call: ``KernelOptions.from_env``)."""
-        return self._kernel_options
+        """The kernel keys as a ``KernelOptions`` (``recall_dist/parallel/options.py``), as they stand:
+        after ``with_environment`` they are what the run uses."""
+        from recall_dist.parallel.options import KernelOptions
+
+        return KernelOptions(self.kernel, self.head_schedule, self.head_matmul, self.triton_tiles)
+
+    def with_environment(self, environ: Mapping[str, str] | None = None) -> LossConfig:
+        """This config with every kernel key whose ``RECALL_DIST_*`` variable is set in ``environ``
+        (``os.environ``) replaced by that value (``KernelOptions.from_env``).  A run calls it once, at its
+        start; nothing reads the variables after that.  A bad value raises ``ConfigError`` naming the key
+        and the variable."""
+        from recall_dist.parallel.options import ENV, KernelOptionError, KernelOptions
+
+        try:
+            options = KernelOptions.from_env(self.kernel_options(), environ)
+        except KernelOptionError as e:
+            raise ConfigError(
+                f"loss.{e.key}",
+                f"${ENV[e.key]}={e.value!r} (it overrides loss.{e.key}) is not allowed; allowed: {e.allowed}",
+            ) from None
+        tiles = None if options.triton_tiles is None else list(options.triton_tiles)
+        return dataclasses.replace(
+            self,
+            kernel=options.kernel,
+            head_schedule=options.head_schedule,
+            head_matmul=options.head_matmul,
+            triton_tiles=tiles,
+        )
 
 
 @dataclass
@@ -277,6 +301,11 @@ class TrainConfig:
                 "data.source, e.g. test, or train[90%:] with data.split train[:90%]) or data.eval_source "
                 "(a file, folder or hub dataset)",
             )
+
+    def with_environment(self, environ: Mapping[str, str] | None = None) -> TrainConfig:
+        """This config with the environment's overrides applied (the kernel keys:
+        ``LossConfig.with_environment``), read once when a run starts: what it runs and saves."""
+        return dataclasses.replace(self, loss=self.loss.with_environment(environ))
 
 
 def _resolve_model_file(value: str, base: Path | None) -> dict:

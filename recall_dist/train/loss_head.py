@@ -31,8 +31,10 @@ class LossHead(nn.Module):
     objective (``dp_group`` all-reduces the normaliser Z over the whole step), so DDP-style gradient
     averaging gives the gradient of the global objective.  The head weight is looked up through
     ``weight_owner`` at call time (it is not registered here: one parameter, one owner).  ``kernel``
-    (``loss.kernel`` and the other kernel keys of the config; default: the built-in defaults) is merged
-    with the ``RECALL_DIST_*`` overrides at every call and passed to the kernel (``docs/kernels.md``).
+    (``KernelOptions``; ``None``: the built-in defaults) is passed to the kernel as it is: whoever builds
+    the head has resolved the ``RECALL_DIST_*`` overrides once, at its start (the trainer through
+    ``TrainConfig.with_environment``, the Hugging Face integration when it is constructed), and the
+    forward never reads the environment (``docs/kernels.md``).
     """
 
     def __init__(
@@ -50,7 +52,7 @@ class LossHead(nn.Module):
         self.dp_group = dp_group
         self.vocab_size = vocab_size
         self.chunk_size = chunk_size
-        self.kernel = kernel
+        self.kernel = kernel if kernel is not None else KernelOptions()
 
     @property
     def weight(self) -> torch.Tensor:
@@ -72,7 +74,7 @@ class LossHead(nn.Module):
             vocab_size=self.vocab_size,
             chunk_size=self.chunk_size,
             sequence_ids=seq,
-            kernel=KernelOptions.from_env(self.kernel),
+            kernel=self.kernel,
         )
         return out.loss, out.stats
 

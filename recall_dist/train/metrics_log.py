@@ -15,6 +15,7 @@ from recall_dist.log import get_logger
 
 # What a step's loss reports; a step with a non-finite token has no meaningful value for any of them.
 _LOSS_VALUES = ("loss", "nll", "divergence")
+HEADER = "header"  # the key of the record that opens each start of a run (``MetricsLogger.log_header``)
 EVAL_PREFIX = "eval_"  # the validation set's values in a step's record: eval_loss, eval_nll, eval_tokens
 
 
@@ -136,12 +137,16 @@ class MetricsLogger:
         replaced atomically, so a kill during the rewrite leaves the old one."""
         if not self.enabled or not self.path.is_file():
             return
-        lines = [
-            line
-            for line in self.path.read_text().splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step
-        ]
+        lines = [line for line in self.path.read_text().splitlines() if line.strip() and _kept(json.loads(line), step)]
         atomic_write_text(self.path, "".join(line + "\n" for line in lines))
+
+    def log_header(self, start_step: int, fields: dict) -> None:
+        """The record that opens each start of the run, ``{"header": {"start_step": 0, **fields}}``: what
+        this start ran with (the trainer's ``fields``: the kernel choice, resolved once).  ``read_metrics``
+        skips it; ``read_headers`` returns it."""
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps({HEADER: {"start_step": start_step, **fields}}) + "\n")
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -163,7 +168,24 @@ class MetricsLogger:
             self._wandb.finish()
 
 
-def read_metrics(output_dir: str | Path) -> list[dict]:
-    """The records of ``<output_dir>/metrics.jsonl`` (for tests and the sweep)."""
+def _kept(record: dict, step: int) -> bool:
+    """After a resume at ``step``: a step's record up to it, a start's header before it (an attempt that
+    started at or after it is run again, and writes its own)."""
+    if HEADER in record:
+        return record[HEADER].get("start_step", 0) < step
+    return record.get("step", 0) <= step
+
+
+def _records(output_dir: str | Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    """The step records of ``<output_dir>/metrics.jsonl`` (for tests and the sweep; headers skipped)."""
+    return [r for r in _records(output_dir) if HEADER not in r]
+
+
+def read_headers(output_dir: str | Path) -> list[dict]:
+    """The header of each start of the run (``MetricsLogger.log_header``), oldest first."""
+    return [r[HEADER] for r in _records(output_dir) if HEADER in r]

@@ -213,6 +213,8 @@ def run_training(cfg: TrainConfig, on_checkpoint=None) -> dict:
 
     ``on_checkpoint(path, step)``, when given, is called on every rank right after each complete
     checkpoint (Ray Train reports it, so that its restore hands restarted workers the right one)."""
+    # The RECALL_DIST_* kernel variables, read here once: the saved config and the metrics say what ran.
+    cfg = cfg.with_environment()
     tokenizer = validate_resources(cfg)  # config errors surface before anything is written
     validate_data_source(cfg.data, tokenizer)  # and bad data, before any process group exists
     ctx = init_distributed(cfg.train.dist_timeout_minutes)
@@ -289,6 +291,7 @@ def _train(cfg: TrainConfig, tokenizer, ctx, start: Path | None = None, on_check
     resume(run, checkpointer, start)
     logger = MetricsLogger(out, ctx.is_main, cfg.train.tensorboard, cfg.train.wandb, to_dict(cfg))
     logger.truncate_after(run.step)
+    logger.log_header(run.step, {"kernel": to_dict(cfg.loss.kernel_options())})  # as resolved at the start
     if ctx.is_main:
         clear_preempted(out)
         clear_diverged(out)

@@ -120,7 +120,7 @@ def test_sigterm_on_one_worker_checkpoints_exits_zero_and_resume_reproduces(tmp_
     out = tmp_path / "run"
     proc = _launch(config, out)
     metrics = out / "metrics.jsonl"
-    _wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 3, proc)
+    _wait_for(lambda: metrics.is_file() and len(read_metrics(out)) >= 3, proc)
     _worker_of_rank(proc, "1").send_signal(signal.SIGTERM)  # only rank 1: the ranks must agree
     _finish(proc)
     stopped_at = int((out / "PREEMPTED").read_text())

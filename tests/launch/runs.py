@@ -21,8 +21,10 @@ SWEEP = ["configs/sweep.yaml", "temperatures=[0.5,1.0]", "num_samples=20"]
 
 
 def read_metrics(output_dir: Path) -> list[dict]:
+    """The step records (each start's header skipped: recall_dist/train/metrics_log.py)."""
     path = output_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [r for r in records if "header" not in r]
 
 
 def checkpoint_steps(output_dir: Path) -> list[int]:

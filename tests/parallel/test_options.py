@@ -112,10 +112,12 @@ def test_the_loss_heads_choice_reaches_the_kernel(env, schedule, matmul):
         assert stats[key] == pytest.approx(ref_stats[key], rel=1e-5), key
     torch.testing.assert_close(gh, ref_gh, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gw, ref_gw, rtol=1e-4, atol=1e-6)
-    # the environment overrides the head's options at each call
+    # the head runs its options as given: a variable set after it was built changes nothing (the run's
+    # start resolved the environment once: TrainConfig.with_environment, RecallTrainer's construction)
     env.setenv("RECALL_DIST_KERNEL", "torch")
+    env.setenv("RECALL_DIST_HEAD_MATMUL", "cutlass")  # a head that read it again would raise
     _head(options)
-    assert len(triton_calls) == 1
+    assert len(triton_calls) == 2 and triton_calls[1]["options"] == options
 
 
 def test_vocab_parallel_takes_options():

@@ -309,6 +309,7 @@ def _trainer_steps(kernel: str, backend: dict, out_dir: str, result_path: str):
 
     os.environ["RECALL_DIST_KERNEL"] = kernel
     cfg = train_config_from_dict(tiny_config_dict(out_dir, backend=backend, train={"micro_batch_size": 4}))
+    cfg = cfg.with_environment()  # as run_training starts
     ctx = init_distributed()
     run = setup(cfg, validate_resources(cfg), ctx)
     data = endless(run.batches)

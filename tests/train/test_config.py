@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from recall_dist.configtree import ConfigError
+from recall_dist.configtree import ConfigError, to_dict
 from recall_dist.train import cli
 from recall_dist.train.config import load_train_config
 from tests.train.helpers import tiny_config_dict
@@ -132,6 +132,8 @@ def test_kernel_keys_are_validated_with_the_config(no_kernel_env, override, expe
 
 
 def test_kernel_keys_defaults_and_env_overrides(no_kernel_env):
+    """Building a config reads no environment; ``with_environment`` (a run's start) puts the variables that
+    are set into the kernel keys, so the config a run saves says what it ran."""
     from recall_dist.parallel import KernelOptions
 
     cfg = load_train_config("configs/tiny_cpu.yaml")
@@ -142,16 +144,52 @@ def test_kernel_keys_defaults_and_env_overrides(no_kernel_env):
         None,
     )
     keys = ["loss.kernel=torch", "loss.head_matmul=cublas", "loss.triton_tiles=[64,64,32,4,2,8]"]
-    options = load_train_config("configs/tiny_cpu.yaml", keys).loss.kernel_options()
-    assert options == KernelOptions("torch", "recompute", "cublas", (64, 64, 32, 4, 2, 8))
+    cfg = load_train_config("configs/tiny_cpu.yaml", keys)
+    assert cfg.loss.kernel_options() == KernelOptions("torch", "recompute", "cublas", (64, 64, 32, 4, 2, 8))
     # a variable that is set wins over its key; the others keep the config's value
     no_kernel_env.setenv("RECALL_DIST_KERNEL", "triton")
     no_kernel_env.setenv("RECALL_DIST_TRITON_TILES", "128,128,64,8,3,16")
     no_kernel_env.setenv("RECALL_DIST_HEAD_SCHEDULE", "")  # empty: not set
-    assert KernelOptions.from_env(options) == KernelOptions("triton", "recompute", "cublas", (128, 128, 64, 8, 3, 16))
-    # a bad override stops the config, naming the variable, the key it overrides and the allowed values
+    assert load_train_config("configs/tiny_cpu.yaml", keys).loss.kernel == "torch"  # not read when built
+    resolved = cfg.with_environment()
+    assert resolved.loss.kernel_options() == KernelOptions("triton", "recompute", "cublas", (128, 128, 64, 8, 3, 16))
+    assert to_dict(resolved.loss) == to_dict(cfg.loss) | {"kernel": "triton", "triton_tiles": [128, 128, 64, 8, 3, 16]}
+    assert cfg.loss.kernel == "torch" and resolved.model is cfg.model  # a new config; the given one stands
+    assert cfg.with_environment({}).loss.kernel_options() == cfg.loss.kernel_options()
+    # a bad override stops the run's start, naming the variable, the key it overrides and the allowed values
     no_kernel_env.setenv("RECALL_DIST_HEAD_MATMUL", "cutlass")
     with pytest.raises(ConfigError) as info:
-        load_train_config("configs/tiny_cpu.yaml")
+        cfg.with_environment()
     message = str(info.value)
     assert message.startswith("loss.head_matmul: $RECALL_DIST_HEAD_MATMUL='cutlass'") and "triton, cublas" in message
+
+
+def test_check_reports_a_bad_kernel_variable(tmp_path, no_kernel_env, capsys):
+    """``recall-dist train --check`` resolves the variables as a run's start does."""
+    config = tmp_path / "config.yaml"
+    config.write_text(yaml.safe_dump(tiny_config_dict(tmp_path / "run")))
+    no_kernel_env.setenv("RECALL_DIST_KERNEL", "cuda")
+    assert cli.main(["--check", str(config)]) != 0
+    assert "loss.kernel: $RECALL_DIST_KERNEL='cuda'" in capsys.readouterr().err
+
+
+def test_build_makes_a_new_loss_each_call():
+    """Two callers of ``LossConfig.build()`` never share a loss: TruncR's quantile buffer is its own
+    (the old ``build()`` returned the one loss built during validation)."""
+    import torch
+
+    from recall_dist import vocab_parallel_loss
+    from recall_dist.losses import TruncR
+
+    def pushed(loss) -> int:
+        buffer = loss.state_dict()["state"]["buffer"]
+        return 0 if buffer is None else buffer["total_pushed"]
+
+    overrides = ["loss.name=truncr", "loss.params={drop: 0.5, buffer_size: 16, min_count: 1, granularity: token}"]
+    cfg = load_train_config("configs/tiny_cpu.yaml", overrides)
+    first, second = cfg.loss.build(), cfg.loss.build()
+    assert first is not second and isinstance(first.rule, TruncR) and first.rule is not second.rule
+    g = torch.Generator().manual_seed(0)
+    logits, target = torch.randn(6, 10, generator=g), torch.randint(0, 10, (6,), generator=g)
+    vocab_parallel_loss(logits, target, first, kernel="torch")  # one call: its 6 token values enter the buffer
+    assert pushed(first) == 6 and pushed(second) == 0 == pushed(cfg.loss.build())

@@ -171,3 +171,29 @@ def test_trained_and_input_tokens_of_a_step_equal_a_naive_count_over_all_ranks(t
         assert r["stats"]["tokens"] == trained and r["stats"]["input_tokens"] == inputs
         rates = throughput(r["stats"], 2.0)
         assert rates["trained_tokens_per_s"] == trained / 2.0 and rates["input_tokens_per_s"] == inputs / 2.0
+
+
+def test_each_start_writes_a_header_that_a_resume_keeps_or_drops(tmp_path):
+    """A header opens each start of the run; ``read_metrics`` skips headers, ``read_headers`` lists them;
+    a resume at step s keeps the steps up to s and the headers of starts before s."""
+    from recall_dist.train.metrics_log import read_headers
+
+    first = MetricsLogger(tmp_path, enabled=True)
+    first.truncate_after(0)
+    first.log_header(0, {"kernel": {"kernel": "torch"}})
+    for step in (1, 2, 3):
+        first.log(step, {"loss": float(step)})
+    crashed = MetricsLogger(tmp_path, enabled=True)  # resumed at 2, wrote step 3 again, died
+    crashed.truncate_after(2)
+    crashed.log_header(2, {"kernel": {"kernel": "auto"}})
+    crashed.log(3, {"loss": 3.5})
+    again = MetricsLogger(tmp_path, enabled=True)  # resumed at 2 again: the crashed start's header goes
+    again.truncate_after(2)
+    again.log_header(2, {"kernel": {"kernel": "triton"}})
+    assert read_headers(tmp_path) == [
+        {"start_step": 0, "kernel": {"kernel": "torch"}},
+        {"start_step": 2, "kernel": {"kernel": "triton"}},
+    ]
+    assert read_metrics(tmp_path) == [{"step": 1, "loss": 1.0}, {"step": 2, "loss": 2.0}]
+    MetricsLogger(tmp_path / "off", enabled=False).log_header(0, {})
+    assert not (tmp_path / "off").exists()

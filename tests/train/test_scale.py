@@ -17,6 +17,7 @@ import torch
 from recall_dist.configtree import load_yaml
 from recall_dist.distributed.testing import run_distributed_test
 from recall_dist.train.config import MODEL_PRESET_DIR
+from recall_dist.train.metrics_log import read_metrics
 from tests.train.helpers import build, reference_loss, tiny_config_dict
 
 REPO = Path(__file__).resolve().parents[2]
@@ -311,13 +312,13 @@ def test_resume_other_world_size(tmp_path, backend, first, second):
     config.write_text(json.dumps(data))
     out = tmp_path / "run"
     _train_cli(config, out, first)
-    reference = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    reference = read_metrics(out)
     for path in (out / "checkpoints" / "step_00000004", out / "final"):
         if path.exists():
             subprocess.run(["rm", "-rf", str(path)], check=True)
     proc = _train_cli(config, out, second, "train.resume=auto")
     assert "resumed from" in proc.stderr and "step_00000002" in proc.stderr
-    resumed = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resumed = read_metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for ref, got in zip(reference[2:], resumed[2:], strict=True):
         for key in ("loss", "nll", "grad_norm", "kept_fraction", "tau"):
