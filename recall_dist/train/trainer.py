@@ -26,7 +26,7 @@ from recall_dist.distributed.collectives import all_reduce_
 from recall_dist.distributed.process_group import init_distributed, shutdown
 from recall_dist.log import get_logger
 from recall_dist.losses.accumulator import step_token_count
-from recall_dist.train.backends import build_engine
+from recall_dist.train.backends.build import build_engine
 from recall_dist.train.config import TrainConfig
 from recall_dist.train.export import base_generation_config, export_from_engine
 from recall_dist.train.metrics_log import (

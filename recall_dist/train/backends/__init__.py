@@ -1,6 +1,7 @@
 """Backends behind one seam: each builds the model itself (sharded or partitioned from the start, never
 a full copy per rank) and turns it, with the optimizer config, into an ``Engine`` (forward / backward /
-step / save / load / export).  The training loop only sees ``Engine``: "model config in, sharded engine out".
+step / save / load / export).  The training loop only sees ``Engine``: "model config in, sharded engine out";
+``build_engine`` (``backends/build.py``) picks the backend.
 
 Precision, one rule for both backends: ``backend.bf16`` is the *compute* dtype (forward and backward
 matmuls in bf16); the master weights and the optimizer states are always fp32.  ``model.dtype`` is the
@@ -12,11 +13,11 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 import torch
 
-from recall_dist.train.config import OptimConfig, TrainConfig
+from recall_dist.train.config import OptimConfig
 
 
 @dataclass
@@ -123,14 +124,3 @@ def torch_optimizer(cfg: OptimConfig, params, device_type: str = "cpu") -> torch
     fused = {"fused": True} if device_type == "cuda" else {}
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
 
-
-def build_engine(cfg: TrainConfig, ctx: Any, loss, accumulation_steps: int, total_steps: int) -> Engine:
-    """The engine of ``cfg.backend.name``: it builds the model of ``cfg.model`` (weights from the pretrained
-    checkpoint or the seeded initialisation, only this rank's part), wraps it with the loss head and shards it."""
-    if cfg.backend.name == "deepspeed":
-        from recall_dist.train.backends.deepspeed import DeepSpeedEngine
-
-        return DeepSpeedEngine(cfg, ctx, loss, accumulation_steps, total_steps)
-    from recall_dist.train.backends.fsdp2 import FSDP2Engine
-
-    return FSDP2Engine(cfg, ctx, loss, accumulation_steps, total_steps)
