@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -147,7 +146,7 @@ def measure_loss(args, loss: str, ctx, peak_tflops, out: Path) -> dict:
 
     cuda = ctx.device.type == "cuda"
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = train_config_from_dict(_model_override(train_config(args, loss, tmp)))
+        cfg = train_config_from_dict(_model_override(train_config(args, loss, tmp))).with_environment()
         tokenizer = validate_resources(cfg)
         host_reset = reset_host_peak()
         if cuda:
@@ -191,7 +190,7 @@ def measure_loss(args, loss: str, ctx, peak_tflops, out: Path) -> dict:
             "peak_host_gib": host_peak_bytes() / 2**30,
             "host_peak_is_per_loss": host_reset,
             "last_stats": {k: v for k, v in stats.items() if isinstance(v, float)},
-            "kernel": os.environ.get("RECALL_DIST_KERNEL", "auto"),
+            "kernel": cfg.loss.kernel,  # resolved with $RECALL_DIST_KERNEL when cfg was built
         }
         del run, module, model
         gc.collect()

@@ -43,7 +43,7 @@ def our_config(model: str, data: str, loss: str, args, out: str):
                 "max_steps": 10**6,
             },
         }
-    )
+    ).with_environment()  # the RECALL_DIST_* kernel variables, read once as run_training reads them
 
 
 def plain_step(model, optimizer, batch) -> float:

@@ -52,7 +52,7 @@ def config(backend: dict, loss: dict, args, out: str):
                 "max_steps": 10**6,
             },
         }
-    )
+    ).with_environment()  # the RECALL_DIST_* kernel variables, read once as run_training reads them
 
 
 def measure(run, data, steps: int, warmup: int) -> float:
