@@ -1,3 +1,3 @@
 """Thin integrations with trainers we do not own: Megatron (``integrations.megatron``, which imports
 megatron-core only when called) and Hugging Face ``Trainer`` / TRL (``integrations.hf``).
-``integrations.step`` normalises over a step whose token count is not known in advance (Megatron)."""
+``integrations.normalizer`` normalises over a step whose token count is not known in advance (Megatron)."""

@@ -25,9 +25,13 @@ What the mixin changes (needs transformers >= 5.19; tested with 5.24 and TRL 1.1
   batch of 8.  The step's statistics are logged with ``recall/`` names.
 - **DeepSpeed.** The engine steps inside the last micro-batch's backward, so the factor N / Z goes
   through ZeRO's external loss scale, which divides the accumulated gradients before the norm, the
-  clipping and the update.  Under ZeRO-3 the head weight is registered as an external parameter of
-  ``recall_loss_head``, so ZeRO gathers it for the loss (a fused head that reads it outside a
+  clipping and the update (``recall_dist/train/step_scale.py``, as in ``recall-dist train``; a DeepSpeed
+  without that hook is an error).  Under ZeRO-3 the head weight is registered as an external parameter
+  of ``recall_loss_head``, so ZeRO gathers it for the loss (a fused head that reads it outside a
   forward sees a 0-element shard: TRL #3368).
+- **Skipped steps** (non-finite logits, or no token with weight, e.g. every label ignored: the gradient
+  scale is 0, ``losses/accumulator.py``): no update -- the gradients are dropped before the optimizer,
+  or, under DeepSpeed, ZeRO's update is skipped.
 - FSDP through ``Trainer`` is not supported (the weight is a shard outside a forward): use
   ``recall-dist train``.  Evaluation reports the loss (``prediction_loss_only``); there are no logits.
 """
@@ -40,11 +44,11 @@ from transformers import Trainer
 
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.distributed.ranks import world_group
-from recall_dist.integrations.normalizer import scale_gradients_
 from recall_dist.losses.accumulator import step_token_count
 from recall_dist.losses.base import RecallLoss, build_loss
 from recall_dist.parallel.options import KernelOptions
 from recall_dist.train.loss_head import LossHead
+from recall_dist.train.step_scale import ZeroStepScale, scale_gradients_
 
 # Batch keys of packed (padding-free) batches that the model needs to keep sequences apart.
 PACKING_KEYS = ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k", "seq_idx")
@@ -179,6 +183,7 @@ class RecallTrainerMixin:
         attach_loss_head(self.model)
         self._micro_batch = 0
         self._step_context = self._objective = None
+        self._zero_scale: ZeroStepScale | None = None
         self.last_recall_stats: dict[str, float] = {}
 
     def train(self, *args, **kwargs):
@@ -201,7 +206,9 @@ class RecallTrainerMixin:
         if self._objective is None:  # evaluation, or a call outside Trainer's loop: one batch, one step
             self.last_recall_stats = stats
         elif self._micro_batch == self._micro_batches_in_step() and self.is_deepspeed_enabled:
-            value = self._deepspeed_step_scale(value)
+            # DeepSpeed steps inside this backward: the step's scale must be in place before it
+            self._deepspeed_scale().arm(self._objective.gradient_scale())
+            value = self._zero_scale.scale_loss(value)
         return (value, {"stats": stats}) if return_outputs else value
 
     def training_step(self, model, inputs, num_items_in_batch=None):
@@ -220,34 +227,24 @@ class RecallTrainerMixin:
             return torch.zeros((), device=self.args.device)  # the step's loss is reported at its last micro-batch
         scale, stats = self._objective.gradient_scale(), self._objective.stats()
         self._close_step()
-        if not self.is_deepspeed_enabled:  # DeepSpeed applied it inside its step (_deepspeed_step_scale)
-            scale_gradients_([model], 0.0 if stats["nonfinite_tokens"] > 0 else scale)
+        if not self.is_deepspeed_enabled:  # DeepSpeed applied it inside its step (compute_loss)
+            scale_gradients_([model], scale)  # SKIP (a skipped step) drops the gradients: no update
         self.last_recall_stats = stats | self.recall_loss.rule.extra_stats()
         return torch.tensor(stats["loss"], device=self.args.device)
 
     def _micro_batches_in_step(self) -> int:
         return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
-    def _deepspeed_step_scale(self, value: torch.Tensor) -> torch.Tensor:
-        """DeepSpeed steps inside the last micro-batch's backward.  Its ZeRO optimizer multiplies that
-        backward's loss by an external loss scale S and divides every accumulated gradient by S before
-        the norm, the clipping and the update: S = 1 / g with the last loss times g multiplies the whole
-        step's gradient by g = N / Z, which is known once the last forward is done."""
-        g = self._objective.gradient_scale()
-        if g in (0.0, 1.0):
-            return value
-        zero = self.model_wrapped.optimizer
-        if not hasattr(zero, "override_loss_scale"):
-            raise RuntimeError(f"{type(zero).__name__} has no external loss scale: use gradient_accumulation_steps=1")
-        zero.override_loss_scale(1.0 / g)
-        self._zero_with_scale = zero
-        return value * g
+    def _deepspeed_scale(self) -> ZeroStepScale:
+        """The step scale of the DeepSpeed engine ``Trainer.train`` built (``train/step_scale.py``)."""
+        engine = self.model_wrapped
+        if self._zero_scale is None or self._zero_scale.engine is not engine:
+            self._zero_scale = ZeroStepScale.for_engine(engine, rescales=self.recall_loss.normalize == "weights")
+        return self._zero_scale
 
     def _close_step(self) -> None:
-        zero = getattr(self, "_zero_with_scale", None)
-        if zero is not None:  # every later backward runs unscaled
-            zero.custom_loss_scaler, zero.external_loss_scale = False, None
-            self._zero_with_scale = None
+        if self._zero_scale is not None:  # every later backward runs unscaled, every later update runs
+            self._zero_scale.disarm()
         if self._step_context is not None:
             self._step_context.__exit__(None, None, None)
         self._step_context = self._objective = None

@@ -41,9 +41,10 @@ from __future__ import annotations
 
 import torch
 
-from recall_dist.integrations.normalizer import StepNormalizer, scale_gradients_
+from recall_dist.integrations.normalizer import StepNormalizer
 from recall_dist.losses.base import RecallLoss
 from recall_dist.parallel import LossOutput, fused_linear_loss, vocab_parallel_loss
+from recall_dist.train.step_scale import scale_gradients_
 
 
 def loss_func(

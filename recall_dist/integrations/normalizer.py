@@ -5,13 +5,16 @@ The objective's normaliser Z sums over the whole optimizer step (README, "How th
 Where the step's token count N is known before its first forward (``recall-dist train``, Hugging
 Face's Trainer), ``RecallLoss.optimizer_step(N)`` does this: scale 1/N per micro-batch, N / Z once
 at the end.  Without N, ``StepNormalizer`` takes the first micro-batch's own normaliser as the
-step's constant instead; the final rescale makes the result the same.
+step's constant instead; the final rescale makes the result the same.  The rescale's maths and its skip
+convention are the accumulator's (``losses/accumulator.py``: ``rescale_factor``, ``SKIP``); applying
+it to the model is ``recall_dist/train/step_scale.py``'s.
 """
 
 from __future__ import annotations
 
 import torch
 
+from recall_dist.losses.accumulator import SKIP, rescale_factor
 from recall_dist.losses.base import RecallLoss
 
 
@@ -31,9 +34,11 @@ class StepNormalizer:
 
     ``nll_mix > 0`` with ``normalize="weights"`` has two normalisers (Z and the token count); one
     gradient rescale cannot apply both, so it is refused (use ``normalize="tokens"``, where both are
-    the token count).  A micro-batch with non-finite logits skips the whole step: ``grad_scale()``
-    is 0, as a single call skips (``stats["nonfinite_tokens"]``).  Truncation thresholds move with
-    every call here (each micro-batch is pushed to the buffer), unlike inside ``optimizer_step``.
+    the token count).  A skipped step -- a micro-batch with non-finite logits
+    (``stats["nonfinite_tokens"]``), or no micro-batch with a non-zero normaliser (every label
+    ignored, every weight zero) -- has ``grad_scale() == SKIP`` (0.0), the accumulator's convention.
+    Truncation thresholds move with every call here (each micro-batch is pushed to the buffer),
+    unlike inside ``optimizer_step``.
     """
 
     def __init__(self, loss: RecallLoss):
@@ -73,27 +78,12 @@ class StepNormalizer:
 
     @property
     def skipped(self) -> bool:
-        """A micro-batch of this step had non-finite logits."""
-        return self._skipped
+        """The step is skipped: a micro-batch had non-finite logits, or none had a non-zero normaliser."""
+        return self._skipped or self._total == 0.0
 
     def grad_scale(self) -> float:
-        """Factor that turns the accumulated gradients into the step objective's gradient."""
-        if self._skipped:
-            return 0.0
-        return self._first / self._total if self._total > 0 else 1.0
-
-
-def scale_gradients_(modules, factor: float) -> None:
-    """Multiply the accumulated gradients of ``modules`` by ``factor`` in place (``.main_grad``
-    where Megatron's DDP keeps them, else ``.grad``; DTensor gradients scale shard by shard)."""
-    if factor == 1.0:
-        return
-    for module in modules:
-        if hasattr(module, "scale_gradients"):  # Megatron DDP: one call scales its grad buffers
-            module.scale_gradients(factor)
-            continue
-        for p in module.parameters():
-            grad = getattr(p, "main_grad", None)
-            grad = p.grad if grad is None else grad
-            if grad is not None:
-                grad.mul_(factor)
+        """Factor that turns the accumulated gradients into the step objective's gradient (``SKIP`` when
+        ``skipped``; apply it with ``recall_dist.train.step_scale.scale_gradients_``)."""
+        if self.skipped:
+            return SKIP
+        return rescale_factor(self._first, self._total)

@@ -13,6 +13,17 @@ no extra forward pass, and the result equals the single-batch gradient up to rou
 
 The global sums of every call (already all-reduced over data-parallel ranks) are added up here, so the
 statistics describe the whole step, not an average of micro-batches.
+
+Skipped steps -- the one convention of every integration.  A step is *skipped* when a call had a
+non-finite logit (the kernel zeroed that call's gradients on every rank, not those of the step's other
+micro-batches) or when no token carries weight in its objective (no valid token, or every weight zero
+without an NLL part): its gradient is zero by definition.  A skipped step's gradient scale is ``SKIP = 0.0``,
+never a division by zero, and never 1.0: the scale means "accumulated gradients x scale = the step's
+gradient", and 0 is the only value for which that holds (1.0 would hand a finite part of a non-finite step
+to any integration that forgot a separate flag, which is how the Hugging Face + DeepSpeed path once
+updated on one).  ``recall_dist/train/step_scale.py`` applies a scale of 0 as "no update" -- the gradients
+dropped, the optimizer not stepped -- on a plain model, FSDP2 and DeepSpeed ZeRO alike.  The same rule
+serves a step whose token count is not known in advance (``integrations/normalizer.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +49,17 @@ STAT_NAMES = (
     "divergence",
     "nonfinite_tokens",
 )
+
+
+SKIP = 0.0  # the gradient scale of a skipped step (module docstring, "Skipped steps")
+
+
+def rescale_factor(provisional: float, normaliser: float) -> float:
+    """The factor that turns gradients formed with the normaliser ``provisional`` into those normalised by
+    the step's ``normaliser``: ``provisional / normaliser``, and 1.0 where ``normaliser`` is 0 (the part it
+    normalises has a zero gradient then, and any other part keeps its exact scale).  Skipped steps never get
+    here: they have the scale ``SKIP``."""
+    return provisional / normaliser if normaliser > 0 else 1.0
 
 
 def inverse_or_zero(x: torch.Tensor) -> torch.Tensor:
@@ -91,10 +113,19 @@ class StepAccumulator:
     def _sum(self, name: str) -> float:
         return 0.0 if self.sums is None else float(self.sums[SUM_NAMES.index(name)])
 
+    @property
+    def skipped(self) -> bool:
+        """Whether the step is skipped (module docstring): a call had non-finite logits, or no token of the
+        step carries weight (no valid token, or a zero sum of weights without an NLL part)."""
+        if self._sum("nonfinite") > 0:
+            return True
+        return self._sum("sum_w") == 0 and (self.nll_mix == 0 or self.token_count == 0)
+
     def gradient_scale(self) -> float:
-        """Multiply the step's accumulated gradients by this (before clipping): N / Z for ``weights``."""
-        if self._sum("nonfinite") > 0:  # a skipped step: its calls zeroed their sums and gradients
-            return 1.0
+        """Multiply the step's accumulated gradients by this (before clipping): N / Z for ``weights``, 1 for
+        ``tokens``, ``SKIP`` (0.0) for a skipped step."""
+        if self._sum("nonfinite") > 0:  # its calls zeroed their own sums and gradients, not the others'
+            return SKIP
         counted = self._sum("count")
         if self.sums is not None and abs(counted - self.token_count) > 0.5:
             raise RuntimeError(
@@ -102,6 +133,8 @@ class StepAccumulator:
                 f"token_count={self.token_count:.0f}: count the labels exactly as the loss does (shifted, "
                 "ignore_index excluded, all micro-batches, all-reduced over data-parallel ranks)"
             )
+        if self.skipped:
+            return SKIP
         if self.normalize == "tokens":
             return 1.0
         if self.nll_mix > 0 and self.calls > 1:
@@ -110,10 +143,9 @@ class StepAccumulator:
                 "(the NLL part is normalised by N, the rule part by Z): use normalize='tokens', or one micro-batch "
                 "per optimizer step"
             )
-        z = self._sum("sum_w")
-        # Z = 0 (every token truncated): the rule's part of every gradient is already zero, and the NLL part
-        # of a one-call nll_mix step must stay as it is.
-        return self.token_count / z if z > 0 else 1.0
+        # Z = 0 with an NLL part (one call): the rule's part of every gradient is already zero, and the NLL
+        # part must stay as it is.
+        return rescale_factor(self.token_count, self._sum("sum_w"))
 
     def stats(self) -> dict[str, float]:
         """The step's statistics (``STAT_NAMES``), from the sums of all its calls."""

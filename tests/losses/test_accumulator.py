@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from recall_dist import build_loss, fused_linear_loss, vocab_parallel_loss
+from recall_dist.losses.accumulator import SKIP, rescale_factor
 
 B, T, H, V = 8, 7, 12, 30
 CASES = [
@@ -79,12 +80,16 @@ def test_step_equals_a_single_call_outside_a_step():
 
 
 def test_everything_truncated_keeps_a_zero_gradient_and_the_nll_part():
-    """Z = 0 (every weight 0): the scale is 1, not a division by zero; the rule's gradient is exactly 0
-    and an nll_mix part stays what it is."""
+    """Z = 0 (every weight 0): no division by zero.  Without an NLL part the step is skipped (scale SKIP,
+    zero gradient); with one, the scale is 1: the rule's gradient is exactly 0 and the nll_mix part stays
+    what it is."""
     hidden, weight, target = batch(0)
     loss = build_loss("lambda_pr", lam=1e-300)  # w = q * 1[q < 1e-300]: every weight 0
     got_h, got_w, stats = one_step(loss, hidden, weight, target, 2, "fused")
     assert stats["weight_mean"] == 0 and torch.count_nonzero(got_h) == 0 and torch.count_nonzero(got_w) == 0
+    with loss.optimizer_step(float((target != -100).sum())) as step:
+        fused_linear_loss(hidden, weight, target, loss)
+        assert step.skipped and step.gradient_scale() == SKIP
     mixed = build_loss("lambda_pr", lam=1e-300, nll_mix=0.5, normalize="tokens")
     got_h, got_w, _ = one_step(mixed, hidden, weight, target, 2, "fused")
     nll_h, nll_w, _ = one_step(build_loss("nll"), hidden, weight, target, 1, "fused")
@@ -114,3 +119,40 @@ def test_steps_do_not_nest():
     with loss.optimizer_step(1.0), pytest.raises(RuntimeError, match="do not nest"), loss.optimizer_step(1.0):
         pass
     assert not loss.in_step
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c[0] + "".join(f"-{k}={v}" for k, v in c[1].items()))
+def test_a_step_without_a_valid_token_is_skipped(case):
+    """Every label ignored (N = 0, Z = 0): the step is skipped -- scale SKIP, zero gradients, finite
+    statistics (loss 0), no division by zero -- for every rule, over several micro-batches."""
+    hidden, weight, target = batch(3)
+    target = torch.full_like(target, -100)
+    got_h, got_w, stats = one_step(build_loss(case[0], **case[1]), hidden, weight, target, 4, "fused")
+    assert torch.count_nonzero(got_h) == 0 and torch.count_nonzero(got_w) == 0
+    assert stats["loss"] == 0.0 and stats["tokens"] == 0.0 and stats["nonfinite_tokens"] == 0.0, stats
+    assert all(v == v for k, v in stats.items() if k != "tau"), stats  # no NaN (tau: none before min_count)
+    loss = build_loss(case[0], **case[1])
+    with loss.optimizer_step(0.0) as step:
+        for rows in torch.arange(B).chunk(4):
+            fused_linear_loss(hidden[rows], weight, target[rows], loss)
+        assert step.skipped and step.gradient_scale() == SKIP == 0.0
+
+
+def test_a_non_finite_micro_batch_skips_the_whole_step():
+    """One micro-batch with a non-finite logit zeroes its own gradients only; the step's scale is SKIP
+    (0.0), so the finite micro-batches' gradients never reach an update (it was 1.0)."""
+    hidden, weight, target = batch(4)
+    hidden = hidden.clone()
+    hidden[B - 1, 0, 0] = float("nan")
+    loss = build_loss("cdiv", alpha=2.0)
+    h = hidden.clone().requires_grad_()
+    with loss.optimizer_step(float((target != -100).sum())) as step:
+        for rows in torch.arange(B).chunk(2):
+            fused_linear_loss(h[rows], weight, target[rows], loss).loss.backward()
+        assert torch.count_nonzero(h.grad[: B // 2]) > 0  # the finite half did form a gradient
+        assert step.skipped and step.gradient_scale() == SKIP
+        assert step.stats()["nonfinite_tokens"] > 0
+
+
+def test_rescale_factor_never_divides_by_zero():
+    assert rescale_factor(6.0, 4.0) == 1.5 and rescale_factor(6.0, 0.0) == 1.0

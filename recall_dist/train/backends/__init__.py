@@ -41,10 +41,11 @@ class Engine(Protocol):
         objective: the engine sums micro-batches (no division by the accumulation steps) and averages
         over data-parallel ranks (the loss is scaled by the DP size for that)."""
 
-    def step(self, grad_scale: float = 1.0, skip: bool = False) -> StepResult:
+    def step(self, grad_scale: float = 1.0) -> StepResult:
         """End of an optimizer step: multiply the accumulated gradients by ``grad_scale`` (the step's
-        exact normaliser, known only after its last forward), clip, update unless ``skip`` or the norm
-        is non-finite, advance the LR schedule, zero the gradients."""
+        exact normaliser, known only after its last forward; applied by ``train/step_scale.py``), clip,
+        update unless ``grad_scale`` is ``SKIP`` (0.0: a skipped step, ``losses/accumulator.py``) or the
+        norm is non-finite, advance the LR schedule, zero the gradients."""
 
     def lr(self) -> float: ...
 
@@ -123,4 +124,3 @@ def torch_optimizer(cfg: OptimConfig, params, device_type: str = "cpu") -> torch
     cls = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
     fused = {"fused": True} if device_type == "cuda" else {}
     return cls(params, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, weight_decay=cfg.weight_decay, **fused)
-

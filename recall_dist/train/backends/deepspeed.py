@@ -12,11 +12,13 @@ import math
 
 import torch
 
+from recall_dist.losses.accumulator import SKIP
 from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, stream_full_parameters, torch_optimizer
 from recall_dist.train.backends.zero_resharding import load_other_world_size, saved_dp_size
 from recall_dist.train.config import TrainConfig
 from recall_dist.train.loss_head import CausalLMWithLossHead, register_zero3_head
 from recall_dist.train.models import build_model, construct, enable_gradient_checkpointing, materialize, weight_source
+from recall_dist.train.step_scale import ZeroStepScale
 from recall_dist.train.weights import load_weights
 
 
@@ -110,7 +112,8 @@ class DeepSpeedEngine:
     """``deepspeed.initialize`` around the ``CausalLMWithLossHead``.  DeepSpeed averages gradients over
     the data-parallel ranks; the micro-batch losses are already the step's shares, so ``backward`` does not
     divide by the accumulation steps, and ``step`` applies the step's exact normaliser through the ZeRO
-    optimizer's loss scale (which it divides out before the norm, the clipping and the update)."""
+    optimizer's loss scale (``train/step_scale.py``: divided out before the norm, the clipping and the
+    update; a DeepSpeed without that hook is an error when the loss needs it, ``normalize: weights``)."""
 
     def __init__(self, cfg: TrainConfig, ctx, loss, accumulation_steps: int, total_steps: int):
         import deepspeed
@@ -135,8 +138,7 @@ class DeepSpeedEngine:
         self.module = self.ds.module
         self.device = ctx.device
         self.world_size = ctx.world_size
-        self._skip_update = False
-        self._guard_inner_step()
+        self.step_scale = ZeroStepScale.for_engine(self.ds, rescales=loss.normalize == "weights")
 
     def forward(self, batch):
         return self.ds(**batch)
@@ -146,47 +148,13 @@ class DeepSpeedEngine:
         if not self.ds.is_gradient_accumulation_boundary():
             self.ds.step()  # only advances DeepSpeed's micro-step counter
 
-    def _guard_inner_step(self) -> None:
-        """Skip the inner torch optimizer's update when we decided to skip the step or when the ZeRO
-        optimizer found a non-finite gradient norm (with bf16 it would otherwise apply NaNs): the fp32
-        masters and Adam moments stay as they were, and ZeRO copies the unchanged masters back."""
-        zero = self.ds.optimizer
-        inner = getattr(zero, "optimizer", zero)
-        original = inner.step
-
-        def guarded(*args, **kwargs):
-            norm = getattr(zero, "_global_grad_norm", None)
-            if self._skip_update or (norm is not None and not math.isfinite(float(norm))):
-                return None
-            return original(*args, **kwargs)
-
-        inner.step = guarded
-
-    @contextlib.contextmanager
-    def _gradient_scale(self, grad_scale: float):
-        """ZeRO divides the accumulated gradients by its loss scale before the norm, the clipping and the
-        update; a scale of 1 / grad_scale multiplies them by grad_scale.  Restored right after the step,
-        so every backward runs unscaled."""
-        zero = self.ds.optimizer
-        if grad_scale == 1.0 or not hasattr(zero, "override_loss_scale"):
-            yield
-            return
-        zero.override_loss_scale(1.0 / grad_scale)
-        try:
-            yield
-        finally:
-            zero.custom_loss_scaler, zero.external_loss_scale = False, None
-
-    def step(self, grad_scale: float = 1.0, skip: bool = False) -> StepResult:
-        self._skip_update = skip
-        try:
-            with self._gradient_scale(grad_scale):
-                self.ds.step()
-        finally:
-            self._skip_update = False
-        norm = self.ds.get_global_grad_norm()
+    def step(self, grad_scale: float = 1.0) -> StepResult:
+        with self.step_scale.applied(grad_scale):  # SKIP: ZeRO skips the update (step_scale.py)
+            self.ds.step()
+        skipped = grad_scale == SKIP
+        norm = None if skipped else self.ds.get_global_grad_norm()
         norm = None if norm is None else float(norm)
-        return StepResult(norm, skip or (norm is not None and not math.isfinite(norm)))
+        return StepResult(norm, skipped or (norm is not None and not math.isfinite(norm)))
 
     def lr(self) -> float:
         return self.scheduler.get_last_lr()[0]

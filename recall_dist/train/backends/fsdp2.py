@@ -15,10 +15,12 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from recall_dist.constants import DTYPES
+from recall_dist.losses.accumulator import SKIP
 from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, stream_full_parameters, torch_optimizer
 from recall_dist.train.config import TrainConfig
 from recall_dist.train.loss_head import CausalLMWithLossHead
 from recall_dist.train.models import build_model, decoder_layers, materialize, weight_source
+from recall_dist.train.step_scale import scale_gradients_
 from recall_dist.train.weights import load_weights
 
 
@@ -85,16 +87,15 @@ class FSDP2Engine:
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
 
-    def step(self, grad_scale: float = 1.0, skip: bool = False) -> StepResult:
+    def step(self, grad_scale: float = 1.0) -> StepResult:
+        scale_gradients_([self.module], grad_scale)  # SKIP drops every gradient: no update (step_scale.py)
         params = [p for p in self.module.parameters() if p.grad is not None]
         norm = None
         if params:
-            if grad_scale != 1.0:
-                torch._foreach_mul_([p.grad for p in params], grad_scale)
             max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
             total = torch.nn.utils.clip_grad_norm_(params, max_norm)
             norm = float(total.full_tensor() if hasattr(total, "full_tensor") else total)
-        skipped = skip or (norm is not None and not math.isfinite(norm))
+        skipped = grad_scale == SKIP or (norm is not None and not math.isfinite(norm))
         if not skipped:
             self.optimizer.step()
         self.scheduler.step()
