@@ -163,6 +163,19 @@ def test_precision_and_recall_equal_plain_teacher_forcing(model_dir, tmp_path):
         assert len(list(csv.DictReader(f))) == 4 * len(TEMPERATURES)
 
 
+def test_shipped_config_and_example_run_through_the_cli(model_dir, tmp_path, capsys):
+    """``recall-dist sweep configs/sweep_support.yaml`` on configs/support_example.jsonl (chat and prompt rows)."""
+    from recall_dist.eval.cli import main
+
+    models = f"models=[{{name: a, path: {model_dir['a']}}}]"
+    assert main(["configs/sweep_support.yaml", models, f"output_dir={tmp_path}", "temperatures=[1.0]"]) == 0
+    assert "max recall" in capsys.readouterr().out
+    with open(tmp_path / "sweep_prompts.csv", newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    saved = json.loads((tmp_path / "sweep.json").read_text())
+    assert saved["support"] == "configs/support_example.jsonl" and saved["rows"][0]["num_prompts"] == 3
+
+
 def _sweep_on_every_rank(cfg_dict):
     run_sweep(from_dict(SweepConfig, cfg_dict))
 
@@ -284,3 +297,55 @@ def test_two_completions_with_the_same_ids_are_an_error(tmp_path):
     (support,) = read_supports(write_support_file(rows, tmp_path / "s.jsonl")).values()
     with pytest.raises(ValueError, match=r"' red' \(line 1\) and ' Red' \(line 2\) tokenize to the same ids"):
         encode_support(tokenizer, support, "s.jsonl")
+
+
+SMOLLM2_ROWS = [
+    *(
+        {"messages": [{"role": "user", "content": "Name a primary colour. One word."}], "completion": c, "p": p}
+        for c, p in (("Red", 0.3), ("Blue", 0.3), ("Yellow", 0.3), ("Navy blue", 0.1))
+    ),
+    *(
+        {
+            "messages": [
+                {"role": "system", "content": "You answer with one word."},
+                {"role": "user", "content": "Name a season of the year."},
+            ],
+            "completion": c,
+            "p": p,
+        }
+        for c, p in (("Spring", 0.25), ("Summer", 0.25), ("Autumn (fall)", 0.3), ("Winter", 0.2))
+    ),
+]
+
+
+@pytest.mark.slow
+def test_smollm2_through_its_chatml_template(tmp_path):
+    """The converted SmolLM2-135M-Instruct with its own tokenizer and ChatML template (a default system
+    turn when the messages have none), completions of different lengths in batches of 2: the sweep's
+    numbers equal the plain teacher-forced loop's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recall_dist.convert import convert_gguf, smollm2_gguf
+
+    model_dir = convert_gguf(smollm2_gguf(), tmp_path / "smollm2")
+    support = write_support_file(SMOLLM2_ROWS, tmp_path / "support.jsonl")
+    cfg = from_dict(SweepConfig, _config({"smollm2": str(model_dir)}, support, tmp_path / "out", dtype="float32"))
+    compute_shard(cfg, 0, 1, progress=False)
+    result = aggregate(cfg, 1)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    assert tokenizer.eos_token == "<|im_end|>"
+    references = reference_metrics(model, tokenizer, SMOLLM2_ROWS, torch.float32)
+    exacts = reference_metrics(model, tokenizer, SMOLLM2_ROWS, torch.float64)
+    for t, expected, exact in zip(TEMPERATURES, references, exacts, strict=True):
+        got = [r for r in result["prompt_rows"] if r["temperature"] == t]
+        assert len(got) == 2
+        for row, (precision, recall), (precision64, recall64) in zip(
+            got, expected.values(), exact.values(), strict=True
+        ):
+            assert row["precision"] == pytest.approx(precision, rel=1e-6, abs=0)
+            assert row["recall"] == pytest.approx(recall, rel=1e-6, abs=0)
+            # 30 fp32 layers: Q_T differs from the float64 forward's by up to ~2e-5 relative (measured)
+            assert row["precision"] == pytest.approx(precision64, rel=1e-4, abs=0)
+            assert row["recall"] == pytest.approx(recall64, rel=1e-4, abs=0)
+    assert max(r["recall"] for r in result["prompt_rows"]) > 0.1  # not a comparison of near-zeros
