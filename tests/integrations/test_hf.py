@@ -281,3 +281,39 @@ def test_nll_mix_over_accumulated_steps_is_refused(tmp_path):
             recall_loss="cdiv",
             recall_loss_params={"nll_mix": 0.5},
         )
+
+
+def test_the_kernel_choice_is_read_once_at_the_start(tmp_path, monkeypatch):
+    """``RecallTrainer`` merges the ``RECALL_DIST_*`` variables when it is constructed, and the head that
+    ``recall_compute_loss`` attaches when it is attached (docs/kernels.md): a variable changed later
+    changes nothing (a head that read it again would raise on these values)."""
+    from recall_dist.parallel import KernelOptions
+    from recall_dist.train import loss_head
+
+    seen, real = [], loss_head.fused_linear_loss
+    monkeypatch.setattr(loss_head, "fused_linear_loss", lambda *a, **k: seen.append(k["kernel"]) or real(*a, **k))
+    monkeypatch.setenv("RECALL_DIST_KERNEL", "torch")
+    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", "cublas")
+    trainer = RecallSFTTrainer(
+        model=tiny_llama(0),
+        args=sft_config(tmp_path, max_steps=1),
+        train_dataset=text_dataset(8),
+        processing_class=char_tokenizer(),
+        recall_loss="nll",
+    )
+    trainer.first_step_batches = []  # RecallSFTTrainer's record
+    resolved = KernelOptions("torch", "recompute", "cublas")
+    assert trainer.recall_kernel == resolved
+    monkeypatch.setenv("RECALL_DIST_KERNEL", "fast")
+    monkeypatch.setenv("RECALL_DIST_HEAD_MATMUL", "cutlass")
+    trainer.train()
+    assert seen and all(options == resolved for options in seen), seen
+    # recall_compute_loss: the head reads the variables when it is attached (the first call), then never
+    monkeypatch.setenv("RECALL_DIST_KERNEL", "torch")
+    monkeypatch.delenv("RECALL_DIST_HEAD_MATMUL")
+    model, seen[:] = tiny_llama(0), []
+    ids = torch.randint(3, model.config.vocab_size, (2, 8), generator=torch.Generator().manual_seed(0))
+    recall_compute_loss(model, {"input_ids": ids, "labels": ids}, build_loss("nll"), dp_group=None)
+    monkeypatch.setenv("RECALL_DIST_KERNEL", "fast")
+    recall_compute_loss(model, {"input_ids": ids, "labels": ids}, build_loss("nll"), dp_group=None)
+    assert seen == [KernelOptions("torch")] * 2
