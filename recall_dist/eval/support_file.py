@@ -179,8 +179,8 @@ def _require_template(tokenizer, source: str) -> None:
     if getattr(tokenizer, "chat_template", None) is None or not hasattr(tokenizer, "apply_chat_template"):
         raise ValueError(
             f"support {source}: rows with 'messages' need a chat template and tokenizer {type(tokenizer).__name__} "
-            f"has none: save the model's tokenizer with its chat template (training's data.chat_template is saved "
-            f"with the export), or point the model entry's 'tokenizer' at a directory whose tokenizer has one"
+            f"has none: save the model's tokenizer with the chat template it was trained with, or point the model "
+            f"entry's 'tokenizer' at a directory whose tokenizer has it"
         )
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -38,6 +39,7 @@ ROWS = [
     {"prompt": [{"role": "user", "content": "three times three ?"}], "completion": "nine", "p": 1.0},
 ]
 TEMPERATURES = [0.6, 1.0, 2.5]
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 RECALL_N = 1000
 
 
@@ -163,17 +165,24 @@ def test_precision_and_recall_equal_plain_teacher_forcing(model_dir, tmp_path):
         assert len(list(csv.DictReader(f))) == 4 * len(TEMPERATURES)
 
 
+@pytest.mark.slow  # generation with sampling
 def test_shipped_config_and_example_run_through_the_cli(model_dir, tmp_path, capsys):
-    """``recall-dist sweep configs/sweep_support.yaml`` on configs/support_example.jsonl (chat and prompt rows)."""
+    """``recall-dist sweep configs/sweep_support.yaml`` on configs/support_example.jsonl (chat and prompt
+    rows), with sampled estimates that agree with the exact numbers within their standard errors."""
     from recall_dist.eval.cli import main
 
-    models = f"models=[{{name: a, path: {model_dir['a']}}}]"
-    assert main(["configs/sweep_support.yaml", models, f"output_dir={tmp_path}", "temperatures=[1.0]"]) == 0
+    support = str(CONFIGS / "support_example.jsonl")
+    overrides = [f"models=[{{name: a, path: {model_dir['a']}}}]", f"support={support}", f"output_dir={tmp_path}"]
+    overrides += ["temperatures=[1.0]", "num_samples=60", "generate_batch_size=30"]
+    assert main([str(CONFIGS / "sweep_support.yaml"), *overrides]) == 0
     assert "max recall" in capsys.readouterr().out
     with open(tmp_path / "sweep_prompts.csv", newline="") as f:
         assert len(list(csv.DictReader(f))) == 3
     saved = json.loads((tmp_path / "sweep.json").read_text())
-    assert saved["support"] == "configs/support_example.jsonl" and saved["rows"][0]["num_prompts"] == 3
+    (row,) = saved["rows"]
+    assert saved["support"] == support and row["num_prompts"] == 3
+    assert abs(row["precision_sampled"] - row["precision"]) < 4 * row["precision_sampled_se"] + 1e-9
+    assert abs(row["recall_sampled"] - row["recall_at_num_samples"]) < 4 * row["recall_sampled_se"] + 1e-9
 
 
 def _sweep_on_every_rank(cfg_dict):
