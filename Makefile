@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers: whole files per worker, the cluster tests together on one (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup lint ds-ops test test-fast demo demo-grid demo-text bench clean
+.PHONY: setup lint ds-ops test test-fast demo demo-grid demo-text demo-lm bench clean
 
 setup: $(STAMP)
 
@@ -78,6 +78,16 @@ demo-text: setup
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null; }; }
 	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-text --seeds $(SEEDS) $(if $(MODEL),--model $(MODEL)) $(if $(RESUME),--resume)
+
+# Exact evidence on a real LM: SmolLM2 fine-tuned on prompts whose valid answers are known (Debian's iso-codes,
+# installed here when absent: "Name a region of France." -> its regions), swept on training and held-out prompts:
+# results/demo-lm/{pr_curve.png,sweep.csv,summary.md,samples.md}.  SEEDS, MODEL and RESUME as for demo-text.
+ISO_CODES := /usr/share/iso-codes/json/iso_3166-2.json
+demo-lm: setup
+	@test -f $(ISO_CODES) || { echo "[setup] installing Debian's iso-codes"; \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q iso-codes >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iso-codes >/dev/null; }; }
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-lm --seeds $(SEEDS) $(if $(MODEL),--model $(MODEL)) $(if $(RESUME),--resume)
 
 bench: setup
 	$(PY) benchmarks/loss_bench.py

@@ -21,7 +21,7 @@ def test_help_lists_every_command(capsys):
         assert cli.main(argv) == 0
         out = capsys.readouterr().out
         listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
-        assert listed == ["train", "torchrun", "plan", "sweep", "demo", "demo-text", "convert-gguf"]
+        assert listed == ["train", "torchrun", "plan", "sweep", "demo", "demo-text", "demo-lm", "convert-gguf"]
 
 
 def test_help_imports_no_command():

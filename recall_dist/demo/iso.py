@@ -1,0 +1,206 @@
+"""``recall-dist demo-lm``: recall losses on a real pretrained LM, measured exactly on prompts whose valid
+answers are known (Debian's ``iso-codes``), on prompts the fine-tune saw and on prompts it never saw.
+
+    recall-dist demo-lm [--out results/demo-lm] [--model DIR_OR_HUB] [--seeds S] [--steps N] [--quick]
+                        [--resume]
+
+Stages on the demos' skeleton (``demo/pipeline.py``), each a real command of this package (training and
+sweep as ``torchrun --nproc-per-node 2`` subprocesses, logs in ``OUT/logs/``):
+
+1. **Model**: SmolLM2-135M-Instruct converted once from GGUF (as ``demo-text``: ``fortunes.prepare_model``),
+   or ``--model`` (any causal LM directory or hub name with a chat template).
+2. **Prompts** (``demo/iso_prompts.py``): "Name a region of France. Answer with the name only." and the
+   like, each with its support (8-60 answers, P uniform); a hash split holds out one prompt in five.
+   ``data/train.jsonl``: ``finetune_steps x global_batch`` chat examples drawn from the *training*
+   prompts only (prompt uniform, answer uniform in its support).  ``data/support_train.jsonl``: the
+   supports of a fixed subset of ``train_prompts`` training prompts (the first by SHA-256 of their text,
+   so the subset does not depend on file order); ``data/support_heldout.jsonl``: the held-out prompts'
+   supports; ``data/support.jsonl``: both, the sweep's ``support`` file.
+3. **Fine-tune** the model with each loss (``pipeline.LOSSES``) on the same examples, seed, steps and
+   learning rate, 2 processes on FSDP2 (``configs/demo_lm/finetune.yaml``).  The un-fine-tuned model
+   adds words around a name, so the fine-tune also teaches the format.
+4. **Sweep** (``configs/demo_lm/sweep.yaml``, ``metric: known_support``): exact Precision = Q_T(support)
+   and Recall@N of every model and temperature on every swept prompt, by teacher forcing each answer
+   through the chat template exactly as training tokenizes it (``eval/support_file.py``).
+5. **Report** (``demo/iso_report.py``): ``summary.md`` (means over the training and the held-out prompts
+   with their spread, paired margins over NLL and verdicts per Precision band) and ``samples.md``.
+
+Outputs in ``OUT``: ``pr_curve.png`` (all swept prompts), ``pr_curve_training.png``,
+``pr_curve_heldout.png``, ``sweep.csv``, ``sweep_prompts.csv``, ``summary.md``, ``samples.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+from recall_dist.demo import iso_prompts
+from recall_dist.demo.fortunes import prepare_model
+from recall_dist.demo.pipeline import (
+    CONFIGS,
+    DemoError,
+    Prepared,
+    Progress,
+    Recipe,
+    Result,
+    add_common_arguments,
+    fmt_time,
+    recipe_from_args,
+    run_command,
+)
+
+CONFIG_DIR = CONFIGS / "demo_lm"
+# The support files of the two groups the report compares, in the order it shows them.
+GROUP_FILES = {"training": "support_train.jsonl", "held-out": "support_heldout.jsonl"}
+
+
+def sweep_subset(prompts: list[iso_prompts.Prompt], n: int | None) -> list[iso_prompts.Prompt]:
+    """The first ``n`` of ``prompts`` by the SHA-256 of their text (all when ``n`` is None): a fixed
+    subset, independent of the order given, in that hash order."""
+    ordered = sorted(prompts, key=lambda p: hashlib.sha256(p.text.encode()).hexdigest())
+    return ordered if n is None else ordered[:n]
+
+
+def write_demo_data(
+    out: Path,
+    prompts: list[iso_prompts.Prompt],
+    num_examples: int,
+    train_prompts: int | None,
+    heldout_prompts: int | None = None,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """The demo's data files in ``out`` (module docstring, stage 2); returns their paths by name
+    (``train``, ``support_train``, ``support_heldout``, ``support``)."""
+    from recall_dist.eval.support_file import write_support_file
+
+    training, heldout = iso_prompts.split_prompts(prompts)
+    groups = {
+        "support_train": sweep_subset(training, train_prompts),
+        "support_heldout": sweep_subset(heldout, heldout_prompts),
+    }
+    for name, chosen in groups.items():
+        if not chosen:
+            raise DemoError(f"data: no {name[8:]} prompt to sweep (of {len(prompts)} prompts)")
+    paths = {
+        "train": iso_prompts.write_jsonl(
+            out / "train.jsonl", iso_prompts.training_examples(prompts, num_examples, seed)
+        )
+    }
+    rows = {name: iso_prompts.support_rows(chosen) for name, chosen in groups.items()}
+    for name, group_rows in rows.items():
+        paths[name] = write_support_file(group_rows, out / f"{name}.jsonl")
+    paths["support"] = write_support_file([*rows["support_train"], *rows["support_heldout"]], out / "support.jsonl")
+    return paths
+
+
+@dataclass(kw_only=True)
+class IsoRecipe(Recipe):
+    """The known-support demo: its sizes besides every recipe's (``demo/pipeline.py``).  ``train_prompts``
+    and ``heldout_prompts``: how many prompts of each group the sweep scores (None: all held-out ones);
+    ``sample_prompts`` x ``samples`` answers per model and group in ``samples.md``."""
+
+    COMMAND = "demo-lm"
+    CONFIG_DIR = CONFIG_DIR
+    OUT = "results/demo-lm"
+    QUICK: ClassVar[dict] = {
+        "finetune_steps": 2,
+        "global_batch": 8,
+        "temperatures": [0.5, 1.0, 1.5],
+        "train_prompts": 2,
+        "heldout_prompts": 2,
+        "sample_prompts": 1,
+        "samples": 2,
+    }
+
+    train_prompts: int | None = 31  # as many as the held-out prompts: the two means have the same noise
+    heldout_prompts: int | None = None
+    sample_prompts: int = 2
+    samples: int = 4
+
+    def banner(self) -> str:
+        return (
+            f"recall-dist demo-lm: {len(self.losses)} losses x {self.seeds} seed(s), 2 processes (FSDP2), "
+            f"{self.finetune_steps} steps of {self.global_batch} chat examples each; output in {self.out}"
+        )
+
+    def prepare_stages(self) -> int:
+        return 2
+
+    def prepare(self, progress: Progress, resume: bool) -> Prepared:
+        """Convert (or take) the model and write the prompt files (module docstring, stages 1-2)."""
+        label, start = progress.next_label(), time.monotonic()
+        model = prepare_model(self.model)
+        seconds = progress.times["model (convert or reuse)"] = time.monotonic() - start
+        print(f"{label} model: {model} ({fmt_time(seconds)})", flush=True)
+        label = progress.next_label()
+        prompts = iso_prompts.build_prompts()
+        paths = write_demo_data(
+            self.out / "data",
+            prompts,
+            self.finetune_steps * self.global_batch,
+            self.train_prompts,
+            self.heldout_prompts,
+        )
+        training, heldout = iso_prompts.split_prompts(prompts)
+        print(
+            f"{label} prompts: {len(training)} training and {len(heldout)} held-out; the sweep scores "
+            f"{self.train_prompts or len(training)} training and {self.heldout_prompts or len(heldout)} held-out "
+            f"-> {self.out / 'data'}",
+            flush=True,
+        )
+        return self.prepared(model, paths)
+
+    def prepared(self, model: str, paths: dict[str, Path]) -> Prepared:
+        """The fine-tunes' and the sweep's overrides for ``model`` and the files of ``write_demo_data``."""
+        return Prepared(
+            model=model,
+            finetune=[
+                f"model.name_or_path={model}",
+                f"data.source={paths['train']}",
+                f"train.global_batch_size={self.global_batch}",
+                f"train.micro_batch_size={self.global_batch // 2}",
+            ],
+            sweep=[f"support={paths['support']}"],
+        )
+
+    def report(self, result: Result) -> Path:
+        """``samples.md`` (sampled answers of each model) and ``summary.md`` from the sweep's tables."""
+        from recall_dist.demo.iso_report import write_summary
+        from recall_dist.demo.iso_samples import write_samples
+
+        data = self.out / "data"
+        groups = {group: data / name for group, name in GROUP_FILES.items()}
+        models = {run.name: self.out / "runs" / run.name / "final" for run in self.runs()}
+        write_samples(models, groups, self.out / "samples.md", self.temperatures, self.sample_prompts, self.samples)
+        return write_summary(
+            self.out, groups, recipe=self, wall_seconds=result.wall_seconds, stage_seconds=result.stage_seconds
+        )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="recall-dist demo-lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add_common_arguments(p, IsoRecipe, "CI-sized run: 2 losses, 2 steps, 3 temperatures, 2 + 2 prompts")
+    p.add_argument("--model", default=None, help="causal LM directory or hub name (default: SmolLM2-135M-Instruct)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    recipe = recipe_from_args(IsoRecipe, args)
+    if isinstance(recipe, str):
+        print(f"recall-dist demo-lm: {recipe}", file=sys.stderr)
+        return 2
+    # a local model directory by its absolute path: the stages run in the package's directory
+    recipe.model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
+    return run_command(recipe, args.resume)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
