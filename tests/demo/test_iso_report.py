@@ -1,0 +1,154 @@
+"""``demo/iso_report.py`` against worked values: the band margins of hand-made curves (checked against
+``np.interp`` on the monotone curves, and by hand where a curve never reaches a band), margins paired by
+seed, and summary.md from a hand-made ``sweep.csv`` / ``sweep_prompts.csv`` whose per-prompt numbers
+average to known curves."""
+
+from __future__ import annotations
+
+import csv
+import math
+
+import numpy as np
+import pytest
+
+from recall_dist.demo.iso_prompts import prompt_messages
+from recall_dist.demo.iso_report import (
+    BANDS,
+    LEVELS_PER_BAND,
+    TIE,
+    band_margin,
+    band_statistics,
+    read_groups,
+    summary_markdown,
+)
+from recall_dist.eval.support_file import prompt_key, write_support_file
+
+# (T, precision, recall), Precision falling and Recall rising with T: the upper envelope is np.interp.
+NLL = [(0.3, 0.995, 0.4), (0.5, 0.99, 0.5), (1.0, 0.9, 0.7), (1.5, 0.8, 0.8)]
+CDIV = [(0.3, 0.95, 0.6), (0.5, 0.9, 0.7), (1.0, 0.85, 0.8), (1.5, 0.7, 0.9)]  # same T grid as NLL
+
+
+def envelope(points, p: float) -> float:
+    """Recall at Precision p on a curve monotone in T (NaN above its highest Precision, its max Recall below
+    its lowest): plain linear interpolation, independent of ``verdicts.recall_at``."""
+    prec = np.array([q for _, q, _ in points])[::-1]
+    rec = np.array([r for _, _, r in points])[::-1]
+    if p > prec.max():
+        return math.nan
+    return float(np.interp(p, prec, rec))
+
+
+def levels(band) -> np.ndarray:
+    lo, hi = band
+    return lo + (hi - lo) * (np.arange(LEVELS_PER_BAND) + 0.5) / LEVELS_PER_BAND
+
+
+@pytest.mark.parametrize("band", BANDS[:3])
+def test_band_margin_is_the_mean_gap_at_equal_precision(band):
+    expected = np.mean([envelope(CDIV, p) - envelope(NLL, p) for p in levels(band)])
+    got = band_margin(CDIV, NLL, band)
+    assert got["margin"] == pytest.approx(expected, abs=1e-12)
+    assert got["both"] == LEVELS_PER_BAND
+    assert got["verdict"] == ("higher" if expected > TIE else "lower" if expected < -TIE else "tie")
+
+
+def test_band_margin_worked_values():
+    # [0.5, 0.8): CDIV's Recall is 0.9 below P = 0.7 and 0.8 + (0.85 - p) / 1.5 above; NLL's is 0.8.
+    lo = band_margin(CDIV, NLL, BANDS[0])
+    gaps = [(0.9 if p <= 0.7 else 0.8 + (0.85 - p) / 1.5) - 0.8 for p in levels(BANDS[0])]
+    assert lo["margin"] == pytest.approx(np.mean(gaps)) and lo["verdict"] == "higher"
+    # [0.95, 0.99): CDIV's best Precision is 0.95, so every level is NLL's alone.
+    assert band_margin(CDIV, NLL, BANDS[3]) | {"margin": 0} == {
+        "margin": 0,
+        "both": 0,
+        "only_loss": 0,
+        "only_ref": LEVELS_PER_BAND,
+        "verdict": "NLL only",
+    }
+    # >= 0.99: NLL reaches 0.995, i.e. the 10 levels 0.99025 ... 0.99475; nobody reaches the rest.
+    top = band_margin(CDIV, NLL, BANDS[4])
+    assert (top["only_ref"], top["both"], top["verdict"]) == (10, 0, "NLL only")
+    assert band_margin(NLL, CDIV, BANDS[4])["verdict"] == "loss only"
+    assert band_margin(CDIV, CDIV, BANDS[1]) == {
+        "margin": 0.0,
+        "both": 20,
+        "only_loss": 0,
+        "only_ref": 0,
+        "verdict": "tie",
+    }
+
+
+def shifted(points, dr: float):
+    return [(t, p, r + dr) for t, p, r in points]
+
+
+def test_margins_are_paired_by_seed():
+    curves = {"nll": {0: NLL, 1: shifted(NLL, -0.05)}, "cdiv-1.4": {0: CDIV, 1: shifted(CDIV, -0.03)}}
+    stats = band_statistics(curves)
+    assert list(stats) == ["cdiv-1.4"]
+    for band in BANDS[:3]:
+        s0, s1 = stats["cdiv-1.4"][band]
+        assert s1["margin"] - s0["margin"] == pytest.approx(0.02)  # each seed against its own NLL
+    with pytest.raises(ValueError, match=r"lacks seed\(s\) \[1\]"):
+        band_statistics({"nll": {0: NLL, 1: NLL}, "cdiv-1.4": {0: CDIV}})
+    with pytest.raises(ValueError, match="no 'nll' model"):
+        band_statistics({"cdiv-1.4": {0: CDIV}})
+
+
+def write_sweep(out, groups: dict[str, list[str]], curves: dict[str, list], delta: float = 0.004) -> dict:
+    """A sweep's two tables for models ``curves`` (one seed): each group's prompts at each T sit at the
+    curve's value +- ``delta`` (prompt 0 +, prompt 1 -), so their mean is the curve; and the support files."""
+    files, prompt_rows, sweep_rows = {}, [], []
+    for group, texts in groups.items():
+        rows = [{"messages": prompt_messages(t), "completion": f"A{k}", "p": 0.5} for t in texts for k in (1, 2)]
+        files[group] = write_support_file(rows, out / f"{group}.jsonl")
+    keys = {g: [prompt_key(prompt_messages(t)) for t in texts] for g, texts in groups.items()}
+    for model, points in curves.items():
+        for t, p, r in points:
+            sweep_rows.append(
+                {
+                    "model": model,
+                    "family": model,
+                    "seed": 0,
+                    "temperature": t,
+                    "precision": p,
+                    "recall": r,
+                    "recall_at_n": 100,
+                }
+            )
+            for group_keys in keys.values():
+                for i, key in enumerate(group_keys):
+                    d = delta if i == 0 else -delta
+                    prompt_rows.append(
+                        {"model": model, "temperature": t, "prompt": key, "precision": p + d, "recall": r + d}
+                    )
+    for name, rows in (("sweep.csv", sweep_rows), ("sweep_prompts.csv", prompt_rows)):
+        with open(out / name, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    return files
+
+
+def test_summary_from_hand_made_tables(tmp_path):
+    groups = {"training": ["Name a red thing.", "Name a blue thing."], "held-out": ["Name a cat.", "Name a dog."]}
+    files = write_sweep(tmp_path, groups, {"nll": NLL, "cdiv-1.4": CDIV})
+    assert read_groups(files)[prompt_key(prompt_messages("Name a cat."))] == "held-out"
+    text = summary_markdown(tmp_path, files)
+    margin = band_margin(CDIV, NLL, BANDS[0])["margin"]
+    row = f"| cdiv-1.4 | {margin:+.3f} higher | "
+    assert text.count(row) == 2  # the same curves in both groups
+    assert "NLL only |" in text
+    assert "## Recall over NLL at the same Precision: held-out prompts (2)" in text
+    # T = 1 of NLL: mean 0.9 / 0.7 over the two prompts, std 0.004 each
+    assert "| 1 | 0.900 / 0.700 (±0.004, ±0.004) | 0.850 / 0.800 (±0.004, ±0.004) |" in text
+    assert "- training prompts: at T = 1 NLL has Precision 0.900 [0.900, 0.900], Recall 0.700" in text
+    assert "- cdiv-1.4: on training prompts higher in every seed at P ∈ [0.5, 0.8)" in text
+    assert (tmp_path / "pr_curve_training.png").is_file() and (tmp_path / "pr_curve_heldout.png").is_file()
+
+
+def test_a_swept_prompt_of_no_group_is_an_error(tmp_path):
+    files = write_sweep(tmp_path, {"training": ["Name a red thing."], "held-out": ["Name a cat."]}, {"nll": NLL})
+    files.pop("held-out")
+    with pytest.raises(ValueError, match="is in no group's support file"):
+        summary_markdown(tmp_path, files)
