@@ -321,8 +321,10 @@ def test_resume_other_world_size(tmp_path, backend, first, second):
     resumed = read_metrics(out)
     assert [r["step"] for r in resumed] == [1, 2, 3, 4]
     for ref, got in zip(reference[2:], resumed[2:], strict=True):
+        assert ("grad_norm" in got) == ("grad_norm" in ref), (ref, got)  # a skipped step (no kept token) logs none
         for key in ("loss", "nll", "grad_norm", "kept_fraction", "tau"):
-            assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (key, ref, got)
+            if key in ref:
+                assert got[key] == pytest.approx(ref[key], rel=1e-5, abs=1e-7), (key, ref, got)
 
 
 # ---------------------------------------------------------------- the export is atomic
