@@ -25,7 +25,7 @@ import numpy as np
 
 from recall_dist.demo.markdown import TEMPERATURE_QUESTION, Section, loss_settings, summary_document, table
 from recall_dist.demo.stages import fmt_time
-from recall_dist.demo.verdicts import Points, recall_at, spread, temperature_effect
+from recall_dist.demo.verdicts import Points, dominance, recall_at, spread, temperature_effect
 
 REFERENCE = "nll"
 BANDS = ((0.5, 0.8), (0.8, 0.9), (0.9, 0.95), (0.95, 0.99), (0.99, 1.0))
@@ -134,6 +134,13 @@ def band_statistics(curves: dict[str, dict[int, Points]]) -> dict[str, dict[tupl
     return stats
 
 
+def over_seeds(values: list[float], signed: bool = False) -> str:
+    """One seed: the number; several: 'mean [min, max]' (``verdicts.spread``)."""
+    if len(values) > 1:
+        return spread(values, signed)
+    return "n/a" if math.isnan(values[0]) else f"{values[0]:{'+.3f' if signed else '.3f'}}"
+
+
 def band_cell(per_seed: list[dict]) -> str:
     """'+0.024 [+0.020, +0.031] higher 3/3' style: the paired margin over seeds and the verdicts' counts."""
     verdicts = [s["verdict"] for s in per_seed]
@@ -142,7 +149,7 @@ def band_cell(per_seed: list[dict]) -> str:
     margins = [s["margin"] for s in per_seed]
     if all(math.isnan(m) for m in margins):
         return counts
-    text = spread(margins, signed=True) if len(margins) > 1 else f"{margins[0]:+.3f}"
+    text = over_seeds(margins, signed=True)
     return f"{text} {counts}"
 
 
@@ -161,9 +168,14 @@ def _band_section(group: str, stats: dict, n_prompts: int) -> Section:
     )
 
 
-def _general_section(stats_by_group: dict[str, dict]) -> Section:
-    """Does the loss help only on the prompts it trained on?  Bands where it is higher, per group."""
-    lines = []
+def _general_section(stats_by_group: dict[str, dict], curves: Curves) -> Section:
+    """Does the loss help only on the prompts it trained on?  Bands where it is higher, per group, and the
+    whole-curve verdict (``verdicts.dominance`` at NLL's temperature points, tolerance ``TIE``)."""
+    lines = [
+        "Per loss and group: the bands where it is higher than NLL in every seed, the bands where some seed is "
+        "lower or never as precise, and whether its whole curve dominates NLL + temperature.",
+        "",
+    ]
     families = next(iter(stats_by_group.values()))
     for family in families:
         parts = []
@@ -172,9 +184,14 @@ def _general_section(stats_by_group: dict[str, dict]) -> Section:
             lower = [
                 band_label(b) for b in BANDS if any(s["verdict"] in ("lower", "NLL only") for s in stats[family][b])
             ]
+            ref = curves[group][REFERENCE]
+            whole = [
+                dominance(points, ref[seed], TIE)["verdict"] for seed, points in sorted(curves[group][family].items())
+            ]
+            counts = ", ".join(f"{v} {whole.count(v)}/{len(whole)}" for v in dict.fromkeys(whole))
             parts.append(
                 f"on {group} prompts higher in every seed at {', '.join(higher) or 'no band'}, lower or never as "
-                f"precise in some seed at {', '.join(lower) or 'no band'}"
+                f"precise in some seed at {', '.join(lower) or 'no band'}; whole curve: {counts}"
             )
         lines.append(f"- {family}: " + "; ".join(parts) + ".")
     return Section("Where it was trained, or in general?", lines)
@@ -187,11 +204,11 @@ def _temperature_section(curves: Curves) -> Section:
         at_1 = [min(points, key=lambda x: abs(x[0] - 1)) for points in families[REFERENCE].values()]
         cold = [points[0] for points in families[REFERENCE].values()]
         lines.append(
-            f"- {group} prompts: at T = 1 NLL has Precision {spread([p for _, p, _ in at_1])}, Recall "
-            f"{spread([r for _, _, r in at_1])}; best Recall above T = 1 minus Recall at T = 1: "
-            f"{spread([e['recall_best_above'] - e['recall_ref'] for e in effects], signed=True)}; at the coldest "
-            f"T = {cold[0][0]:g}: Precision {spread([p for _, p, _ in cold])}, "
-            f"Recall {spread([r for _, _, r in cold])}."
+            f"- {group} prompts: at T = 1 NLL has Precision {over_seeds([p for _, p, _ in at_1])}, Recall "
+            f"{over_seeds([r for _, _, r in at_1])}; best Recall above T = 1 minus Recall at T = 1: "
+            f"{over_seeds([e['recall_best_above'] - e['recall_ref'] for e in effects], signed=True)}; at the coldest "
+            f"T = {cold[0][0]:g}: Precision {over_seeds([p for _, p, _ in cold])}, "
+            f"Recall {over_seeds([r for _, _, r in cold])}."
         )
     return Section(TEMPERATURE_QUESTION, lines)
 
@@ -285,7 +302,7 @@ def summary_markdown(
     sections = [
         _temperature_section(curves),
         *(_band_section(g, stats[g], n_prompts[g]) for g in stats),
-        _general_section(stats),
+        _general_section(stats, curves),
         *(_curve_section(g, values[g], labels) for g in values),
         _training_section(out / "runs", list(labels)) if (out / "runs").is_dir() else None,
         _time_section(stage_seconds) if stage_seconds else None,

@@ -142,8 +142,9 @@ def test_summary_from_hand_made_tables(tmp_path):
     assert "## Recall over NLL at the same Precision: held-out prompts (2)" in text
     # T = 1 of NLL: mean 0.9 / 0.7 over the two prompts, std 0.004 each
     assert "| 1 | 0.900 / 0.700 (±0.004, ±0.004) | 0.850 / 0.800 (±0.004, ±0.004) |" in text
-    assert "- training prompts: at T = 1 NLL has Precision 0.900 [0.900, 0.900], Recall 0.700" in text
+    assert "- training prompts: at T = 1 NLL has Precision 0.900, Recall 0.700; best Recall above" in text
     assert "- cdiv-1.4: on training prompts higher in every seed at P ∈ [0.5, 0.8)" in text
+    assert "whole curve: mixed 1/1" in text  # higher at NLL's lower-Precision points, 0 where it is never as precise
     assert (tmp_path / "pr_curve_training.png").is_file() and (tmp_path / "pr_curve_heldout.png").is_file()
 
 
