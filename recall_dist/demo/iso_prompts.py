@@ -90,7 +90,8 @@ class Phrasing:
 
 
 # The phrasings measured by benchmarks/iso_prompt_phrasing.py; PHRASING is the one with the highest
-# valid mass on the un-fine-tuned SmolLM2-135M-Instruct (see that script's docstring for the numbers).
+# valid mass on the un-fine-tuned SmolLM2-135M-Instruct: 8.1e-4 on average over 7 prompts, against 3.0e-5
+# (plain) and 2.5e-4 (system message); that script's docstring has the table.
 PHRASINGS = {
     "plain": Phrasing(),
     "suffix": Phrasing(suffix=" Answer with the name only."),
