@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recall_dist.demo.markdown import TEMPERATURE_QUESTION, Section, loss_settings, summary_document, table
+from recall_dist.demo.markdown import TEMPERATURE_QUESTION, Section, loss_settings, num, summary_document, table
 from recall_dist.demo.stages import fmt_time
 from recall_dist.demo.verdicts import Points, dominance, recall_at, spread, temperature_effect
 
@@ -118,6 +118,18 @@ def band_margin(loss: Points, reference: Points, band: tuple[float, float], leve
     return {"margin": margin, "both": len(gaps), "only_loss": only_loss, "only_ref": only_ref, "verdict": verdict}
 
 
+def seed_range(seeds: dict[int, Points], band: tuple[float, float], levels: int = LEVELS_PER_BAND) -> float:
+    """How far apart the seeds of one model are in ``band``: the mean over the band's levels (those every
+    seed reaches) of max - min over seeds of the Recall at that Precision; NaN with one seed or no level."""
+    lo, hi = band
+    spreads = []
+    for p in lo + (hi - lo) * (np.arange(levels) + 0.5) / levels:
+        values = [recall_at(points, p) for points in seeds.values()]
+        if len(values) > 1 and not any(math.isnan(v) for v in values):
+            spreads.append(max(values) - min(values))
+    return float(np.mean(spreads)) if spreads else math.nan
+
+
 def band_statistics(curves: dict[str, dict[int, Points]]) -> dict[str, dict[tuple, list[dict]]]:
     """family -> band -> [band_margin per seed, paired with the reference of that seed] (reference left out)."""
     if REFERENCE not in curves:
@@ -153,8 +165,10 @@ def band_cell(per_seed: list[dict]) -> str:
     return f"{text} {counts}"
 
 
-def _band_section(group: str, stats: dict, n_prompts: int) -> Section:
+def _band_section(group: str, stats: dict, n_prompts: int, reference: dict[int, Points]) -> Section:
     rows = [[family, *(band_cell(per_band[band]) for band in BANDS)] for family, per_band in stats.items()]
+    if len(reference) > 1:  # what the fixed tolerance is to be read against
+        rows.append(["(NLL's seed-to-seed range)", *(num(seed_range(reference, band)) for band in BANDS)])
     return Section(
         f"Recall over NLL at the same Precision: {group} prompts ({n_prompts})",
         [
@@ -301,7 +315,7 @@ def summary_markdown(
         plot_group(group, models, labels, recall_at_n, out / f"pr_curve_{group.replace('-', '')}.png")
     sections = [
         _temperature_section(curves),
-        *(_band_section(g, stats[g], n_prompts[g]) for g in stats),
+        *(_band_section(g, stats[g], n_prompts[g], curves[g][REFERENCE]) for g in stats),
         _general_section(stats, curves),
         *(_curve_section(g, values[g], labels) for g in values),
         _training_section(out / "runs", list(labels)) if (out / "runs").is_dir() else None,

@@ -19,6 +19,7 @@ from recall_dist.demo.iso_report import (
     band_margin,
     band_statistics,
     read_groups,
+    seed_range,
     summary_markdown,
 )
 from recall_dist.eval.support_file import prompt_key, write_support_file
@@ -89,14 +90,17 @@ def test_margins_are_paired_by_seed():
     for band in BANDS[:3]:
         s0, s1 = stats["cdiv-1.4"][band]
         assert s1["margin"] - s0["margin"] == pytest.approx(0.02)  # each seed against its own NLL
+    assert seed_range(curves["nll"], BANDS[1]) == pytest.approx(0.05)  # NLL's seeds: 0.05 apart everywhere
+    assert math.isnan(seed_range({0: NLL}, BANDS[1])) and math.isnan(seed_range(curves["cdiv-1.4"], BANDS[4]))
     with pytest.raises(ValueError, match=r"lacks seed\(s\) \[1\]"):
         band_statistics({"nll": {0: NLL, 1: NLL}, "cdiv-1.4": {0: CDIV}})
     with pytest.raises(ValueError, match="no 'nll' model"):
         band_statistics({"cdiv-1.4": {0: CDIV}})
 
 
-def write_sweep(out, groups: dict[str, list[str]], curves: dict[str, list], delta: float = 0.004) -> dict:
-    """A sweep's two tables for models ``curves`` (one seed): each group's prompts at each T sit at the
+def write_sweep(out, groups: dict[str, list[str]], curves: dict[str, list], delta: float = 0.004, labels=None) -> dict:
+    """A sweep's two tables for models ``curves`` (``labels``: model -> (family, seed); default its own
+    family, seed 0): each group's prompts at each T sit at the
     curve's value +- ``delta`` (prompt 0 +, prompt 1 -), so their mean is the curve; and the support files."""
     files, prompt_rows, sweep_rows = {}, [], []
     for group, texts in groups.items():
@@ -104,12 +108,13 @@ def write_sweep(out, groups: dict[str, list[str]], curves: dict[str, list], delt
         files[group] = write_support_file(rows, out / f"{group}.jsonl")
     keys = {g: [prompt_key(prompt_messages(t)) for t in texts] for g, texts in groups.items()}
     for model, points in curves.items():
+        family, seed = (labels or {}).get(model, (model, 0))
         for t, p, r in points:
             sweep_rows.append(
                 {
                     "model": model,
-                    "family": model,
-                    "seed": 0,
+                    "family": family,
+                    "seed": seed,
                     "temperature": t,
                     "precision": p,
                     "recall": r,
@@ -153,3 +158,16 @@ def test_a_swept_prompt_of_no_group_is_an_error(tmp_path):
     files.pop("held-out")
     with pytest.raises(ValueError, match="is in no group's support file"):
         summary_markdown(tmp_path, files)
+
+
+def test_summary_with_seeds_pairs_the_margins_and_shows_nll_spread(tmp_path):
+    groups = {"training": ["Name a red thing."], "held-out": ["Name a cat."]}
+    curves = {"nll-s0": NLL, "nll-s1": shifted(NLL, -0.05), "c-s0": CDIV, "c-s1": shifted(CDIV, -0.03)}
+    labels = {"nll-s0": ("nll", 0), "nll-s1": ("nll", 1), "c-s0": ("cdiv-1.4", 0), "c-s1": ("cdiv-1.4", 1)}
+    text = summary_markdown(tmp_path, write_sweep(tmp_path, groups, curves, delta=0.0, labels=labels))
+    m0 = band_margin(CDIV, NLL, BANDS[1])["margin"]
+    m1 = band_margin(shifted(CDIV, -0.03), shifted(NLL, -0.05), BANDS[1])["margin"]
+    assert m1 == pytest.approx(m0 + 0.02)
+    mean = (m0 + m1) / 2
+    assert f"| {mean:+.3f} [{m0:+.3f}, {m1:+.3f}] higher 2/2 |" in text
+    assert "| (NLL's seed-to-seed range) | 0.050 | 0.050 | 0.050 | 0.050 | 0.050 |" in text
