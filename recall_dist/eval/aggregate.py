@@ -46,6 +46,8 @@ KNOWN_SUPPORT_COLUMNS = [
     *prompt_table.spread_columns(),  # over the prompts: std about the weighted mean, min, max
 ]
 TEXT_COLUMNS = ["model", "temperature", "precision", "recall", "density", "coverage", "num_texts"]
+# A model entry's report labels (``ModelSpec.seed`` / ``family``), columns only when some model sets one.
+LABEL_COLUMNS = ["family", "seed"]
 
 
 def load_records(cfg: SweepConfig, num_shards: int) -> list[dict]:
@@ -194,6 +196,10 @@ def aggregate(cfg: SweepConfig, num_shards: int | None = None, num_parts: int = 
         per_prompt = prompt_table.prompt_rows(names, cfg.temperatures, records, cfg.recall_at_n)
     else:
         rows, columns = _text_rows(cfg, num_shards, num_parts), TEXT_COLUMNS
+    if any(m.seed is not None or m.family is not None for m in cfg.models):
+        columns = [columns[0], *LABEL_COLUMNS, *columns[1:]]
+        labels = {m.name: {"family": m.family or m.name, "seed": m.seed} for m in cfg.models}
+        rows = [{**r, **labels[r["model"]]} for r in rows]
     summaries = {}
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]

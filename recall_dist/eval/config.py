@@ -25,9 +25,16 @@ class ModelSpec:
     name: str
     path: str
     tokenizer: str | None = None  # default: the model directory itself
+    # Labels for reports and figures, never parsed from the name: the fine-tuning seed this model was
+    # trained with, and the family (e.g. its loss) it is one seed of (default: its own name).  Both go
+    # to sweep.csv / sweep.json as columns when a model sets them; neither changes a number.
+    seed: int | None = None
+    family: str | None = None
 
     def __post_init__(self):
         check(bool(self.name) and "/" not in self.name, "name", self.name, "a non-empty name without '/'")
+        check(self.seed is None or self.seed >= 0, "seed", self.seed, "an integer >= 0, or absent")
+        check(self.family is None or bool(self.family), "family", self.family, "a non-empty name, or absent")
         if not Path(self.path).expanduser().exists():
             raise ConfigError("path", f"checkpoint {self.path!r} does not exist")
 
@@ -149,12 +156,14 @@ class SweepConfig:
         """The config part of a shard's key (the models' content is the other part, ``shards.shard_key``).
 
         Left out: where results go (``output_dir``), how work is cut (``num_shards``), what only the
-        summary reads (``min_precision``), and the models' paths (their content stands for them)."""
+        summary reads (``min_precision``), the models' paths (their content stands for them) and their
+        ``seed`` / ``family`` labels (what reports group by; no number depends on them)."""
         data = dataclasses.asdict(self)
         for key in ("output_dir", "num_shards", "min_precision"):
             data.pop(key)
         for model in data["models"]:
-            model.pop("path")
+            for key in ("path", "seed", "family"):  # the content stands for the path; the others are labels
+                model.pop(key)
         if self.support is not None:  # the file's content, not where it lies
             data["support"] = hashlib.sha256(Path(self.support).expanduser().read_bytes()).hexdigest()
         return data

@@ -310,3 +310,28 @@ def test_text_table_equals_prdc_on_each_group(tmp_path, num_parts):
     assert len(scores) == 6  # every group its own numbers: a mix-up of groups would show
     with open(tmp_path / "out" / "sweep.csv", newline="") as f:
         assert csv.DictReader(f).fieldnames == TEXT_COLUMNS
+
+
+def test_model_labels_are_columns_and_change_no_number(tmp_path):
+    """A model entry's ``seed`` / ``family`` (``ModelSpec``) reach sweep.csv and sweep.json as columns, next
+    to the model; the numbers, and the shard keys (shards computed without labels are reused), stay as
+    they were.  Without labels there are no such columns (tested above)."""
+    cfg = _known_support_config(tmp_path, num_shards=2)
+    records = _known_support_records(cfg, seed=3)
+    _write_shards(cfg, records, 2)
+    plain = aggregate(cfg)
+    models = [{"name": m.name, "path": m.path, "family": "loss", "seed": k} for k, m in enumerate(cfg.models)]
+    del models[1]["family"]  # a seed without a family: the model is its own family
+    labelled_cfg = _known_support_config(tmp_path / "labelled", num_shards=2, models=models, output_dir=cfg.output_dir)
+    assert shard_key(labelled_cfg, 0, 2)["config"] == shard_key(cfg, 0, 2)["config"]
+    labelled = aggregate(labelled_cfg)
+    with open(tmp_path / "out" / "sweep.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert reader.fieldnames == ["model", "family", "seed", *KNOWN_SUPPORT_COLUMNS[1:]]
+        table = list(reader)
+    assert [(r["model"], r["family"], r["seed"]) for r in table] == [("nll", "loss", "0")] * 3 + [
+        ("cdiv", "cdiv", "1")
+    ] * 3
+    assert [{k: v for k, v in r.items() if k not in ("family", "seed")} for r in labelled["rows"]] == plain["rows"]
+    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [(r["family"], r["seed"]) for r in saved["rows"]] == [("loss", 0)] * 3 + [("cdiv", 1)] * 3
