@@ -95,8 +95,9 @@ def _known_support_rows(cfg: SweepConfig, records: list[dict], lambdas: np.ndarr
                 "num_samples": cfg.num_samples,
                 "num_prompts": len(recs),
             }
-            for name in prompt_table.SPREAD_OF:  # the spread over prompts next to their mean
-                row.update(prompt_table.spread(name, w, [r[name] for r in at_t]))
+            if len(recs) > 1:  # the spread over prompts next to their mean (a one-prompt task has none)
+                for name in prompt_table.SPREAD_OF:
+                    row.update(prompt_table.spread(name, w, [r[name] for r in at_t]))
             if cfg.num_samples > 0:
                 row.update(
                     precision_sampled=_weighted_mean(w, [r["precision_sampled"] for r in at_t]),
@@ -193,7 +194,8 @@ def aggregate(cfg: SweepConfig, num_shards: int | None = None, num_parts: int = 
         rows, curves = _known_support_rows(cfg, records, lambdas)
         columns = [c for c in KNOWN_SUPPORT_COLUMNS if c in rows[0]]
         names = [m.name for m in cfg.models]
-        per_prompt = prompt_table.prompt_rows(names, cfg.temperatures, records, cfg.recall_at_n)
+        if len(records) > len(names):  # several prompts per model: their own table
+            per_prompt = prompt_table.prompt_rows(names, cfg.temperatures, records, cfg.recall_at_n)
     else:
         rows, columns = _text_rows(cfg, num_shards, num_parts), TEXT_COLUMNS
     if any(m.seed is not None or m.family is not None for m in cfg.models):
