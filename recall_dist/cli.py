@@ -17,7 +17,7 @@ COMMANDS = {
     "sweep": ("recall_dist.eval.cli", "Temperature sweep: Precision/Recall table and PR-curve plot."),
     "demo": ("recall_dist.demo.runner", "Train NLL and recall losses on a sparse task, sweep, write the PR curves."),
     "demo-text": ("recall_dist.demo.fortunes", "The same on a real pretrained LM and human text (SmolLM2, fortunes)."),
-    "demo-lm": ("recall_dist.demo.iso", "Exact Precision/Recall on known answers after fine-tuning a real LM (iso-codes)."),
+    "demo-lm": ("recall_dist.demo.iso", "Exact Precision/Recall on known answers, a real LM fine-tuned (iso-codes)."),
     "convert-gguf": ("recall_dist.convert", "A GGUF model file into a Hugging Face safetensors directory."),
 }
 
