@@ -58,7 +58,12 @@ def parse_args(argv: list[str]):
     for model in data.get("models") or []:
         if isinstance(model, dict) and isinstance(model.get("path"), str):
             model["path"] = under_output_root(model["path"])
-    return from_dict(SweepConfig, data), ray_cfg
+    cfg = from_dict(SweepConfig, data)
+    if cfg.metric == "known_support":  # a support file is read and checked before any task is submitted
+        from recall_dist.eval.tasks import build_task
+
+        build_task(cfg)
+    return cfg, ray_cfg
 
 
 def run(cfg, ray_cfg: RaySweepConfig) -> dict:

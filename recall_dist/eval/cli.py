@@ -52,6 +52,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = load_config(SweepConfig, args.config, args.overrides)
+        if cfg.metric == "known_support":  # a support file is read and checked before any rank starts
+            from recall_dist.eval.tasks import build_task
+
+            build_task(cfg)
     except ConfigError as e:
         print(f"recall-dist sweep: config error: {e}", file=sys.stderr)
         return 2

@@ -133,20 +133,13 @@ class SweepConfig:
             check(self.metric == "known_support", "metric", self.metric, "must be known_support with a support file")
             if not Path(self.support).expanduser().is_file():
                 raise ConfigError("support", f"file {self.support!r} does not exist")
-        try:
-            self.build_task()
-        except ValueError as e:
-            raise ConfigError("support" if self.support is not None else "task", str(e)) from None
+        if self.support is None:  # a built-in task is pure code; a support file is read by eval/tasks.py
+            from recall_dist.data import build_task
 
-    def build_task(self):
-        """The known-support task: the support file's prompts (``support``), or the built-in ``task``."""
-        if self.support is not None:
-            from recall_dist.eval.support_file import SupportFile
-
-            return SupportFile(Path(self.support).expanduser(), self.normalize_p)
-        from recall_dist.data import build_task
-
-        return build_task(self.task, **self.task_params)
+            try:
+                build_task(self.task, **self.task_params)
+            except ValueError as e:
+                raise ConfigError("task", str(e)) from None
 
     def lambda_grid(self) -> np.ndarray:
         """The PR-curve grid: ``lambdas``, or ``pr_metrics.default_lambdas()``."""

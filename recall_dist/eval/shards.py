@@ -21,6 +21,7 @@ import numpy as np
 
 from recall_dist.eval.config import ModelSpec, SweepConfig
 from recall_dist.eval.content_hash import directory_fingerprint
+from recall_dist.eval.tasks import build_task
 from recall_dist.io import atomic_write_json
 
 
@@ -36,7 +37,7 @@ class WorkItem:
 def reference_rows(cfg: SweepConfig) -> list[dict]:
     """``metric: text`` references: the first ``text.num_texts`` rows of the jsonl file, or samples of the task."""
     if cfg.text.references is None:
-        return cfg.build_task().sample(cfg.text.num_texts, seed=cfg.seed)
+        return build_task(cfg).sample(cfg.text.num_texts, seed=cfg.seed)
     rows = []
     with open(cfg.text.references) as f:
         for line in f:
@@ -66,7 +67,7 @@ def _reference_row(row: dict, source: str, index: int) -> dict:
 def work_items(cfg: SweepConfig) -> list[WorkItem]:
     """All work items, in the fixed order models x (prompts | reference chunks)."""
     if cfg.metric == "known_support":
-        units = [{"prompt": p} for p in cfg.build_task().prompts()]
+        units = [{"prompt": p} for p in build_task(cfg).prompts()]
     else:
         n, cs = cfg.text.num_texts, cfg.text.chunk_size
         units = [{"row_start": s, "row_stop": min(s + cs, n)} for s in range(0, n, cs)]

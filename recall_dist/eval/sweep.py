@@ -30,6 +30,7 @@ from recall_dist.eval.shards import (
     work_items,
     write_json_atomic,
 )
+from recall_dist.eval.tasks import build_task
 from recall_dist.eval.tokens import pad_token_id
 from recall_dist.seeding import derive_seed
 
@@ -66,7 +67,7 @@ def _text_encoder(cfg: SweepConfig, model, tokenizer, cache: dict):
 
 def _text_record(cfg: SweepConfig, item: WorkItem, model, tokenizer, cache: dict) -> dict:
     rows = cache.setdefault("rows", reference_rows(cfg))[item.row_start : item.row_stop]
-    max_new = cfg.text.max_new_tokens or cfg.build_task().max_completion_chars + 1
+    max_new = cfg.text.max_new_tokens or build_task(cfg).max_completion_chars + 1
     encoder = _text_encoder(cfg, model, tokenizer, cache)
     # One seed per (model, T, reference row): a text does not depend on the chunking or the rank.
     seeds = [
@@ -99,7 +100,7 @@ def compute_shard(cfg: SweepConfig, shard_index: int, num_shards: int, progress:
     items = shard_items(work_items(cfg), shard_index, num_shards)
     specs = {m.name: m for m in cfg.models}
     records, loaded, cache = [], (None, None, None), {}
-    task = cfg.build_task() if cfg.metric == "known_support" else None
+    task = build_task(cfg) if cfg.metric == "known_support" else None
     for item in tqdm(items, desc=f"sweep shard {shard_index + 1}/{num_shards}", disable=not progress, unit="item"):
         if loaded[0] != item.model:
             loaded = None  # free the previous model before loading the next

@@ -1,4 +1,4 @@
-"""The sweep's modules import one way: config -> shards -> run (sweep) -> aggregate -> driver / cli.
+"""The sweep's modules import one way: config -> task -> shards -> run (sweep) -> aggregate -> driver / cli.
 Read from the source (function-level imports included), so a new back-edge fails here."""
 
 from __future__ import annotations
@@ -12,19 +12,22 @@ import recall_dist.eval
 RANK = {
     "pr_metrics": 0,
     "summary": 0,
-    "plot": 1,  # reads seed names through summary
+    "prompt_table": 0,
+    "plot": 0,
     "tokens": 0,
     "generate": 0,
     "content_hash": 0,
     "config": 1,
-    "shards": 2,
+    "known_support": 1,
+    "support_file": 2,
+    "tasks": 3,  # config -> the task (a support file is read here, not by the config)
     "loading": 2,
-    "known_support": 2,
     "text": 2,
-    "sweep": 3,
-    "aggregate": 4,
-    "driver": 5,
-    "cli": 6,
+    "shards": 4,
+    "sweep": 5,
+    "aggregate": 6,
+    "driver": 7,
+    "cli": 8,
 }
 
 

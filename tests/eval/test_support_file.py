@@ -17,12 +17,14 @@ import torch
 from recall_dist.configtree import ConfigError, from_dict
 from recall_dist.distributed.testing import run_distributed_test
 from recall_dist.eval import SweepConfig, aggregate, compute_shard, run_sweep
+from recall_dist.eval.cli import main as sweep_main
 from recall_dist.eval.support_file import (
     SupportFile,
     encode_support,
     read_supports,
     write_support_file,
 )
+from recall_dist.eval.tasks import build_task
 from tests.data.chat_tokenizer import CHATML, chatml_tokenizer
 from tests.eval.models import random_llama
 
@@ -238,10 +240,17 @@ def test_file_errors_name_the_line_and_the_key(tmp_path, rows, match):
     assert not (tmp_path / "written.jsonl").exists()  # a bad file is never written
 
 
-def test_config_errors_name_the_support_key(model_dir, tmp_path):
+def test_config_errors_name_the_support_key(model_dir, tmp_path, capsys):
+    """The config only checks that the file exists (it reads no file); the task built from it
+    (``eval/tasks.py``, which the CLI calls before any rank starts) names ``support`` for a bad file."""
     path = _write(tmp_path, [], raw='{"prompt": "q", "completion": "a", "p": 1.0}\n{"prompt": \n')
+    cfg = from_dict(SweepConfig, _config(model_dir, path, tmp_path / "o"))
     with pytest.raises(ConfigError, match=r"support.*line 2: not JSON"):
-        from_dict(SweepConfig, _config(model_dir, path, tmp_path / "o"))
+        build_task(cfg)
+    config = tmp_path / "sweep.yaml"
+    config.write_text(json.dumps(_config(model_dir, path, tmp_path / "o"), default=str))
+    assert sweep_main([str(config)]) == 2
+    assert "config error" in capsys.readouterr().err and not (tmp_path / "o").exists()
     with pytest.raises(ConfigError, match=r"support.*does not exist"):
         from_dict(SweepConfig, _config(model_dir, tmp_path / "nope.jsonl", tmp_path / "o"))
     good = write_support_file(ROWS, tmp_path / "good.jsonl")
