@@ -87,7 +87,7 @@ def test_shipped_configs_and_sizes(tmp_path):
     assert len(temps) >= 12 and min(temps) == 0.3 and max(temps) == 2.5 and temps == sorted(temps)
     assert sum(t <= 1.0 for t in temps) > sum(t > 1.0 for t in temps)  # dense where Precision is high
     sizes = (recipe.finetune_steps, recipe.global_batch, recipe.train_prompts, recipe.heldout_prompts)
-    assert sizes == (60, 16, 16, 16)
+    assert sizes == (56, 16, 16, 16)
     cfg = load_train_config(CONFIG_DIR / "finetune.yaml", ["model.name_or_path=/models/lm", "data.source=x.jsonl"])
     assert cfg.backend.name == "fsdp2"
     support = Path(__file__).resolve().parents[2] / "configs" / "support_example.jsonl"
