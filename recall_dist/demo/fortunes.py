@@ -30,7 +30,6 @@ The configs ship inside the package (``recall_dist/demo/configs/demo_text/``).  
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import re
@@ -47,10 +46,8 @@ from recall_dist.demo.pipeline import (
     Progress,
     Recipe,
     Result,
-    add_common_arguments,
     fmt_time,
-    recipe_from_args,
-    run_command,
+    pretrained_lm_main,
 )
 from recall_dist.io import atomic_write_text
 
@@ -223,24 +220,10 @@ def prepare_model(model: str | None = None) -> str:
     return str(convert_gguf(smollm2_gguf(), default_output_dir()))
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="recall-dist demo-text", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_common_arguments(p, FortunesRecipe, "CI-sized run: 2 losses, 2 steps, 2 temperatures, 12 texts")
-    p.add_argument("--model", default=None, help="causal LM directory or hub name (default: SmolLM2-135M-Instruct)")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    recipe = recipe_from_args(FortunesRecipe, args)
-    if isinstance(recipe, str):
-        print(f"recall-dist demo-text: {recipe}", file=sys.stderr)
-        return 2
-    # a local model directory by its absolute path: the stages run in the package's directory
-    recipe.model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
-    return run_command(recipe, args.resume)
+    return pretrained_lm_main(
+        FortunesRecipe, __doc__, "CI-sized run: 2 losses, 2 steps, 2 temperatures, 12 texts", argv
+    )
 
 
 if __name__ == "__main__":

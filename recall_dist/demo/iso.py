@@ -31,7 +31,6 @@ Outputs in ``OUT``: ``pr_curve.png`` (all swept prompts), ``pr_curve_training.pn
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import sys
 import time
@@ -48,10 +47,8 @@ from recall_dist.demo.pipeline import (
     Progress,
     Recipe,
     Result,
-    add_common_arguments,
     fmt_time,
-    recipe_from_args,
-    run_command,
+    pretrained_lm_main,
 )
 
 CONFIG_DIR = CONFIGS / "demo_lm"
@@ -184,24 +181,10 @@ class IsoRecipe(Recipe):
         )
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="recall-dist demo-lm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_common_arguments(p, IsoRecipe, "CI-sized run: 2 losses, 2 steps, 3 temperatures, 2 + 2 prompts")
-    p.add_argument("--model", default=None, help="causal LM directory or hub name (default: SmolLM2-135M-Instruct)")
-    return p
-
-
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    recipe = recipe_from_args(IsoRecipe, args)
-    if isinstance(recipe, str):
-        print(f"recall-dist demo-lm: {recipe}", file=sys.stderr)
-        return 2
-    # a local model directory by its absolute path: the stages run in the package's directory
-    recipe.model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
-    return run_command(recipe, args.resume)
+    return pretrained_lm_main(
+        IsoRecipe, __doc__, "CI-sized run: 2 losses, 2 steps, 3 temperatures, 2 + 2 prompts", argv
+    )
 
 
 if __name__ == "__main__":

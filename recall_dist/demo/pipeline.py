@@ -28,6 +28,7 @@ returning them as ``Prepared(model, finetune=[model and data overrides], sweep=[
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import shutil
@@ -327,3 +328,22 @@ def run_command(recipe: Recipe, resume: bool) -> int:
         print(f"recall-dist {recipe.COMMAND}: error: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def pretrained_lm_main(recipe_cls: type[Recipe], description: str, quick_help: str, argv: list[str] | None) -> int:
+    """The CLI of a demo that fine-tunes a pretrained LM: the common options plus ``--model`` (a local
+    directory is passed on by its absolute path, since the stages run in the package's directory)."""
+    p = argparse.ArgumentParser(
+        prog=f"recall-dist {recipe_cls.COMMAND}",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_common_arguments(p, recipe_cls, quick_help)
+    p.add_argument("--model", default=None, help="causal LM directory or hub name (default: SmolLM2-135M-Instruct)")
+    args = p.parse_args(argv)
+    recipe = recipe_from_args(recipe_cls, args)
+    if isinstance(recipe, str):
+        print(f"recall-dist {recipe_cls.COMMAND}: {recipe}", file=sys.stderr)
+        return 2
+    recipe.model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
+    return run_command(recipe, args.resume)
