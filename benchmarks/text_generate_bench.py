@@ -45,7 +45,8 @@ def main() -> int:
 
     from recall_dist.constants import DTYPES
     from recall_dist.data import load_tokenizer
-    from recall_dist.demo.fortunes import PROMPT, SYSTEM, prepare_model
+    from recall_dist.demo.fortunes import PROMPT, SYSTEM
+    from recall_dist.demo.pipeline import prepare_model
     from recall_dist.eval.generate import SampleRow, sample_rows, stop_token_ids
     from recall_dist.eval.tokens import pad_token_id, prompt_ids
 

@@ -81,7 +81,8 @@ def main() -> int:
     from transformers import AutoModelForCausalLM
 
     from recall_dist.data import DistributedBatchIterator, build_dataset
-    from recall_dist.demo.fortunes import prepare_model, read_fortunes, write_corpus
+    from recall_dist.demo.fortunes import read_fortunes, write_corpus
+    from recall_dist.demo.pipeline import prepare_model
     from recall_dist.distributed.process_group import init_distributed
     from recall_dist.train.resources import validate_resources
     from recall_dist.train.trainer import endless, setup, train_step

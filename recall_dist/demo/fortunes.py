@@ -34,7 +34,6 @@ import hashlib
 import json
 import re
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
@@ -46,7 +45,6 @@ from recall_dist.demo.pipeline import (
     Progress,
     Recipe,
     Result,
-    fmt_time,
     pretrained_lm_main,
 )
 from recall_dist.io import atomic_write_text
@@ -156,10 +154,7 @@ class FortunesRecipe(Recipe):
     def prepare(self, progress: Progress, resume: bool) -> Prepared:
         """Convert (or take) the model and write the corpus; the fine-tunes train on it, the sweep's
         references are its held-out part."""
-        label, start = progress.next_label(), time.monotonic()
-        model = prepare_model(self.model)
-        seconds = progress.times["model (convert or reuse)"] = time.monotonic() - start
-        print(f"{label} model: {model} ({fmt_time(seconds)})", flush=True)
+        model = self.model_stage(progress)
         label = progress.next_label()
         train, heldout, n_train, n_heldout = write_corpus(self.out / "data", read_fortunes())
         print(
@@ -209,15 +204,6 @@ class FortunesRecipe(Recipe):
             runs_dir=self.out / "runs",
             stage_seconds=result.stage_seconds,
         )
-
-
-def prepare_model(model: str | None = None) -> str:
-    """The ``model.name_or_path`` to fine-tune: ``model`` as given, or SmolLM2 converted from GGUF (cached)."""
-    if model is not None:
-        return model
-    from recall_dist.convert import convert_gguf, default_output_dir, smollm2_gguf
-
-    return str(convert_gguf(smollm2_gguf(), default_output_dir()))
 
 
 def main(argv: list[str] | None = None) -> int:

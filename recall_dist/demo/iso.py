@@ -7,7 +7,7 @@ answers are known (Debian's ``iso-codes``), on prompts the fine-tune saw and on 
 Stages on the demos' skeleton (``demo/pipeline.py``), each a real command of this package (training and
 sweep as ``torchrun --nproc-per-node 2`` subprocesses, logs in ``OUT/logs/``):
 
-1. **Model**: SmolLM2-135M-Instruct converted once from GGUF (as ``demo-text``: ``fortunes.prepare_model``),
+1. **Model**: SmolLM2-135M-Instruct converted once from GGUF (as ``demo-text``: ``pipeline.prepare_model``),
    or ``--model`` (any causal LM directory or hub name with a chat template).
 2. **Prompts** (``demo/iso_prompts.py``): "Name a region of France. Answer with the name only." and the
    like, each with its support (8-60 answers, P uniform); a hash split holds out one prompt in five.
@@ -33,13 +33,11 @@ from __future__ import annotations
 
 import hashlib
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 from recall_dist.demo import iso_prompts
-from recall_dist.demo.fortunes import prepare_model
 from recall_dist.demo.pipeline import (
     CONFIGS,
     DemoError,
@@ -47,7 +45,6 @@ from recall_dist.demo.pipeline import (
     Progress,
     Recipe,
     Result,
-    fmt_time,
     pretrained_lm_main,
 )
 
@@ -132,10 +129,7 @@ class IsoRecipe(Recipe):
 
     def prepare(self, progress: Progress, resume: bool) -> Prepared:
         """Convert (or take) the model and write the prompt files (module docstring, stages 1-2)."""
-        label, start = progress.next_label(), time.monotonic()
-        model = prepare_model(self.model)
-        seconds = progress.times["model (convert or reuse)"] = time.monotonic() - start
-        print(f"{label} model: {model} ({fmt_time(seconds)})", flush=True)
+        model = self.model_stage(progress)
         label = progress.next_label()
         prompts = iso_prompts.build_prompts()
         paths = write_demo_data(

@@ -21,7 +21,7 @@ fields (``eval/config.py``'s ``ModelSpec``), which reports and figures read; no 
 
 A known-support demo on a real LM fits the same way: ``configs/<demo>/sweep.yaml`` with ``metric:
 known_support``; its recipe's fields the prompt split's sizes; ``prepare`` takes the model as
-``fortunes.prepare_model`` does and writes the training examples and the held-out support file,
+``prepare_model`` does and writes the training examples and the held-out support file,
 returning them as ``Prepared(model, finetune=[model and data overrides], sweep=["support=FILE"])``;
 ``report`` reads ``sweep.csv`` with ``verdicts.read_families`` and writes its sections.
 """
@@ -85,6 +85,15 @@ def seed_runs(losses: list[tuple], seeds: int) -> list[Run]:
         for seed in range(seeds)
         for name, loss, params in losses
     ]
+
+
+def prepare_model(model: str | None = None) -> str:
+    """The ``model.name_or_path`` to fine-tune: ``model`` as given, or SmolLM2 converted from GGUF (cached)."""
+    if model is not None:
+        return model
+    from recall_dist.convert import convert_gguf, default_output_dir, smollm2_gguf
+
+    return str(convert_gguf(smollm2_gguf(), default_output_dir()))
 
 
 @dataclass
@@ -163,6 +172,15 @@ class Recipe:
 
     def prepare(self, progress: Progress, resume: bool) -> Prepared:
         raise NotImplementedError(f"{type(self).__name__}.prepare")
+
+    def model_stage(self, progress: Progress) -> str:
+        """A prepare stage of the demos on a pretrained LM: the model every fine-tune starts from
+        (``prepare_model``), timed and announced."""
+        label, start = progress.next_label(), time.monotonic()
+        model = prepare_model(self.model)
+        seconds = progress.times["model (convert or reuse)"] = time.monotonic() - start
+        print(f"{label} model: {model} ({fmt_time(seconds)})", flush=True)
+        return model
 
     def sweep_label(self, models: int) -> str:
         return f"sweep {models} models x {len(self.temperatures)} temperatures"
