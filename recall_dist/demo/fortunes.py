@@ -144,7 +144,7 @@ class FortunesRecipe(Recipe):
 
     def banner(self) -> str:
         return (
-            f"recall-dist demo-text: {len(self.losses)} losses x {self.seeds} seed(s), 2 processes (FSDP2, bf16), "
+            f"recall-dist demo-text: {len(self.losses)} losses x {self.seeds} seed(s), 2 processes (FSDP2), "
             f"{self.finetune_steps} steps of {self.global_batch} fortunes each; output in {self.out}"
         )
 
