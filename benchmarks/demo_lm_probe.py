@@ -7,6 +7,7 @@ At demo-lm's defaults (every training prompt, lr 2e-5) NLL ends at Precision 0.0
 This probe asks whether a narrower training set makes the known-support comparison measurable.
 
     python benchmarks/demo_lm_probe.py [--out results/demo-lm-probe] [--losses nll cdiv-1.4] [--lr 1e-4]
+                                       [--cdiv-nll-mix 0.5]   # adds c-Div 1.4 with that nll_mix
 
 Writes OUT/data/{train_focused.jsonl,support_train.jsonl}, one fine-tune per loss under OUT/runs/, and the
 sweep (sweep.csv: exact Precision and Recall@100, mean over the 16 prompts) in OUT/sweep/; prints the table
@@ -73,12 +74,17 @@ def main() -> None:
     ap.add_argument("--out", default="results/demo-lm-probe")
     ap.add_argument("--losses", nargs="+", default=["nll", "cdiv-1.4"], help=f"of {[n for n, *_ in LOSSES]}")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--cdiv-nll-mix", type=float, default=None, help="also c-Div 1.4 with this nll_mix")
     args = ap.parse_args()
     out = Path(args.out).resolve()
     model = prepare_model(None)
     paths = write_demo_data(out / "data", iso_prompts.build_prompts(), STEPS * BATCH, 16, 16)
     train = focused_examples(paths["support_train"], out / "data" / "train_focused.jsonl", STEPS * BATCH)
     losses = {name: (loss, params) for name, loss, params in LOSSES}
+    if args.cdiv_nll_mix is not None:
+        name = f"cdiv-1.4-mix{args.cdiv_nll_mix:g}"
+        losses[name] = ("cdiv", {"alpha": 1.4, "nll_mix": args.cdiv_nll_mix})
+        args.losses.append(name)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     for name in args.losses:
         loss, params = losses[name]
