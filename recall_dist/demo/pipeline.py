@@ -34,6 +34,7 @@ import dataclasses
 import shutil
 import sys
 import time
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -118,7 +119,7 @@ class Result:
 
 
 @dataclass(kw_only=True)
-class Recipe:
+class Recipe(ABC):
     """What one demo run trains and sweeps (module docstring: the extension points).  ``full()`` reads
     the sizes from ``CONFIG_DIR``'s configs, ``quick()`` is the CI-sized run."""
 
@@ -170,8 +171,9 @@ class Recipe:
         """How many numbered stages ``prepare`` announces."""
         return 0
 
+    @abstractmethod
     def prepare(self, progress: Progress, resume: bool) -> Prepared:
-        raise NotImplementedError(f"{type(self).__name__}.prepare")
+        """The model and data every fine-tune starts from (each demo's own stages)."""
 
     def model_stage(self, progress: Progress) -> str:
         """A prepare stage of the demos on a pretrained LM: the model every fine-tune starts from
@@ -185,8 +187,9 @@ class Recipe:
     def sweep_label(self, models: int) -> str:
         return f"sweep {models} models x {len(self.temperatures)} temperatures"
 
+    @abstractmethod
     def report(self, result: Result) -> Path:
-        raise NotImplementedError(f"{type(self).__name__}.report")
+        """Write ``summary.md`` (and the demo's other files); return the summary's path."""
 
     # --- the overrides every demo passes -------------------------------------------------------
 
