@@ -32,11 +32,19 @@ What the mixin changes (needs transformers >= 5.19; tested with 5.24 and TRL 1.1
 - **Skipped steps** (non-finite logits, or no token with weight, e.g. every label ignored: the gradient
   scale is 0, ``losses/accumulator.py``): no update -- the gradients are dropped before the optimizer,
   or, under DeepSpeed, ZeRO's update is skipped.
+- **peft adapters** (``SFTTrainer(..., peft_config=LoraConfig(...))``, or a ``PeftModel``): the head
+  is looked up at every call through the peft wrapper (``model_output_layer``), so the frozen base head,
+  a tied embedding, ``modules_to_save=["lm_head"]`` (the trained copy) and ``lm_head`` in
+  ``target_modules`` all give the logits peft's own forward gives.  A LoRA head ``W + s B A`` runs as one
+  matmul of augmented tensors, ``[x, s A drop(x)] @ [W, B]^T`` (exact, dropout included; the extra
+  width is the rank r); DoRA, ``lora_bias`` and other peft layers on the head are refused.
 - FSDP through ``Trainer`` is not supported (the weight is a shard outside a forward): use
   ``recall-dist train``.  Evaluation reports the loss (``prediction_loss_only``); there are no logits.
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 import transformers
@@ -74,6 +82,103 @@ def sequence_ids_from_positions(position_ids: torch.Tensor) -> torch.Tensor:
     return starts.reshape(-1).long().cumsum(0).view_as(position_ids) - 1
 
 
+def _peft_classes():
+    """peft's wrapper classes, or ``None`` when peft was never imported (then no model is a peft model)."""
+    if "peft" not in sys.modules:
+        return None
+    from peft.tuners.lora import LoraLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    return LoraLayer, BaseTunerLayer, AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+
+def _refuse(name: str, what: str) -> ValueError:
+    return ValueError(
+        f"{what} on {name}: the recall loss does the {name} matmul itself and supports a frozen {name}, "
+        f"modules_to_save=['{name}'] or plain LoRA with '{name}' in target_modules; "
+        f"remove '{name}' from the peft config's target_modules (or that option)"
+    )
+
+
+def model_output_layer(layer: torch.nn.Module, name: str = "lm_head"):
+    """``(base, adapters)``: what the output layer ``layer`` computes, as peft's own forward would.
+
+    ``layer`` is ``get_output_embeddings()``, maybe wrapped by peft; ``name`` is its name in the model
+    (for errors).  ``base`` is the module whose ``weight [V, H]`` forms the logits (under a
+    ``modules_to_save`` wrapper: its active copy); ``adapters`` lists the active unmerged LoRA terms
+    ``(lora_A, lora_B, dropout, scaling)`` added to them (``lm_head`` in ``target_modules``):
+    ``logits = x W^T + sum s B A drop(x)``.  Raises ``ValueError`` for what the loss cannot reproduce."""
+    classes = _peft_classes()
+    if classes is None:
+        return layer, []
+    lora_layer, tuner_layer, auxiliary_wrapper, modules_to_save = classes
+    if isinstance(layer, modules_to_save):
+        active = layer.active_adapters
+        if layer.disable_adapters or not active or any(a not in layer._adapters for a in active):
+            return layer.original_module, []
+        return layer.modules_to_save[active[0]], []  # peft's forward uses the first active copy
+    if isinstance(layer, auxiliary_wrapper):
+        raise _refuse(name, f"peft's {type(layer).__name__} (e.g. trainable_token_indices)")
+    if not isinstance(layer, tuner_layer):
+        return layer, []
+    if not isinstance(layer, lora_layer):
+        raise _refuse(name, f"peft's {type(layer).__name__}")
+    base = layer.get_base_layer()
+    if layer.disable_adapters or layer.merged:  # merged: W already holds B A (peft then adds nothing)
+        return base, []
+    adapters = []
+    for adapter in layer.active_adapters:
+        if adapter not in layer.lora_A:
+            continue  # peft skips it too
+        if adapter in layer.lora_variant:
+            raise _refuse(name, f"the LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. use_dora)")
+        if layer.lora_bias[adapter]:
+            raise _refuse(name, "lora_bias=True")
+        terms = (layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter], layer.scaling[adapter])
+        adapters.append(terms)
+    return base, adapters
+
+
+class ModelLossHead(LossHead):
+    """``LossHead`` of a Hugging Face causal LM: the output layer is looked up through the model at every
+    call (``model.get_output_embeddings()``, through a peft wrapper applied before or after attaching),
+    so the loss always uses the head that the model's own forward would (``model_output_layer``).
+
+    With LoRA on the head, ``forward`` widens the hidden states to ``[x, s_1 A_1 drop_1(x), ...]`` and
+    ``weight`` is ``[W, B_1, ...]`` (``[V, H + sum r]``): one matmul gives ``x W^T + sum s B A drop(x)``,
+    and autograd carries the fused head's gradients to ``A`` and ``B`` (the frozen ``W`` gets none)."""
+
+    def __init__(self, model: torch.nn.Module, **kwargs):
+        super().__init__(model, None, **kwargs)
+        layer = model.get_output_embeddings()
+        path = next((n for n, m in model.named_modules() if m is layer), "lm_head")
+        self.output_name = path.rsplit(".", 1)[-1]  # as target_modules names it
+        self.output_layer()  # refuses an unsupported head when attached, not at the first step
+
+    def output_layer(self):
+        return model_output_layer(self._weight_owner[0].get_output_embeddings(), self.output_name)
+
+    def parameters_read(self) -> list[torch.nn.Parameter]:
+        """Every parameter the loss reads outside its module's forward: ZeRO-3 must gather them for ours."""
+        base, adapters = self.output_layer()
+        return [base.weight, *(b.weight for _, b, _, _ in adapters)]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        base, adapters = self.output_layer()
+        if not adapters:
+            return base.weight
+        return torch.cat([base.weight, *(b.weight.to(base.weight.dtype) for _, b, _, _ in adapters)], dim=1)
+
+    def forward(self, hidden: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None):
+        _, adapters = self.output_layer()
+        if adapters:  # the dropout draws its mask over [B, T, H], as the head's own forward would
+            extra = [a(dropout(hidden.to(a.weight.dtype))) * scaling for a, _, dropout, scaling in adapters]
+            hidden = torch.cat([hidden, *(e.to(hidden.dtype) for e in extra)], dim=-1)
+        return super().forward(hidden, labels, sequence_ids)
+
+
 def attach_loss_head(model: torch.nn.Module) -> LossHead:
     """The model's ``recall_loss_head`` (created on first use): a parameter-free module that owns the
     fused loss, so that ZeRO-3 hooks can gather the head weight around it.  Attach it before
@@ -82,17 +187,18 @@ def attach_loss_head(model: torch.nn.Module) -> LossHead:
     head = getattr(base, HEAD_NAME, None)
     if head is None:
         # the RECALL_DIST_* kernel variables, read once: when the head is made
-        head = LossHead(base.get_output_embeddings(), None, vocab_size=base.config.vocab_size, kernel=kernel_options())
+        head = ModelLossHead(base, vocab_size=base.config.vocab_size, kernel=kernel_options())
         base.add_module(HEAD_NAME, head)
     return head
 
 
-def _register_zero3(head: LossHead) -> None:
-    weight = head.weight
-    if hasattr(weight, "ds_id") and not getattr(head, "_zero3_registered", False):
+def _register_zero3(head: ModelLossHead) -> None:
+    weights = [w for w in head.parameters_read() if hasattr(w, "ds_id")]
+    if weights and not getattr(head, "_zero3_registered", False):
         import deepspeed
 
-        deepspeed.zero.register_external_parameter(head, weight)
+        for weight in weights:
+            deepspeed.zero.register_external_parameter(head, weight)
         head._zero3_registered = True
 
 
