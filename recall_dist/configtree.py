@@ -60,6 +60,9 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
         args = get_args(tp)
         if value is None and type(None) in args:
             return None
+        members = [a for a in args if a is not type(None)]
+        if len(members) == 1 and dataclasses.is_dataclass(members[0]):  # an optional section: its own error
+            return _convert(value, members[0], key)
         for arg in args:
             if arg is type(None):
                 continue

@@ -21,6 +21,57 @@ from recall_dist.configtree import ConfigError, apply_overrides, check, from_dic
 from recall_dist.data.config import DataConfig
 from recall_dist.presets import DEEPSPEED_CONFIG_DIR, MODEL_PRESET_DIR
 
+# The Llama-style attention and MLP projections: what peft users target for a Llama, Mistral, Qwen or OLMo.
+LORA_DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class LoraConfig:
+    """LoRA adapters (Hugging Face ``peft``) on a frozen base: ``model.lora`` set (``{}`` for the defaults)
+    trains only the adapters; null (the default) trains every weight.  ``train/lora.py`` applies it.
+
+    ``r``, ``alpha`` and ``dropout`` are peft's ``r``, ``lora_alpha`` and ``lora_dropout`` (the adapter adds
+    ``alpha / r * B A x``); ``target_modules`` names the adapted linear layers by their last name
+    (``q_proj``) or is ``all-linear`` (every linear layer but the output head).  The head is frozen unless
+    listed (``lm_head``).  ``merge_on_export``: ``final/`` holds the merged model (base + adapter, loadable
+    with ``AutoModelForCausalLM``) instead of the adapter directory.  ``quantize: 4bit`` is QLoRA: the frozen
+    base stored in 4 bits through bitsandbytes, on CUDA only.
+    """
+
+    r: int = 16
+    alpha: float = 32.0
+    dropout: float = 0.05
+    target_modules: list[str] | str = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
+    merge_on_export: bool = False
+    quantize: str | None = None  # null | 4bit (QLoRA: CUDA and bitsandbytes, checked when the run starts)
+
+    def __post_init__(self):
+        check(self.r >= 1, "r", self.r, "an integer >= 1 (the adapter rank)")
+        check(self.alpha > 0, "alpha", self.alpha, "a number > 0 (the adapter is scaled by alpha / r)")
+        check(0 <= self.dropout < 1, "dropout", self.dropout, "a number in [0, 1)")
+        check(self.quantize in (None, "4bit"), "quantize", self.quantize, "allowed: null, 4bit (QLoRA)")
+        if isinstance(self.target_modules, str):
+            check(
+                self.target_modules == "all-linear",
+                "target_modules",
+                self.target_modules,
+                "a list of module names (e.g. [q_proj, v_proj]) or 'all-linear'",
+            )
+        else:
+            names = self.target_modules
+            check(
+                len(names) > 0 and all(isinstance(n, str) and n.strip() and "." not in n for n in names),
+                "target_modules",
+                names,
+                "a non-empty list of module names without dots (e.g. [q_proj, v_proj]) or 'all-linear'",
+            )
+            check(len(set(names)) == len(names), "target_modules", names, "each module name once")
+
+    @property
+    def scaling(self) -> float:
+        """The factor of the adapter's product: ``alpha / r`` (peft's ``scaling`` without rsLoRA)."""
+        return self.alpha / self.r
+
 
 @dataclass
 class ModelConfig:
@@ -30,7 +81,8 @@ class ModelConfig:
 
     ``dtype`` is the dtype of the weights *at rest*: how ``name_or_path`` is read and what ``final/`` is
     written in.  Training always keeps fp32 master weights and optimizer states; the compute dtype is
-    ``backend.bf16`` (which defaults to ``dtype == bfloat16``).
+    ``backend.bf16`` (which defaults to ``dtype == bfloat16``).  With ``lora`` only the adapters train
+    (fp32 masters and optimizer states); the frozen base stays in ``dtype`` (``LoraConfig``).
     """
 
     name_or_path: str | None = None
@@ -38,6 +90,7 @@ class ModelConfig:
     tokenizer: str | None = None  # defaults to name_or_path; "char:<task>" for the synthetic tasks
     dtype: Literal["float32", "bfloat16"] = "float32"
     attn_implementation: Literal["auto", "sdpa", "eager", "flash_attention_2"] = "auto"
+    lora: LoraConfig | None = None  # null: every weight trains; a mapping: LoRA adapters on a frozen base
 
     def __post_init__(self):
         if (self.name_or_path is None) == (self.config is None):

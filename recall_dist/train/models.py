@@ -38,7 +38,8 @@ def resolve_attn_implementation(requested: str = "auto", device_type: str | None
 
 def construct(cfg: ModelConfig, dtype: torch.dtype, device_type: str | None = None) -> nn.Module:
     """The architecture of ``cfg`` built in the current device context (meta, or inside DeepSpeed's
-    ``zero.Init``), with Hugging Face's weight initialisation skipped: weights come from ``load_weights``."""
+    ``zero.Init``), with Hugging Face's weight initialisation skipped: weights come from ``load_weights``.
+    With ``cfg.lora`` the adapters are injected and the base frozen (``lora.apply_lora``)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -47,6 +48,10 @@ def construct(cfg: ModelConfig, dtype: torch.dtype, device_type: str | None = No
         model = AutoModelForCausalLM.from_config(cfg.hf_config(), dtype=dtype, attn_implementation=attn)
     model.tie_weights()
     model.config.use_cache = False
+    if cfg.lora is not None:  # peft's adapters injected in place, the base frozen (train/lora.py)
+        from recall_dist.train.lora import apply_lora
+
+        apply_lora(model, cfg.lora)
     return model
 
 
@@ -106,8 +111,14 @@ def checkpoint_directory(name_or_path: str) -> Path:
 def weight_source(cfg: ModelConfig, model: nn.Module, seed: int):
     """Where ``model``'s initial weights come from: pretrained safetensors, or the seeded initialisation."""
     if cfg.name_or_path is not None:
-        return SafetensorsCheckpoint(checkpoint_directory(cfg.name_or_path))
-    return RandomInit(model, seed)
+        source = SafetensorsCheckpoint(checkpoint_directory(cfg.name_or_path))
+    else:
+        source = RandomInit(model, seed)
+    if cfg.lora is not None:  # the base under its Hugging Face names, the adapters as peft initialises them
+        from recall_dist.train.lora import LoraWeightSource
+
+        source = LoraWeightSource(source, seed)
+    return source
 
 
 def enable_gradient_checkpointing(model: nn.Module) -> None:

@@ -1,0 +1,285 @@
+"""LoRA adapters (Hugging Face ``peft``) on a frozen base: everything ``model.lora`` changes lives here.
+
+- ``apply_lora(model, lora)``: peft's own LoRA layers injected into the ``*ForCausalLM`` in place
+  (``peft.inject_adapter_in_model``: no ``PeftModel`` wrapper, so ``decoder_of``, ``decoder_layers`` and the
+  loss head see the model they know), every base parameter frozen, the adapters fp32.  Works on the meta
+  device and under DeepSpeed's ``zero.Init``.
+- Names: a base parameter keeps its Hugging Face name with ``.base_layer`` inserted
+  (``model.layers.0.self_attn.q_proj.base_layer.weight``); an adapter is
+  ``...q_proj.lora_A.default.weight`` (``is_adapter_parameter``).  ``base_parameter_name`` and
+  ``adapter_key`` translate to the base checkpoint's and to peft's saved names.
+- ``LoraWeightSource``: the initial weights (``weights.py``'s source protocol): the base from the base's
+  source under its Hugging Face names, the adapters as peft initialises them (A Kaiming-uniform, B zero:
+  the adapted model starts equal to the base), seeded per module, so any number of ranks starts alike.
+- Export: ``write_adapter`` (``final/`` as a peft adapter directory, what ``PeftModel.from_pretrained``
+  loads) and ``merged_parameters`` (the base + ``alpha / r * B A`` under the base's names, what
+  ``AutoModelForCausalLM`` loads).
+- ``parameter_split``: trainable (adapter) vs frozen (base) parameter counts of a (meta) model, for the
+  planner.
+
+The head: the loss head reads ``lm_head`` (or the tied embedding) itself (``loss_head.py``); it stays
+frozen unless ``lm_head`` is in ``target_modules``, in which case ``head_weight`` gives the adapted weight.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from recall_dist.configtree import ConfigError
+from recall_dist.train.weights import full_shape, module_seed
+
+if TYPE_CHECKING:
+    from recall_dist.train.config import LoraConfig
+
+ADAPTER_NAME = "default"  # peft's adapter name; its saved keys leave it out
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_ADAPTER_MODULES = ("lora_A", "lora_B")
+_BASE = ".base_layer"
+
+
+def peft_config(lora: LoraConfig, base_model_name_or_path: str | None = None, target_modules=None):
+    """The ``peft.LoraConfig`` of ``lora`` (causal LM, no bias, Kaiming/zero init).  ``target_modules``: the
+    resolved module names to record instead of ``lora.target_modules`` (an export writes what was adapted)."""
+    import peft
+
+    targets = lora.target_modules if target_modules is None else sorted(target_modules)
+    return peft.LoraConfig(
+        r=lora.r,
+        lora_alpha=int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=targets if isinstance(targets, str) else list(targets),
+        bias="none",
+        task_type="CAUSAL_LM",
+        base_model_name_or_path=base_model_name_or_path,
+    )
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+    """Inject ``lora``'s adapters into ``model`` (a Hugging Face ``*ForCausalLM``, possibly on the meta device
+    or partitioned by ``zero.Init``) in place and return it: the base frozen in the dtype it was built in, the
+    adapters trainable and fp32 (their masters; a backend may cast its compute copy).  Their values are not
+    initialised here: ``LoraWeightSource`` writes them with the base's.  A ``target_modules`` name that
+    matches no linear layer is a ``ConfigError`` naming ``model.lora.target_modules``."""
+    from peft import inject_adapter_in_model
+
+    config = peft_config(lora)
+    config.init_lora_weights = False  # LoraWeightSource initialises (seeded, per module, on any sharding)
+    try:
+        inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
+    except ValueError as e:
+        raise ConfigError(
+            "model.lora.target_modules",
+            f"{lora.target_modules!r}: {str(e).splitlines()[0]} (linear layers of this model: "
+            f"{', '.join(sorted(linear_module_names(model)))})",
+        ) from None
+    for name, param in model.named_parameters():
+        param.requires_grad_(is_adapter_parameter(name))
+    for module in adapted_modules(model).values():
+        for key in _ADAPTER_MODULES:
+            getattr(module, key)[ADAPTER_NAME].float()
+    return model
+
+
+def linear_module_names(model: nn.Module) -> set[str]:
+    """The last names of ``model``'s linear layers (what ``target_modules`` may list)."""
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear) and name}
+
+
+def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Module name -> peft LoRA layer, for every adapted layer of ``model``."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def is_lora_model(model: nn.Module) -> bool:
+    return bool(adapted_modules(model))
+
+
+def is_adapter_parameter(name: str) -> bool:
+    """True for an adapter's parameter name (``...q_proj.lora_A.default.weight``), False for a base one."""
+    return any(f".{key}." in f".{name}" for key in _ADAPTER_MODULES)
+
+
+def trainable_parameter_names(model: nn.Module) -> list[str]:
+    """The names of ``model``'s parameters that train (the adapters with LoRA; all of them without)."""
+    return [name for name, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the optimizer steps (and holds state for): with LoRA, the adapters only."""
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def parameter_split(model: nn.Module) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts of ``model`` (tied parameters once); works on the meta device."""
+    distinct = {id(p): p for p in model.parameters()}.values()
+    trainable = sum(math.prod(full_shape(p)) for p in distinct if p.requires_grad)
+    frozen = sum(math.prod(full_shape(p)) for p in distinct if not p.requires_grad)
+    return trainable, frozen
+
+
+def base_parameter_name(name: str) -> str:
+    """A base parameter's Hugging Face name: ``...q_proj.base_layer.weight`` -> ``...q_proj.weight``."""
+    return name.replace(f"{_BASE}.", ".")
+
+
+def base_module_name(name: str) -> str:
+    """A base module's Hugging Face name: ``...q_proj.base_layer`` -> ``...q_proj``."""
+    return base_parameter_name(name + ".")[:-1]
+
+
+def adapter_key(name: str) -> str:
+    """peft's saved key of an adapter parameter (what ``adapter_model.safetensors`` holds):
+    ``model.layers.0.self_attn.q_proj.lora_A.default.weight`` ->
+    ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``."""
+    return "base_model.model." + name.replace(f".{ADAPTER_NAME}.", ".")
+
+
+class LoraWeightSource:
+    """Initial weights of a LoRA model (``weights.load_weights``'s source protocol): base parameters from
+    ``base`` (a ``SafetensorsCheckpoint`` or ``RandomInit``) under their Hugging Face module names, adapters
+    as peft initialises them: ``lora_A`` Kaiming-uniform (a = sqrt(5), nn.Linear's default), ``lora_B`` zero,
+    from an RNG seeded by ``(seed, module name)``, on a CPU fp32 tensor of the full shape (the same values
+    whatever the sharding)."""
+
+    def __init__(self, base, seed: int):
+        self.base, self.seed = base, int(seed)
+
+    def readers(self, module_name: str, module: nn.Module, names: list[str]):
+        leaf = module_name.rsplit(".", 2)
+        if len(leaf) == 3 and leaf[1] in _ADAPTER_MODULES:
+            return {
+                n: self._adapter_reader(module_name, leaf[1], p) for n, p in module._parameters.items() if n in names
+            }
+        return self.base.readers(base_module_name(module_name), module, names)
+
+    def _adapter_reader(self, module_name: str, kind: str, param: torch.Tensor):
+        full = torch.zeros(full_shape(param))
+        if kind == "lora_A":
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(module_seed(self.seed, module_name))
+                nn.init.kaiming_uniform_(full, a=math.sqrt(5))
+        return lambda start, stop: full[start:stop]
+
+
+def head_weight(owner: nn.Module) -> torch.Tensor:
+    """The output head's weight as the model computes it: ``owner.weight``, or, when ``owner`` is an adapted
+    ``lm_head``, ``W + alpha / r * B A`` (the adapter's dropout is not applied on this path)."""
+    from peft.tuners.lora import LoraLayer
+
+    if not isinstance(owner, LoraLayer) or ADAPTER_NAME not in owner.lora_A:
+        return owner.weight
+    a, b = owner.lora_A[ADAPTER_NAME].weight, owner.lora_B[ADAPTER_NAME].weight
+    base = owner.get_base_layer().weight
+    return base + (owner.scaling[ADAPTER_NAME] * (b.to(base.dtype) @ a.to(base.dtype)))
+
+
+def merged_parameters(
+    parameters: Iterable[tuple[str, torch.Tensor | None]], lora: LoraConfig
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(Hugging Face name, merged tensor) from a LoRA model's (name, full tensor) stream
+    (``Engine.full_parameters``): each adapted weight becomes ``W + alpha / r * B A`` (in fp32), the rest
+    passes under its base name; adapters are consumed, not yielded.  Holds one layer's weight until its
+    ``lora_B`` arrives (peft registers ``base_layer``, ``lora_A``, ``lora_B`` in that order).  A ``None``
+    tensor (a rank that does not write) stays ``None``."""
+    pending: dict[str, tuple[str, torch.Tensor | None]] = {}  # module -> (base name, W)
+    factors: dict[str, torch.Tensor | None] = {}  # module -> A
+    for name, tensor in parameters:
+        module, _, leaf = name.rpartition(".")
+        if is_adapter_parameter(name):
+            owner = module.rsplit(".", 2)[0]  # ...q_proj.lora_A.default -> ...q_proj
+            if ".lora_A." in f"{name}":
+                factors[owner] = tensor
+                continue
+            base_name, weight = pending.pop(owner)
+            a = factors.pop(owner)
+            if weight is not None:
+                weight = weight.float() + lora.scaling * (tensor.float() @ a.float())
+            yield base_name, weight
+        elif module.endswith(_BASE) and leaf == "weight":
+            pending[module[: -len(_BASE)]] = (base_parameter_name(name), tensor)
+        else:
+            yield base_parameter_name(name), tensor
+    if pending:
+        raise RuntimeError(f"merged_parameters: adapted weights without their adapters: {sorted(pending)}")
+
+
+def adapter_parameters(
+    parameters: Iterable[tuple[str, torch.Tensor | None]],
+) -> Iterator[tuple[str, torch.Tensor | None]]:
+    """(peft key, tensor) of the adapters in a LoRA model's (name, full tensor) stream; base parameters are
+    consumed (every rank must consume the whole stream: its gathers are collective) and dropped."""
+    for name, tensor in parameters:
+        if is_adapter_parameter(name):
+            yield adapter_key(name), tensor
+
+
+def write_adapter(
+    model: nn.Module,
+    parameters: Iterable[tuple[str, torch.Tensor | None]],
+    lora: LoraConfig,
+    out_dir: str | Path,
+    writer: bool = True,
+    base_model_name_or_path: str | None = None,
+    tokenizer=None,
+    extra_files: dict[str, str] | None = None,
+) -> Path | None:
+    """``out_dir`` as a peft adapter directory, atomically (``io.publish_dir``): ``adapter_config.json``
+    (``peft_config`` with the modules actually adapted in ``model``) and ``adapter_model.safetensors``
+    (the adapters of ``parameters`` in fp32 under peft's keys), plus the tokenizer.  Every process consumes
+    ``parameters``; only ``writer`` writes.  ``PeftModel.from_pretrained(base, out_dir)`` loads it."""
+    from safetensors.torch import save_file
+
+    from recall_dist.io import fresh_dir, fsync_tree, publish_dir, restore_interrupted, temp_sibling
+
+    out_dir = Path(out_dir)
+    tensors = dict(adapter_parameters(parameters))
+    if not writer:
+        return None
+    tmp = temp_sibling(out_dir)
+    restore_interrupted(out_dir)
+    fresh_dir(tmp)
+    save_file({k: t.float().contiguous() for k, t in tensors.items()}, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    targets = {name.rsplit(".", 1)[-1] for name in adapted_modules(model)}
+    peft_config(lora, base_model_name_or_path, target_modules=targets).save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
+    fsync_tree(tmp)
+    publish_dir(tmp, out_dir)
+    return out_dir
+
+
+def read_adapter_config(directory: str | Path) -> dict:
+    """The ``adapter_config.json`` of a peft adapter directory, as a dict."""
+    return json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
+
+
+def check_quantize_supported(lora: LoraConfig | None) -> None:
+    """``quantize: 4bit`` needs CUDA and bitsandbytes: a ``ConfigError`` naming ``model.lora.quantize``
+    (one line) otherwise.  Called when a run starts (``resources.validate_resources``), not when the config is
+    built: a saved config stays readable on any machine."""
+    if lora is None or lora.quantize is None:
+        return
+    if not torch.cuda.is_available():
+        raise ConfigError(
+            "model.lora.quantize",
+            f"{lora.quantize!r} (QLoRA, a 4-bit base through bitsandbytes) needs a CUDA GPU; this machine has "
+            "none: set model.lora.quantize=null",
+        )
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ConfigError(
+            "model.lora.quantize", f"{lora.quantize!r} (QLoRA) needs bitsandbytes: pip install bitsandbytes"
+        )
