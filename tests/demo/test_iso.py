@@ -16,7 +16,7 @@ import pytest
 
 from recall_dist.demo.iso import CONFIG_DIR, IsoRecipe, sweep_subset, write_demo_data
 from recall_dist.demo.iso_prompts import Prompt, is_heldout, split_prompts
-from recall_dist.demo.pipeline import LOSSES, Run
+from recall_dist.demo.pipeline import LOSSES, DemoError, Run
 
 # 30 prompts: the hash split holds some of them out (checked below, so the test fails loudly if not)
 PROMPTS = [
@@ -143,3 +143,18 @@ def test_quick_run_end_to_end(tmp_path):
     assert "## Recall over NLL at the same Precision: training prompts (2)" in text
     assert "## Recall over NLL at the same Precision: held-out prompts (2)" in text
     assert "| cdiv-1.4 |" in text and "## nll" in (out / "samples.md").read_text()
+
+
+def test_training_examples_come_from_the_swept_prompts_by_default(data, tmp_path):
+    """train_on="swept" (the default) trains on exactly the swept training prompts, "all" on every training
+    prompt; the held-out ones never."""
+    swept = {
+        r["messages"][-1]["content"].removesuffix(" Answer with the name only.") for r in _rows(data["support_train"])
+    }
+    asked = {q.removesuffix(" Answer with the name only.") for q in _questions(_rows(data["train"]))}
+    assert asked == swept and len(swept) == 5
+    every = write_demo_data(tmp_path / "all", PROMPTS, num_examples=2000, train_prompts=5, train_on="all")
+    asked_all = {q.removesuffix(" Answer with the name only.") for q in _questions(_rows(every["train"]))}
+    assert asked_all == {p.text for p in split_prompts(PROMPTS)[0]}
+    with pytest.raises(DemoError, match="train_on"):
+        write_demo_data(tmp_path / "bad", PROMPTS, num_examples=10, train_prompts=5, train_on="some")

@@ -1,0 +1,127 @@
+"""``recall-dist demo-lm --grid`` (``demo/lm_grid.py``): which points run with which references, the
+overrides each point's fine-tune gets (checked through the real config loader), the verdicts against worked
+curves, and a ``--quick`` grid end to end on a tiny random Llama (real torchrun fine-tunes and sweeps)."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from recall_dist.demo.iso import CONFIG_DIR, IsoRecipe
+from recall_dist.demo.lm_grid import (
+    BANDS,
+    POINTS,
+    GridPoint,
+    GridRecipe,
+    point_statistics,
+    select,
+    verdict,
+)
+from recall_dist.demo.pipeline import DemoError, Prepared
+from tests.demo.test_iso import tiny_chat_model
+
+
+def test_every_point_has_its_nll_reference_in_the_grid():
+    names = {p.name for p in POINTS}
+    assert all(p.reference() in names for p in POINTS)
+    assert GridPoint("x", "cdiv", lr=3e-5).reference() == "nll-lr3e-05"
+    assert GridPoint("x", "cdiv", steps=112).reference() == "nll-112steps"
+    assert [p.name for p in select(POINTS, ["cdiv-1.4-112steps"])] == ["nll-112steps", "cdiv-1.4-112steps"]
+    assert [p.name for p in select(POINTS, ["cdiv-1.1", "cdiv-1.2"])] == ["nll", "cdiv-1.1", "cdiv-1.2"]
+    with pytest.raises(DemoError, match="unknown grid point"):
+        select(POINTS, ["cdiv-9"])
+
+
+def test_point_overrides_reach_the_training_config(tmp_path):
+    from recall_dist.train.config import load_train_config
+
+    base = IsoRecipe.full()
+    recipe = GridRecipe(
+        finetune_steps=base.finetune_steps, global_batch=base.global_batch, temperatures=base.temperatures, out=tmp_path
+    )
+    prepared = Prepared("/models/lm", finetune=["model.name_or_path=/models/lm", "data.source=x.jsonl"])
+    by_name = {r.name: r for r in recipe.runs()}
+    centre = load_train_config(
+        CONFIG_DIR / "finetune.yaml", recipe.finetune_overrides(prepared, by_name["cdiv-1.4"], tmp_path / "a")
+    )
+    longer = load_train_config(
+        CONFIG_DIR / "finetune.yaml", recipe.finetune_overrides(prepared, by_name["cdiv-1.4-112steps"], tmp_path / "b")
+    )
+    slower = load_train_config(
+        CONFIG_DIR / "finetune.yaml", recipe.finetune_overrides(prepared, by_name["nll-lr3e-05"], tmp_path / "c")
+    )
+    assert (centre.train.max_steps, centre.data.num_samples, centre.optim.lr) == (56, 56 * 16, 1e-4)
+    assert (longer.train.max_steps, longer.data.num_samples, longer.optim.lr) == (112, 112 * 16, 1e-4)
+    assert (slower.train.max_steps, slower.optim.lr, slower.loss.name) == (56, 3e-5, "nll")
+    assert centre.loss.params == {"alpha": 1.4} and longer.loss.params == {"alpha": 1.4}
+
+
+def _curve(shift: float) -> list[tuple[float, float, float]]:
+    """(T, precision, recall): Precision falls linearly from 0.98 at T = 0.3 to 0.02 at T = 2.0; Recall is
+    0.2 + 0.5 (1 - Precision) + shift, so at every Precision the curve with the larger shift is higher."""
+    points = []
+    for k in range(18):
+        t = 0.3 + k * 0.1
+        p = 0.98 - (t - 0.3) * 0.96 / 1.7
+        points.append((t, p, 0.2 + 0.5 * (1 - p) + shift))
+    return points
+
+
+def test_verdicts_against_worked_curves():
+    nll, higher, lower = _curve(0.0), _curve(0.05), _curve(-0.05)
+    data = {"nll": {0: nll}, "cdiv-1.4": {0: higher}, "cdiv-2.0": {0: lower}, "cdiv-1.1": {0: _curve(0.004)}}
+    points = [GridPoint("nll", "nll"), GridPoint("cdiv-1.4", "cdiv"), GridPoint("cdiv-2.0", "cdiv")]
+    points.append(GridPoint("cdiv-1.1", "cdiv"))
+    stats = {s["point"].name: s for s in point_statistics(points, data)}
+    # Recall at Precision >= p is the best over the curve's temperatures, so the margin is the shift exactly
+    for band in BANDS[:-1]:
+        assert stats["cdiv-1.4"]["bands"][band][0]["margin"] == pytest.approx(0.05, abs=1e-12)
+        assert stats["cdiv-2.0"]["bands"][band][0]["margin"] == pytest.approx(-0.05, abs=1e-12)
+    assert (stats["cdiv-1.4"]["verdict"], stats["cdiv-2.0"]["verdict"], stats["cdiv-1.1"]["verdict"]) == (
+        "gains",
+        "loses",
+        "ties",
+    )
+    # a curve that is higher where both are precise but never reaches NLL's top Precision: mixed
+    capped = [x for x in _curve(0.05) if x[1] < 0.9]
+    data["cdiv-1.2"] = {0: capped}
+    mixed = point_statistics([GridPoint("nll", "nll"), GridPoint("cdiv-1.2", "cdiv")], data)[0]
+    assert mixed["bands"][BANDS[-2]][0]["verdict"] == "NLL only" and mixed["verdict"] == "mixed"
+    assert verdict({b: [{"verdict": "neither"}] for b in BANDS}) == "n/a"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/usr/share/iso-codes/json/iso_3166-2.json").is_file(), reason="needs iso-codes")
+def test_quick_grid_end_to_end_and_resume(tmp_path):
+    model, out = tiny_chat_model(tmp_path / "tiny"), tmp_path / "grid"
+    cmd = [
+        sys.executable,
+        "-m",
+        "recall_dist",
+        "demo-lm",
+        "--grid",
+        "--quick",
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+    ]
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, cwd=root)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    with open(out / "grid.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    quick = IsoRecipe.quick()
+    assert {r["point"] for r in rows} == {"nll", "cdiv-1.4"}
+    assert len(rows) == 2 * len(quick.temperatures)
+    text = (out / "grid.md").read_text()
+    assert "| cdiv-1.4: cdiv {alpha: 1.4}, lr 0.0001, 2 steps |" in text
+    # a second call with --resume reuses both fine-tunes and sweeps and writes the same table
+    again = subprocess.run([*cmd, "--resume"], check=False, capture_output=True, text=True, timeout=900, cwd=root)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count("reused") == 4, again.stdout
+    assert (out / "grid.md").read_text() == text
