@@ -66,16 +66,16 @@ def _cdiv(name: str, lr: float | None = None, steps: int | None = None, **params
     return GridPoint(name, "cdiv", {"alpha": 1.4, **params}, lr, steps)
 
 
-POINTS = [  # in the order they run: the cheap single factors first
+POINTS = [  # in the order they run: the settings most likely to move the verdict first
     GridPoint("nll", "nll"),
     _cdiv("cdiv-1.4"),
     _cdiv("cdiv-1.1", alpha=1.1),
-    _cdiv("cdiv-1.2", alpha=1.2),
     _cdiv("cdiv-1.4-maxw2", max_weight=2.0),
-    _cdiv("cdiv-1.4-mix0.5", nll_mix=0.5),
-    _cdiv("cdiv-2.0", alpha=2.0),
     GridPoint("nll-112steps", "nll", steps=112),
     _cdiv("cdiv-1.4-112steps", steps=112),
+    _cdiv("cdiv-1.2", alpha=1.2),
+    _cdiv("cdiv-1.4-mix0.5", nll_mix=0.5),
+    _cdiv("cdiv-2.0", alpha=2.0),
     GridPoint("nll-lr3e-05", "nll", lr=3e-5),
     _cdiv("cdiv-1.4-lr3e-05", lr=3e-5),
 ]
