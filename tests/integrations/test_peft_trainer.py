@@ -1,0 +1,244 @@
+"""Hugging Face ``Trainer`` / TRL ``SFTTrainer`` with peft LoRA adapters and the recall loss, with the real
+peft 0.21 / TRL 1.16 / transformers 5 on a tiny Llama (the loss does the lm_head matmul itself, so it must
+reach the head through the peft wrapper):
+
+- one c-Div step's adapter gradients and logged loss equal those of a one-process ``PeftModel`` whose full
+  logits go through a plain weighted NLL (relative 1e-5): ``RecallSFTTrainer(..., peft_config=...)`` with
+  LoRA on the attention, a tied embedding, ``modules_to_save=["lm_head"]``; ``RecallTrainer`` given a
+  ``PeftModel`` with LoRA on ``lm_head`` itself (tied and untied);
+- the base weights stay bit-identical and only the trainable parameters get optimizer state;
+- a LoRA ``lm_head`` with dropout gives the loss and gradients of peft's own ``lm_head`` forward (same mask);
+- refused, naming ``lm_head`` in ``target_modules``: LoRA on ``lm_head`` through TRL (TRL 1.16's own check)
+  and DoRA on ``lm_head`` (ours).
+"""
+
+from __future__ import annotations
+
+import re
+
+import peft
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaForCausalLM, TrainerCallback
+
+from recall_dist import build_loss
+from recall_dist.constants import IGNORE_INDEX
+from recall_dist.integrations.hf import RecallTrainer, attach_loss_head, recall_compute_loss
+from tests.integrations.hf_setup import char_tokenizer, product_texts, reference_loss, text_dataset, tiny_llama
+from tests.integrations.test_hf import RecallSFTTrainer, sft_config
+
+ALPHA = 1.4
+ATTENTION = ["q_proj", "v_proj"]
+CASES = {  # name: (trainer, tied embeddings, LoraConfig keywords)
+    "sft-attention": ("sft", False, {"target_modules": ATTENTION}),
+    "sft-tied": ("sft", True, {"target_modules": ATTENTION}),
+    "sft-modules_to_save": ("sft", False, {"target_modules": ATTENTION, "modules_to_save": ["lm_head"]}),
+    "trainer-lora_lm_head": ("trainer", False, {"target_modules": [*ATTENTION, "lm_head"]}),
+    "trainer-tied-lora_lm_head": ("trainer", True, {"target_modules": [*ATTENTION, "lm_head"]}),
+}
+
+
+class RecordingRecallTrainer(RecallTrainer):
+    """``RecallTrainer`` plus a record of the first optimizer step's micro-batches (as ``RecallSFTTrainer``)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._objective is not None and self.state.global_step == 0:
+            self.first_step_batches.append({k: v.clone() for k, v in inputs.items()})
+        return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+
+
+def collate(examples: list[dict]) -> dict:
+    """Right-padded rows of token ids, -100 labels on the padding."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.zeros(len(examples), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(examples):
+        ids[row, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[row, : len(e["input_ids"])] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, IGNORE_INDEX)}
+
+
+def tokenized_dataset(n: int = 64) -> Dataset:
+    tokenizer = char_tokenizer()
+    return Dataset.from_dict({"input_ids": [[1, *tokenizer(t)["input_ids"], 2] for t in product_texts(n)]})
+
+
+class FirstStepGrads(TrainerCallback):
+    """The trainable parameters' gradients at the first optimizer step (after accumulation, before the update)."""
+
+    grads: dict | None = None
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            self.grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def tiny_model(tied: bool, seed: int = 0) -> LlamaForCausalLM:
+    if not tied:
+        return tiny_llama(seed)
+    config = tiny_llama(seed).config
+    config.tie_word_embeddings = True
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    return model
+
+
+def lora_config(**overrides) -> LoraConfig:
+    # init_lora_weights=False: B is random too, so A has a gradient at the first step (B = 0 would zero it)
+    values = {"r": 4, "lora_alpha": 8, "lora_dropout": 0.0, "init_lora_weights": False, "task_type": "CAUSAL_LM"}
+    return LoraConfig(**(values | overrides))
+
+
+def max_relative(got: dict, expected: dict) -> float:
+    return max(float((got[n] - e).abs().max() / e.abs().max()) for n, e in expected.items())
+
+
+def one_step_trainer(tmp, kind: str, tied: bool, lora: dict, callback):
+    """``RecallSFTTrainer(..., peft_config=...)`` on raw text (TRL packs it), or ``RecallTrainer`` given a
+    ``PeftModel`` and right-padded batches; c-Div, one Adam step of 8 rows, no clipping."""
+    common = {"recall_loss": "cdiv", "recall_loss_params": {"alpha": ALPHA}, "callbacks": [callback]}
+    args = sft_config(tmp, max_steps=1, optim="adamw_torch", learning_rate=1e-2)
+    if kind == "sft":
+        data, tokenizer = text_dataset(64), char_tokenizer()
+        return RecallSFTTrainer(
+            model=tiny_model(tied),
+            args=args,
+            train_dataset=data,
+            processing_class=tokenizer,
+            peft_config=lora_config(**lora),
+            **common,
+        )
+    args.remove_unused_columns = False
+    model = get_peft_model(tiny_model(tied), lora_config(**lora))
+    return RecordingRecallTrainer(
+        model=model, args=args, train_dataset=tokenized_dataset(), data_collator=collate, **common
+    )
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_one_step_with_lora_matches_a_peft_reference(tmp_path, case):
+    kind, tied, lora = CASES[case]
+    grads = FirstStepGrads()
+    trainer = one_step_trainer(tmp_path, kind, tied, lora, grads)
+    trainer.first_step_batches = []
+    model = trainer.model
+    assert isinstance(model, peft.PeftModel)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    expected_trainable = ("lora_A", "lora_B") + (("modules_to_save",) if "modules_to_save" in lora else ())
+    assert trainable and all(any(k in n for k in expected_trainable) for n in trainable), trainable
+    if "lm_head" in lora["target_modules"]:
+        assert any("lm_head.lora_B" in n for n in trainable)
+    trainer.train()
+
+    # the reference: a fresh one-process PeftModel with the same weights, full logits, plain weighted NLL
+    reference = get_peft_model(tiny_model(tied), lora_config(**lora))
+    assert set(dict(reference.named_parameters())) == set(before)
+    with torch.no_grad():  # by parameter, not state dict: a tied head is one parameter, two state-dict keys
+        for name, p in reference.named_parameters():
+            p.copy_(before[name])
+    loss = reference_loss(reference, trainer.first_step_batches, ALPHA)
+    loss.backward()
+    loss = float(loss)
+    expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad}
+    assert set(expected) == trainable
+    got = {n: grads.grads[n] for n in trainable}
+    assert max_relative(got, expected) < 1e-5
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(loss, rel=1e-6)
+
+    # the base is bit-identical, the adapters moved, and only they have optimizer state
+    after = dict(model.named_parameters())
+    for name, value in before.items():
+        if name in trainable:
+            assert not torch.equal(after[name], value), name
+        else:
+            assert torch.equal(after[name], value), name
+            assert after[name].grad is None, name
+    with_state = {id(p) for p, state in trainer.optimizer.state.items() if state}
+    assert with_state == {id(after[n]) for n in trainable}
+    print(
+        f"\n[peft:{case}] {len(trainable)} adapter tensors; max relative |grad - reference| "
+        f"{max_relative(got, expected):.2e}; loss {trainer.state.log_history[0]['loss']:.6f} vs {loss:.6f}"
+    )
+
+
+def weighted_nll(logits: torch.Tensor, labels: torch.Tensor, alpha: float) -> torch.Tensor:
+    """c-Div from full logits: w = exp((alpha - 1) l), detached; sum w l / sum w over the shifted targets."""
+    logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+    nll = -logp.gather(-1, labels[:, 1:, None]).squeeze(-1).flatten()
+    w = torch.exp((alpha - 1.0) * nll.detach())
+    return (w * nll).sum() / w.sum()
+
+
+def test_a_lora_lm_head_with_dropout_is_exact():
+    """``[x, s A drop(x)] @ [W, B]^T`` draws the dropout mask as peft's ``lm_head`` forward does: with
+    the same seed, the same loss and gradients (A, B and the hidden states)."""
+    model = get_peft_model(tiny_llama(0), lora_config(target_modules=["lm_head"], lora_dropout=0.3))
+    model.train()
+    head = attach_loss_head(model)
+    head.loss, head.dp_group = build_loss("cdiv", alpha=ALPHA), None
+    lm_head = model.get_output_embeddings()
+    adapter = [lm_head.lora_A["default"].weight, lm_head.lora_B["default"].weight]
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(3, 9, 32, generator=g, requires_grad=True)
+    labels = torch.randint(3, 15, (3, 9), generator=g)
+
+    def run(loss_of, seed=7):
+        torch.manual_seed(seed)
+        loss = loss_of()
+        grads = torch.autograd.grad(loss, [hidden, *adapter])
+        return loss.detach(), grads
+
+    ours, our_grads = run(lambda: head(hidden, labels)[0])
+    theirs, their_grads = run(lambda: weighted_nll(lm_head(hidden), labels, ALPHA))
+    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
+    for a, b in zip(our_grads, their_grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    other_mask, _ = run(lambda: head(hidden, labels)[0], seed=8)
+    assert abs(float(other_mask - ours)) > 1e-4  # the dropout is really on
+
+
+def test_a_head_attached_before_peft_wrapped_the_model_sees_the_adapter():
+    """``recall_compute_loss`` on the bare model first, then ``get_peft_model`` (which replaces ``lm_head`` in
+    place): the head is looked up at every call, so the LoRA on ``lm_head`` is in the loss."""
+    model = tiny_model(True)
+    ids = torch.randint(3, 15, (4, 11), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.masked_fill(ids == 5, -100)}
+    loss = build_loss("cdiv", alpha=ALPHA)
+    recall_compute_loss(model, batch, loss, dp_group=None)
+    model = get_peft_model(model, lora_config(target_modules=[*ATTENTION, "lm_head"]))
+    recall_compute_loss(model, batch, loss, dp_group=None).backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lm_head.lora" in n for n in got)
+    model.zero_grad()
+    reference_loss(model, [batch], ALPHA).backward()
+    assert max_relative(got, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}) < 1e-5
+
+
+def test_lora_on_lm_head_through_trl_is_refused_by_trl(tmp_path):
+    """TRL 1.16's ``SFTTrainer`` refuses an adapter on ``lm_head`` itself, before our mixin runs; with
+    ``RecallTrainer`` it works (above)."""
+    with pytest.raises(ValueError, match=re.escape("Remove `'lm_head'` from your `target_modules`")):
+        RecallSFTTrainer(
+            model=tiny_llama(0),
+            args=sft_config(tmp_path, max_steps=1),
+            train_dataset=text_dataset(8),
+            processing_class=char_tokenizer(),
+            recall_loss="cdiv",
+            peft_config=lora_config(target_modules=["q_proj", "lm_head"]),
+        )
+
+
+def test_dora_on_lm_head_is_refused(tmp_path):
+    model = get_peft_model(tiny_llama(0), lora_config(target_modules=["q_proj", "lm_head"], use_dora=True))
+    with pytest.raises(ValueError, match=re.escape("remove 'lm_head' from the peft config's target_modules")):
+        RecallTrainer(
+            model=model,
+            args=sft_config(tmp_path, max_steps=1),
+            train_dataset=tokenized_dataset(8),
+            data_collator=collate,
+            recall_loss="cdiv",
+        )
