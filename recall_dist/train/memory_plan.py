@@ -14,6 +14,13 @@ parameter) plus one module at a time being built -- the fp32 CPU twin of the lar
 init, or the rows of one tensor read from safetensors.  On GPUs the shards live on the device and the host
 holds the transient and anything offloaded; ``--device cpu`` (CPU training) puts everything on the host.
 ``tests/train/test_construction_memory.py`` checks the construction estimate against measured peaks.
+
+With ``model.lora`` (peft LoRA adapters) only the adapters train: their count is exact from the shapes of
+the targeted modules (``train/lora_plan.py``: r x (fan_in + fan_out) per module, peft's matching rules), and
+gradients, fp32 masters and Adam moments exist for them alone; the frozen base sits at rest in
+``model.dtype`` under FSDP2 (in the compute dtype under DeepSpeed), sharded like the parameters it
+replaces.  The loss head then computes no weight gradient unless the head is a target, and each adapter
+adds its r-wide activation (plus, with dropout, a dropped copy of its input and the mask).
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from recall_dist.configtree import ConfigError
+from recall_dist.train.lora_plan import lora_split
 
 GIB = 1024**3
 
@@ -42,6 +50,8 @@ class Plan:
     covered_params: int
     host_rows: dict[str, float]  # component -> host bytes per rank
     construction_bytes: float  # host bytes one rank adds while the engine builds its model
+    trainable_params: int = 0  # what the optimizer updates: every parameter, or the LoRA adapters only
+    frozen_params: int = 0  # the base model under LoRA (no gradient, no optimizer state); 0 without LoRA
 
     @property
     def total_bytes(self) -> float:
@@ -57,36 +67,57 @@ def largest_layer_params(model: nn.Module) -> int:
     return max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
 
 
-def _model_state_bytes(cfg, params: int, world: int, largest: int) -> dict[str, float]:
+# ---------------------------------------------------------------------------------------------
+# Model states, activations, host memory
+
+
+def _frozen_bytes(cfg) -> int:
+    """Bytes per frozen (LoRA base) parameter at rest: FSDP2 keeps ``model.dtype``, a DeepSpeed engine
+    holds every module parameter in its compute dtype."""
+    if cfg.backend.name == "fsdp2":
+        return 2 if cfg.model.dtype == "bfloat16" else 4
+    return 2 if cfg.backend.bf16 else 4
+
+
+def _model_state_bytes(cfg, trainable: int, frozen: int, world: int, largest: int) -> dict[str, float]:
+    """Per-GPU bytes of parameters, gradients and optimizer states.  ``trainable``: the parameters the
+    optimizer updates (all of them, or the LoRA adapters); ``frozen``: the base under LoRA."""
     b = cfg.backend
     low = 2 if b.bf16 else 4  # bytes of a working parameter / gradient
     master = 4 if b.bf16 else 0  # fp32 master copy (bf16 training only)
+    lora = cfg.model.lora is not None
+    what = "adapters" if lora else "parameters"
+    grads = "adapter gradients" if lora else "gradients"
+    states = "adapter optimizer states" if lora else "optimizer states"
+    rows: dict[str, float] = {}
     if b.name == "fsdp2":  # fp32 sharded parameters are the master copy; unsharded low-precision units on the fly
-        rows = {
-            "parameters (sharded fp32)": 4 * params / world,
-            "parameters (2 unsharded units)": 2 * low * largest,
-            "gradients (sharded fp32)": 4 * params / world,
-            "optimizer states (Adam m, v)": 8 * params / world,
-        }
+        if lora:  # frozen: no master copy, kept in the dtype it was read in
+            rows[f"frozen base (sharded {cfg.model.dtype})"] = _frozen_bytes(cfg) * frozen / world
+        rows[f"{what} (sharded fp32)"] = 4 * trainable / world
+        rows["parameters (2 unsharded units)"] = 2 * low * largest
+        rows[f"{grads} (sharded fp32)"] = 4 * trainable / world
+        rows[f"{states} (Adam m, v)"] = 8 * trainable / world
     else:
         shard_params = b.zero_stage == 3
-        rows = {
-            "parameters": low * params / (world if shard_params else 1),
-            "gradients": low * params / world,
-            "optimizer states (master + Adam m, v)": (master + 8) * params / world,
-        }
+        if lora:  # stage 3 partitions frozen parameters too
+            rows["frozen base"] = _frozen_bytes(cfg) * frozen / (world if shard_params else 1)
+        rows[what] = low * trainable / (world if shard_params else 1)
+        rows[grads] = low * trainable / world
+        rows[f"{states} (master + Adam m, v)"] = (master + 8) * trainable / world
         if shard_params:
             rows["parameters (gathered layer)"] = low * largest
     if b.cpu_offload:  # DeepSpeed offloads the fp32 states and the gradient partitions (and at stage 3 the
-        offloaded = [k for k in rows if k.startswith(("optimizer", "gradients"))]  # parameters); FSDP2 all shards
+        offloaded = [k for k in rows if k.startswith((states, grads))]  # parameters); FSDP2 all shards
         if b.name == "fsdp2" or b.zero_stage == 3:
-            offloaded += [k for k in rows if k in ("parameters", "parameters (sharded fp32)")]
+            offloaded += [
+                k for k in rows if k.startswith(("frozen base", what)) and not k.endswith(("units)", "layer)"))
+            ]
         for key in offloaded:
             rows[key] = 0.0
     return rows
 
 
-def _activation_bytes(cfg, model_cfg, seq_len: int) -> dict[str, float]:
+def _activation_bytes(cfg, model_cfg, seq_len: int, head_weight_grad: bool = True) -> dict[str, float]:
     from recall_dist.train.models import resolve_attn_implementation
 
     b, s = cfg.train.micro_batch_size, seq_len
@@ -100,29 +131,34 @@ def _activation_bytes(cfg, model_cfg, seq_len: int) -> dict[str, float]:
         kept = layers * s * b * h * 2 * scale + per_layer
     else:
         kept = layers * per_layer
-    head = head_bytes(s * b, h, model_cfg.vocab_size, cfg.loss.chunk_size, cfg.backend.bf16)
-    return {"activations": kept, "loss head (logits chunk + fp32 dW, dH)": head}
+    head = head_bytes(s * b, h, model_cfg.vocab_size, cfg.loss.chunk_size, cfg.backend.bf16, head_weight_grad)
+    name = "loss head (logits chunk + fp32 dW, dH)" if head_weight_grad else "loss head (logits chunk + fp32 dH)"
+    return {"activations": kept, name: head}
 
 
-def head_bytes(tokens: int, hidden: int, vocab: int, chunk_size: int | None, bf16: bool) -> int:
+def head_bytes(
+    tokens: int, hidden: int, vocab: int, chunk_size: int | None, bf16: bool, weight_grad: bool = True
+) -> int:
     """What the fused loss head allocates beyond its inputs for ``tokens`` rows (PyTorch path): one fp32
     logits chunk of ``chunk_rows`` rows (the head's own choice; plus its 16-bit copy for the matmuls
-    under bf16), the fp32 accumulators of dW [vocab, hidden] and dH [tokens, hidden], and under bf16
-    their 16-bit copies handed to autograd at the end.  Checked against the measured peak of live
-    tensors in tests/train/test_models_plan.py."""
+    under bf16), the fp32 accumulators of dW [vocab, hidden] (``weight_grad``: the head trains; a frozen
+    head under LoRA has none) and dH [tokens, hidden], and under bf16 their 16-bit copies handed to
+    autograd at the end.  Checked against the measured peak of live tensors in
+    tests/train/test_models_plan.py."""
     from recall_dist.parallel.common import chunk_rows
 
     rows = min(tokens, chunk_rows(chunk_size, vocab, tokens, hidden))
     chunk = rows * vocab * (4 + (2 if bf16 else 0))
-    return chunk + (vocab * hidden + tokens * hidden) * (4 + (2 if bf16 else 0))
+    return chunk + ((vocab * hidden if weight_grad else 0) + tokens * hidden) * (4 + (2 if bf16 else 0))
 
 
-def _construction_bytes(cfg, params: int, largest: int, world: int, device: str) -> float:
-    """Host bytes one rank adds while its engine builds the model (see the module docstring)."""
+def _construction_bytes(cfg, params: int, largest: int, world: int, device: str, frozen: int = 0) -> float:
+    """Host bytes one rank adds while its engine builds the model (see the module docstring); ``frozen`` of
+    the ``params`` are a LoRA base, kept in ``model.dtype`` under FSDP2."""
     b = cfg.backend
     compute = 2 if b.bf16 else 4
     if b.name == "fsdp2":
-        stored, offloaded = 4 * params / world, b.cpu_offload
+        stored, offloaded = (4 * (params - frozen) + _frozen_bytes(cfg) * frozen) / world, b.cpu_offload
     elif b.zero_stage == 3:
         stored, offloaded = compute * params / world, b.cpu_offload
     else:
@@ -136,11 +172,13 @@ def _construction_bytes(cfg, params: int, largest: int, world: int, device: str)
     return on_host + transient
 
 
-def _host_rows(cfg, params: int, largest: int, world: int, device: str, construction: float) -> dict[str, float]:
+def _host_rows(cfg, trainable: int, frozen: int, world: int, construction: float) -> dict[str, float]:
     b = cfg.backend
     rows = {"building the model (peak, per rank)": construction}
     if b.cpu_offload:  # offloaded fp32 masters, gradients and Adam moments live in host memory
-        rows["offloaded optimizer states + gradients"] = 16 * params / world
+        rows["offloaded optimizer states + gradients"] = 16 * trainable / world
+        if frozen and (b.name == "fsdp2" or b.zero_stage == 3):  # the frozen shards go with the parameters
+            rows["offloaded frozen base"] = _frozen_bytes(cfg) * frozen / world
     return rows
 
 
@@ -169,21 +207,51 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None, d
         from recall_dist.train.precision import native_bf16
 
         cfg.backend.bf16 = device == "cuda" or native_bf16("cpu")[0]
-    model = build_model(cfg.model, meta=True)
+    model = build_model(cfg.model, meta=True)  # with the adapters injected under LoRA: what the engine shards
     world = nodes * gpus_per_node
-    params, largest = count_parameters(model), largest_layer_params(model)
+    largest = largest_layer_params(model)
     model_cfg = model.config
     seq_len = seq_len or cfg.data.max_length or min(model_cfg.max_position_embeddings, 4096)
-    rows = {**_model_state_bytes(cfg, params, world, largest), **_activation_bytes(cfg, model_cfg, seq_len)}
+    if cfg.model.lora is None:
+        trainable, frozen, head_grad, adapter_rows = count_parameters(model), 0, True, {}
+    else:
+        trainable, frozen, head_grad, adapter_rows = lora_split(cfg, model, seq_len)
+    params = trainable + frozen
+    rows = {
+        **_model_state_bytes(cfg, trainable, frozen, world, largest),
+        **_activation_bytes(cfg, model_cfg, seq_len, head_grad),
+        **adapter_rows,
+    }
     units = sharding_plan(model)
     covered = {name for names in units.values() for name in names}
     named = {name for name, _ in model.named_parameters()}
     if covered != named:
         raise RuntimeError(f"sharding plan misses {sorted(named - covered)[:5]}")
-    ds_gpu, ds_cpu = _deepspeed_estimate(cfg, params, largest, nodes, gpus_per_node)
-    construction = _construction_bytes(cfg, params, largest, world, device)
-    host = _host_rows(cfg, params, largest, world, device, construction)
-    return Plan(rows, world, params, largest, ds_gpu, ds_cpu, len(units), len(covered), host, construction)
+    # DeepSpeed's estimator assumes every parameter trains: no estimate to compare with under LoRA.
+    ds_gpu, ds_cpu = (None, None) if frozen else _deepspeed_estimate(cfg, params, largest, nodes, gpus_per_node)
+    construction = _construction_bytes(cfg, params, largest, world, device, frozen)
+    host = _host_rows(cfg, trainable, frozen, world, construction)
+    return Plan(
+        rows, world, params, largest, ds_gpu, ds_cpu, len(units), len(covered), host, construction, trainable, frozen
+    )
+
+
+def _lora_lines(plan: Plan, cfg) -> list[str]:
+    lora = cfg.model.lora
+    if lora is None:
+        return []
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ",".join(lora.target_modules)
+    share = plan.trainable_params / plan.frozen_params
+    return [
+        f"LoRA r={lora.r} on {targets}: {plan.trainable_params / 1e6:.2f}M trainable adapter parameters "
+        f"({100 * share:.3f}% of the base), {plan.frozen_params / 1e9:.2f}B frozen; gradients and optimizer "
+        "states for the adapters only",
+        *(
+            ["(quantize: 4bit is not modelled: the frozen base is counted in its dtype, an upper bound)"]
+            if lora.quantize
+            else []
+        ),
+    ]
 
 
 def format_plan(plan: Plan, cfg, gpu_mem_gib: float) -> str:
@@ -192,6 +260,7 @@ def format_plan(plan: Plan, cfg, gpu_mem_gib: float) -> str:
     lines = [
         f"model: {plan.total_params / 1e9:.2f}B parameters (largest layer {plan.largest_layer_params / 1e6:.1f}M), "
         f"{b.name} {stage}, bf16={b.bf16}, cpu_offload={b.cpu_offload}, {plan.world_size} GPUs",
+        *_lora_lines(plan, cfg),
         f"sharding plan: {plan.sharding_units} units cover all {plan.covered_params} parameter tensors",
         f"{'component':<48}{'GiB/GPU':>10}",
     ]
@@ -246,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
                     "fits": plan.total_bytes / GIB <= args.gpu_mem_gib,
                     "world_size": plan.world_size,
                     "total_params": plan.total_params,
+                    "trainable_params": plan.trainable_params,
+                    "frozen_params": plan.frozen_params,
                     "deepspeed_estimate_gib": plan.deepspeed_estimate_gib,
                     "deepspeed_cpu_gib": plan.deepspeed_cpu_gib,
                     "host_rows_gib": {k: v / GIB for k, v in plan.host_rows.items()},
