@@ -89,10 +89,12 @@ def group_curves(values: dict, labels: dict[str, tuple[str, int]]) -> Curves:
     return curves
 
 
-def band_margin(loss: Points, reference: Points, band: tuple[float, float], levels: int = LEVELS_PER_BAND) -> dict:
+def band_margin(
+    loss: Points, reference: Points, band: tuple[float, float], levels: int = LEVELS_PER_BAND, tie: float = TIE
+) -> dict:
     """The loss's Recall minus the reference's at the same Precision over ``band`` (module docstring):
     ``margin`` (NaN when no level is reached by both), how many levels both, only the loss and only the
-    reference reach, and ``verdict``."""
+    reference reach, and ``verdict`` (``tie``: the tolerance of a tie)."""
     lo, hi = band
     grid = lo + (hi - lo) * (np.arange(levels) + 0.5) / levels
     gaps, only_loss, only_ref = [], 0, 0
@@ -108,7 +110,7 @@ def band_margin(loss: Points, reference: Points, band: tuple[float, float], leve
             gaps.append(r_loss - r_ref)
     margin = float(np.mean(gaps)) if gaps else math.nan
     if gaps:
-        verdict = "higher" if margin > TIE else "lower" if margin < -TIE else "tie"
+        verdict = "higher" if margin > tie else "lower" if margin < -tie else "tie"
     elif only_ref:
         verdict = "NLL only"  # the loss is never this precise at any temperature of the grid
     elif only_loss:

@@ -12,16 +12,10 @@ from pathlib import Path
 import pytest
 
 from recall_dist.demo.iso import CONFIG_DIR, IsoRecipe
-from recall_dist.demo.lm_grid import (
-    BANDS,
-    POINTS,
-    GridPoint,
-    GridRecipe,
-    point_statistics,
-    select,
-    verdict,
-)
+from recall_dist.demo.iso_report import TIE
+from recall_dist.demo.lm_grid import BANDS, POINTS, LmGridRecipe
 from recall_dist.demo.pipeline import DemoError, Prepared
+from recall_dist.demo.recipe_grid import GridPoint, point_statistics, select, verdict
 from tests.demo.test_iso import tiny_chat_model
 
 
@@ -40,7 +34,7 @@ def test_point_overrides_reach_the_training_config(tmp_path):
     from recall_dist.train.config import load_train_config
 
     base = IsoRecipe.full()
-    recipe = GridRecipe(
+    recipe = LmGridRecipe(
         finetune_steps=base.finetune_steps, global_batch=base.global_batch, temperatures=base.temperatures, out=tmp_path
     )
     prepared = Prepared("/models/lm", finetune=["model.name_or_path=/models/lm", "data.source=x.jsonl"])
@@ -58,6 +52,20 @@ def test_point_overrides_reach_the_training_config(tmp_path):
     assert (longer.train.max_steps, longer.data.num_samples, longer.optim.lr) == (112, 112 * 16, 1e-4)
     assert (slower.train.max_steps, slower.optim.lr, slower.loss.name) == (56, 3e-5, "nll")
     assert centre.loss.params == {"alpha": 1.4} and longer.loss.params == {"alpha": 1.4}
+    # every point's sweep scores the swept training prompts only (the later support= wins)
+    from recall_dist.configtree import load_config
+    from recall_dist.eval.config import SweepConfig
+
+    support = Path(__file__).resolve().parents[2] / "configs" / "support_example.jsonl"
+    recipe.out = support.parent.parent  # grid_sweep_overrides names OUT/data/support_train.jsonl
+    overrides = recipe.grid_sweep_overrides(Prepared("/m", sweep=["support=/elsewhere.jsonl"]))
+    assert overrides[-1] == f"support={recipe.out / 'data' / 'support_train.jsonl'}"
+    sweep = load_config(
+        SweepConfig,
+        CONFIG_DIR / "sweep.yaml",
+        ["support=/elsewhere.jsonl", f"support={support}", f"models=[{{name: a, path: {tmp_path}}}]"],
+    )
+    assert sweep.support == str(support)
 
 
 def _curve(shift: float) -> list[tuple[float, float, float]]:
@@ -76,7 +84,7 @@ def test_verdicts_against_worked_curves():
     data = {"nll": {0: nll}, "cdiv-1.4": {0: higher}, "cdiv-2.0": {0: lower}, "cdiv-1.1": {0: _curve(0.004)}}
     points = [GridPoint("nll", "nll"), GridPoint("cdiv-1.4", "cdiv"), GridPoint("cdiv-2.0", "cdiv")]
     points.append(GridPoint("cdiv-1.1", "cdiv"))
-    stats = {s["point"].name: s for s in point_statistics(points, data)}
+    stats = {s["point"].name: s for s in point_statistics(points, data, BANDS, TIE)}
     # Recall at Precision >= p is the best over the curve's temperatures, so the margin is the shift exactly
     for band in BANDS[:-1]:
         assert stats["cdiv-1.4"]["bands"][band][0]["margin"] == pytest.approx(0.05, abs=1e-12)
@@ -89,7 +97,7 @@ def test_verdicts_against_worked_curves():
     # a curve that is higher where both are precise but never reaches NLL's top Precision: mixed
     capped = [x for x in _curve(0.05) if x[1] < 0.9]
     data["cdiv-1.2"] = {0: capped}
-    mixed = point_statistics([GridPoint("nll", "nll"), GridPoint("cdiv-1.2", "cdiv")], data)[0]
+    mixed = point_statistics([GridPoint("nll", "nll"), GridPoint("cdiv-1.2", "cdiv")], data, BANDS, TIE)[0]
     assert mixed["bands"][BANDS[-2]][0]["verdict"] == "NLL only" and mixed["verdict"] == "mixed"
     assert verdict({b: [{"verdict": "neither"}] for b in BANDS}) == "n/a"
 
