@@ -126,13 +126,40 @@ def base_generation_config(name_or_path: str | None):
 
 
 def export_from_engine(
-    engine, tokenizer, out_dir: str | Path, rank: int, dtype: str = "float32", generation_config=None
+    engine,
+    tokenizer,
+    out_dir: str | Path,
+    rank: int,
+    dtype: str = "float32",
+    generation_config=None,
+    lora=None,
+    base_model_name_or_path: str | None = None,
 ) -> Path | None:
     """Collective: every rank gathers the parameters one at a time, rank 0 writes ``out_dir`` (with
-    ``generation_config``, e.g. ``base_generation_config(cfg.model.name_or_path)``, when given)."""
+    ``generation_config``, e.g. ``base_generation_config(cfg.model.name_or_path)``, when given).
+
+    With ``lora`` (``cfg.model.lora``): a peft adapter directory (``lora.write_adapter``, recording
+    ``base_model_name_or_path``), or with ``lora.merge_on_export`` the merged model in Hugging Face format."""
+    parameters = engine.full_parameters()
+    if lora is not None and not lora.merge_on_export:
+        from recall_dist.train.lora import write_adapter
+
+        return write_adapter(
+            engine.module.model,
+            parameters,
+            lora,
+            out_dir,
+            writer=rank == 0,
+            base_model_name_or_path=base_model_name_or_path,
+            tokenizer=tokenizer,
+        )
+    if lora is not None:
+        from recall_dist.train.lora import merged_parameters
+
+        parameters = merged_parameters(parameters, lora)
     return write_hf_directory(
         engine.module.model.config,
-        engine.full_parameters(),
+        parameters,
         tokenizer,
         out_dir,
         DTYPES[dtype],

@@ -62,10 +62,11 @@ def peft_config(lora: LoraConfig, base_model_name_or_path: str | None = None, ta
     )
 
 
-def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
+def apply_lora(model: nn.Module, lora: LoraConfig, adapter_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Inject ``lora``'s adapters into ``model`` (a Hugging Face ``*ForCausalLM``, possibly on the meta device
     or partitioned by ``zero.Init``) in place and return it: the base frozen in the dtype it was built in, the
-    adapters trainable and fp32 (their masters; a backend may cast its compute copy).  Their values are not
+    adapters trainable in ``adapter_dtype``: fp32, the masters that FSDP2 and one process step; DeepSpeed
+    passes its compute dtype and keeps the fp32 masters in its optimizer.  Their values are not
     initialised here: ``LoraWeightSource`` writes them with the base's.  A ``target_modules`` name that
     matches no linear layer is a ``ConfigError`` naming ``model.lora.target_modules``."""
     from peft import inject_adapter_in_model
@@ -84,7 +85,9 @@ def apply_lora(model: nn.Module, lora: LoraConfig) -> nn.Module:
         param.requires_grad_(is_adapter_parameter(name))
     for module in adapted_modules(model).values():
         for key in _ADAPTER_MODULES:
-            getattr(module, key)[ADAPTER_NAME].float()
+            layer = getattr(module, key)[ADAPTER_NAME]
+            if layer.weight.dtype != adapter_dtype:
+                layer.to(adapter_dtype)
     return model
 
 

@@ -36,10 +36,13 @@ def resolve_attn_implementation(requested: str = "auto", device_type: str | None
     return "sdpa"
 
 
-def construct(cfg: ModelConfig, dtype: torch.dtype, device_type: str | None = None) -> nn.Module:
+def construct(
+    cfg: ModelConfig, dtype: torch.dtype, device_type: str | None = None, adapter_dtype: torch.dtype | None = None
+) -> nn.Module:
     """The architecture of ``cfg`` built in the current device context (meta, or inside DeepSpeed's
     ``zero.Init``), with Hugging Face's weight initialisation skipped: weights come from ``load_weights``.
-    With ``cfg.lora`` the adapters are injected and the base frozen (``lora.apply_lora``)."""
+    With ``cfg.lora`` the adapters are injected (in ``adapter_dtype``, default fp32) and the base frozen
+    (``lora.apply_lora``)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -51,7 +54,7 @@ def construct(cfg: ModelConfig, dtype: torch.dtype, device_type: str | None = No
     if cfg.lora is not None:  # peft's adapters injected in place, the base frozen (train/lora.py)
         from recall_dist.train.lora import apply_lora
 
-        apply_lora(model, cfg.lora)
+        apply_lora(model, cfg.lora, adapter_dtype or torch.float32)
     return model
 
 
@@ -134,11 +137,13 @@ def build_model(
     device: str | torch.device = "cpu",
     gradient_checkpointing: bool = False,
     device_type: str | None = None,
+    adapter_dtype: torch.dtype | None = None,
 ) -> nn.Module:
-    """The causal LM of ``cfg`` in ``dtype``: on the meta device (``meta=True``), or materialised on
-    ``device`` with its weights from ``weight_source`` (pretrained, or initialised from ``seed``)."""
+    """The causal LM of ``cfg`` in ``dtype`` (LoRA adapters in ``adapter_dtype``, default fp32): on the meta
+    device (``meta=True``), or materialised on ``device`` with its weights from ``weight_source``
+    (pretrained, or initialised from ``seed``)."""
     with torch.device("meta"):
-        model = construct(cfg, dtype, device_type or torch.device(device).type)
+        model = construct(cfg, dtype, device_type or torch.device(device).type, adapter_dtype)
     if gradient_checkpointing:
         enable_gradient_checkpointing(model)
     if meta:

@@ -269,7 +269,16 @@ def _finish(run: Run, out: Path, checkpointer: Checkpointer, saved_at, preempted
         return
     if cfg.train.export_final:
         generation = base_generation_config(cfg.model.name_or_path) if ctx.rank == 0 else None
-        export_from_engine(run.engine, run.tokenizer, out / "final", ctx.rank, cfg.model.dtype, generation)
+        export_from_engine(
+            run.engine,
+            run.tokenizer,
+            out / "final",
+            ctx.rank,
+            cfg.model.dtype,
+            generation,
+            lora=cfg.model.lora,  # final/ is the adapter (or, merge_on_export, the merged model)
+            base_model_name_or_path=cfg.model.name_or_path,
+        )
     if not checkpointed and ctx.is_main:  # after final/ exists: the marker refuses a later start here
         latest = latest_checkpoint(out / "checkpoints")
         mark_no_final_checkpoint(out, {"step": run.step, "latest_checkpoint": None if latest is None else str(latest)})

@@ -16,6 +16,7 @@ from recall_dist.losses.accumulator import SKIP
 from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, stream_full_parameters, torch_optimizer
 from recall_dist.train.backends.zero_resharding import load_other_world_size, saved_dp_size
 from recall_dist.train.config import TrainConfig
+from recall_dist.train.lora import trainable_parameters
 from recall_dist.train.loss_head import CausalLMWithLossHead, register_zero3_head
 from recall_dist.train.models import build_model, construct, enable_gradient_checkpointing, materialize, weight_source
 from recall_dist.train.step_scale import ZeroStepScale
@@ -88,11 +89,13 @@ def _zero3_construction(ds_config: dict):
 def build_deepspeed_model(cfg: TrainConfig, ctx, ds_config: dict) -> torch.nn.Module:
     """The model of ``cfg.model`` with this rank's weights: partitioned from construction under ZeRO-3;
     under ZeRO-2 (every rank holds the parameters) materialised on the device straight from the meta
-    device, in the compute dtype (DeepSpeed keeps the fp32 masters in its optimizer)."""
+    device, in the compute dtype (DeepSpeed keeps the fp32 masters in its optimizer).  With ``model.lora``
+    the frozen base and the adapters are in the compute dtype too; the optimizer holds the adapters' fp32
+    masters only."""
     dtype = torch.bfloat16 if cfg.backend.bf16 else torch.float32
     if cfg.backend.zero_stage == 3:
         with _zero3_construction(ds_config):
-            model = construct(cfg.model, dtype, ctx.device.type)
+            model = construct(cfg.model, dtype, ctx.device.type, adapter_dtype=dtype)
         if cfg.train.gradient_checkpointing:
             enable_gradient_checkpointing(model)
     else:
@@ -102,6 +105,7 @@ def build_deepspeed_model(cfg: TrainConfig, ctx, ds_config: dict) -> torch.nn.Mo
             dtype=dtype,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             device_type=ctx.device.type,
+            adapter_dtype=dtype,
         )
         materialize(model, ctx.device)
     load_weights(model, weight_source(cfg.model, model, cfg.train.seed))
@@ -127,10 +131,11 @@ class DeepSpeedEngine:
             register_zero3_head(wrapper)
         optimizer = None
         if "optimizer" not in self.ds_config:
-            optimizer = torch_optimizer(cfg.optim, wrapper.parameters(), ctx.device.type)
+            optimizer = torch_optimizer(cfg.optim, trainable_parameters(wrapper), ctx.device.type)
         factor = lr_lambda(cfg.optim, total_steps)
         self.ds, _, _, self.scheduler = deepspeed.initialize(
             model=wrapper,
+            model_parameters=trainable_parameters(wrapper),  # with LoRA: optimizer state for the adapters only
             optimizer=optimizer,
             config=self.ds_config,
             lr_scheduler=lambda opt: LRSchedule(opt, factor, cfg.optim.lr),
@@ -138,6 +143,7 @@ class DeepSpeedEngine:
         self.module = self.ds.module
         self.device = ctx.device
         self.world_size = ctx.world_size
+        self.lora = cfg.model.lora is not None  # a LoRA checkpoint holds the adapters; the base is rebuilt
         self.step_scale = ZeroStepScale.for_engine(self.ds, rescales=loss.normalize == "weights")
 
     def forward(self, batch):
@@ -161,7 +167,7 @@ class DeepSpeedEngine:
 
     def save(self, directory: str) -> None:
         # DeepSpeed's own format: every rank writes its optimizer partition (no gather).
-        self.ds.save_checkpoint(directory, tag="engine", save_latest=False)
+        self.ds.save_checkpoint(directory, tag="engine", save_latest=False, exclude_frozen_parameters=self.lora)
 
     def load(self, directory: str) -> None:
         saved_world = saved_dp_size(directory)
@@ -169,7 +175,11 @@ class DeepSpeedEngine:
             load_other_world_size(self.ds, directory, saved_world, self.world_size)
             return
         path, _ = self.ds.load_checkpoint(
-            directory, tag="engine", load_optimizer_states=True, load_lr_scheduler_states=True
+            directory,
+            tag="engine",
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+            load_module_strict=not self.lora,
         )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory}")
@@ -177,12 +187,29 @@ class DeepSpeedEngine:
     def full_parameters(self):
         from deepspeed.utils import safe_get_full_fp32_param
 
+        def gather(param):
+            if param.requires_grad:
+                return safe_get_full_fp32_param(param)
+            return gathered_module_value(param)  # a frozen LoRA base parameter has no master
+
         # The fp32 masters (collective under ZeRO-3), not the compute-dtype module weights.
-        return stream_full_parameters(self.module.model, safe_get_full_fp32_param)
+        return stream_full_parameters(self.module.model, gather)
 
     def full_gradients(self) -> dict[str, torch.Tensor]:
         from deepspeed.utils import safe_get_full_grad
 
         return {
-            name: safe_get_full_grad(p).detach().float().cpu().clone() for name, p in self.module.named_parameters()
+            name: safe_get_full_grad(p).detach().float().cpu().clone()
+            for name, p in self.module.named_parameters()
+            if p.requires_grad
         }
+
+
+def gathered_module_value(param: torch.Tensor) -> torch.Tensor:
+    """The full value of a module parameter: all-gathered under ZeRO-3 (collective), as it is otherwise."""
+    if not hasattr(param, "ds_id"):
+        return param.detach()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters([param]):
+        return param.detach().clone()

@@ -6,18 +6,20 @@ with a mixed-precision policy, Adam on the sharded (DTensor) parameters, and
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
 from recall_dist.constants import DTYPES
 from recall_dist.losses.accumulator import SKIP
 from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, stream_full_parameters, torch_optimizer
 from recall_dist.train.config import TrainConfig
+from recall_dist.train.lora import is_adapter_parameter, trainable_parameters
 from recall_dist.train.loss_head import CausalLMWithLossHead
 from recall_dist.train.models import build_model, decoder_layers, materialize, weight_source
 from recall_dist.train.step_scale import scale_gradients_
@@ -58,13 +60,21 @@ class FSDP2Engine:
     """Builds the model on the meta device, shards it (``apply_fsdp2``), allocates only this rank's fp32
     shards (the master weights) and writes them from the weight source; the optimizer steps those fp32
     shards, so bf16 compute never rounds away a small update.  FSDP2 averages gradients over the
-    data-parallel ranks in its reduce-scatter (in ``fsdp_reduce_dtype``, fp32 by default)."""
+    data-parallel ranks in its reduce-scatter (in ``fsdp_reduce_dtype``, fp32 by default).
+
+    With ``model.lora`` the frozen base is sharded in ``model.dtype`` (FSDP2 all-gathers mixed dtypes through
+    a byte buffer and requires one dtype only among the trainable parameters: the fp32 adapters, in the same
+    per-layer units); the optimizer, its state and the checkpoints hold the adapters only (the base is
+    rebuilt from its source on a resume)."""
 
     def __init__(self, cfg: TrainConfig, ctx, loss, accumulation_steps: int, total_steps: int):
+        lora = cfg.model.lora is not None
         model = build_model(
             cfg.model,
             meta=True,
-            dtype=torch.float32,  # the sharded parameters are the fp32 masters; MixedPrecisionPolicy casts
+            # the sharded trainable parameters are the fp32 masters (MixedPrecisionPolicy casts); a frozen
+            # LoRA base stays in its dtype at rest
+            dtype=DTYPES[cfg.model.dtype] if lora else torch.float32,
             gradient_checkpointing=cfg.train.gradient_checkpointing,
             device_type=ctx.device.type,
         )
@@ -78,7 +88,9 @@ class FSDP2Engine:
         source = weight_source(cfg.model, model, cfg.train.seed)
         load_weights(model, source)
         self.grad_clip = cfg.optim.grad_clip
-        self.optimizer = torch_optimizer(cfg.optim, self.module.parameters(), ctx.device.type)
+        self.optimizer = torch_optimizer(cfg.optim, trainable_parameters(self.module), ctx.device.type)
+        # A LoRA checkpoint holds what trains: the base is rebuilt from its source on a resume.
+        self.state_options = StateDictOptions(ignore_frozen_params=lora)
         self.scheduler = LRSchedule(self.optimizer, lr_lambda(cfg.optim, total_steps), cfg.optim.lr)
 
     def forward(self, batch):
@@ -108,17 +120,28 @@ class FSDP2Engine:
     def save(self, directory: str) -> None:
         # Sharded state dicts: each rank writes its own shards, nobody gathers the model; DCP
         # records the global layout, so a different number of ranks can load it (resharding).
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=self.state_options)
         dcp.save(
             {"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict()},
             checkpoint_id=directory,
         )
 
     def load(self, directory: str) -> None:
-        model_state, optim_state = get_state_dict(self.module, self.optimizer)
+        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=self.state_options)
         state = {"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict()}
         dcp.load(state, checkpoint_id=directory)
-        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        # Loading a LoRA checkpoint leaves the base as built (not strict); every adapter must come back.
+        load_options = dataclasses.replace(self.state_options, strict=not self.state_options.ignore_frozen_params)
+        result = set_state_dict(
+            self.module,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optim"],
+            options=load_options,
+        )
+        lost = [k for k in getattr(result, "missing_keys", []) if is_adapter_parameter(k)]
+        if lost or getattr(result, "unexpected_keys", []):
+            raise RuntimeError(f"{directory}: adapters missing {lost}, unexpected {result.unexpected_keys}")
         self.scheduler.load_state_dict(state["scheduler"])
 
     def full_parameters(self):
@@ -128,6 +151,8 @@ class FSDP2Engine:
     def full_gradients(self) -> dict[str, torch.Tensor]:
         grads = {}
         for name, p in self.module.named_parameters():
+            if p.grad is None:  # a frozen (LoRA base) parameter
+                continue
             g = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             grads[name] = g.detach().float().cpu().clone()
         return grads
