@@ -157,6 +157,7 @@ def _intro(recipe, model, n: int, n_seeds: int, tol: float, wall_seconds, stage_
         f"Corpus: Debian's `fortunes` (quotations, jokes, sayings of 30-150 characters), one chat turn "
         f"per fortune with a fixed prompt. Each loss fine-tunes the same model for {recipe.finetune_steps} "
         f"steps of {recipe.global_batch} examples (2 processes, FSDP2, bf16 compute, fp32 masters"
+        + (f"; LoRA adapters on the frozen model: `{' '.join(recipe.lora_overrides())}`" if recipe.lora else "")
         + (f"; {n_seeds} fine-tuning seeds" if n_seeds > 1 else "")
         + f"). Sweep: one generation per held-out reference ({n} references) at each temperature, "
         f"embedded by all-MiniLM-L6-v2; k-NN Precision/Recall with k = 4 after PCA at 90% variance. "

@@ -12,7 +12,9 @@ pretrained LM on human text) is one module with a ``Recipe`` subclass that sets
     pre-train one, write a corpus or a prompt split) as a ``Prepared``: the model and the overrides
     that every fine-tune and the sweep get on top of the recipe's own;
   - ``report(result)``: ``summary.md`` (on the skeleton of ``demo/markdown.py``, verdicts from
-    ``demo/verdicts.py``) and any other file; returns the summary's path.
+    ``demo/verdicts.py``) and any other file; returns the summary's path;
+  - optionally ``CONFIG_DIR/lora.yaml``: a fragment of ``finetune.yaml`` (``model.lora`` and whatever else
+    adapters change, such as the learning rate) that ``--lora`` puts over every fine-tune.
 The fields every recipe has are the model (``None``: the demo's default), the losses and seeds (one
 fine-tune per ``Run``), the fine-tune sizes, the sweep's temperatures and the output directory; the
 sweep's metric (``known_support`` or ``text``) and its sizes are in ``CONFIG_DIR/sweep.yaml`` and the
@@ -56,8 +58,25 @@ LOSSES = [
 ]
 
 
+LORA_CONFIG = "lora.yaml"  # in a recipe's CONFIG_DIR: what --lora changes in its fine-tunes
+
+
 def yaml_flow(params: dict) -> str:
     return "{" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}"
+
+
+def config_overrides(path: Path) -> list[str]:
+    """The ``section.key=value`` overrides (YAML flow values) that put the config fragment ``path`` (a
+    mapping of sections) over a config, one per key of each section."""
+    import yaml
+
+    def flow(value) -> str:  # PyYAML writes a float as 2.0e-04 (a float again when read), ends a scalar with ...
+        text = yaml.safe_dump(value, default_flow_style=True, sort_keys=False, width=1 << 30)
+        return text.removesuffix("...\n").strip()
+
+    return [
+        f"{section}.{key}={flow(value)}" for section, keys in load_yaml(path).items() for key, value in keys.items()
+    ]
 
 
 @dataclass(frozen=True)
@@ -136,6 +155,7 @@ class Recipe(ABC):
     losses: list[tuple] = field(default_factory=lambda: list(LOSSES))
     seeds: int = 1
     model: str | None = None  # None: the demo's own model (pre-trained or converted by ``prepare``)
+    lora: bool = False  # fine-tune LoRA adapters: CONFIG_DIR/lora.yaml over every fine-tune's config
     out: Path  # full(): OUT
 
     @classmethod
@@ -161,6 +181,10 @@ class Recipe(ABC):
 
     def runs(self) -> list[Run]:
         return seed_runs(self.losses, self.seeds)
+
+    def lora_overrides(self) -> list[str]:
+        """The overrides ``CONFIG_DIR/lora.yaml`` puts over every fine-tune (none without ``lora``)."""
+        return config_overrides(self.CONFIG_DIR / LORA_CONFIG) if self.lora else []
 
     # --- the hooks of one demo -----------------------------------------------------------------
 
@@ -204,6 +228,7 @@ class Recipe(ABC):
             f"data.num_samples={self.finetune_steps * self.global_batch}",
             f"train.seed={self.train_seed + run.seed}",
             *([f"data.seed={self.data_seed + run.seed}"] if self.data_seed is not None else []),
+            *self.lora_overrides(),
         ]
 
     def sweep_overrides(self, prepared: Prepared, runs: list[Run]) -> list[str]:
@@ -228,6 +253,8 @@ def run_pipeline(recipe: Recipe, resume: bool = False) -> Path:
     runs = recipe.runs()
     progress = Progress(recipe.prepare_stages() + len(runs) + 1)
     print(recipe.banner(), flush=True)
+    if recipe.lora:
+        print(f"LoRA adapters on every fine-tune: {' '.join(recipe.lora_overrides())}", flush=True)
     prepared = recipe.prepare(progress, resume)
     for run in runs:
         run_dir = recipe.out / "runs" / run.name
@@ -361,10 +388,22 @@ def pretrained_lm_main(recipe_cls: type[Recipe], description: str, quick_help: s
     )
     add_common_arguments(p, recipe_cls, quick_help)
     p.add_argument("--model", default=None, help="causal LM directory or hub name (default: SmolLM2-135M-Instruct)")
+    lora_config = recipe_cls.CONFIG_DIR / LORA_CONFIG
+    if lora_config.is_file():
+        p.add_argument(
+            "--lora",
+            action="store_true",
+            help=f"fine-tune LoRA adapters instead of every weight ({' '.join(config_overrides(lora_config))}); "
+            f"default output {recipe_cls.OUT}-lora",
+        )
     args = p.parse_args(argv)
     recipe = recipe_from_args(recipe_cls, args)
     if isinstance(recipe, str):
         print(f"recall-dist {recipe_cls.COMMAND}: {recipe}", file=sys.stderr)
         return 2
+    if getattr(args, "lora", False):
+        recipe.lora = True
+        if args.out is None:  # next to the full fine-tunes' results, not over them
+            recipe.out = Path(f"{recipe_cls.OUT}-lora").resolve()
     recipe.model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
     return run_command(recipe, args.resume)

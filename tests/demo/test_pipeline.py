@@ -80,3 +80,52 @@ def test_common_options(tmp_path):
     assert (recipe.finetune_steps, recipe.seeds, recipe.out) == (3, 2, tmp_path / "x")
     recipe = pipeline.recipe_from_args(FortunesRecipe, argparse.Namespace(quick=False, steps=None, seeds=1, out=None))
     assert recipe.out.is_absolute() and recipe.out.name == "demo-text"
+
+
+def test_lora_option_reaches_every_fine_tune_config(monkeypatch, tmp_path):
+    """``recall-dist demo-text --lora``: every fine-tune's config gets ``configs/demo_text/lora.yaml``'s
+    ``model.lora`` (merged on export, so the sweep loads ``final/`` like a full fine-tune's) and learning
+    rate, the results go to ``results/demo-text-lora``; without it the fine-tunes train every weight.  A
+    LoRA fine-tune is another experiment than the full one (its fingerprint differs: ``--resume`` never
+    mixes them)."""
+    from recall_dist.configtree import to_dict
+    from recall_dist.demo import fortunes
+    from recall_dist.train.config import load_train_config
+    from recall_dist.train.rundir.experiment import config_fingerprint, fingerprint_differences
+
+    ran = []
+    monkeypatch.setattr(pipeline, "run_command", lambda recipe, resume: ran.append(recipe) or 0)
+    assert fortunes.main(["--lora", "--quick"]) == 0
+    assert fortunes.main(["--quick", "--out", str(tmp_path)]) == 0
+    lora, full = ran
+    assert lora.lora and lora.out.name == "demo-text-lora" and lora.out.is_absolute()
+    assert not full.lora and full.out == tmp_path
+    prepared = lora.prepared("/models/smollm2", tmp_path / "train.jsonl", tmp_path / "heldout.jsonl")
+    configs = {}
+    for recipe in (lora, full):
+        for run in recipe.runs():
+            overrides = recipe.finetune_overrides(prepared, run, recipe.out / "runs" / run.name)
+            configs[recipe.lora, run.name] = load_train_config(FortunesRecipe.CONFIG_DIR / "finetune.yaml", overrides)
+    assert len(configs) == 2 * len(pipeline.LOSSES[:2])
+    for (is_lora, name), cfg in configs.items():
+        if is_lora:
+            lora_cfg = cfg.model.lora
+            assert (lora_cfg.r, lora_cfg.alpha, lora_cfg.target_modules) == (16, 32, "all-linear"), name
+            assert lora_cfg.merge_on_export and cfg.optim.lr == pytest.approx(2e-4)
+        else:
+            assert cfg.model.lora is None and cfg.optim.lr == pytest.approx(2e-5)
+    nll = [config_fingerprint(to_dict(configs[is_lora, "nll"])) for is_lora in (True, False)]
+    assert any(d.startswith("model.lora") for d in fingerprint_differences(*nll))
+
+
+def test_config_overrides_round_trip_a_fragment(tmp_path):
+    """``config_overrides``: each key of each section as ``section.key=value``, values that read back equal
+    (a float like 1e-05 stays a float, lists and mappings in flow style)."""
+    import yaml
+
+    fragment = {"optim": {"lr": 1e-5, "name": "adam"}, "model": {"lora": {"r": 8, "target_modules": ["q_proj"]}}}
+    (tmp_path / "f.yaml").write_text(yaml.safe_dump(fragment))
+    overrides = pipeline.config_overrides(tmp_path / "f.yaml")
+    from recall_dist.configtree import apply_overrides
+
+    assert apply_overrides({}, overrides) == fragment
