@@ -14,11 +14,14 @@ reach the head through the peft wrapper):
 
 from __future__ import annotations
 
+import functools
 import re
+from pathlib import Path
 
 import peft
 import pytest
 import torch
+import trl
 from datasets import Dataset
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaForCausalLM, TrainerCallback
@@ -242,3 +245,31 @@ def test_dora_on_lm_head_is_refused(tmp_path):
             data_collator=collate,
             recall_loss="cdiv",
         )
+
+
+def test_readme_peft_recipe_runs_and_saves_a_loadable_adapter(tmp_path, monkeypatch):
+    """The README's TRL recipe, then its ``peft_config`` block, run as written (CPU: ``use_cpu``, fp32, 2
+    steps); the saved adapter directory loads with ``PeftModel.from_pretrained`` and gives the trainer's logits."""
+    cpu_config = functools.partial(trl.SFTConfig, use_cpu=True, bf16=False, max_steps=2, report_to=[])
+    monkeypatch.setattr(trl, "SFTConfig", cpu_config)
+    blocks = re.findall(r"```python\n(.*?)```", (Path(__file__).resolve().parents[2] / "README.md").read_text(), re.S)
+    recipe = next(b for b in blocks if "RecallTrainerMixin, SFTTrainer" in b)
+    lora_recipe = next(b for b in blocks if "peft_config=" in b)
+    ns = {
+        "output_dir": str(tmp_path),
+        "model": tiny_llama(0),
+        "dataset": text_dataset(64),
+        "tokenizer": char_tokenizer(),
+    }
+    exec(compile(recipe, "README.md", "exec"), ns)
+    ns["model"] = tiny_llama(0)
+    exec(compile(lora_recipe, "README.md", "exec"), ns)
+    trainer = ns["trainer"]
+    assert isinstance(trainer.model, peft.PeftModel) and trainer.state.global_step == 2
+    assert (tmp_path / "adapter_config.json").exists() and (tmp_path / "adapter_model.safetensors").exists()
+    loaded = peft.PeftModel.from_pretrained(tiny_llama(0), str(tmp_path)).eval()
+    ids = torch.randint(3, 15, (2, 9), generator=torch.Generator().manual_seed(0))
+    trained = trainer.model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-6)
+        assert not torch.allclose(tiny_llama(0)(input_ids=ids).logits, trained(input_ids=ids).logits)
