@@ -273,3 +273,59 @@ def test_readme_peft_recipe_runs_and_saves_a_loadable_adapter(tmp_path, monkeypa
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, trained(input_ids=ids).logits, rtol=0, atol=1e-6)
         assert not torch.allclose(tiny_llama(0)(input_ids=ids).logits, trained(input_ids=ids).logits)
+
+
+def _zero3_lora_lm_head(tmp: str) -> None:
+    """One ZeRO-3 SGD step of ``RecallTrainer`` on a ``PeftModel`` with LoRA on the attention and on
+    ``lm_head``, every parameter partitioned: the head's base weight and ``lora_B`` are read by the loss
+    outside their modules' forwards, so they must be gathered for it (external parameters).  The update
+    equals the full-logits reference on the global batch; the base is bit-identical."""
+    import deepspeed
+    import torch.distributed as dist
+
+    from tests.integrations.test_hf import ZERO3
+
+    lora = lora_config(target_modules=[*ATTENTION, "lm_head"])
+    args = sft_config(tmp, max_steps=1, per_device_train_batch_size=4, deepspeed=ZERO3)
+    args.remove_unused_columns = False
+    trainer = RecordingRecallTrainer(
+        model=get_peft_model(tiny_llama(0), lora),
+        args=args,
+        train_dataset=tokenized_dataset(),
+        data_collator=collate,
+        recall_loss="cdiv",
+        recall_loss_params={"alpha": ALPHA},
+    )
+    trainer.first_step_batches = []
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    head_b = trainer.model.get_output_embeddings().lora_B["default"].weight
+    assert head_b.ds_numel > 0 and head_b.numel() == 0  # partitioned outside a forward
+    batches = [None] * dist.get_world_size()
+    dist.all_gather_object(batches, trainer.first_step_batches)
+    reference = get_peft_model(tiny_llama(0), lora_config(target_modules=[*ATTENTION, "lm_head"]))
+    with torch.no_grad():
+        for name, p in reference.named_parameters():
+            p.copy_(before[name])
+    loss = reference_loss(reference, [b for rank in batches for b in rank], ALPHA)
+    loss.backward()
+    expected = dict(reference.named_parameters())
+    moved = []
+    for name, p in trainer.model.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            if p.requires_grad:
+                update = expected[name].detach() - 0.05 * expected[name].grad
+                torch.testing.assert_close(p.detach(), update, rtol=0, atol=1e-6, msg=name)
+                moved.append(float((p.detach() - before[name]).abs().max()))
+            else:
+                assert torch.equal(p.detach(), before[name]), name
+    assert len(moved) == 10 and min(moved) > 1e-4
+    assert trainer.state.log_history[0]["loss"] == pytest.approx(float(loss), rel=1e-5)
+
+
+@pytest.mark.slow
+def test_zero3_lora_on_lm_head_two_ranks(tmp_path, monkeypatch):
+    from recall_dist.distributed.testing import run_distributed_test
+
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    run_distributed_test(_zero3_lora_lm_head, 2, str(tmp_path))
