@@ -18,7 +18,8 @@
   planner.
 
 The head: the loss head reads ``lm_head`` (or the tied embedding) itself (``loss_head.py``); it stays
-frozen unless ``lm_head`` is in ``target_modules``, in which case ``head_weight`` gives the adapted weight.
+frozen unless ``lm_head`` is in ``target_modules``, in which case ``widen_for_head_adapter`` turns the adapted
+head into the one matmul the fused loss head runs.
 """
 
 from __future__ import annotations
@@ -81,6 +82,7 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapter_dtype: torch.dtype = 
             f"{lora.target_modules!r}: {str(e).splitlines()[0]} (linear layers of this model: "
             f"{', '.join(sorted(linear_module_names(model)))})",
         ) from None
+    _check_adapted(model, lora)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
     for module in adapted_modules(model).values():
@@ -89,6 +91,23 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapter_dtype: torch.dtype = 
             if layer.weight.dtype != adapter_dtype:
                 layer.to(adapter_dtype)
     return model
+
+
+def _check_adapted(model: nn.Module, lora: LoraConfig) -> None:
+    """Only linear layers, and not a head tied to the embedding (the tie would have to be broken)."""
+    key = "model.lora.target_modules"
+    for name, module in adapted_modules(model).items():
+        if not isinstance(module.get_base_layer(), nn.Linear) or module.lora_variant or any(module.lora_bias.values()):
+            raise ConfigError(
+                key, f"{lora.target_modules!r}: {name} is not a plain linear layer (LoRA on linear layers only)"
+            )
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and head_adapter(head) is not None and getattr(model.config, "tie_word_embeddings", False):
+        raise ConfigError(
+            key,
+            f"{lora.target_modules!r}: the output head of this model is tied to the input embedding "
+            "(tie_word_embeddings); adapting lm_head is not supported there: leave it out",
+        )
 
 
 def linear_module_names(model: nn.Module) -> set[str]:
@@ -174,16 +193,32 @@ class LoraWeightSource:
         return lambda start, stop: full[start:stop]
 
 
-def head_weight(owner: nn.Module) -> torch.Tensor:
-    """The output head's weight as the model computes it: ``owner.weight``, or, when ``owner`` is an adapted
-    ``lm_head``, ``W + alpha / r * B A`` (the adapter's dropout is not applied on this path)."""
+def head_adapter(owner: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, float] | None:
+    """``(lora_A, lora_B, dropout, scaling)`` when the output head ``owner`` is an adapted ``lm_head``
+    (listed in ``target_modules``), else None (the head is frozen or trains whole)."""
+    if not hasattr(owner, "lora_A"):  # every head without LoRA: no peft import (peft is an optional extra)
+        return None
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(owner, LoraLayer) or ADAPTER_NAME not in owner.lora_A:
-        return owner.weight
-    a, b = owner.lora_A[ADAPTER_NAME].weight, owner.lora_B[ADAPTER_NAME].weight
-    base = owner.get_base_layer().weight
-    return base + (owner.scaling[ADAPTER_NAME] * (b.to(base.dtype) @ a.to(base.dtype)))
+        return None
+    return (
+        owner.lora_A[ADAPTER_NAME],
+        owner.lora_B[ADAPTER_NAME],
+        owner.lora_dropout[ADAPTER_NAME],
+        owner.scaling[ADAPTER_NAME],
+    )
+
+
+def widen_for_head_adapter(hidden: torch.Tensor, weight: torch.Tensor, adapter) -> tuple[torch.Tensor, torch.Tensor]:
+    """An adapted head as one matmul: ``W x + s B A drop(x) = [W, B] [x; s A drop(x)]``, so the fused loss
+    head (which takes one weight) runs it exactly, dropout included, and no V x H update is formed.
+    ``hidden [..., H]``, ``weight [V, H]`` -> ``[..., H + r]``, ``[V, H + r]``."""
+    lora_a, lora_b, dropout, scaling = adapter
+    low_rank = scaling * lora_a(dropout(hidden.to(lora_a.weight.dtype)))
+    return torch.cat([hidden, low_rank.to(hidden.dtype)], dim=-1), torch.cat(
+        [weight, lora_b.weight.to(weight.dtype)], dim=1
+    )
 
 
 def merged_parameters(

@@ -20,6 +20,7 @@ from torch import nn
 from recall_dist import fused_linear_loss
 from recall_dist.constants import IGNORE_INDEX
 from recall_dist.parallel.options import KernelOptions
+from recall_dist.train.lora import head_adapter, widen_for_head_adapter
 from recall_dist.train.models import decoder_of
 
 
@@ -64,8 +65,12 @@ class LossHead(nn.Module):
         # Evaluation runs under no_grad, but the fused head forms its gradients in the forward pass
         # whenever an input requires grad (a parameter always does): a detached weight skips that work.
         weight = self.weight if torch.is_grad_enabled() else self.weight.detach()
+        hidden = hidden[:, :-1]
+        adapter = head_adapter(self._weight_owner[0])
+        if adapter is not None:  # lm_head in model.lora.target_modules: [W, B] [x; s A drop(x)] (train/lora.py)
+            hidden, weight = widen_for_head_adapter(hidden, weight, adapter)
         out = fused_linear_loss(
-            hidden[:, :-1],
+            hidden,
             weight,
             target,
             self.loss,
@@ -119,3 +124,7 @@ def register_zero3_head(wrapper: CausalLMWithLossHead) -> None:
     import deepspeed
 
     deepspeed.zero.register_external_parameter(wrapper.loss_head, wrapper.loss_head.weight)
+    adapter = head_adapter(wrapper.loss_head._weight_owner[0])
+    if adapter is not None:  # an adapted lm_head: its LoRA factors are read by the loss head too
+        for layer in adapter[:2]:
+            deepspeed.zero.register_external_parameter(wrapper.loss_head, layer.weight)

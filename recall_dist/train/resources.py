@@ -11,6 +11,7 @@ from recall_dist.data.chat import set_chat_template
 from recall_dist.data.sources import local_path
 from recall_dist.data.tokenizer import load_tokenizer
 from recall_dist.train.config import TrainConfig
+from recall_dist.train.lora import check_quantize_supported
 from recall_dist.train.models import check_model_path, first_line
 
 
@@ -21,6 +22,7 @@ def validate_resources(cfg: TrainConfig):
     for data in (cfg.data, cfg.data.eval_config()):
         if data is not None and not data.is_synthetic:
             local_path(data.source, data.source_key)
+    check_quantize_supported(cfg.model.lora)  # QLoRA: CUDA and bitsandbytes, one line naming the key
     if cfg.model.name_or_path is not None:
         check_model_path(cfg.model.name_or_path)
     tokenizer_key = "model.tokenizer" if cfg.model.tokenizer is not None else "model.name_or_path"

@@ -2,8 +2,9 @@
 continues the same experiment (``check_same_experiment``).
 
 The fingerprint: the config keys that change the experiment (model, loss, optim, data), flattened
-(``loss.params.alpha``), with their SHA-256.  Not fingerprinted: keys that change how the run is
-computed, not what (``model.attn_implementation``, ``loss.chunk_size``, the kernel choices ``loss.kernel``,
+(``loss.params.alpha``), with their SHA-256 (``model.lora.*``: a LoRA run and a full run are different
+experiments).  Not fingerprinted: what final/ holds (``model.lora.merge_on_export``), keys that change how
+the run is computed, not what (``model.attn_implementation``, ``loss.chunk_size``, the kernel choices ``loss.kernel``,
 ``loss.head_schedule``, ``loss.head_matmul``, ``loss.triton_tiles``), the validation set
 (``data.eval_source``, ``data.eval_split``), and the train/backend sections (run length, batching
 checks of their own, checkpoints, logging, the backend).
@@ -23,6 +24,7 @@ SECTIONS = ("model", "loss", "optim", "data")
 # validation set is measured, not trained on: changing either continues the same experiment.
 NOT_FINGERPRINTED = (
     "model.attn_implementation",
+    "model.lora.merge_on_export",  # what final/ holds (adapter or merged), not what trains
     "loss.chunk_size",
     "loss.kernel",
     "loss.head_schedule",
@@ -52,11 +54,12 @@ def config_fingerprint(config: dict) -> dict:
 
 
 def _data_defaults() -> dict:
-    """The flattened defaults of the data section (``data.messages_field``: ``"messages"``, ...)."""
+    """The flattened defaults of the data section (``data.messages_field``: ``"messages"``, ...), and of the
+    model keys added since (``model.lora``: null, a full fine-tune)."""
     from recall_dist.configtree import to_dict
     from recall_dist.data.config import DataConfig
 
-    keys: dict = {}
+    keys: dict = {"model.lora": None}
     _flatten(to_dict(DataConfig()), "data", keys)
     return keys
 
@@ -64,7 +67,8 @@ def _data_defaults() -> dict:
 def fingerprint_differences(saved: dict, current: dict) -> list[str]:
     """``key: saved -> current`` for every fingerprinted key whose value differs (absent: ``(not set)``).
     A data key the checkpoint does not have, at its default value, is no difference: it was added to
-    recall_dist after the checkpoint was written (``data.messages_field``, ...) and changes nothing."""
+    recall_dist after the checkpoint was written (``data.messages_field``, ``model.lora``: null, ...) and
+    changes nothing.  A LoRA run and a full run differ (``model.lora.r: (not set) -> 16``, ...)."""
     a, b = saved["keys"], current["keys"]
     missing = "(not set)"
     defaults = _data_defaults()
