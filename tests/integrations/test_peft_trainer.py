@@ -4,8 +4,9 @@ reach the head through the peft wrapper):
 
 - one c-Div step's adapter gradients and logged loss equal those of a one-process ``PeftModel`` whose full
   logits go through a plain weighted NLL (relative 1e-5): ``RecallSFTTrainer(..., peft_config=...)`` with
-  LoRA on the attention, a tied embedding, ``modules_to_save=["lm_head"]``; ``RecallTrainer`` given a
-  ``PeftModel`` with LoRA on ``lm_head`` itself (tied and untied);
+  LoRA on the attention (also 2 x 4 accumulated), a tied embedding (also with LoRA on ``embed_tokens``),
+  ``modules_to_save=["lm_head"]``; ``RecallTrainer`` given a ``PeftModel`` with LoRA on ``lm_head`` itself
+  (tied and untied); ZeRO-3 on 2 gloo ranks with LoRA on ``lm_head`` (slow);
 - the base weights stay bit-identical and only the trainable parameters get optimizer state;
 - a LoRA ``lm_head`` with dropout gives the loss and gradients of peft's own ``lm_head`` forward (same mask);
 - refused, naming ``lm_head`` in ``target_modules``: LoRA on ``lm_head`` through TRL (TRL 1.16's own check)
@@ -34,12 +35,16 @@ from tests.integrations.test_hf import RecallSFTTrainer, sft_config
 
 ALPHA = 1.4
 ATTENTION = ["q_proj", "v_proj"]
-CASES = {  # name: (trainer, tied embeddings, LoraConfig keywords)
-    "sft-attention": ("sft", False, {"target_modules": ATTENTION}),
-    "sft-tied": ("sft", True, {"target_modules": ATTENTION}),
-    "sft-modules_to_save": ("sft", False, {"target_modules": ATTENTION, "modules_to_save": ["lm_head"]}),
-    "trainer-lora_lm_head": ("trainer", False, {"target_modules": [*ATTENTION, "lm_head"]}),
-    "trainer-tied-lora_lm_head": ("trainer", True, {"target_modules": [*ATTENTION, "lm_head"]}),
+ACCUMULATE = {"per_device_train_batch_size": 4, "gradient_accumulation_steps": 2}
+CASES = {  # name: (trainer, tied embeddings, LoraConfig keywords, training arguments)
+    "sft-attention": ("sft", False, {"target_modules": ATTENTION}, {}),
+    "sft-attention-2x4": ("sft", False, {"target_modules": ATTENTION}, ACCUMULATE),
+    "sft-tied": ("sft", True, {"target_modules": ATTENTION}, {}),
+    # LoRA on the (tied) input embedding: lm_head stays the plain tied weight, in peft's forward and ours
+    "sft-tied-lora_embed_tokens": ("sft", True, {"target_modules": ["embed_tokens", *ATTENTION]}, {}),
+    "sft-modules_to_save": ("sft", False, {"target_modules": ATTENTION, "modules_to_save": ["lm_head"]}, {}),
+    "trainer-lora_lm_head": ("trainer", False, {"target_modules": [*ATTENTION, "lm_head"]}, {}),
+    "trainer-tied-lora_lm_head": ("trainer", True, {"target_modules": [*ATTENTION, "lm_head"]}, ACCUMULATE),
 }
 
 
@@ -96,14 +101,15 @@ def lora_config(**overrides) -> LoraConfig:
 
 
 def max_relative(got: dict, expected: dict) -> float:
+    assert all(float(e.abs().max()) > 0 for e in expected.values())  # a zero reference would prove nothing
     return max(float((got[n] - e).abs().max() / e.abs().max()) for n, e in expected.items())
 
 
-def one_step_trainer(tmp, kind: str, tied: bool, lora: dict, callback):
+def one_step_trainer(tmp, kind: str, tied: bool, lora: dict, overrides: dict, callback):
     """``RecallSFTTrainer(..., peft_config=...)`` on raw text (TRL packs it), or ``RecallTrainer`` given a
-    ``PeftModel`` and right-padded batches; c-Div, one Adam step of 8 rows, no clipping."""
+    ``PeftModel`` and right-padded batches; c-Div, one Adam step of 8 rows (or 2 x 4), no clipping."""
     common = {"recall_loss": "cdiv", "recall_loss_params": {"alpha": ALPHA}, "callbacks": [callback]}
-    args = sft_config(tmp, max_steps=1, optim="adamw_torch", learning_rate=1e-2)
+    args = sft_config(tmp, max_steps=1, optim="adamw_torch", learning_rate=1e-2, **overrides)
     if kind == "sft":
         data, tokenizer = text_dataset(64), char_tokenizer()
         return RecallSFTTrainer(
@@ -123,20 +129,23 @@ def one_step_trainer(tmp, kind: str, tied: bool, lora: dict, callback):
 
 @pytest.mark.parametrize("case", CASES)
 def test_one_step_with_lora_matches_a_peft_reference(tmp_path, case):
-    kind, tied, lora = CASES[case]
+    kind, tied, lora, overrides = CASES[case]
     grads = FirstStepGrads()
-    trainer = one_step_trainer(tmp_path, kind, tied, lora, grads)
+    trainer = one_step_trainer(tmp_path, kind, tied, lora, overrides, grads)
     trainer.first_step_batches = []
     model = trainer.model
     assert isinstance(model, peft.PeftModel)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected_trainable = ("lora_A", "lora_B") + (("modules_to_save",) if "modules_to_save" in lora else ())
+    expected_trainable = ("lora_A", "lora_B", "lora_embedding_") + (
+        ("modules_to_save",) if "modules_to_save" in lora else ()
+    )
     assert trainable and all(any(k in n for k in expected_trainable) for n in trainable), trainable
     if "lm_head" in lora["target_modules"]:
         assert any("lm_head.lora_B" in n for n in trainable)
     trainer.train()
 
+    assert len(trainer.first_step_batches) == trainer.args.gradient_accumulation_steps
     # the reference: a fresh one-process PeftModel with the same weights, full logits, plain weighted NLL
     reference = get_peft_model(tiny_model(tied), lora_config(**lora))
     assert set(dict(reference.named_parameters())) == set(before)
