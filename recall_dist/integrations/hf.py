@@ -193,8 +193,10 @@ def attach_loss_head(model: torch.nn.Module) -> LossHead:
 
 
 def _register_zero3(head: ModelLossHead) -> None:
+    if getattr(head, "_zero3_registered", False):
+        return
     weights = [w for w in head.parameters_read() if hasattr(w, "ds_id")]
-    if weights and not getattr(head, "_zero3_registered", False):
+    if weights:
         import deepspeed
 
         for weight in weights:
