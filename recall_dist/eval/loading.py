@@ -24,19 +24,22 @@ def load_model(spec: ModelSpec, cache_dir: Path, fingerprint: str, dtype: str = 
     from transformers import AutoModelForCausalLM
 
     from recall_dist.data import load_tokenizer
+    from recall_dist.train.lora import ADAPTER_CONFIG, load_merged
 
     path = Path(spec.path).expanduser()
-    if not (path / "config.json").is_file():
+    adapter = (path / ADAPTER_CONFIG).is_file()  # a LoRA run's final/: its base + the adapter, merged
+    if not adapter and not (path / "config.json").is_file():
         from recall_dist.train.export import export_hf
 
         exported = cache_dir / f"{spec.name}-{fingerprint[:16]}"
         if not (exported / "config.json").is_file():
-            export_hf(path, exported)
+            export_hf(path, exported, merge=True)  # a LoRA checkpoint too: the sweep needs a whole model
         path = exported
+    load = load_merged if adapter else AutoModelForCausalLM.from_pretrained
     if torch.cuda.is_available():
         local_rank = env_local_rank()
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, "auto")).to(device)
+        model = load(path, dtype=_dtype(dtype, "auto")).to(device)
     else:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype, torch.float32))
+        model = load(path, dtype=_dtype(dtype, torch.float32))
     return model.eval(), load_tokenizer(spec.tokenizer or path)

@@ -15,6 +15,7 @@ previous one under ``.old-<name>/``, which the next export restores first).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterable
@@ -168,9 +169,11 @@ def export_from_engine(
     )
 
 
-def _checkpoint_parameters(engine_dir: Path, backend: str, model):
-    """(name, fp32 tensor) of a checkpoint's ``engine/`` directory, one parameter at a time."""
-    names = list(dict.fromkeys(n for n, _ in model.named_parameters()))  # tied: the first name only
+def _checkpoint_parameters(engine_dir: Path, backend: str, model, trainable_only: bool = False):
+    """(name, fp32 tensor) of a checkpoint's ``engine/`` directory, one parameter at a time (``trainable_only``:
+    the parameters that train, all a LoRA checkpoint holds)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad or not trainable_only]
+    names = list(dict.fromkeys(n for n, _ in named))  # tied: the first name only
     if backend == "deepspeed":
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -187,20 +190,53 @@ def _checkpoint_parameters(engine_dir: Path, backend: str, model):
         yield name, tensor
 
 
-def export_hf(checkpoint_dir: str | Path, out_dir: str | Path) -> Path:
+def export_hf(checkpoint_dir: str | Path, out_dir: str | Path, merge: bool | None = None) -> Path:
     """Write the model of training checkpoint ``checkpoint_dir`` (``.../checkpoints/step_X``) and its
-    tokenizer to ``out_dir`` in Hugging Face format.  One process, no GPU; streamed like the final export."""
+    tokenizer to ``out_dir`` in Hugging Face format (a LoRA run's in its ``final/`` form: the adapter
+    directory, or the merged model; ``merge`` overrides ``model.lora.merge_on_export``: the sweep needs a
+    model).  One process, no GPU; streamed like the final export."""
     from recall_dist.data import load_tokenizer
     from recall_dist.train.models import build_model
 
     checkpoint_dir = Path(checkpoint_dir)
     cfg = train_config_from_dict(load_yaml(checkpoint_dir / "config.yaml"))
+    if cfg.model.lora is not None:
+        if merge is not None:
+            cfg.model.lora = dataclasses.replace(cfg.model.lora, merge_on_export=merge)
+        return _export_lora_checkpoint(cfg, checkpoint_dir, out_dir)
     model = build_model(cfg.model, meta=True)
     parameters = _checkpoint_parameters(checkpoint_dir / "engine", cfg.backend.name, model)
     return write_hf_directory(
         model.config,
         parameters,
         load_tokenizer(cfg.model.tokenizer_name),
+        out_dir,
+        DTYPES[cfg.model.dtype],
+        generation_config=base_generation_config(cfg.model.name_or_path),
+    )
+
+
+def _export_lora_checkpoint(cfg, checkpoint_dir: Path, out_dir: str | Path) -> Path:
+    """A LoRA checkpoint holds the adapters only: ``out_dir`` is the adapter directory, or with
+    ``model.lora.merge_on_export`` the merged model, whose base is read again from its source (the
+    pretrained model, or the seeded initialisation of ``train.seed``)."""
+    from recall_dist.data import load_tokenizer
+    from recall_dist.train.lora import merged_parameters, write_adapter
+    from recall_dist.train.models import build_model
+
+    lora = cfg.model.lora
+    model = build_model(cfg.model, meta=not lora.merge_on_export, seed=cfg.train.seed)
+    adapters = dict(_checkpoint_parameters(checkpoint_dir / "engine", cfg.backend.name, model, trainable_only=True))
+    parameters = ((n, adapters[n] if n in adapters else p.detach().float()) for n, p in model.named_parameters())
+    tokenizer = load_tokenizer(cfg.model.tokenizer_name)
+    if not lora.merge_on_export:
+        return write_adapter(
+            model, parameters, lora, out_dir, base_model_name_or_path=cfg.model.name_or_path, tokenizer=tokenizer
+        )
+    return write_hf_directory(
+        model.config,
+        merged_parameters(parameters, lora),
+        tokenizer,
         out_dir,
         DTYPES[cfg.model.dtype],
         generation_config=base_generation_config(cfg.model.name_or_path),

@@ -298,6 +298,19 @@ def write_adapter(
     return out_dir
 
 
+def load_merged(directory: str | Path, dtype="auto", base: str | None = None):
+    """The model of a peft adapter directory (a LoRA run's ``final/``): its base
+    (``base_model_name_or_path``, or ``base``) with the adapter merged in, as a plain ``*ForCausalLM``."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = base or read_adapter_config(directory).get("base_model_name_or_path")
+    if not base:
+        raise ValueError(f"{directory}: {ADAPTER_CONFIG} names no base model (base_model_name_or_path)")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
+    return PeftModel.from_pretrained(model, directory).merge_and_unload()
+
+
 def read_adapter_config(directory: str | Path) -> dict:
     """The ``adapter_config.json`` of a peft adapter directory, as a dict."""
     return json.loads((Path(directory) / ADAPTER_CONFIG).read_text())

@@ -241,19 +241,22 @@ def test_adapter_directory_loads_with_peft_and_merge_equals_merge_and_unload(tmp
     from transformers import AutoModelForCausalLM
 
     from recall_dist.train.export import write_hf_directory
-    from recall_dist.train.lora import merged_parameters, read_adapter_config, write_adapter
+    from recall_dist.train.lora import load_merged, merged_parameters, read_adapter_config, write_adapter
     from recall_dist.train.models import build_model
 
     cfg = _cfg({"r": 4, "alpha": 16.0, "target_modules": "all-linear"}, tie_word_embeddings=True)
     model = _trained_looking(build_model(cfg.model, seed=2), seed=1)
     model.eval()
     stream = [(n, p.detach()) for n, p in model.named_parameters()]
-    write_adapter(model, iter(stream), cfg.model.lora, tmp_path / "adapter", base_model_name_or_path="base")
+    base = build_model(_cfg(tie_word_embeddings=True).model, seed=2)
+    base.save_pretrained(tmp_path / "base")
+    write_adapter(
+        model, iter(stream), cfg.model.lora, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base")
+    )
     saved = read_adapter_config(tmp_path / "adapter")
-    assert (saved["r"], saved["lora_alpha"], saved["base_model_name_or_path"]) == (4, 16, "base")
+    assert (saved["r"], saved["lora_alpha"], saved["base_model_name_or_path"]) == (4, 16, str(tmp_path / "base"))
     assert sorted(saved["target_modules"]) == sorted(LORA_DEFAULT_TARGETS)  # all-linear, resolved: not lm_head
 
-    base = build_model(_cfg(tie_word_embeddings=True).model, seed=2)
     ids = torch.randint(0, 13, (2, 11))
     with torch.no_grad():
         plain = base(input_ids=ids).logits  # (from_pretrained injects into base in place)
@@ -273,3 +276,6 @@ def test_adapter_directory_loads_with_peft_and_merge_equals_merge_and_unload(tmp
         torch.testing.assert_close(state[name], tensor, rtol=1e-6, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+        # What the temperature sweep loads for a LoRA run's final/: the named base with the adapter merged.
+        swept = load_merged(tmp_path / "adapter", dtype=torch.float32)
+        torch.testing.assert_close(swept(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
