@@ -318,7 +318,8 @@ def read_adapter_config(directory: str | Path) -> dict:
 
 def check_quantize_supported(lora: LoraConfig | None) -> None:
     """``quantize: 4bit`` needs CUDA and bitsandbytes: a ``ConfigError`` naming ``model.lora.quantize``
-    (one line) otherwise.  Called when a run starts (``resources.validate_resources``), not when the config is
+    (one line) otherwise; and where both exist it is refused too, for now: the backends do not build the
+    4-bit base yet.  Called when a run starts (``resources.validate_resources``), not when the config is
     built: a saved config stays readable on any machine."""
     if lora is None or lora.quantize is None:
         return
@@ -334,3 +335,9 @@ def check_quantize_supported(lora: LoraConfig | None) -> None:
         raise ConfigError(
             "model.lora.quantize", f"{lora.quantize!r} (QLoRA) needs bitsandbytes: pip install bitsandbytes"
         )
+    # Refused rather than ignored: a run asked for a 4-bit base must never train a full-precision one.
+    raise ConfigError(
+        "model.lora.quantize",
+        f"{lora.quantize!r}: the training backends do not build a 4-bit base yet (FSDP2 and ZeRO shard "
+        "bitsandbytes' packed weights differently); set model.lora.quantize=null",
+    )

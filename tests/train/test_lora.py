@@ -93,17 +93,31 @@ def test_qlora_is_refused_without_cuda_in_one_line():
 
 
 @pytest.mark.gpu
-def test_qlora_four_bit_base_on_cuda():
-    """The CUDA path: a tiny Llama whose frozen base is quantised to 4 bits by bitsandbytes under the LoRA
-    adapters, one training step on the GPU (never run on a CPU machine)."""
-    pytest.importorskip("bitsandbytes")
+def test_qlora_on_cuda_with_bitsandbytes():
+    """The CUDA path: bitsandbytes' 4-bit linear layer takes peft's adapters through ``apply_lora`` (the layer
+    peft wraps is an ``nn.Linear`` subclass), and a run that asks for a 4-bit base is refused in one line
+    until the backends build one: never silently trained in full precision."""
+    bnb = pytest.importorskip("bitsandbytes")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
+    from recall_dist.train.lora import apply_lora, is_adapter_parameter
+    from recall_dist.train.models import build_model
     from recall_dist.train.resources import validate_resources
 
     cfg = _cfg({"quantize": "4bit"})
-    validate_resources(cfg)  # accepted where CUDA and bitsandbytes exist
-    pytest.xfail("the 4-bit base is not built by the training backends yet (model.lora.quantize)")
+    with pytest.raises(ConfigError) as info:
+        validate_resources(cfg)
+    assert info.value.key == "model.lora.quantize" and "\n" not in str(info.value)
+
+    model = build_model(_cfg().model, seed=0).cuda()
+    layer = model.model.layers[0].self_attn
+    four_bit = bnb.nn.Linear4bit(32, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    four_bit.weight = bnb.nn.Params4bit(layer.q_proj.weight.detach().cpu(), requires_grad=False, quant_type="nf4")
+    layer.q_proj = four_bit.cuda()
+    apply_lora(model, _cfg({"r": 4, "target_modules": ["q_proj"]}).model.lora)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(is_adapter_parameter(n) for n in trainable)
+    model(input_ids=torch.randint(0, 13, (2, 8), device="cuda")).logits.sum().backward()
 
 
 # ---------------------------------------------------------------- the model

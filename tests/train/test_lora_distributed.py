@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from recall_dist.distributed.testing import run_distributed_test
-from recall_dist.train.metrics_log import read_metrics
+from recall_dist.train.metrics_log import read_headers, read_metrics
 from tests.train.helpers import build, tiny_config_dict
 from tests.train.test_scale import write_pretrained
 
@@ -33,10 +33,10 @@ pytestmark = pytest.mark.slow
 WORLD = 2
 ALPHA = 1.4  # TINY's c-Div
 CASES = {
-    # untied head, lm_head adapted too (the loss head's widened matmul), FSDP2
-    "fsdp2": ({"name": "fsdp2"}, False, ["q_proj", "v_proj", "down_proj", "lm_head"]),
+    # untied head, lm_head adapted too (the loss head's widened matmul), FSDP2, activation checkpointing
+    "fsdp2": ({"name": "fsdp2"}, False, ["q_proj", "v_proj", "down_proj", "lm_head"], {"gradient_checkpointing": True}),
     # tied embeddings (the head is embed_tokens.weight, frozen), the default projections, ZeRO-3
-    "zero3-tied": ({"name": "deepspeed", "zero_stage": 3}, True, None),
+    "zero3-tied": ({"name": "deepspeed", "zero_stage": 3}, True, None, {}),
 }
 
 
@@ -152,10 +152,10 @@ def _assert_close(got: torch.Tensor, ref: torch.Tensor, where: str) -> None:
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def trained(request, tmp_path_factory):
-    backend, tied, targets = CASES[request.param]
+    backend, tied, targets, train = CASES[request.param]
     root = tmp_path_factory.mktemp(f"lora-{request.param}")
     pre = write_pretrained(root / "pre", seed=5, tie_word_embeddings=tied)
-    data = _config(root / "run", pre, backend, targets)
+    data = _config(root / "run", pre, backend, targets, **train)
     run_distributed_test(_train_worker, WORLD, data, str(root / "record.pt"), str(root / "final"), timeout=1200)
     return request.param, pre, targets, torch.load(root / "record.pt"), root / "final"
 
@@ -253,6 +253,49 @@ def test_merged_export_is_base_plus_adapter(trained):
         assert torch.equal(state[name], written[name]), name
 
 
+# ---------------------------------------------------------------- bf16 base at rest
+
+
+def _bf16_worker(data: dict, result: str) -> None:
+    import torch.distributed as dist
+
+    from recall_dist.distributed.process_group import init_distributed
+    from recall_dist.train.resources import validate_resources
+    from recall_dist.train.trainer import endless, setup, train_step
+
+    cfg = build(data)
+    run = setup(cfg, validate_resources(cfg), init_distributed())
+    dtypes = {n: p.dtype for n, p in run.engine.module.model.named_parameters()}  # this rank's shards
+    data_iter = endless(run.batches)
+    losses = [train_step(run, data_iter)["loss"] for _ in range(3)]
+    params = dict(run.engine.full_parameters())
+    if dist.get_rank() == 0:
+        torch.save({"dtypes": dtypes, "losses": losses, "params": params}, result)
+
+
+def test_fsdp2_keeps_a_bf16_base_in_bf16_and_trains_fp32_adapters(tmp_path):
+    """model.dtype bfloat16: the frozen base is sharded in bf16 (half the bytes of fp32 masters), the adapters
+    in fp32, in the same per-layer FSDP2 units (mixed dtypes); the base comes out bit-identical to the
+    pretrained weights cast to bf16, the loss goes down."""
+    from transformers import AutoModelForCausalLM
+
+    from recall_dist.train.lora import base_parameter_name, is_adapter_parameter
+
+    pre = write_pretrained(tmp_path / "pre", seed=5)
+    data = _config(tmp_path / "run", pre, {"name": "fsdp2"}, ["q_proj", "up_proj"])
+    data["model"]["dtype"] = "bfloat16"
+    data["optim"]["lr"] = 1e-2
+    run_distributed_test(_bf16_worker, WORLD, data, str(tmp_path / "r.pt"), timeout=1200)
+    got = torch.load(tmp_path / "r.pt")
+    for name, dtype in got["dtypes"].items():
+        assert dtype == (torch.float32 if is_adapter_parameter(name) else torch.bfloat16), name
+    pretrained = AutoModelForCausalLM.from_pretrained(pre, dtype=torch.float32).state_dict()
+    for name, tensor in got["params"].items():
+        if not is_adapter_parameter(name):
+            assert torch.equal(tensor, pretrained[base_parameter_name(name)].bfloat16().float()), name
+    assert got["losses"][-1] < got["losses"][0], got["losses"]
+
+
 # ---------------------------------------------------------------- resume
 
 
@@ -271,7 +314,7 @@ def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
     pre = write_pretrained(tmp_path / "pre", seed=5)
     steps, half = 4, 2
     targets = ["q_proj", "v_proj"]
-    whole = _config(tmp_path / "whole", pre, backend, targets, max_steps=steps)
+    whole = _config(tmp_path / "whole", pre, backend, targets, max_steps=steps, export_final=True)
     run_distributed_test(_run_worker, WORLD, whole, timeout=1200)
     baseline = _losses(tmp_path / "whole")
     assert sorted(baseline) == list(range(1, steps + 1))
@@ -284,6 +327,7 @@ def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
         run_distributed_test(_run_worker, world, resumed, timeout=1200)
         losses = _losses(tmp_path / name)
         assert sorted(losses) == list(range(1, steps + 1)), (name, losses)
+        assert [h["start_step"] for h in read_headers(tmp_path / name)] == [0, half], name  # resumed, not restarted
         for step in range(half + 1, steps + 1):
             assert losses[step] == pytest.approx(baseline[step], rel=1e-5), (name, world, step, losses, baseline)
         assert losses[half + 1] != pytest.approx(losses[half], rel=1e-6)  # the steps really differ
@@ -291,6 +335,38 @@ def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
     engine = tmp_path / "other" / "checkpoints" / f"step_{half:08d}" / "engine"
     stored = _checkpointed_parameters(engine, backend["name"])
     assert stored and all(".lora_" in name for name in stored), stored  # the adapters only, no base
+    _check_offline_exports(tmp_path, pre, tmp_path / "whole" / "checkpoints" / f"step_{steps:08d}")
+
+
+def _check_offline_exports(tmp_path: Path, pre: Path, checkpoint: Path) -> None:
+    """``export_hf`` of the last checkpoint writes the adapter the run's own final/ holds; with
+    ``merge_on_export`` in its config, the merged model: the pretrained base + alpha / r * B A."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from recall_dist.train.export import export_hf
+    from recall_dist.train.lora import ADAPTER_WEIGHTS
+
+    final = load_file(tmp_path / "whole" / "final" / ADAPTER_WEIGHTS)
+    offline = load_file(export_hf(checkpoint, tmp_path / "offline") / ADAPTER_WEIGHTS)
+    assert sorted(offline) == sorted(final) and final
+    for key, tensor in final.items():
+        assert torch.equal(offline[key], tensor), key
+
+    merging = tmp_path / "merging" / checkpoint.name
+    shutil.copytree(checkpoint, merging)
+    config = yaml.safe_load((merging / "config.yaml").read_text())
+    config["model"]["lora"]["merge_on_export"] = True
+    (merging / "config.yaml").write_text(yaml.safe_dump(config))
+    merged = AutoModelForCausalLM.from_pretrained(export_hf(merging, tmp_path / "merged"), dtype=torch.float32)
+    state = merged.state_dict()
+    for name, weight in AutoModelForCausalLM.from_pretrained(pre, dtype=torch.float32).state_dict().items():
+        module = name.removesuffix(".weight")
+        a = final.get(f"base_model.model.{module}.lora_A.weight")
+        if a is not None:
+            weight = weight + 8.0 / 4 * (final[f"base_model.model.{module}.lora_B.weight"] @ a)
+        _assert_close(state[name], weight, f"offline merged {name}")
 
 
 def _checkpointed_parameters(engine: Path, backend: str) -> list[str]:
