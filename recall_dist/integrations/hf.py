@@ -55,6 +55,7 @@ from recall_dist.distributed.ranks import world_group
 from recall_dist.losses.accumulator import step_token_count
 from recall_dist.losses.base import RecallLoss, build_loss
 from recall_dist.parallel.options import KernelOptions
+from recall_dist.train.lora import widen_for_head_adapter
 from recall_dist.train.loss_head import LossHead
 from recall_dist.train.step_scale import ZeroStepScale, scale_gradients_
 
@@ -145,15 +146,17 @@ class ModelLossHead(LossHead):
     call (``model.get_output_embeddings()``, through a peft wrapper applied before or after attaching),
     so the loss always uses the head that the model's own forward would (``model_output_layer``).
 
-    With LoRA on the head, ``forward`` widens the hidden states to ``[x, s_1 A_1 drop_1(x), ...]`` and
-    ``weight`` is ``[W, B_1, ...]`` (``[V, H + sum r]``): one matmul gives ``x W^T + sum s B A drop(x)``,
-    and autograd carries the fused head's gradients to ``A`` and ``B`` (the frozen ``W`` gets none)."""
+    With LoRA on the head, each active adapter widens the hidden states and the weight as
+    ``train/lora.py``'s ``widen_for_head_adapter`` does (``[W, B] [x; s A drop(x)]``, ``[V, H + r]``): one
+    matmul gives ``x W^T + s B A drop(x)`` and autograd carries the fused head's gradients to ``A`` and
+    ``B``.  The dropout draws its mask over all ``[B, T, H]`` positions, as peft's own head forward does."""
 
     def __init__(self, model: torch.nn.Module, **kwargs):
         super().__init__(model, None, **kwargs)
         layer = model.get_output_embeddings()
         path = next((n for n, m in model.named_modules() if m is layer), "lm_head")
         self.output_name = path.rsplit(".", 1)[-1]  # as target_modules names it
+        self._call_weight: list[torch.Tensor] = []  # a list: a Parameter set as an attribute would be registered
         self.output_layer()  # refuses an unsupported head when attached, not at the first step
 
     def output_layer(self):
@@ -162,21 +165,23 @@ class ModelLossHead(LossHead):
     def parameters_read(self) -> list[torch.nn.Parameter]:
         """Every parameter the loss reads outside its module's forward: ZeRO-3 must gather them for ours."""
         base, adapters = self.output_layer()
-        return [base.weight, *(b.weight for _, b, _, _ in adapters)]
+        return [base.weight, *(lora_b.weight for _, lora_b, _, _ in adapters)]
 
     @property
     def weight(self) -> torch.Tensor:
-        base, adapters = self.output_layer()
-        if not adapters:
-            return base.weight
-        return torch.cat([base.weight, *(b.weight.to(base.weight.dtype) for _, b, _, _ in adapters)], dim=1)
+        """The weight of the call in progress (widened by the head's adapters), else the base weight."""
+        return self._call_weight[-1] if self._call_weight else self.output_layer()[0].weight
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None):
-        _, adapters = self.output_layer()
-        if adapters:  # the dropout draws its mask over [B, T, H], as the head's own forward would
-            extra = [a(dropout(hidden.to(a.weight.dtype))) * scaling for a, _, dropout, scaling in adapters]
-            hidden = torch.cat([hidden, *(e.to(hidden.dtype) for e in extra)], dim=-1)
-        return super().forward(hidden, labels, sequence_ids)
+        base, adapters = self.output_layer()
+        weight = base.weight
+        for adapter in adapters:
+            hidden, weight = widen_for_head_adapter(hidden, weight, adapter)
+        self._call_weight.append(weight)
+        try:
+            return super().forward(hidden, labels, sequence_ids)
+        finally:
+            self._call_weight.pop()
 
 
 def attach_loss_head(model: torch.nn.Module) -> LossHead:

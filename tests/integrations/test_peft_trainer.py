@@ -169,6 +169,7 @@ def test_one_step_with_lora_matches_a_peft_reference(tmp_path, case):
         else:
             assert torch.equal(after[name], value), name
             assert after[name].grad is None, name
+    assert not any("recall_loss_head" in key for key in model.state_dict())  # the head owns no parameter
     with_state = {id(p) for p, state in trainer.optimizer.state.items() if state}
     assert with_state == {id(after[n]) for n in trainable}
     print(
@@ -225,6 +226,7 @@ def test_a_head_attached_before_peft_wrapped_the_model_sees_the_adapter():
     recall_compute_loss(model, batch, loss, dp_group=None).backward()
     got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
     assert any("lm_head.lora" in n for n in got)
+    assert not any("recall_loss_head" in key for key in model.state_dict())  # the head owns no parameter
     model.zero_grad()
     reference_loss(model, [batch], ALPHA).backward()
     assert max_relative(got, {n: p.grad for n, p in model.named_parameters() if p.requires_grad}) < 1e-5
