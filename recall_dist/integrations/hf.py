@@ -34,10 +34,12 @@ What the mixin changes (needs transformers >= 5.19; tested with 5.24 and TRL 1.1
   or, under DeepSpeed, ZeRO's update is skipped.
 - **peft adapters** (``SFTTrainer(..., peft_config=LoraConfig(...))``, or a ``PeftModel``): the head
   is looked up at every call through the peft wrapper (``model_output_layer``), so the frozen base head,
-  a tied embedding, ``modules_to_save=["lm_head"]`` (the trained copy) and ``lm_head`` in
-  ``target_modules`` all give the logits peft's own forward gives.  A LoRA head ``W + s B A`` runs as one
-  matmul of augmented tensors, ``[x, s A drop(x)] @ [W, B]^T`` (exact, dropout included; the extra
-  width is the rank r); DoRA, ``lora_bias`` and other peft layers on the head are refused.
+  a tied embedding, ``modules_to_save=["lm_head"]`` (the trained copy), trainable token rows
+  (``trainable_token_indices`` on a tied embedding) and ``lm_head`` in ``target_modules`` all give the
+  logits peft's own forward gives.  A LoRA head ``W + s B A`` runs as one matmul of augmented tensors,
+  ``[x, s A drop(x)] @ [W, B]^T`` (exact, dropout included; the extra width is the rank r); DoRA,
+  ``lora_bias`` and other peft layers on the head are refused.  (TRL 1.16's ``SFTTrainer`` refuses
+  ``lm_head`` in ``target_modules`` itself; ``RecallTrainer`` takes it.)
 - FSDP through ``Trainer`` is not supported (the weight is a shard outside a forward): use
   ``recall-dist train``.  Evaluation reports the loss (``prediction_loss_only``); there are no logits.
 """
@@ -45,6 +47,7 @@ What the mixin changes (needs transformers >= 5.19; tested with 5.24 and TRL 1.1
 from __future__ import annotations
 
 import sys
+from typing import NamedTuple
 
 import torch
 import transformers
@@ -89,45 +92,63 @@ def _peft_classes():
         return None
     from peft.tuners.lora import LoraLayer
     from peft.tuners.tuners_utils import BaseTunerLayer
-    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper, TrainableTokensWrapper
 
-    return LoraLayer, BaseTunerLayer, AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+    return LoraLayer, BaseTunerLayer, ModulesToSaveWrapper, TrainableTokensWrapper, AuxiliaryTrainingWrapper
 
 
 def _refuse(name: str, what: str) -> ValueError:
     return ValueError(
         f"{what} on {name}: the recall loss does the {name} matmul itself and supports a frozen {name}, "
-        f"modules_to_save=['{name}'] or plain LoRA with '{name}' in target_modules; "
+        f"modules_to_save=['{name}'], trainable tokens, or plain LoRA with '{name}' in target_modules; "
         f"remove '{name}' from the peft config's target_modules (or that option)"
     )
 
 
-def model_output_layer(layer: torch.nn.Module, name: str = "lm_head"):
-    """``(base, adapters)``: what the output layer ``layer`` computes, as peft's own forward would.
+class OutputLayer(NamedTuple):
+    """What a model's output layer computes: ``logits = x weight^T + sum s B A drop(x)`` over ``adapters``
+    (``(lora_A, lora_B, dropout, scaling)``); ``reads``: the parameters behind ``weight`` and the adapters'
+    ``B`` (the loss reads them outside their modules' forwards: ZeRO-3 must gather them for it)."""
 
-    ``layer`` is ``get_output_embeddings()``, maybe wrapped by peft; ``name`` is its name in the model
-    (for errors).  ``base`` is the module whose ``weight [V, H]`` forms the logits (under a
-    ``modules_to_save`` wrapper: its active copy); ``adapters`` lists the active unmerged LoRA terms
-    ``(lora_A, lora_B, dropout, scaling)`` added to them (``lm_head`` in ``target_modules``):
-    ``logits = x W^T + sum s B A drop(x)``.  Raises ``ValueError`` for what the loss cannot reproduce."""
+    weight: torch.Tensor
+    adapters: list
+    reads: list
+
+
+def model_output_layer(layer: torch.nn.Module, name: str = "lm_head") -> OutputLayer:
+    """What the output layer ``layer`` (``get_output_embeddings()``, maybe wrapped by peft; ``name``: its
+    name in the model, for errors) computes, as peft's own forward would: the frozen or tied weight; the
+    active copy of ``modules_to_save``; the base with the trainable token rows written in
+    (``trainable_token_indices`` on a tied embedding); or the base plus the active unmerged LoRA terms
+    (``lm_head`` in ``target_modules``).  Raises ``ValueError`` for what the loss cannot reproduce."""
     classes = _peft_classes()
     if classes is None:
-        return layer, []
-    lora_layer, tuner_layer, auxiliary_wrapper, modules_to_save = classes
+        return OutputLayer(layer.weight, [], [layer.weight])
+    lora_layer, tuner_layer, modules_to_save, trainable_tokens, other_wrapper = classes
     if isinstance(layer, modules_to_save):
         active = layer.active_adapters
         if layer.disable_adapters or not active or any(a not in layer._adapters for a in active):
-            return layer.original_module, []
-        return layer.modules_to_save[active[0]], []  # peft's forward uses the first active copy
-    if isinstance(layer, auxiliary_wrapper):
-        raise _refuse(name, f"peft's {type(layer).__name__} (e.g. trainable_token_indices)")
+            layer = layer.original_module
+        else:
+            layer = layer.modules_to_save[active[0]]  # peft's forward uses the first active copy
+        return OutputLayer(layer.weight, [], [layer.weight])
+    if isinstance(layer, trainable_tokens):
+        tokens = layer.token_adapter  # it handles its own disabled / merged states, as here
+        base = tokens.get_base_layer().weight
+        if tokens.disable_adapters or not tokens.active_adapters or tokens.merged:
+            return OutputLayer(base, [], [base])
+        tokens._check_overlapping_tokens(tokens.active_adapters)
+        deltas = [tokens.trainable_tokens_delta[a] for a in tokens.active_adapters]
+        return OutputLayer(tokens.get_merged_weights(tokens.active_adapters), [], [base, *deltas])
+    if isinstance(layer, other_wrapper):
+        raise _refuse(name, f"peft's {type(layer).__name__}")
     if not isinstance(layer, tuner_layer):
-        return layer, []
+        return OutputLayer(layer.weight, [], [layer.weight])
     if not isinstance(layer, lora_layer):
         raise _refuse(name, f"peft's {type(layer).__name__}")
-    base = layer.get_base_layer()
+    base = layer.get_base_layer().weight
     if layer.disable_adapters or layer.merged:  # merged: W already holds B A (peft then adds nothing)
-        return base, []
+        return OutputLayer(base, [], [base])
     adapters = []
     for adapter in layer.active_adapters:
         if adapter not in layer.lora_A:
@@ -138,7 +159,7 @@ def model_output_layer(layer: torch.nn.Module, name: str = "lm_head"):
             raise _refuse(name, "lora_bias=True")
         terms = (layer.lora_A[adapter], layer.lora_B[adapter], layer.lora_dropout[adapter], layer.scaling[adapter])
         adapters.append(terms)
-    return base, adapters
+    return OutputLayer(base, adapters, [base, *(lora_b.weight for _, lora_b, _, _ in adapters)])
 
 
 class ModelLossHead(LossHead):
@@ -159,22 +180,20 @@ class ModelLossHead(LossHead):
         self._call_weight: list[torch.Tensor] = []  # a list: a Parameter set as an attribute would be registered
         self.output_layer()  # refuses an unsupported head when attached, not at the first step
 
-    def output_layer(self):
+    def output_layer(self) -> OutputLayer:
         return model_output_layer(self._weight_owner[0].get_output_embeddings(), self.output_name)
 
     def parameters_read(self) -> list[torch.nn.Parameter]:
         """Every parameter the loss reads outside its module's forward: ZeRO-3 must gather them for ours."""
-        base, adapters = self.output_layer()
-        return [base.weight, *(lora_b.weight for _, lora_b, _, _ in adapters)]
+        return self.output_layer().reads
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight of the call in progress (widened by the head's adapters), else the base weight."""
-        return self._call_weight[-1] if self._call_weight else self.output_layer()[0].weight
+        """The weight of the call in progress (widened by the head's adapters), else the output layer's."""
+        return self._call_weight[-1] if self._call_weight else self.output_layer().weight
 
     def forward(self, hidden: torch.Tensor, labels: torch.Tensor, sequence_ids: torch.Tensor | None = None):
-        base, adapters = self.output_layer()
-        weight = base.weight
+        weight, adapters, _ = self.output_layer()
         for adapter in adapters:
             hidden, weight = widen_for_head_adapter(hidden, weight, adapter)
         self._call_weight.append(weight)

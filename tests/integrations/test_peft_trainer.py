@@ -42,6 +42,13 @@ CASES = {  # name: (trainer, tied embeddings, LoraConfig keywords, training argu
     "sft-tied": ("sft", True, {"target_modules": ATTENTION}, {}),
     # LoRA on the (tied) input embedding: lm_head stays the plain tied weight, in peft's forward and ours
     "sft-tied-lora_embed_tokens": ("sft", True, {"target_modules": ["embed_tokens", *ATTENTION]}, {}),
+    # trainable token rows on a tied embedding: peft wraps lm_head too (TrainableTokensWrapper, shared rows)
+    "sft-tied-trainable_tokens": (
+        "sft",
+        True,
+        {"target_modules": ATTENTION, "trainable_token_indices": {"embed_tokens": [3, 4, 5]}},
+        {},
+    ),
     "sft-modules_to_save": ("sft", False, {"target_modules": ATTENTION, "modules_to_save": ["lm_head"]}, {}),
     "trainer-lora_lm_head": ("trainer", False, {"target_modules": [*ATTENTION, "lm_head"]}, {}),
     "trainer-tied-lora_lm_head": ("trainer", True, {"target_modules": [*ATTENTION, "lm_head"]}, ACCUMULATE),
@@ -137,7 +144,7 @@ def test_one_step_with_lora_matches_a_peft_reference(tmp_path, case):
     assert isinstance(model, peft.PeftModel)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected_trainable = ("lora_A", "lora_B", "lora_embedding_") + (
+    expected_trainable = ("lora_A", "lora_B", "lora_embedding_", "trainable_tokens_delta") + (
         ("modules_to_save",) if "modules_to_save" in lora else ()
     )
     assert trainable and all(any(k in n for k in expected_trainable) for n in trainable), trainable
