@@ -5,9 +5,9 @@ reach the head through the peft wrapper):
 - one c-Div step's adapter gradients and logged loss equal those of a one-process ``PeftModel`` whose full
   logits go through a plain weighted NLL (relative 1e-5): ``RecallSFTTrainer(..., peft_config=...)`` with
   LoRA on the attention (also 2 x 4 accumulated), a tied embedding (also with LoRA on ``embed_tokens``, or
-  with trainable token rows),
-  ``modules_to_save=["lm_head"]``; ``RecallTrainer`` given a ``PeftModel`` with LoRA on ``lm_head`` itself
-  (tied and untied); ZeRO-3 on 2 gloo ranks (slow): both of those paths, every parameter partitioned;
+  with trainable token rows), ``modules_to_save=["lm_head"]``; ``RecallTrainer`` given a ``PeftModel``
+  with LoRA on ``lm_head`` itself (tied and untied); ZeRO-3 on 2 gloo ranks (slow): both of those paths,
+  every parameter partitioned;
 - the base weights stay bit-identical and only the trainable parameters get optimizer state;
 - a LoRA ``lm_head`` with dropout gives the loss and gradients of peft's own ``lm_head`` forward (same mask);
 - refused, naming ``lm_head`` in ``target_modules``: LoRA on ``lm_head`` through TRL (TRL 1.16's own check)
