@@ -71,13 +71,13 @@ demo-grid: setup
 # The same claim on a real pretrained LM (SmolLM2-135M-Instruct, converted from GGUF once) and human text
 # (Debian's fortunes, installed here when absent): results/demo-text/{pr_curve.png,sweep.csv,summary.md,samples.md}.
 # MODEL=DIR_OR_HUB_NAME fine-tunes another causal LM instead; RESUME=1, after an interrupted run, reuses the
-# fine-tunes it finished and trains only the rest.
+# fine-tunes it finished and trains only the rest; LORA=1 fine-tunes LoRA adapters (results/demo-text-lora).
 FORTUNES := /usr/share/games/fortunes/fortunes
 demo-text: setup
 	@test -f $(FORTUNES) || { echo "[setup] installing Debian's fortunes corpus"; \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null; }; }
-	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-text --seeds $(SEEDS) $(if $(MODEL),--model $(MODEL)) $(if $(RESUME),--resume)
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-text --seeds $(SEEDS) $(if $(MODEL),--model $(MODEL)) $(if $(RESUME),--resume) $(if $(LORA),--lora)
 
 # Exact evidence on a real LM: SmolLM2 fine-tuned on prompts whose valid answers are known (Debian's iso-codes,
 # installed here when absent: "Name a region of France." -> its regions), swept on training and held-out prompts:

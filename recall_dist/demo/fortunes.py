@@ -1,7 +1,7 @@
 """``recall-dist demo-text``: the paper's claim on a real pretrained LM and real human-written text, on CPU.
 
     recall-dist demo-text [--out results/demo-text] [--model DIR_OR_HUB] [--seeds S] [--steps N] [--quick]
-                          [--resume]
+                          [--resume] [--lora]
 
 Four stages on the demos' skeleton (``demo/pipeline.py``), each a real command of this package (training
 and sweep as ``torchrun --nproc-per-node 2`` subprocesses, logs in ``OUT/logs/``):
@@ -22,6 +22,10 @@ and sweep as ``torchrun --nproc-per-node 2`` subprocesses, logs in ``OUT/logs/``
    per held-out reference (all temperatures decoded together with a KV cache), embedded by the bundled
    all-MiniLM-L6-v2, and k-NN Precision/Recall (k = 4, PCA at 90% variance) against the held-out
    human references.
+
+``--lora`` fine-tunes LoRA adapters on the frozen model instead of every weight: ``configs/demo_text/lora.yaml``
+(r 16 on every linear layer, merged into ``final/`` for the sweep, lr 2e-4) over every fine-tune, output in
+``results/demo-text-lora``.
 
 The configs ship inside the package (``recall_dist/demo/configs/demo_text/``).  Outputs in ``OUT``:
 ``pr_curve.png``, ``sweep.csv``, ``sweep.json``, ``summary.md`` (computed from ``sweep.csv`` by
