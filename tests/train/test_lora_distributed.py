@@ -309,7 +309,14 @@ def _losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in read_metrics(out)}
 
 
-@pytest.mark.parametrize("backend", [{"name": "fsdp2"}, {"name": "deepspeed", "zero_stage": 2}], ids=["fsdp2", "zero2"])
+RESUME_BACKENDS = {
+    "fsdp2": {"name": "fsdp2"},
+    "zero2": {"name": "deepspeed", "zero_stage": 2},
+    "zero3": {"name": "deepspeed", "zero_stage": 3},
+}
+
+
+@pytest.mark.parametrize("backend", list(RESUME_BACKENDS.values()), ids=list(RESUME_BACKENDS))
 def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
     pre = write_pretrained(tmp_path / "pre", seed=5)
     steps, half = 4, 2
@@ -376,5 +383,7 @@ def _checkpointed_parameters(engine: Path, backend: str) -> list[str]:
 
         keys = dcp.FileSystemReader(str(engine)).read_metadata().state_dict_metadata
         return [k for k in keys if k.startswith("model.")]
-    module = torch.load(next(engine.glob("engine/mp_rank_00_model_states.pt")), weights_only=False)["module"]
-    return list(module)
+    names: set[str] = set()  # mp_rank_00_model_states.pt (ZeRO-2) or one zero_pp_rank_*_model_states.pt per rank
+    for path in engine.glob("engine/*model_states.pt"):
+        names.update(torch.load(path, weights_only=False)["module"] or {})
+    return sorted(names)
