@@ -144,6 +144,10 @@ class DeepSpeedEngine:
         self.device = ctx.device
         self.world_size = ctx.world_size
         self.lora = cfg.model.lora is not None  # a LoRA checkpoint holds the adapters; the base is rebuilt
+        if self.lora:
+            # DeepSpeed's exclude_frozen_parameters drops a frozen parameter under its first name only: a
+            # tied lm_head.weight (the embedding under a second name) would still be saved.
+            self.ds.module_state_dict = _without_frozen_aliases(self.ds)
         self.step_scale = ZeroStepScale.for_engine(self.ds, rescales=loss.normalize == "weights")
 
     def forward(self, batch):
@@ -203,6 +207,21 @@ class DeepSpeedEngine:
             for name, p in self.module.named_parameters()
             if p.requires_grad
         }
+
+
+def _without_frozen_aliases(ds_engine):
+    """``ds_engine.module_state_dict`` that, excluding frozen parameters, excludes every name of each."""
+    state_dict = ds_engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters: bool = False, **kwargs):
+        sd = state_dict(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters:
+            for name, param in ds_engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    sd.pop(name, None)
+        return sd
+
+    return module_state_dict
 
 
 def gathered_module_value(param: torch.Tensor) -> torch.Tensor:

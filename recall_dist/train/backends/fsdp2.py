@@ -120,14 +120,24 @@ class FSDP2Engine:
     def save(self, directory: str) -> None:
         # Sharded state dicts: each rank writes its own shards, nobody gathers the model; DCP
         # records the global layout, so a different number of ranks can load it (resharding).
-        model_state, optim_state = get_state_dict(self.module, self.optimizer, options=self.state_options)
+        model_state, optim_state = self._state_dicts()
         dcp.save(
             {"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict()},
             checkpoint_id=directory,
         )
 
-    def load(self, directory: str) -> None:
+    def _state_dicts(self) -> tuple[dict, dict]:
         model_state, optim_state = get_state_dict(self.module, self.optimizer, options=self.state_options)
+        if self.state_options.ignore_frozen_params:
+            # ignore_frozen_params drops a frozen parameter under its first name only: a tied lm_head.weight
+            # (the embedding under a second name) would still be saved.
+            for name, param in self.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    model_state.pop(name, None)
+        return model_state, optim_state
+
+    def load(self, directory: str) -> None:
+        model_state, optim_state = self._state_dicts()
         state = {"model": model_state, "optim": optim_state, "scheduler": self.scheduler.state_dict()}
         dcp.load(state, checkpoint_id=directory)
         # Loading a LoRA checkpoint leaves the base as built (not strict); every adapter must come back.
