@@ -254,8 +254,11 @@ def test_adapter_directory_loads_with_peft_and_merge_equals_merge_and_unload(tmp
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from recall_dist.data import load_tokenizer
+    from recall_dist.eval.config import ModelSpec
+    from recall_dist.eval.loading import load_model
     from recall_dist.train.export import write_hf_directory
-    from recall_dist.train.lora import load_merged, merged_parameters, read_adapter_config, write_adapter
+    from recall_dist.train.lora import merged_parameters, read_adapter_config, write_adapter
     from recall_dist.train.models import build_model
 
     cfg = _cfg({"r": 4, "alpha": 16.0, "target_modules": "all-linear"}, tie_word_embeddings=True)
@@ -265,7 +268,12 @@ def test_adapter_directory_loads_with_peft_and_merge_equals_merge_and_unload(tmp
     base = build_model(_cfg(tie_word_embeddings=True).model, seed=2)
     base.save_pretrained(tmp_path / "base")
     write_adapter(
-        model, iter(stream), cfg.model.lora, tmp_path / "adapter", base_model_name_or_path=str(tmp_path / "base")
+        model,
+        iter(stream),
+        cfg.model.lora,
+        tmp_path / "adapter",
+        base_model_name_or_path=str(tmp_path / "base"),
+        tokenizer=load_tokenizer("char:product"),
     )
     saved = read_adapter_config(tmp_path / "adapter")
     assert (saved["r"], saved["lora_alpha"], saved["base_model_name_or_path"]) == (4, 16, str(tmp_path / "base"))
@@ -291,5 +299,6 @@ def test_adapter_directory_loads_with_peft_and_merge_equals_merge_and_unload(tmp
     with torch.no_grad():
         torch.testing.assert_close(merged(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
         # What the temperature sweep loads for a LoRA run's final/: the named base with the adapter merged.
-        swept = load_merged(tmp_path / "adapter", dtype=torch.float32)
+        swept, tokenizer = load_model(ModelSpec("lora", str(tmp_path / "adapter")), tmp_path / "cache", "0" * 64)
+        assert type(swept) is type(base) and len(tokenizer) == 13  # a plain model, the saved tokenizer
         torch.testing.assert_close(swept(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
