@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 # pytest-xdist workers: whole files per worker, the cluster tests together on one (tests/conftest.py).
 PYTEST_WORKERS ?= 2
 
-.PHONY: setup lint ds-ops test test-fast demo demo-grid demo-text demo-lm bench clean
+.PHONY: demo-lm-grid demo-text-grid setup lint ds-ops test test-fast demo demo-grid demo-text demo-lm bench clean
 
 setup: $(STAMP)
 
@@ -88,6 +88,19 @@ demo-lm: setup
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -q iso-codes >/dev/null 2>&1 || \
 	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iso-codes >/dev/null; }; }
 	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-lm --seeds $(SEEDS) $(if $(MODEL),--model $(MODEL)) $(if $(RESUME),--resume)
+
+# The recipe grids (not part of the demos): one factor at a time around c-Div 1.4 (alpha, max_weight, nll_mix,
+# lr, steps), each against NLL of the same lr and steps: results/demo-{lm,text}-grid/{grid.md,grid.csv}.
+# RESUME=1 reuses the points a call finished; ONLY=a,b runs those points (and their NLL references).
+demo-lm-grid: setup
+	@test -f $(ISO_CODES) || { DEBIAN_FRONTEND=noninteractive apt-get install -y -q iso-codes >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q iso-codes >/dev/null; }; }
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-lm --grid --seeds $(SEEDS) $(if $(ONLY),--only $(ONLY)) $(if $(RESUME),--resume)
+
+demo-text-grid: setup
+	@test -f $(FORTUNES) || { DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q fortunes >/dev/null; }; }
+	DS_ACCELERATOR=cpu $(PY) -m recall_dist demo-text --grid --seeds $(SEEDS) $(if $(ONLY),--only $(ONLY)) $(if $(RESUME),--resume)
 
 bench: setup
 	$(PY) benchmarks/loss_bench.py

@@ -16,8 +16,14 @@ COMMANDS = {
     "plan": ("recall_dist.train.memory_plan", "Per-GPU memory plan of a training config for N nodes x G GPUs."),
     "sweep": ("recall_dist.eval.cli", "Temperature sweep: Precision/Recall table and PR-curve plot."),
     "demo": ("recall_dist.demo.runner", "Train NLL and recall losses on a sparse task, sweep, write the PR curves."),
-    "demo-text": ("recall_dist.demo.fortunes", "The same on a real pretrained LM and human text (SmolLM2, fortunes)."),
-    "demo-lm": ("recall_dist.demo.iso", "Exact Precision/Recall on known answers, a real LM fine-tuned (iso-codes)."),
+    "demo-text": (
+        "recall_dist.demo.commands:demo_text",
+        "The same on a real pretrained LM and human text (SmolLM2, fortunes); --grid: its recipe grid.",
+    ),
+    "demo-lm": (
+        "recall_dist.demo.commands:demo_lm",
+        "Exact Precision/Recall on known answers, a real LM fine-tuned (iso-codes); --grid: its recipe grid.",
+    ),
     "convert-gguf": ("recall_dist.convert", "A GGUF model file into a Hugging Face safetensors directory."),
 }
 
@@ -42,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"recall-dist: unknown command {name!r}; known: {', '.join(COMMANDS)}\n\n{_usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    return int(module.main(rest) or 0)
+    module, _, function = COMMANDS[name][0].partition(":")  # "module" (its main) or "module:function"
+    return int(getattr(importlib.import_module(module), function or "main")(rest) or 0)
 
 
 if __name__ == "__main__":

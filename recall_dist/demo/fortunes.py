@@ -211,11 +211,6 @@ class FortunesRecipe(Recipe):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if "--grid" in args:  # the recipe grid (demo/text_grid.py) has its own options
-        from recall_dist.demo.text_grid import main as grid_main
-
-        return grid_main(args)
     return pretrained_lm_main(
         FortunesRecipe, __doc__, "CI-sized run: 2 losses, 2 steps, 2 temperatures, 12 texts", argv
     )

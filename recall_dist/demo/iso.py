@@ -189,11 +189,6 @@ class IsoRecipe(Recipe):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if "--grid" in args:  # the recipe grid (demo/lm_grid.py) has its own options
-        from recall_dist.demo.lm_grid import main as grid_main
-
-        return grid_main(args)
     return pretrained_lm_main(
         IsoRecipe, __doc__, "CI-sized run: 2 losses, 2 steps, 3 temperatures, 2 + 2 prompts", argv
     )
