@@ -98,8 +98,10 @@ class GridRecipe:
         return list(prepared.sweep)
 
     def runs(self) -> list[Run]:
+        """Seed-major; seed 0 keeps the point's name (so ``--seeds 3 --resume`` reuses a one-seed grid's
+        runs), seed k > 0 is ``NAME-sK``."""
         return [
-            Run(p.name if self.seeds == 1 else f"{p.name}-s{s}", p.name, p.loss, p.params, s, self.seeds > 1)
+            Run(p.name if s == 0 else f"{p.name}-s{s}", p.name, p.loss, p.params, s, self.seeds > 1)
             for s in range(self.seeds)
             for p in self.points
         ]
@@ -167,11 +169,33 @@ def run_grid(recipe: GridRecipe, resume: bool) -> Path:
             ],
             recipe.out / "logs" / f"sweep-{run.name}.log",
         )
+    report = write_report(recipe, runs)
+    print(f"{recipe.COMMAND} --grid done in {progress.elapsed() / 60:.1f} min: {report}", flush=True)
+    return report
+
+
+def write_report(recipe: GridRecipe, runs: list[Run]) -> Path:
+    """``grid.csv`` and ``grid.md`` of ``runs`` (each swept in ``OUT/sweeps/``)."""
     rows = collect(recipe.out, runs)
     write_csv(rows, recipe.out / "grid.csv")
     report = recipe.out / "grid.md"
     report.write_text(grid_markdown(recipe, rows, training_diagnostics(recipe.out / "runs", runs)))
-    print(f"{recipe.COMMAND} --grid done in {progress.elapsed() / 60:.1f} min: {report}", flush=True)
+    return report
+
+
+def report_only(recipe: GridRecipe) -> Path:
+    """``--report``: the tables of every run of ``recipe`` (points x up to ``seeds`` seeds) that ``OUT`` holds
+    swept, whatever call made it; trains and sweeps nothing."""
+    runs = [r for r in recipe.runs() if (recipe.out / "sweeps" / r.name / "sweep.csv").is_file()]
+    if not runs:
+        raise DemoError(f"{recipe.out}: no swept grid point to report (run the grid first)")
+    seeds = {}
+    for r in runs:
+        seeds.setdefault(r.family, []).append(r.seed)
+    recipe.points = [p for p in recipe.points if p.name in seeds]
+    recipe.seeds = max(len(v) for v in seeds.values())
+    report = write_report(recipe, runs)
+    print(f"{recipe.COMMAND} --grid --report: {len(runs)} runs of {len(recipe.points)} settings -> {report}")
     return report
 
 
@@ -243,6 +267,7 @@ def point_statistics(
                 "point": p,
                 "bands": per_band,
                 "verdict": verdict(per_band),
+                "seeds": len(common),
                 "max_precision": [max(x[1] for x in seeds[s]) for s in common],
                 "ref_max_precision": [max(x[1] for x in ref[s]) for s in common],
                 "max_recall": [max(x[2] for x in seeds[s]) for s in common],
@@ -304,7 +329,8 @@ def grid_markdown(recipe: GridRecipe, rows: list[dict], diagnostics: dict[str, d
     lines = [
         f"# {recipe.COMMAND} recipe grid",
         "",
-        f"{len(recipe.points)} settings x {recipe.seeds} seed(s). {recipe.grid_intro()}",
+        f"{len(recipe.points)} settings (NLL references included), up to {recipe.seeds} fine-tuning seed(s) each. "
+        + recipe.grid_intro(),
         "",
         "Margins: the setting's Recall minus that of NLL with the same lr, steps and seed, at the same "
         f"Precision, averaged over each band's levels{seeds}; higher / lower beyond {tie:.3g}, tie within "
@@ -318,7 +344,9 @@ def grid_markdown(recipe: GridRecipe, rows: list[dict], diagnostics: dict[str, d
     ]
     for s in stats:
         lines.append(
-            f"| {s['point'].name}: {describe(s['point'], recipe)} | "
+            f"| {s['point'].name}: {describe(s['point'], recipe)}"
+            + (f", {s['seeds']} seed{'s' if s['seeds'] > 1 else ''}" if recipe.seeds > 1 else "")
+            + " | "
             + " | ".join(_band_cell(s["bands"][band]) for band in recipe.BANDS)
             + f" | {_num(s['max_precision'])} ({_num(s['ref_max_precision'])}) | {_num(s['max_recall'])} "
             f"({_num(s['ref_max_recall'])}) | **{s['verdict']}** |"
@@ -365,6 +393,11 @@ def grid_main(grid_cls: type, base_cls: type[Recipe], description: str, argv: li
     p.add_argument("--model", default=None, help="causal LM directory or hub name (default: SmolLM2-135M-Instruct)")
     p.add_argument("--resume", action="store_true", help="reuse the fine-tunes and sweeps --out already holds")
     p.add_argument("--quick", action="store_true", help="CI-sized: the demo's --quick sizes, NLL and c-Div 1.4 only")
+    p.add_argument(
+        "--report",
+        action="store_true",
+        help="only rewrite grid.md / grid.csv from the runs --out holds (up to --seeds)",
+    )
     args = p.parse_args(argv)
     if args.seeds < 1:
         print(f"{command}: --seeds = {args.seeds}: must be >= 1", file=sys.stderr)
@@ -380,7 +413,7 @@ def grid_main(grid_cls: type, base_cls: type[Recipe], description: str, argv: li
         recipe.seeds = args.seeds
         if args.model:
             recipe.model = str(Path(args.model).resolve()) if Path(args.model).exists() else args.model
-        run_grid(recipe, args.resume)
+        report_only(recipe) if args.report else run_grid(recipe, args.resume)
     except (DemoError, FileNotFoundError, ValueError) as e:
         print(f"{command}: error: {e}", file=sys.stderr)
         return 1
