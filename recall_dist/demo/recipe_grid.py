@@ -29,7 +29,7 @@ from typing import ClassVar
 
 import numpy as np
 
-from recall_dist.demo.iso_report import band_label, band_margin
+from recall_dist.demo.iso_report import band_label, band_margin, seed_range
 from recall_dist.demo.pipeline import DemoError, Prepared, Progress, Recipe, Run, yaml_flow
 from recall_dist.demo.verdicts import Points
 
@@ -351,6 +351,13 @@ def grid_markdown(recipe: GridRecipe, rows: list[dict], diagnostics: dict[str, d
             + f" | {_num(s['max_precision'])} ({_num(s['ref_max_precision'])}) | {_num(s['max_recall'])} "
             f"({_num(s['ref_max_recall'])}) | **{s['verdict']}** |"
         )
+    for ref in dict.fromkeys(s["point"].reference() for s in stats):
+        if len(data.get(ref, {})) > 1:  # what the fixed tolerance is to be read against
+            spreads = [seed_range(data[ref], band) for band in recipe.BANDS]
+            lines.append(
+                f"| ({ref}'s seed-to-seed range: max - min Recall over its {len(data[ref])} seeds at the same "
+                "Precision) | " + " | ".join("n/a" if math.isnan(x) else f"{x:.3f}" for x in spreads) + " | | | |"
+            )
     lines += [
         "",
         "## Training diagnostics (`metrics.jsonl`: first and last logged step, means over logged steps)",

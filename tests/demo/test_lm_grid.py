@@ -133,3 +133,27 @@ def test_quick_grid_end_to_end_and_resume(tmp_path):
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count("reused") == 4, again.stdout
     assert (out / "grid.md").read_text() == text
+
+
+def test_report_reads_the_runs_out_holds(tmp_path):
+    """--report: every swept run in OUT (here 2 seeds of NLL and c-Div 1.4, none of the other points) makes
+    the tables; margins are paired by seed and NLL's seed-to-seed range is shown beside them."""
+    from recall_dist.demo.recipe_grid import report_only
+
+    shifts = {"nll": 0.0, "nll-s1": 0.03, "cdiv-1.4": 0.05, "cdiv-1.4-s1": 0.05}  # c-Div: +0.05 and +0.02 by seed
+    for name, shift in shifts.items():
+        (tmp_path / "sweeps" / name).mkdir(parents=True)
+        lines = ["model,temperature,precision,recall"] + [f"{name},{t},{p},{r}" for t, p, r in _curve(shift)]
+        (tmp_path / "sweeps" / name / "sweep.csv").write_text("\n".join(lines) + "\n")
+    base = IsoRecipe.full()
+    recipe = LmGridRecipe(
+        finetune_steps=base.finetune_steps, global_batch=base.global_batch, temperatures=base.temperatures, out=tmp_path
+    )
+    recipe.seeds = 3
+    text = report_only(recipe).read_text()
+    assert recipe.points == [POINTS[0], POINTS[1]] and recipe.seeds == 2
+    row = next(line for line in text.splitlines() if line.startswith("| cdiv-1.4: "))
+    assert "2 seeds" in row and "+0.035 [+0.020, +0.050] higher" in row and "**gains**" in row
+    assert "| (nll's seed-to-seed range" in text and "| 0.030 |" in text
+    with pytest.raises(DemoError, match="no swept grid point"):
+        report_only(LmGridRecipe(finetune_steps=56, global_batch=16, temperatures=[1.0], out=tmp_path / "empty"))
