@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
 from recall_dist.demo import iso_prompts
 from recall_dist.demo.pipeline import (
     CONFIGS,
+    LOSSES,
     DemoError,
     Prepared,
     Progress,
@@ -49,6 +50,9 @@ from recall_dist.demo.pipeline import (
 )
 
 CONFIG_DIR = CONFIGS / "demo_lm"
+# The losses every demo trains, plus the best c-Div setting of demo-lm's recipe grid (docs/demo-lm/grid.md: the
+# weight capped at 2, which ties NLL where c-Div 1.4 alone loses by 0.09-0.12 Recall@100).
+ISO_LOSSES = [*LOSSES, ("cdiv-1.4-maxw2", "cdiv", {"alpha": 1.4, "max_weight": 2.0})]
 # Which training prompts the fine-tunes see: only the swept ones (the default: SmolLM2-135M learns their ~250
 # answers in 56 steps; spread over all 142 training prompts it learns the format but not the names, docs/demo-lm/
 # probe.md), or all of them.  The held-out prompts are never trained on either way.
@@ -129,6 +133,7 @@ class IsoRecipe(Recipe):
     sample_prompts: int = 2
     samples: int = 4
     train_on: str = "swept"  # TRAIN_ON
+    losses: list[tuple] = field(default_factory=lambda: list(ISO_LOSSES))
 
     def banner(self) -> str:
         return (

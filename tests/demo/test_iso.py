@@ -74,7 +74,7 @@ def test_recipe_overrides(data, tmp_path):
     sweep = recipe.sweep_overrides(prepared, recipe.runs())
     assert f"support={data['support']}" in sweep
     assert sweep[0].startswith("models=[{name: nll, path: ")
-    assert [r.name for r in recipe.runs()] == [name for name, _, _ in LOSSES]
+    assert [r.name for r in recipe.runs()] == [name for name, _, _ in LOSSES] + ["cdiv-1.4-maxw2"]
 
 
 def test_shipped_configs_and_sizes(tmp_path):
