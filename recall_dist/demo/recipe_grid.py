@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import sys
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
@@ -71,7 +72,7 @@ def select(points: list[GridPoint], only: list[str] | None) -> list[GridPoint]:
 
 
 @dataclass(kw_only=True)
-class GridRecipe:
+class GridRecipe(ABC):
     """Mixed in before a demo's recipe: its fine-tunes are ``points`` (lr and steps per point).  A demo's grid
     sets ``POINTS`` (the default grid), ``QUICK_POINTS`` (``--quick``), ``BANDS`` and ``tie()``."""
 
@@ -85,13 +86,13 @@ class GridRecipe:
         if not self.points:
             self.points = list(self.POINTS)
 
+    @abstractmethod
     def tie(self) -> float:
         """A margin within this is a tie."""
-        raise NotImplementedError
 
+    @abstractmethod
     def grid_intro(self) -> str:
         """What one point trains and how it is swept (the first paragraph of ``grid.md``)."""
-        raise NotImplementedError
 
     def grid_sweep_overrides(self, prepared: Prepared) -> list[str]:
         """The overrides of every point's sweep besides its model, output directory and temperatures."""
