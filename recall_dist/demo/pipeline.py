@@ -81,7 +81,7 @@ def config_overrides(path: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class Run:
-    """One fine-tune: its model name (the loss's, ``-s<k>`` with several seeds, so names stay distinct),
+    """One fine-tune: its model name (the loss's; ``-s<k>`` for seeds k > 0, so names stay distinct),
     the loss, its params, the seed index ``seed`` (added to the configs' seeds) and ``seeded`` (the
     recipe repeats every loss over several seeds: the sweep's model entry then carries the seed)."""
 
@@ -99,9 +99,10 @@ class Run:
 
 
 def seed_runs(losses: list[tuple], seeds: int) -> list[Run]:
-    """Every fine-tune of ``losses`` x ``seeds``, seed-major."""
+    """Every fine-tune of ``losses`` x ``seeds``, seed-major.  Seed 0 keeps the loss's bare name whatever
+    ``seeds`` is, so ``--seeds 3 --resume`` reuses the fine-tunes of an earlier one-seed run."""
     return [
-        Run(name if seeds == 1 else f"{name}-s{seed}", name, loss, params, seed, seeds > 1)
+        Run(name if seed == 0 else f"{name}-s{seed}", name, loss, params, seed, seeds > 1)
         for seed in range(seeds)
         for name, loss, params in losses
     ]

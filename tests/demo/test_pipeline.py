@@ -36,12 +36,12 @@ def test_every_demo_has_the_one_recipe_shape(recipe_cls):
 def test_runs_name_every_seed_and_label_them():
     runs = pipeline.seed_runs(pipeline.LOSSES[:2], 2)
     assert [(r.name, r.family, r.seed) for r in runs] == [
-        ("nll-s0", "nll", 0),
-        ("cdiv-1.4-s0", "cdiv-1.4", 0),
+        ("nll", "nll", 0),
+        ("cdiv-1.4", "cdiv-1.4", 0),
         ("nll-s1", "nll", 1),
         ("cdiv-1.4-s1", "cdiv-1.4", 1),
     ]
-    assert runs[0].model_entry("/m") == "{name: nll-s0, path: /m, family: nll, seed: 0}"
+    assert runs[0].model_entry("/m") == "{name: nll, path: /m, family: nll, seed: 0}"  # seed 0: the bare name
     (one,) = pipeline.seed_runs(pipeline.LOSSES[:1], 1)
     assert one.model_entry("/m") == "{name: nll, path: /m}"  # one seed: the sweep and its csv as before
 

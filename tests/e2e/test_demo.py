@@ -131,7 +131,7 @@ def test_quick_demo_with_seeds_reuses_a_pretrained_model(quick_demo: Path, tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "pre-train NLL" not in proc.stdout and "fine-tune cdiv-1.4-s1" in proc.stdout
     labels = {(r["model"], r["family"], r["seed"]) for r in _rows(out / "sweep.csv")}  # the seed is a column
-    assert labels == {("nll-s0", "nll", "0"), ("nll-s1", "nll", "1"), ("cdiv-1.4-s0", "cdiv-1.4", "0")} | {
+    assert labels == {("nll", "nll", "0"), ("nll-s1", "nll", "1"), ("cdiv-1.4", "cdiv-1.4", "0")} | {
         ("cdiv-1.4-s1", "cdiv-1.4", "1")
     }
     assert "seed" not in _rows(quick_demo / "sweep.csv")[0]  # one seed: no label columns
