@@ -227,7 +227,9 @@ def _export_lora_checkpoint(cfg, checkpoint_dir: Path, out_dir: str | Path) -> P
     lora = cfg.model.lora
     model = build_model(cfg.model, meta=not lora.merge_on_export, seed=cfg.train.seed)
     adapters = dict(_checkpoint_parameters(checkpoint_dir / "engine", cfg.backend.name, model, trainable_only=True))
-    parameters = ((n, adapters[n] if n in adapters else p.detach().float()) for n, p in model.named_parameters())
+    from recall_dist.train.qlora import full_value  # a 4-bit base weight: its dequantised value
+
+    parameters = ((n, adapters[n] if n in adapters else full_value(p).float()) for n, p in model.named_parameters())
     tokenizer = load_tokenizer(cfg.model.tokenizer_name)
     if not lora.merge_on_export:
         return write_adapter(

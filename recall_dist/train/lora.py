@@ -16,6 +16,9 @@
   ``AutoModelForCausalLM`` loads).
 - ``parameter_split``: trainable (adapter) vs frozen (base) parameter counts of a (meta) model, for the
   planner.
+- QLoRA (``quantize: 4bit``): the decoder layers' linear layers become bitsandbytes' ``Linear4bit`` before the
+  adapters are injected (peft then wraps them with its own 4-bit LoRA layer); ``qlora.py`` has the rest.
+  ``check_quantize_supported`` says where it runs.
 
 The head: the loss head reads ``lm_head`` (or the tied embedding) itself (``loss_head.py``); it stays
 frozen unless ``lm_head`` is in ``target_modules``, in which case ``widen_for_head_adapter`` turns the adapted
@@ -25,6 +28,7 @@ head into the one matmul the fused loss head runs.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -49,6 +53,7 @@ _BASE = ".base_layer"
 def peft_config(lora: LoraConfig, base_model_name_or_path: str | None = None, target_modules=None):
     """The ``peft.LoraConfig`` of ``lora`` (causal LM, no bias, Kaiming/zero init).  ``target_modules``: the
     resolved module names to record instead of ``lora.target_modules`` (an export writes what was adapted)."""
+    _import_peft_offline()
     import peft
 
     targets = lora.target_modules if target_modules is None else sorted(target_modules)
@@ -69,12 +74,19 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapter_dtype: torch.dtype = 
     adapters trainable in ``adapter_dtype``: fp32, the masters that FSDP2 and one process step; DeepSpeed
     passes its compute dtype and keeps the fp32 masters in its optimizer.  Their values are not
     initialised here: ``LoraWeightSource`` writes them with the base's.  A ``target_modules`` name that
-    matches no linear layer is a ``ConfigError`` naming ``model.lora.target_modules``."""
+    matches no linear layer is a ``ConfigError`` naming ``model.lora.target_modules``.  Over bitsandbytes'
+    ``Linear4bit`` layers (QLoRA, ``qlora.replace_with_4bit``) peft injects its own 4-bit LoRA layer."""
+    _import_peft_offline()
     from peft import inject_adapter_in_model
+
+    from recall_dist.train.qlora import four_bit_layers
 
     config = peft_config(lora)
     config.init_lora_weights = False  # LoraWeightSource initialises (seeded, per module, on any sharding)
+    four_bit = bool(four_bit_layers(model))
     try:
+        if four_bit:  # what peft reads to dispatch its LoRA layer for bitsandbytes' Linear4bit
+            model.is_loaded_in_4bit = True
         inject_adapter_in_model(config, model, adapter_name=ADAPTER_NAME)
     except ValueError as e:
         raise ConfigError(
@@ -82,6 +94,9 @@ def apply_lora(model: nn.Module, lora: LoraConfig, adapter_dtype: torch.dtype = 
             f"{lora.target_modules!r}: {str(e).splitlines()[0]} (linear layers of this model: "
             f"{', '.join(sorted(linear_module_names(model)))})",
         ) from None
+    finally:
+        if four_bit:
+            del model.is_loaded_in_4bit
     _check_adapted(model, lora)
     for name, param in model.named_parameters():
         param.requires_grad_(is_adapter_parameter(name))
@@ -117,6 +132,7 @@ def linear_module_names(model: nn.Module) -> set[str]:
 
 def adapted_modules(model: nn.Module) -> dict[str, nn.Module]:
     """Module name -> peft LoRA layer, for every adapted layer of ``model``."""
+    _import_peft_offline()
     from peft.tuners.lora import LoraLayer
 
     return {name: m for name, m in model.named_modules() if isinstance(m, LoraLayer)}
@@ -198,6 +214,7 @@ def head_adapter(owner: nn.Module) -> tuple[nn.Module, nn.Module, nn.Module, flo
     (listed in ``target_modules``), else None (the head is frozen or trains whole)."""
     if not hasattr(owner, "lora_A"):  # every head without LoRA: no peft import (peft is an optional extra)
         return None
+    _import_peft_offline()
     from peft.tuners.lora import LoraLayer
 
     if not isinstance(owner, LoraLayer) or ADAPTER_NAME not in owner.lora_A:
@@ -225,7 +242,8 @@ def merged_parameters(
     parameters: Iterable[tuple[str, torch.Tensor | None]], lora: LoraConfig
 ) -> Iterator[tuple[str, torch.Tensor | None]]:
     """(Hugging Face name, merged tensor) from a LoRA model's (name, full tensor) stream
-    (``Engine.full_parameters``): each adapted weight becomes ``W + alpha / r * B A`` (in fp32), the rest
+    (``Engine.full_parameters``): each adapted weight becomes ``W + alpha / r * B A`` (in fp32; under QLoRA
+    ``W`` is the dequantised 4-bit weight the stream carries, so the merge is ``W_deq + alpha / r * B A``), the rest
     passes under its base name; adapters are consumed, not yielded.  Holds one layer's weight until its
     ``lora_B`` arrives (peft registers ``base_layer``, ``lora_A``, ``lora_B`` in that order).  A ``None``
     tensor (a rank that does not write) stays ``None``."""
@@ -301,6 +319,7 @@ def write_adapter(
 def load_merged(directory: str | Path, dtype="auto", base: str | None = None):
     """The model of a peft adapter directory (a LoRA run's ``final/``): its base
     (``base_model_name_or_path``, or ``base``) with the adapter merged in, as a plain ``*ForCausalLM``."""
+    _import_peft_offline()
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -316,28 +335,58 @@ def read_adapter_config(directory: str | Path) -> dict:
     return json.loads((Path(directory) / ADAPTER_CONFIG).read_text())
 
 
-def check_quantize_supported(lora: LoraConfig | None) -> None:
-    """``quantize: 4bit`` needs CUDA and bitsandbytes: a ``ConfigError`` naming ``model.lora.quantize``
-    (one line) otherwise; and where both exist it is refused too, for now: the backends do not build the
-    4-bit base yet.  Called when a run starts (``resources.validate_resources``), not when the config is
-    built: a saved config stays readable on any machine."""
-    if lora is None or lora.quantize is None:
+def _import_peft_offline() -> None:
+    """peft imports bitsandbytes when it is installed, and bitsandbytes' import may ask the hub for a CPU
+    kernel: import it first without network access (``qlora.import_bitsandbytes``)."""
+    from recall_dist.train.qlora import import_bitsandbytes
+
+    import_bitsandbytes()
+
+
+def check_quantize_backend(lora: LoraConfig | None, backend) -> None:
+    """``quantize: 4bit`` under DeepSpeed ZeRO-3 is a ``ConfigError`` naming ``model.lora.quantize`` (one line):
+    stage 3 partitions every parameter, and bitsandbytes' packed 4-bit weights (with their quantisation
+    statistics outside the tensor) cannot be partitioned and gathered back.  FSDP2 and ZeRO-2 keep the 4-bit
+    base whole on every rank."""
+    if lora is None or lora.quantize is None or backend is None:
         return
-    if not torch.cuda.is_available():
+    if backend.name == "deepspeed" and backend.zero_stage == 3:
         raise ConfigError(
             "model.lora.quantize",
-            f"{lora.quantize!r} (QLoRA, a 4-bit base through bitsandbytes) needs a CUDA GPU; this machine has "
-            "none: set model.lora.quantize=null",
+            f"{lora.quantize!r} (QLoRA) does not run under DeepSpeed ZeRO-3, which partitions every parameter "
+            "and cannot partition bitsandbytes' 4-bit weights: use backend.name=fsdp2 or backend.zero_stage=2",
         )
-    import importlib.util
 
-    if importlib.util.find_spec("bitsandbytes") is None:
+
+def check_quantize_supported(lora: LoraConfig | None, backend=None, device_type: str | None = None) -> None:
+    """Where ``quantize: 4bit`` (QLoRA) runs, checked when a run starts (``resources.validate_resources``), not
+    when the config is built (a saved config stays readable on any machine): a one-line ``ConfigError``
+    naming ``model.lora.quantize`` without bitsandbytes, under ZeRO-3 (``check_quantize_backend``), or on a CPU
+    with a bitsandbytes older than 0.48 (no CPU backend).  On CPU (``device_type``, default: CUDA when
+    available) it runs, with a one-line warning: 4 bits there save memory, not time."""
+    if lora is None or lora.quantize is None:
+        return
+    from recall_dist.train import qlora
+
+    check_quantize_backend(lora, backend)
+    if not qlora.bitsandbytes_available():
         raise ConfigError(
-            "model.lora.quantize", f"{lora.quantize!r} (QLoRA) needs bitsandbytes: pip install bitsandbytes"
+            "model.lora.quantize",
+            f"{lora.quantize!r} (QLoRA) needs bitsandbytes, which is not installed: pip install bitsandbytes "
+            "(or set model.lora.quantize=null)",
         )
-    # Refused rather than ignored: a run asked for a 4-bit base must never train a full-precision one.
-    raise ConfigError(
-        "model.lora.quantize",
-        f"{lora.quantize!r}: the training backends do not build a 4-bit base yet (FSDP2 and ZeRO shard "
-        "bitsandbytes' packed weights differently); set model.lora.quantize=null",
-    )
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cpu":
+        found = qlora.bitsandbytes_version()
+        if found < qlora.MIN_CPU_VERSION:
+            need = ".".join(map(str, qlora.MIN_CPU_VERSION))
+            raise ConfigError(
+                "model.lora.quantize",
+                f"{lora.quantize!r} (QLoRA) on CPU needs bitsandbytes >= {need} (its CPU backend); this is "
+                f"{'.'.join(map(str, found))}: pip install -U bitsandbytes, or run on a CUDA GPU",
+            )
+        logging.getLogger(__name__).warning(
+            "model.lora.quantize=%s on CPU: the 4-bit base saves memory, not time (bitsandbytes dequantises "
+            "every weight for each matmul)",
+            lora.quantize,
+        )

@@ -21,6 +21,15 @@ gradients, fp32 masters and Adam moments exist for them alone; the frozen base s
 ``model.dtype`` under FSDP2 (in the compute dtype under DeepSpeed), sharded like the parameters it
 replaces.  The loss head then computes no weight gradient unless the head is a target, and each adapter
 adds its r-wide activation (plus, with dropout, a dropped copy of its input and the mask).
+
+With ``model.lora.quantize: 4bit`` (QLoRA) the linear layers of the decoder layers are bitsandbytes NF4 with
+double quantisation, whole on every rank (FSDP2 leaves them out of sharding; ZeRO-2 replicates them; ZeRO-3 is
+refused): ``qlora.four_bit_bytes`` per weight of n elements, ceil(n/2) packed bytes + ceil(n/64) 8-bit absmax
++ 4 * ceil(n/64/256) fp32 nested scales + 1092 bytes of codes and offset (about 0.516 byte per parameter;
+equal to what bitsandbytes allocates, ``tests/train/test_qlora.py``).  The rest of the base (embedding, norms,
+head) is counted as for LoRA.  Each 4-bit matmul dequantises its weight: one transient weight of the largest
+4-bit layer in the compute dtype.  While the model is built, the 4-bit layers exist in full precision (the
+build dtype) until they are quantised: a note in the output and, on CPU ranks, part of the host estimate.
 """
 
 from __future__ import annotations
@@ -79,9 +88,12 @@ def _frozen_bytes(cfg) -> int:
     return 2 if cfg.backend.bf16 else 4
 
 
-def _model_state_bytes(cfg, trainable: int, frozen: int, world: int, largest: int) -> dict[str, float]:
+def _model_state_bytes(
+    cfg, trainable: int, frozen: int, world: int, largest: int, four_bit: tuple[int, int, int] | None = None
+) -> dict[str, float]:
     """Per-GPU bytes of parameters, gradients and optimizer states.  ``trainable``: the parameters the
-    optimizer updates (all of them, or the LoRA adapters); ``frozen``: the base under LoRA."""
+    optimizer updates (all of them, or the LoRA adapters); ``frozen``: the base under LoRA; ``four_bit``:
+    under QLoRA, ``qlora.four_bit_split`` of the base (elements, bytes, bias elements of the 4-bit layers)."""
     b = cfg.backend
     low = 2 if b.bf16 else 4  # bytes of a working parameter / gradient
     master = 4 if b.bf16 else 0  # fp32 master copy (bf16 training only)
@@ -90,6 +102,10 @@ def _model_state_bytes(cfg, trainable: int, frozen: int, world: int, largest: in
     grads = "adapter gradients" if lora else "gradients"
     states = "adapter optimizer states" if lora else "optimizer states"
     rows: dict[str, float] = {}
+    if four_bit is not None:  # QLoRA: the decoder's linear layers in 4 bits, whole on every rank
+        numel, nbytes, bias = four_bit
+        rows["frozen base (4-bit NF4 layers, every rank)"] = nbytes + _frozen_bytes(cfg) * bias
+        frozen -= numel + bias  # the rest of the base: as under LoRA
     if b.name == "fsdp2":  # fp32 sharded parameters are the master copy; unsharded low-precision units on the fly
         if lora:  # frozen: no master copy, kept in the dtype it was read in
             rows[f"frozen base (sharded {cfg.model.dtype})"] = _frozen_bytes(cfg) * frozen / world
@@ -152,13 +168,17 @@ def head_bytes(
     return chunk + ((vocab * hidden if weight_grad else 0) + tokens * hidden) * (4 + (2 if bf16 else 0))
 
 
-def _construction_bytes(cfg, params: int, largest: int, world: int, device: str, frozen: int = 0) -> float:
+def _construction_bytes(
+    cfg, params: int, largest: int, world: int, device: str, frozen: int = 0, four_bit_numel: int = 0
+) -> float:
     """Host bytes one rank adds while its engine builds the model (see the module docstring); ``frozen`` of
-    the ``params`` are a LoRA base, kept in ``model.dtype`` under FSDP2."""
+    the ``params`` are a LoRA base, kept in ``model.dtype`` under FSDP2, ``four_bit_numel`` of those the QLoRA
+    layers, whole on every rank in the build dtype until they are quantised."""
     b = cfg.backend
     compute = 2 if b.bf16 else 4
     if b.name == "fsdp2":
-        stored, offloaded = (4 * (params - frozen) + _frozen_bytes(cfg) * frozen) / world, b.cpu_offload
+        sharded = 4 * (params - frozen) + _frozen_bytes(cfg) * (frozen - four_bit_numel)
+        stored, offloaded = sharded / world + _frozen_bytes(cfg) * four_bit_numel, b.cpu_offload
     elif b.zero_stage == 3:
         stored, offloaded = compute * params / world, b.cpu_offload
     else:
@@ -198,6 +218,32 @@ def _deepspeed_estimate(cfg, params: int, largest: int, nodes: int, gpus: int) -
     return gpu / GIB, cpu / GIB
 
 
+def _four_bit_base(cfg):
+    import dataclasses
+
+    from recall_dist.train.models import build_model
+
+    return build_model(dataclasses.replace(cfg.model, lora=None), meta=True)
+
+
+def _four_bit_split(cfg) -> tuple[int, int, int] | None:
+    """``qlora.four_bit_split`` of the base under ``quantize: 4bit`` (refused under ZeRO-3), else None."""
+    lora = cfg.model.lora
+    if lora is None or lora.quantize is None:
+        return None
+    from recall_dist.train.lora import check_quantize_backend
+    from recall_dist.train.qlora import four_bit_split
+
+    check_quantize_backend(lora, cfg.backend)
+    return four_bit_split(_four_bit_base(cfg))
+
+
+def _largest_four_bit(cfg) -> int:
+    from recall_dist.train.qlora import _decoder_linears
+
+    return max(linear.weight.numel() for _, _, linear in _decoder_linears(_four_bit_base(cfg)))
+
+
 def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None, device: str = "cuda") -> Plan:
     """The memory plan of ``cfg`` on ``nodes`` x ``gpus_per_node`` ranks (``device="cpu"``: CPU ranks)."""
     from recall_dist.train.backends.fsdp2 import sharding_plan
@@ -216,12 +262,15 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None, d
         trainable, frozen, head_grad, adapter_rows = count_parameters(model), 0, True, {}
     else:
         trainable, frozen, head_grad, adapter_rows = lora_split(cfg, model, seq_len)
+    four_bit = _four_bit_split(cfg)
     params = trainable + frozen
     rows = {
-        **_model_state_bytes(cfg, trainable, frozen, world, largest),
+        **_model_state_bytes(cfg, trainable, frozen, world, largest, four_bit),
         **_activation_bytes(cfg, model_cfg, seq_len, head_grad),
         **adapter_rows,
     }
+    if four_bit is not None:  # each 4-bit matmul dequantises its weight (compute dtype), one at a time
+        rows["4-bit layer dequantised for its matmul"] = (2 if cfg.backend.bf16 else 4) * _largest_four_bit(cfg)
     units = sharding_plan(model)
     covered = {name for names in units.values() for name in names}
     named = {name for name, _ in model.named_parameters()}
@@ -229,7 +278,7 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None, d
         raise RuntimeError(f"sharding plan misses {sorted(named - covered)[:5]}")
     # DeepSpeed's estimator assumes every parameter trains: no estimate to compare with under LoRA.
     ds_gpu, ds_cpu = (None, None) if frozen else _deepspeed_estimate(cfg, params, largest, nodes, gpus_per_node)
-    construction = _construction_bytes(cfg, params, largest, world, device, frozen)
+    construction = _construction_bytes(cfg, params, largest, world, device, frozen, four_bit[0] if four_bit else 0)
     host = _host_rows(cfg, trainable, frozen, world, construction)
     return Plan(
         rows, world, params, largest, ds_gpu, ds_cpu, len(units), len(covered), host, construction, trainable, frozen
@@ -247,7 +296,11 @@ def _lora_lines(plan: Plan, cfg) -> list[str]:
         f"({100 * share:.3f}% of the base), {plan.frozen_params / 1e9:.2f}B frozen; gradients and optimizer "
         "states for the adapters only",
         *(
-            ["(quantize: 4bit is not modelled: the frozen base is counted in its dtype, an upper bound)"]
+            [
+                "quantize: 4bit (QLoRA): the decoder's linear layers in bitsandbytes NF4 with double quantisation, "
+                "whole on every rank (ceil(n/2) + ceil(n/64) + 4 ceil(n/16384) + 1092 bytes per weight of n "
+                "elements); they are built in full precision and quantised before training starts"
+            ]
             if lora.quantize
             else []
         ),

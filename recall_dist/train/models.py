@@ -42,7 +42,9 @@ def construct(
     """The architecture of ``cfg`` built in the current device context (meta, or inside DeepSpeed's
     ``zero.Init``), with Hugging Face's weight initialisation skipped: weights come from ``load_weights``.
     With ``cfg.lora`` the adapters are injected (in ``adapter_dtype``, default fp32) and the base frozen
-    (``lora.apply_lora``)."""
+    (``lora.apply_lora``); with ``cfg.lora.quantize`` the decoder layers' linear layers become 4-bit layers
+    first (``qlora.replace_with_4bit``, computing in ``dtype``; quantised by ``qlora.quantize_base`` once the
+    weights are loaded)."""
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
@@ -54,6 +56,10 @@ def construct(
     if cfg.lora is not None:  # peft's adapters injected in place, the base frozen (train/lora.py)
         from recall_dist.train.lora import apply_lora
 
+        if cfg.lora.quantize is not None:
+            from recall_dist.train.qlora import replace_with_4bit
+
+            replace_with_4bit(model, dtype)
         apply_lora(model, cfg.lora, adapter_dtype or torch.float32)
     return model
 
@@ -141,7 +147,7 @@ def build_model(
 ) -> nn.Module:
     """The causal LM of ``cfg`` in ``dtype`` (LoRA adapters in ``adapter_dtype``, default fp32): on the meta
     device (``meta=True``), or materialised on ``device`` with its weights from ``weight_source``
-    (pretrained, or initialised from ``seed``)."""
+    (pretrained, or initialised from ``seed``; under QLoRA the 4-bit base then quantised on ``device``)."""
     with torch.device("meta"):
         model = construct(cfg, dtype, device_type or torch.device(device).type, adapter_dtype)
     if gradient_checkpointing:
@@ -150,7 +156,16 @@ def build_model(
         return model
     materialize(model, device)
     load_weights(model, weight_source(cfg, model, seed))
+    quantize_if_4bit(model, device)
     return model
+
+
+def quantize_if_4bit(model: nn.Module, device: str | torch.device) -> None:
+    """Quantise the 4-bit layers of a QLoRA model (after ``load_weights``), on ``device``; nothing otherwise."""
+    from recall_dist.train.qlora import four_bit_layers, quantize_base
+
+    if four_bit_layers(model):
+        quantize_base(model, device)
 
 
 def materialize(model: nn.Module, device: str | torch.device) -> None:

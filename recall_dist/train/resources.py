@@ -22,7 +22,7 @@ def validate_resources(cfg: TrainConfig):
     for data in (cfg.data, cfg.data.eval_config()):
         if data is not None and not data.is_synthetic:
             local_path(data.source, data.source_key)
-    check_quantize_supported(cfg.model.lora)  # QLoRA: CUDA and bitsandbytes, one line naming the key
+    check_quantize_supported(cfg.model.lora, cfg.backend)  # QLoRA: bitsandbytes, not ZeRO-3; one line
     if cfg.model.name_or_path is not None:
         check_model_path(cfg.model.name_or_path)
     tokenizer_key = "model.tokenizer" if cfg.model.tokenizer is not None else "model.name_or_path"

@@ -110,10 +110,13 @@ class LRSchedule:
 def stream_full_parameters(model: torch.nn.Module, gather) -> Iterator[tuple[str, torch.Tensor | None]]:
     """(name, fp32 CPU value on rank 0 / None elsewhere) of every distinct parameter of ``model``, one at a
     time; ``gather(param)`` returns its full value and is collective.  Tied parameters come once, under their
-    first name (``named_parameters`` removes duplicates)."""
+    first name (``named_parameters`` removes duplicates).  A QLoRA base weight (4-bit, whole on every rank) is
+    its dequantised value (``qlora.dequantized``), not its packed bytes."""
+    from recall_dist.train.qlora import dequantized, is_quantized
+
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     for name, param in model.named_parameters():
-        full = gather(param)
+        full = dequantized(param) if is_quantized(param) else gather(param)
         yield name, (full.detach().float().cpu() if rank0 else None)
         del full
 

@@ -16,9 +16,17 @@ from recall_dist.losses.accumulator import SKIP
 from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, stream_full_parameters, torch_optimizer
 from recall_dist.train.backends.zero_resharding import load_other_world_size, saved_dp_size
 from recall_dist.train.config import TrainConfig
-from recall_dist.train.lora import trainable_parameters
+from recall_dist.train.lora import check_quantize_backend, trainable_parameters
 from recall_dist.train.loss_head import CausalLMWithLossHead, register_zero3_head
-from recall_dist.train.models import build_model, construct, enable_gradient_checkpointing, materialize, weight_source
+from recall_dist.train.models import (
+    build_model,
+    construct,
+    enable_gradient_checkpointing,
+    materialize,
+    quantize_if_4bit,
+    weight_source,
+)
+from recall_dist.train.qlora import drop_four_bit_state
 from recall_dist.train.step_scale import ZeroStepScale
 from recall_dist.train.weights import load_weights
 
@@ -91,8 +99,10 @@ def build_deepspeed_model(cfg: TrainConfig, ctx, ds_config: dict) -> torch.nn.Mo
     under ZeRO-2 (every rank holds the parameters) materialised on the device straight from the meta
     device, in the compute dtype (DeepSpeed keeps the fp32 masters in its optimizer).  With ``model.lora``
     the frozen base and the adapters are in the compute dtype too; the optimizer holds the adapters' fp32
-    masters only."""
+    masters only.  QLoRA (ZeRO-2 only): the 4-bit base computes in the compute dtype; DeepSpeed's casts skip
+    its packed uint8 weights, and its broadcast from rank 0 sends the same bytes every rank quantised."""
     dtype = torch.bfloat16 if cfg.backend.bf16 else torch.float32
+    check_quantize_backend(cfg.model.lora, cfg.backend)  # QLoRA: not under ZeRO-3
     if cfg.backend.zero_stage == 3:
         with _zero3_construction(ds_config):
             model = construct(cfg.model, dtype, ctx.device.type, adapter_dtype=dtype)
@@ -109,6 +119,7 @@ def build_deepspeed_model(cfg: TrainConfig, ctx, ds_config: dict) -> torch.nn.Mo
         )
         materialize(model, ctx.device)
     load_weights(model, weight_source(cfg.model, model, cfg.train.seed))
+    quantize_if_4bit(model, ctx.device)  # QLoRA (ZeRO-2): the 4-bit base, whole on every rank
     return model
 
 
@@ -219,6 +230,7 @@ def _without_frozen_aliases(ds_engine):
             for name, param in ds_engine.module.named_parameters(remove_duplicate=False):
                 if not param.requires_grad:
                     sd.pop(name, None)
+            drop_four_bit_state(sd, ds_engine.module)  # QLoRA: bitsandbytes' quantisation statistics
         return sd
 
     return module_state_dict

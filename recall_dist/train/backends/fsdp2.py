@@ -21,7 +21,8 @@ from recall_dist.train.backends import LRSchedule, StepResult, lr_lambda, stream
 from recall_dist.train.config import TrainConfig
 from recall_dist.train.lora import is_adapter_parameter, trainable_parameters
 from recall_dist.train.loss_head import CausalLMWithLossHead
-from recall_dist.train.models import build_model, decoder_layers, materialize, weight_source
+from recall_dist.train.models import build_model, decoder_layers, materialize, quantize_if_4bit, weight_source
+from recall_dist.train.qlora import drop_four_bit_state, four_bit_parameters
 from recall_dist.train.step_scale import scale_gradients_
 from recall_dist.train.weights import load_weights
 
@@ -42,12 +43,17 @@ def sharding_plan(model: nn.Module) -> dict[str, list[str]]:
 
 
 def apply_fsdp2(wrapper: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Shard ``wrapper`` (a ``CausalLMWithLossHead``) in place: per decoder layer, then the root."""
+    """Shard ``wrapper`` (a ``CausalLMWithLossHead``) in place: per decoder layer, then the root.  The layers of
+    a QLoRA base (``qlora.replace_with_4bit``) are left out (``ignored_params``): bitsandbytes packs a 4-bit
+    weight with statistics outside the tensor, which FSDP2 cannot shard; each rank holds it whole."""
     backend = cfg.backend
     policy = MixedPrecisionPolicy(
         param_dtype=torch.bfloat16 if backend.bf16 else torch.float32, reduce_dtype=DTYPES[backend.fsdp_reduce_dtype]
     )
     kwargs = {"mp_policy": policy}
+    four_bit = four_bit_parameters(wrapper)
+    if four_bit:  # QLoRA: the 4-bit base stays whole on every rank (replicated), the adapters are sharded
+        kwargs["ignored_params"] = four_bit
     if backend.cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
     for layer in decoder_layers(wrapper.model):
@@ -65,7 +71,8 @@ class FSDP2Engine:
     With ``model.lora`` the frozen base is sharded in ``model.dtype`` (FSDP2 all-gathers mixed dtypes through
     a byte buffer and requires one dtype only among the trainable parameters: the fp32 adapters, in the same
     per-layer units); the optimizer, its state and the checkpoints hold the adapters only (the base is
-    rebuilt from its source on a resume)."""
+    rebuilt from its source on a resume).  Under QLoRA the 4-bit base is not sharded: every rank holds it whole
+    (``apply_fsdp2``), quantised on the device after the weights are loaded."""
 
     def __init__(self, cfg: TrainConfig, ctx, loss, accumulation_steps: int, total_steps: int):
         lora = cfg.model.lora is not None
@@ -87,6 +94,7 @@ class FSDP2Engine:
         materialize(model, "cpu" if cfg.backend.cpu_offload else ctx.device)
         source = weight_source(cfg.model, model, cfg.train.seed)
         load_weights(model, source)
+        quantize_if_4bit(model, ctx.device)  # QLoRA: the unsharded base weights become 4-bit, on the device
         self.grad_clip = cfg.optim.grad_clip
         self.optimizer = torch_optimizer(cfg.optim, trainable_parameters(self.module), ctx.device.type)
         # A LoRA checkpoint holds what trains: the base is rebuilt from its source on a resume.
@@ -134,6 +142,7 @@ class FSDP2Engine:
             for name, param in self.module.named_parameters(remove_duplicate=False):
                 if not param.requires_grad:
                     model_state.pop(name, None)
+            drop_four_bit_state(model_state, self.module)  # bitsandbytes' quantisation statistics
         return model_state, optim_state
 
     def load(self, directory: str) -> None:
