@@ -34,8 +34,10 @@ class LoraConfig:
     ``alpha / r * B A x``); ``target_modules`` names the adapted linear layers by their last name
     (``q_proj``) or is ``all-linear`` (every linear layer but the output head).  The head is frozen unless
     listed (``lm_head``).  ``merge_on_export``: ``final/`` holds the merged model (base + adapter, loadable
-    with ``AutoModelForCausalLM``) instead of the adapter directory.  ``quantize: 4bit`` is QLoRA: the frozen
-    base stored in 4 bits through bitsandbytes, on CUDA only.
+    with ``AutoModelForCausalLM``) instead of the adapter directory.  ``quantize: 4bit`` is QLoRA: the linear
+    layers of the decoder layers (not the embedding nor the head) stored in 4 bits through bitsandbytes (NF4,
+    double quantisation; ``train/qlora.py``), whole on every rank, under FSDP2 or ZeRO-2 (ZeRO-3 is refused),
+    on CUDA or on CPU (bitsandbytes >= 0.48; slower there, not faster); checked when the run starts.
     """
 
     r: int = 16
@@ -43,7 +45,7 @@ class LoraConfig:
     dropout: float = 0.05
     target_modules: list[str] | str = field(default_factory=lambda: list(LORA_DEFAULT_TARGETS))
     merge_on_export: bool = False
-    quantize: str | None = None  # null | 4bit (QLoRA: CUDA and bitsandbytes, checked when the run starts)
+    quantize: str | None = None  # null | 4bit (QLoRA: bitsandbytes, FSDP2 or ZeRO-2; checked when the run starts)
 
     def __post_init__(self):
         check(self.r >= 1, "r", self.r, "an integer >= 1 (the adapter rank)")

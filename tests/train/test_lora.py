@@ -1,9 +1,10 @@
 """recall_dist/train/lora.py and ``model.lora`` in one process: the config section's defaults and errors
-(each naming its key), QLoRA refused without CUDA in one line, peft's layers injected with the base frozen
-(counts equal to ``peft.get_peft_model``'s own), the seeded adapter initialisation (the adapted model starts
-equal to the base), the fingerprint (a LoRA run and a full run are different experiments), the loss head with
-``lm_head`` adapted against full logits of a peft model, and the adapter / merged writers read back by peft
-and transformers.  The distributed runs are in test_lora_distributed.py."""
+(each naming its key), QLoRA's CUDA path (GPU only; QLoRA on CPU is tested in test_qlora.py), peft's layers
+injected with the base frozen (counts equal to ``peft.get_peft_model``'s own), the seeded adapter
+initialisation (the adapted model starts equal to the base), the fingerprint (a LoRA run and a full run are
+different experiments), the loss head with ``lm_head`` adapted against full logits of a peft model, and the
+adapter / merged writers read back by peft and transformers.  The distributed runs are in
+test_lora_distributed.py."""
 
 from __future__ import annotations
 
@@ -81,43 +82,41 @@ def test_an_adapted_head_tied_to_the_embedding_is_refused():
     assert info.value.key == "model.lora.target_modules"
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
-def test_qlora_is_refused_without_cuda_in_one_line():
-    from recall_dist.train.resources import validate_resources
-
-    cfg = _cfg({"quantize": "4bit"})
-    with pytest.raises(ConfigError) as info:
-        validate_resources(cfg)
-    assert info.value.key == "model.lora.quantize"
-    assert "\n" not in str(info.value) and "CUDA" in str(info.value)
-
-
 @pytest.mark.gpu
-def test_qlora_on_cuda_with_bitsandbytes():
-    """The CUDA path: bitsandbytes' 4-bit linear layer takes peft's adapters through ``apply_lora`` (the layer
-    peft wraps is an ``nn.Linear`` subclass), and a run that asks for a 4-bit base is refused in one line
-    until the backends build one: never silently trained in full precision."""
+def test_qlora_trains_on_cuda():
+    """The CUDA path of ``quantize: 4bit``: the run is accepted (no refusal, no CPU warning), ``build_model``
+    puts the decoder's linear layers in 4 bits on the GPU under peft's 4-bit LoRA layers, and a few Adam steps
+    on the adapters lower the loss while the 4-bit bytes stay bit-identical.  The CPU runs of the same path
+    (one process and 2 ranks, against peft's own QLoRA) are in test_qlora.py."""
     bnb = pytest.importorskip("bitsandbytes")
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
-    from recall_dist.train.lora import apply_lora, is_adapter_parameter
+    from recall_dist.train.lora import trainable_parameters
     from recall_dist.train.models import build_model
+    from recall_dist.train.qlora import four_bit_layers, four_bit_state
     from recall_dist.train.resources import validate_resources
 
-    cfg = _cfg({"quantize": "4bit"})
-    with pytest.raises(ConfigError) as info:
-        validate_resources(cfg)
-    assert info.value.key == "model.lora.quantize" and "\n" not in str(info.value)
-
-    model = build_model(_cfg().model, seed=0).cuda()
-    layer = model.model.layers[0].self_attn
-    four_bit = bnb.nn.Linear4bit(32, 32, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-    four_bit.weight = bnb.nn.Params4bit(layer.q_proj.weight.detach().cpu(), requires_grad=False, quant_type="nf4")
-    layer.q_proj = four_bit.cuda()
-    apply_lora(model, _cfg({"r": 4, "target_modules": ["q_proj"]}).model.lora)
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(is_adapter_parameter(n) for n in trainable)
-    model(input_ids=torch.randint(0, 13, (2, 8), device="cuda")).logits.sum().backward()
+    cfg = _cfg({"r": 4, "quantize": "4bit"})
+    validate_resources(cfg)  # accepted where CUDA and bitsandbytes are
+    model = build_model(cfg.model, seed=0, device="cuda").train()
+    layers = four_bit_layers(model)
+    assert len(layers) == 2 * 7 and all(isinstance(m, bnb.nn.Linear4bit) for m in layers.values())
+    assert all(m.weight.device.type == "cuda" and m.weight.bnb_quantized for m in layers.values())
+    before = four_bit_state(model)
+    optimizer = torch.optim.Adam(trainable_parameters(model), lr=1e-2)
+    batch = {"input_ids": torch.randint(3, 13, (4, 12), device="cuda")}
+    batch["attention_mask"] = torch.ones_like(batch["input_ids"])
+    batch["labels"] = batch["input_ids"]
+    losses = []
+    for _ in range(5):
+        loss = reference_loss(model, batch, None)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    after = four_bit_state(model)
+    assert all(torch.equal(after[k], t) for k, t in before.items())
 
 
 # ---------------------------------------------------------------- the model

@@ -409,7 +409,9 @@ import peft
 ops = sys.modules["bitsandbytes.backends.cpu.ops"]
 print(len(attempts), getattr(ops, "gemm_4bit_forward_kernel", None) is None)
 """
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300, check=False
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["0", "True"], (out.stdout, out.stderr[-2000:])
     assert "kernels-community" not in out.stderr
