@@ -309,7 +309,7 @@ def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
     pre = write_pretrained(tmp_path / "pre", seed=5, tie_word_embeddings=True)
     steps, half = 4, 2
     targets = ["q_proj", "v_proj"]
-    whole = _qlora_config(tmp_path / "whole", pre, backend, targets, max_steps=steps)
+    whole = _qlora_config(tmp_path / "whole", pre, backend, targets, max_steps=steps, export_final=True)
     run_distributed_test(_run_worker, WORLD, whole, timeout=1200)
     baseline = _losses(tmp_path / "whole")
     assert sorted(baseline) == list(range(1, steps + 1))
@@ -328,6 +328,47 @@ def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
     engine = tmp_path / "other" / "checkpoints" / f"step_{half:08d}" / "engine"
     stored = _checkpointed_parameters(engine, backend["name"])
     assert stored and all(".lora_" in name for name in stored), stored  # adapters only: no 4-bit bytes
+    _check_offline_exports(tmp_path, pre, tmp_path / "whole" / "checkpoints" / f"step_{steps:08d}")
+
+
+def _check_offline_exports(tmp_path: Path, pre: Path, checkpoint: Path) -> None:
+    """``export_hf`` of a QLoRA checkpoint (adapters only) writes the adapter of the run's own ``final/``;
+    merged, every decoder linear is ``W_deq + alpha / r * B A`` (``W_deq`` dequantised from transformers' own
+    4-bit load; the unadapted ones ``W_deq``), the rest the pretrained weights."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from recall_dist.train.export import export_hf
+    from recall_dist.train.lora import ADAPTER_WEIGHTS
+
+    final = load_file(tmp_path / "whole" / "final" / ADAPTER_WEIGHTS)
+    offline = load_file(export_hf(checkpoint, tmp_path / "offline") / ADAPTER_WEIGHTS)
+    assert sorted(offline) == sorted(final) and final
+    for key, tensor in final.items():
+        assert torch.equal(offline[key], tensor), key
+
+    merging = tmp_path / "merging" / checkpoint.name
+    shutil.copytree(checkpoint, merging)
+    config = yaml.safe_load((merging / "config.yaml").read_text())
+    config["model"]["lora"]["merge_on_export"] = True
+    (merging / "config.yaml").write_text(yaml.safe_dump(config))
+    state = AutoModelForCausalLM.from_pretrained(export_hf(merging, tmp_path / "merged"), dtype=torch.float32)
+    state = state.state_dict()
+    four_bit = {n: m for n, m in _four_bit_base(pre).named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    pretrained = AutoModelForCausalLM.from_pretrained(pre, dtype=torch.float32).state_dict()
+    adapted = 0
+    for name, weight in pretrained.items():
+        module = name.removesuffix(".weight")
+        if module in four_bit:
+            weight = bnb.functional.dequantize_4bit(four_bit[module].weight.data, four_bit[module].weight.quant_state)
+            assert not torch.equal(weight, pretrained[name]), name  # 4 bits lose something: not vacuous
+        a = final.get(f"base_model.model.{module}.lora_A.weight")
+        if a is not None:
+            weight = weight + SCALING * (final[f"base_model.model.{module}.lora_B.weight"] @ a)
+            adapted += 1
+        _assert_close(state[name], weight, f"offline merged {name}")
+    assert adapted == 2 * 2 and len(four_bit) == 2 * 7
 
 
 # ---------------------------------------------------------------- refusals, the CPU warning
