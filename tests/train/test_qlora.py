@@ -142,6 +142,18 @@ def test_built_model_equals_peft_qlora_reference(tmp_path):
         assert ref.abs().max() > 0, name
         _assert_close(got[name], ref, f"one process {name}")
 
+    # Evaluation (eval mode, no gradient): bitsandbytes would repack the CPU weights in place for its
+    # inference kernel (and fails on layers this small); ours keep their bytes and give the training logits.
+    from recall_dist.train.qlora import four_bit_state
+
+    before = four_bit_state(ours)
+    with torch.no_grad():
+        train_logits = ours(input_ids=batch["input_ids"]).logits
+        eval_logits = ours.eval()(input_ids=batch["input_ids"]).logits
+    after = four_bit_state(ours)
+    assert sorted(after) == sorted(before) and all(torch.equal(after[k], t) for k, t in before.items())
+    torch.testing.assert_close(eval_logits, train_logits, rtol=0, atol=0)
+
 
 # ---------------------------------------------------------------- 2 ranks: gradients, 4-bit base, export
 
