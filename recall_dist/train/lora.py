@@ -158,10 +158,16 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def parameter_split(model: nn.Module) -> tuple[int, int]:
-    """(trainable, frozen) parameter counts of ``model`` (tied parameters once); works on the meta device."""
+    """(trainable, frozen) parameter counts of ``model`` (tied parameters once); works on the meta device, and
+    counts a quantised 4-bit weight by the shape it stands for, not its packed bytes."""
+    from recall_dist.train.qlora import is_quantized
+
+    def numel(p: torch.Tensor) -> int:
+        return math.prod(p.quant_state.shape if is_quantized(p) else full_shape(p))
+
     distinct = {id(p): p for p in model.parameters()}.values()
-    trainable = sum(math.prod(full_shape(p)) for p in distinct if p.requires_grad)
-    frozen = sum(math.prod(full_shape(p)) for p in distinct if not p.requires_grad)
+    trainable = sum(numel(p) for p in distinct if p.requires_grad)
+    frozen = sum(numel(p) for p in distinct if not p.requires_grad)
     return trainable, frozen
 
 

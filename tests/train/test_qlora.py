@@ -107,7 +107,7 @@ def test_built_model_equals_peft_qlora_reference(tmp_path):
     """``build_model`` with ``quantize: 4bit``: the same 4-bit bytes as transformers' 4-bit load, peft's 4-bit
     LoRA layers on them, the head in full precision, and (with the same adapter values) the logits and the
     adapters' gradients of the reference (relative 1e-5)."""
-    from recall_dist.train.lora import is_adapter_parameter
+    from recall_dist.train.lora import is_adapter_parameter, parameter_split
     from recall_dist.train.models import build_model
 
     pre = write_pretrained(tmp_path / "pre", seed=5)
@@ -115,6 +115,7 @@ def test_built_model_equals_peft_qlora_reference(tmp_path):
     data = _qlora_config(tmp_path / "run", pre, {"name": "fsdp2"}, targets)
     ours = build_model(build(data).model).train()
     reference = _reference(pre, targets)
+    assert parameter_split(ours) == parameter_split(build_model(build(data).model, meta=True))  # not packed bytes
 
     q_proj = ours.model.layers[0].self_attn.q_proj
     assert type(q_proj).__module__ == "peft.tuners.lora.bnb" and isinstance(q_proj.base_layer, bnb.nn.Linear4bit)
