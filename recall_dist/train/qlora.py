@@ -91,11 +91,11 @@ def _decoder_linears(model: nn.Module):
     for layer in decoder_layers(model):
         for name, module in layer.named_modules():
             for attr, child in module.named_children():
-                if isinstance(child, nn.Linear) and not _is_adapter_linear(name, attr):
+                if isinstance(child, nn.Linear) and not _is_adapter_linear(name):
                     yield module, attr, child
 
 
-def _is_adapter_linear(owner_name: str, attr: str) -> bool:
+def _is_adapter_linear(owner_name: str) -> bool:
     """peft's ``lora_A.default`` / ``lora_B.default`` linear layers (the adapters: never quantised)."""
     return owner_name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
 
@@ -124,7 +124,8 @@ def replace_with_4bit(model: nn.Module, dtype: torch.dtype) -> int:
             if four_bit.bias is not None:
                 four_bit.bias.data = four_bit.bias.data.to(dtype)
         # bitsandbytes repacks a CPU layer's weights in place for inference (eval mode, no gradient) on
-        # AVX512-BF16 machines: the frozen base must keep one layout (and stay bit-identical).
+        # AVX512-BF16 machines (and fails on layers narrower than its block): the frozen base keeps one layout
+        # and its bytes, in evaluation too.
         four_bit.support_avx512bf16_for_cpu = False
         four_bit.requires_grad_(False)
         setattr(owner, attr, four_bit)
