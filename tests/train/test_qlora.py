@@ -185,6 +185,7 @@ def _qlora_worker(data: dict, result: str, final: str) -> None:
     run = setup(cfg, tokenizer, init_distributed())
     model = run.engine.module.model
     before = four_bit_state(model)
+    kinds = {n: (type(p).__name__, tuple(getattr(p, "_local_tensor", p).shape)) for n, p in model.named_parameters()}
     record = {"params": [dict(run.engine.full_parameters())], "grads": [], "batches": []}
     data_iter = endless(run.batches)
     for _ in range(2):
@@ -201,6 +202,7 @@ def _qlora_worker(data: dict, result: str, final: str) -> None:
     states = [None] * dist.get_world_size()
     dist.all_gather_object(states, {"before": before, "after": four_bit_state(model)})
     record["four_bit"] = states
+    record["kinds"] = kinds
     numel = torch.tensor([_state_numel(run.engine)])
     dist.all_reduce(numel)
     record["state_numel"] = int(numel)
@@ -269,6 +271,13 @@ def test_four_bit_base_bit_identical_on_every_rank_and_state_for_adapters_only(t
     final = record["params"][-1]
     moved = [n for n in final if is_adapter_parameter(n) and not torch.equal(final[n], record["params"][0][n])]
     assert moved, label
+    for name, (kind, local_shape) in record["kinds"].items():  # what rank 0 holds
+        if is_adapter_parameter(name):  # fp32 adapters: sharded per decoder layer (and the root) under FSDP2
+            rows, *rest = final[name].shape
+            expected = ("DTensor", (-(-rows // WORLD), *rest)) if label == "fsdp2" else ("Parameter", (rows, *rest))
+            assert (kind, local_shape) == expected, (label, name)
+        elif "_proj." in name:  # a decoder linear's weight: 4-bit (two values a byte), whole on every rank
+            assert (kind, local_shape) == ("Params4bit", (final[name].numel() // 2, 1)), (label, name)
     trainable = sum(t.numel() for n, t in final.items() if is_adapter_parameter(n))
     frozen = sum(t.numel() for n, t in final.items() if not is_adapter_parameter(n))
     # Adam's two moments of the adapters (ZeRO pads its partitions a little), nothing of the base.
