@@ -61,6 +61,7 @@ class Plan:
     construction_bytes: float  # host bytes one rank adds while the engine builds its model
     trainable_params: int = 0  # what the optimizer updates: every parameter, or the LoRA adapters only
     frozen_params: int = 0  # the base model under LoRA (no gradient, no optimizer state); 0 without LoRA
+    four_bit_build_bytes: float = 0.0  # QLoRA: the 4-bit layers in the build dtype, per rank, until quantised
 
     @property
     def total_bytes(self) -> float:
@@ -280,8 +281,21 @@ def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None, d
     ds_gpu, ds_cpu = (None, None) if frozen else _deepspeed_estimate(cfg, params, largest, nodes, gpus_per_node)
     construction = _construction_bytes(cfg, params, largest, world, device, frozen, four_bit[0] if four_bit else 0)
     host = _host_rows(cfg, trainable, frozen, world, construction)
+    build_dtype_bytes = _frozen_bytes(cfg) if cfg.backend.name == "fsdp2" else (2 if cfg.backend.bf16 else 4)
     return Plan(
-        rows, world, params, largest, ds_gpu, ds_cpu, len(units), len(covered), host, construction, trainable, frozen
+        rows,
+        world,
+        params,
+        largest,
+        ds_gpu,
+        ds_cpu,
+        len(units),
+        len(covered),
+        host,
+        construction,
+        trainable,
+        frozen,
+        build_dtype_bytes * four_bit[0] if four_bit else 0.0,
     )
 
 
@@ -299,7 +313,9 @@ def _lora_lines(plan: Plan, cfg) -> list[str]:
             [
                 "quantize: 4bit (QLoRA): the decoder's linear layers in bitsandbytes NF4 with double quantisation, "
                 "whole on every rank (ceil(n/2) + ceil(n/64) + 4 ceil(n/16384) + 1092 bytes per weight of n "
-                "elements); they are built in full precision and quantised before training starts"
+                "elements); while the model is built they exist in full precision "
+                f"({plan.four_bit_build_bytes / GIB:.2f} GiB per rank at the build's peak, in place of the 4-bit "
+                "row) until each is quantised"
             ]
             if lora.quantize
             else []
@@ -370,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                     "total_params": plan.total_params,
                     "trainable_params": plan.trainable_params,
                     "frozen_params": plan.frozen_params,
+                    "four_bit_build_gib": plan.four_bit_build_bytes / GIB,
                     "deepspeed_estimate_gib": plan.deepspeed_estimate_gib,
                     "deepspeed_cpu_gib": plan.deepspeed_cpu_gib,
                     "host_rows_gib": {k: v / GIB for k, v in plan.host_rows.items()},

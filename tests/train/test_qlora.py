@@ -507,6 +507,7 @@ def test_plan_counts_the_four_bit_bytes_bitsandbytes_allocates():
     assert plan.rows["frozen base (sharded float32)"] == 4 * rest
     assert full.rows["frozen base (sharded float32)"] == 4 * full.frozen_params
     assert plan.total_bytes < full.total_bytes
+    assert plan.four_bit_build_bytes == 4 * numel  # fp32 until quantised
     text = format_plan(plan, cfg, 80.0)
     assert "NF4" in text and "not modelled" not in text
 
