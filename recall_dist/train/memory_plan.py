@@ -233,16 +233,18 @@ def _four_bit_split(cfg) -> tuple[int, int, int] | None:
     if lora is None or lora.quantize is None:
         return None
     from recall_dist.train.lora import check_quantize_backend
+    from recall_dist.train.models import decoder_layers
     from recall_dist.train.qlora import four_bit_split
 
     check_quantize_backend(lora, cfg.backend)
-    return four_bit_split(_four_bit_base(cfg))
+    return four_bit_split(decoder_layers(_four_bit_base(cfg)))
 
 
 def _largest_four_bit(cfg) -> int:
-    from recall_dist.train.qlora import _decoder_linears
+    from recall_dist.train.models import decoder_layers
+    from recall_dist.train.qlora import decoder_linears
 
-    return max(linear.weight.numel() for _, _, linear in _decoder_linears(_four_bit_base(cfg)))
+    return max(linear.weight.numel() for _, _, linear in decoder_linears(decoder_layers(_four_bit_base(cfg))))
 
 
 def make_plan(cfg, nodes: int, gpus_per_node: int, seq_len: int | None = None, device: str = "cuda") -> Plan:

@@ -59,7 +59,7 @@ def construct(
         if cfg.lora.quantize is not None:
             from recall_dist.train.qlora import replace_with_4bit
 
-            replace_with_4bit(model, dtype)
+            replace_with_4bit(decoder_layers(model), dtype)
         apply_lora(model, cfg.lora, adapter_dtype or torch.float32)
     return model
 

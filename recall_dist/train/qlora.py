@@ -83,12 +83,10 @@ def bitsandbytes_version() -> tuple[int, ...]:
     return tuple(parts)
 
 
-def _decoder_linears(model: nn.Module):
-    """(owner module, attribute, linear) of every ``nn.Linear`` (or ``Linear4bit``) inside the decoder layers,
-    whether bare or the ``base_layer`` of a peft LoRA layer."""
-    from recall_dist.train.models import decoder_layers
-
-    for layer in decoder_layers(model):
+def decoder_linears(layers: list[nn.Module]):
+    """(owner module, attribute, linear) of every ``nn.Linear`` (or ``Linear4bit``) inside the decoder layers
+    ``layers`` (``models.decoder_layers``), whether bare or the ``base_layer`` of a peft LoRA layer."""
+    for layer in layers:
         for name, module in layer.named_modules():
             for attr, child in module.named_children():
                 if isinstance(child, nn.Linear) and not _is_adapter_linear(name):
@@ -100,14 +98,14 @@ def _is_adapter_linear(owner_name: str) -> bool:
     return owner_name.rsplit(".", 1)[-1] in ("lora_A", "lora_B")
 
 
-def replace_with_4bit(model: nn.Module, dtype: torch.dtype) -> int:
-    """Replace every ``nn.Linear`` inside ``model``'s decoder layers by a ``bitsandbytes.nn.Linear4bit`` (NF4,
-    double quantisation, compute dtype ``dtype``) of the same shape, on the device of the linear it replaces
-    (the meta device when the model is built), in place, before peft injects its adapters.  Returns the
-    number of layers replaced."""
+def replace_with_4bit(layers: list[nn.Module], dtype: torch.dtype) -> int:
+    """Replace every ``nn.Linear`` inside the decoder layers ``layers`` (``models.decoder_layers``) by a
+    ``bitsandbytes.nn.Linear4bit`` (NF4, double quantisation, compute dtype ``dtype``) of the same shape, on
+    the device of the linear it replaces (the meta device when the model is built), in place, before peft
+    injects its adapters.  Returns the number of layers replaced."""
     bnb = import_bitsandbytes()
     count = 0
-    for owner, attr, linear in list(_decoder_linears(model)):
+    for owner, attr, linear in list(decoder_linears(layers)):
         if isinstance(linear, bnb.nn.Linear4bit):
             continue
         four_bit = bnb.nn.Linear4bit(
@@ -227,12 +225,12 @@ def four_bit_bytes(numel: int) -> int:
     return math.ceil(numel / 2) + blocks + 4 * math.ceil(blocks / NESTED_BLOCKSIZE) + PER_TENSOR_BYTES
 
 
-def four_bit_split(model: nn.Module) -> tuple[int, int, int]:
+def four_bit_split(layers: list[nn.Module]) -> tuple[int, int, int]:
     """(4-bit weight elements, their bytes at rest, bias elements kept in full precision) of the linear layers
-    inside ``model``'s decoder layers: what ``quantize: 4bit`` stores in 4 bits (``model`` without adapters,
-    meta is fine)."""
+    inside the decoder layers ``layers`` (``models.decoder_layers`` of a model without adapters; meta is
+    fine): what ``quantize: 4bit`` stores in 4 bits."""
     numel = nbytes = bias = 0
-    for _, _, linear in _decoder_linears(model):
+    for _, _, linear in decoder_linears(layers):
         n = linear.weight.numel()
         numel, nbytes = numel + n, nbytes + four_bit_bytes(n)
         bias += linear.bias.numel() if linear.bias is not None else 0
