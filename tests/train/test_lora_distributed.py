@@ -316,21 +316,24 @@ RESUME_BACKENDS = {
 }
 
 
-@pytest.mark.parametrize("backend", list(RESUME_BACKENDS.values()), ids=list(RESUME_BACKENDS))
-def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
+def check_resume_on_2_and_1_ranks(tmp_path: Path, backend: dict, make_config) -> tuple[Path, dict]:
+    """A 4-step run, and the same run cut at step 2 and resumed on 2 and on 1 rank(s): the resumed steps'
+    losses equal the uninterrupted run's (rel 1e-5) and the checkpoint holds the adapters only.
+    ``make_config(out, pre, backend, targets, **train)`` builds each run's config.  Returns the pretrained
+    model and the adapter of the uninterrupted run's ``final/`` (its last checkpoint: ``_exports``)."""
     pre = write_pretrained(tmp_path / "pre", seed=5, tie_word_embeddings=True)  # the head: a second name
     steps, half = 4, 2
     targets = ["q_proj", "v_proj"]
-    whole = _config(tmp_path / "whole", pre, backend, targets, max_steps=steps, export_final=True)
+    whole = make_config(tmp_path / "whole", pre, backend, targets, max_steps=steps, export_final=True)
     run_distributed_test(_run_worker, WORLD, whole, timeout=1200)
     baseline = _losses(tmp_path / "whole")
     assert sorted(baseline) == list(range(1, steps + 1))
 
-    first = _config(tmp_path / "first", pre, backend, targets, max_steps=half)
+    first = make_config(tmp_path / "first", pre, backend, targets, max_steps=half)
     run_distributed_test(_run_worker, WORLD, first, timeout=1200)
     shutil.copytree(tmp_path / "first", tmp_path / "other")
     for name, world in (("first", WORLD), ("other", 1)):
-        resumed = _config(tmp_path / name, pre, backend, targets, max_steps=steps)
+        resumed = make_config(tmp_path / name, pre, backend, targets, max_steps=steps)
         run_distributed_test(_run_worker, world, resumed, timeout=1200)
         losses = _losses(tmp_path / name)
         assert sorted(losses) == list(range(1, steps + 1)), (name, losses)
@@ -342,12 +345,13 @@ def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
     engine = tmp_path / "other" / "checkpoints" / f"step_{half:08d}" / "engine"
     stored = _checkpointed_parameters(engine, backend["name"])
     assert stored and all(".lora_" in name for name in stored), stored  # the adapters only, no base
-    _check_offline_exports(tmp_path, pre, tmp_path / "whole" / "checkpoints" / f"step_{steps:08d}")
+    return pre, exported_adapter_and_merged(tmp_path, tmp_path / "whole" / "checkpoints" / f"step_{steps:08d}")
 
 
-def _check_offline_exports(tmp_path: Path, pre: Path, checkpoint: Path) -> None:
-    """``export_hf`` of the last checkpoint writes the adapter the run's own final/ holds; with
-    ``merge_on_export`` in its config, the merged model: the pretrained base + alpha / r * B A."""
+def exported_adapter_and_merged(tmp_path: Path, checkpoint: Path) -> tuple[dict, dict]:
+    """``export_hf`` of ``checkpoint`` writes the adapter the run's own final/ holds (asserted); returns that
+    adapter and the state dict of the merged model ``export_hf`` writes with ``merge_on_export`` in the
+    checkpoint's config, for the caller to check against its own reference."""
     import yaml
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
@@ -367,7 +371,15 @@ def _check_offline_exports(tmp_path: Path, pre: Path, checkpoint: Path) -> None:
     config["model"]["lora"]["merge_on_export"] = True
     (merging / "config.yaml").write_text(yaml.safe_dump(config))
     merged = AutoModelForCausalLM.from_pretrained(export_hf(merging, tmp_path / "merged"), dtype=torch.float32)
-    state = merged.state_dict()
+    return final, merged.state_dict()
+
+
+@pytest.mark.parametrize("backend", list(RESUME_BACKENDS.values()), ids=list(RESUME_BACKENDS))
+def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
+    from transformers import AutoModelForCausalLM
+
+    pre, (final, state) = check_resume_on_2_and_1_ranks(tmp_path, backend, _config)
+    # the merged export: the pretrained base + alpha / r * B A
     for name, weight in AutoModelForCausalLM.from_pretrained(pre, dtype=torch.float32).state_dict().items():
         module = name.removesuffix(".weight")
         a = final.get(f"base_model.model.{module}.lora_A.weight")

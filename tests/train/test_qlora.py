@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,18 +27,15 @@ import torch
 
 from recall_dist.configtree import ConfigError
 from recall_dist.distributed.testing import run_distributed_test
-from recall_dist.train.metrics_log import read_headers
 from recall_dist.train.qlora import import_bitsandbytes
 from tests.train.helpers import build, reference_loss, tiny_config_dict
 from tests.train.test_lora_distributed import (
     WORLD,
     _assert_close,
-    _checkpointed_parameters,
     _config,
     _global_cdiv,
-    _losses,
     _recorded,
-    _run_worker,
+    check_resume_on_2_and_1_ranks,
 )
 from tests.train.test_scale import write_pretrained
 
@@ -331,55 +327,12 @@ def test_exports_adapter_over_reference_and_merged_dequantised(trained):
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", [{"name": "fsdp2"}], ids=["fsdp2"])
 def test_resume_continues_the_same_losses_on_2_and_1_ranks(tmp_path, backend):
-    pre = write_pretrained(tmp_path / "pre", seed=5, tie_word_embeddings=True)
-    steps, half = 4, 2
-    targets = ["q_proj", "v_proj"]
-    whole = _qlora_config(tmp_path / "whole", pre, backend, targets, max_steps=steps, export_final=True)
-    run_distributed_test(_run_worker, WORLD, whole, timeout=1200)
-    baseline = _losses(tmp_path / "whole")
-    assert sorted(baseline) == list(range(1, steps + 1))
-
-    first = _qlora_config(tmp_path / "first", pre, backend, targets, max_steps=half)
-    run_distributed_test(_run_worker, WORLD, first, timeout=1200)
-    shutil.copytree(tmp_path / "first", tmp_path / "other")
-    for name, world in (("first", WORLD), ("other", 1)):
-        resumed = _qlora_config(tmp_path / name, pre, backend, targets, max_steps=steps)
-        run_distributed_test(_run_worker, world, resumed, timeout=1200)
-        losses = _losses(tmp_path / name)
-        assert [h["start_step"] for h in read_headers(tmp_path / name)] == [0, half], name
-        for step in range(half + 1, steps + 1):
-            assert losses[step] == pytest.approx(baseline[step], rel=1e-5), (name, world, step, losses, baseline)
-        assert losses[half + 1] != pytest.approx(losses[half], rel=1e-6)
-    engine = tmp_path / "other" / "checkpoints" / f"step_{half:08d}" / "engine"
-    stored = _checkpointed_parameters(engine, backend["name"])
-    assert stored and all(".lora_" in name for name in stored), stored  # adapters only: no 4-bit bytes
-    _check_offline_exports(tmp_path, pre, tmp_path / "whole" / "checkpoints" / f"step_{steps:08d}")
-
-
-def _check_offline_exports(tmp_path: Path, pre: Path, checkpoint: Path) -> None:
-    """``export_hf`` of a QLoRA checkpoint (adapters only) writes the adapter of the run's own ``final/``;
-    merged, every decoder linear is ``W_deq + alpha / r * B A`` (``W_deq`` dequantised from transformers' own
+    """Resume as for LoRA (``check_resume_on_2_and_1_ranks``: the checkpoint holds no 4-bit bytes); the merged
+    export: every decoder linear is ``W_deq + alpha / r * B A`` (``W_deq`` dequantised from transformers' own
     4-bit load; the unadapted ones ``W_deq``), the rest the pretrained weights."""
-    import yaml
-    from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from recall_dist.train.export import export_hf
-    from recall_dist.train.lora import ADAPTER_WEIGHTS
-
-    final = load_file(tmp_path / "whole" / "final" / ADAPTER_WEIGHTS)
-    offline = load_file(export_hf(checkpoint, tmp_path / "offline") / ADAPTER_WEIGHTS)
-    assert sorted(offline) == sorted(final) and final
-    for key, tensor in final.items():
-        assert torch.equal(offline[key], tensor), key
-
-    merging = tmp_path / "merging" / checkpoint.name
-    shutil.copytree(checkpoint, merging)
-    config = yaml.safe_load((merging / "config.yaml").read_text())
-    config["model"]["lora"]["merge_on_export"] = True
-    (merging / "config.yaml").write_text(yaml.safe_dump(config))
-    state = AutoModelForCausalLM.from_pretrained(export_hf(merging, tmp_path / "merged"), dtype=torch.float32)
-    state = state.state_dict()
+    pre, (final, state) = check_resume_on_2_and_1_ranks(tmp_path, backend, _qlora_config)
     four_bit = {n: m for n, m in _four_bit_base(pre).named_modules() if isinstance(m, bnb.nn.Linear4bit)}
     pretrained = AutoModelForCausalLM.from_pretrained(pre, dtype=torch.float32).state_dict()
     adapted = 0
