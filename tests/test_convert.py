@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -28,7 +29,9 @@ MESSAGES = [
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    return convert_gguf(smollm2_gguf(), tmp_path_factory.mktemp("smollm2") / "hf")
+    root = tmp_path_factory.mktemp("smollm2")
+    yield convert_gguf(smollm2_gguf(), root / "hf")
+    shutil.rmtree(root, ignore_errors=True)  # disk: freed when the module is done
 
 
 @pytest.fixture(scope="module")
@@ -196,11 +199,14 @@ def gemma_cache(tmp_path_factory):
         root = tmp_path_factory.mktemp("cache")
         mp.setenv("RECALL_DIST_CACHE", str(root))
         yield root
+    shutil.rmtree(root, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def gemma(gemma_cache, tmp_path_factory):
-    return convert_known(GEMMA, tmp_path_factory.mktemp("gemma3") / "hf")
+    root = tmp_path_factory.mktemp("gemma3")
+    yield convert_known(GEMMA, root / "hf")
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _gemma_hf_name(gguf_name: str) -> str:

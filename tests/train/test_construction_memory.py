@@ -7,6 +7,7 @@ rise is within 25% of the measurement."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,13 +127,15 @@ def _plan_estimate(model: dict, backend: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def pretrained(tmp_path_factory) -> Path:
+def pretrained(tmp_path_factory):
     """The ~1B model written by Hugging Face in 1 GiB safetensors shards (fp32, ~3.8 GB on disk)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from recall_dist.data import load_tokenizer
 
-    directory = tmp_path_factory.mktemp("big") / "pretrained"
+    root = tmp_path_factory.mktemp("big")
+    directory = root / "pretrained"
+    _check_free_disk(root, 4.5e9)
     params = dict(BIG)
     config = AutoConfig.for_model(params.pop("model_type"), **params)
     with torch.device("meta"):
@@ -145,7 +148,17 @@ def pretrained(tmp_path_factory) -> Path:
     load_tokenizer("char:product").save_pretrained(directory)
     del model
     assert len(list(directory.glob("model-*.safetensors"))) >= 3
-    return directory
+    yield directory
+    shutil.rmtree(root, ignore_errors=True)  # 3.8 GB: gone as soon as the module is done, not at session end
+
+
+def _check_free_disk(path: Path, needed: float) -> None:
+    free = shutil.disk_usage(path).free
+    if free < needed:
+        raise RuntimeError(
+            f"this test writes a {needed / 1e9:.1f} GB checkpoint under {path}, which has only {free / 1e9:.1f} GB "
+            "free: free disk space (or point TMPDIR / pytest's --basetemp at a larger disk)"
+        )
 
 
 # Each backend and each weight source once (CI time): ZeRO-3 through zero.Init with the seeded init,
