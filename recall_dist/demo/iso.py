@@ -15,18 +15,22 @@ sweep as ``torchrun --nproc-per-node 2`` subprocesses, logs in ``OUT/logs/``):
    prompts only (prompt uniform, answer uniform in its support).  ``data/support_train.jsonl``: the
    supports of a fixed subset of ``train_prompts`` training prompts (the first by SHA-256 of their text,
    so the subset does not depend on file order); ``data/support_heldout.jsonl``: the held-out prompts'
-   supports; ``data/support.jsonl``: both, the sweep's ``support`` file.
+   supports; ``data/support_reworded.jsonl``: the swept training prompts asked in other words, never
+   trained on (``iso_prompts.REWORDINGS``: "Tell me one of the regions of France."), so the report can
+   tell a change that carries over to a new wording from one that needs the model to know new answers;
+   ``data/support.jsonl``: all three, the sweep's ``support`` file.
 3. **Fine-tune** the model with each loss (``pipeline.LOSSES``) on the same examples, seed, steps and
    learning rate, 2 processes on FSDP2 (``configs/demo_lm/finetune.yaml``).  The un-fine-tuned model
    adds words around a name, so the fine-tune also teaches the format.
 4. **Sweep** (``configs/demo_lm/sweep.yaml``, ``metric: known_support``): exact Precision = Q_T(support)
    and Recall@N of every model and temperature on every swept prompt, by teacher forcing each answer
    through the chat template exactly as training tokenizes it (``eval/support_file.py``).
-5. **Report** (``demo/iso_report.py``): ``summary.md`` (means over the training and the held-out prompts
+5. **Report** (``demo/iso_report.py``): ``summary.md`` (means over the training, reworded and held-out prompts
    with their spread, paired margins over NLL and verdicts per Precision band) and ``samples.md``.
 
 Outputs in ``OUT``: ``pr_curve.png`` (all swept prompts), ``pr_curve_training.png``,
-``pr_curve_heldout.png``, ``sweep.csv``, ``sweep_prompts.csv``, ``summary.md``, ``samples.md``.
+``pr_curve_reworded.png``, ``pr_curve_heldout.png``, ``sweep.csv``, ``sweep_prompts.csv``, ``summary.md``,
+``samples.md``.
 """
 
 from __future__ import annotations
@@ -57,8 +61,13 @@ ISO_LOSSES = [*LOSSES, ("cdiv-1.4-maxw2", "cdiv", {"alpha": 1.4, "max_weight": 2
 # answers in 56 steps; spread over all 142 training prompts it learns the format but not the names, docs/demo-lm/
 # probe.md), or all of them.  The held-out prompts are never trained on either way.
 TRAIN_ON = ("swept", "all")
-# The support files of the two groups the report compares, in the order it shows them.
-GROUP_FILES = {"training": "support_train.jsonl", "held-out": "support_heldout.jsonl"}
+# The support files of the groups the report compares, in the order it shows them: the swept training
+# prompts; the same prompts in words never trained on (``iso_prompts.REWORDINGS``); the held-out prompts.
+GROUP_FILES = {
+    "training": "support_train.jsonl",
+    "reworded": "support_reworded.jsonl",
+    "held-out": "support_heldout.jsonl",
+}
 
 
 def sweep_subset(prompts: list[iso_prompts.Prompt], n: int | None) -> list[iso_prompts.Prompt]:
@@ -78,8 +87,9 @@ def write_demo_data(
     train_on: str = "swept",
 ) -> dict[str, Path]:
     """The demo's data files in ``out`` (module docstring, stage 2); returns their paths by name
-    (``train``, ``support_train``, ``support_heldout``, ``support``).  ``train_on``: ``"swept"`` draws the
-    training examples from the swept training prompts only, ``"all"`` from every training prompt."""
+    (``train``, ``support_train``, ``support_reworded``, ``support_heldout``, ``support``).  ``train_on``:
+    ``"swept"`` draws the training examples from the swept training prompts only, ``"all"`` from every
+    training prompt."""
     if train_on not in TRAIN_ON:
         raise DemoError(f"data: train_on = {train_on!r}; expected one of {', '.join(TRAIN_ON)}")
     from recall_dist.eval.support_file import write_support_file
@@ -92,6 +102,7 @@ def write_demo_data(
     for name, chosen in groups.items():
         if not chosen:
             raise DemoError(f"data: no {name[8:]} prompt to sweep (of {len(prompts)} prompts)")
+    groups["support_reworded"] = [iso_prompts.reworded(p) for p in groups["support_train"]]
     paths = {
         "train": iso_prompts.write_jsonl(
             out / "train.jsonl",
@@ -103,7 +114,9 @@ def write_demo_data(
     rows = {name: iso_prompts.support_rows(chosen) for name, chosen in groups.items()}
     for name, group_rows in rows.items():
         paths[name] = write_support_file(group_rows, out / f"{name}.jsonl")
-    paths["support"] = write_support_file([*rows["support_train"], *rows["support_heldout"]], out / "support.jsonl")
+    paths["support"] = write_support_file(
+        [*rows["support_train"], *rows["support_reworded"], *rows["support_heldout"]], out / "support.jsonl"
+    )
     return paths
 
 
@@ -160,8 +173,8 @@ class IsoRecipe(Recipe):
         training, heldout = iso_prompts.split_prompts(prompts)
         print(
             f"{label} prompts: {len(training)} training and {len(heldout)} held-out; the sweep scores "
-            f"{self.train_prompts or len(training)} training and {self.heldout_prompts or len(heldout)} held-out "
-            f"-> {self.out / 'data'}",
+            f"{self.train_prompts or len(training)} training (and the same in other words) and "
+            f"{self.heldout_prompts or len(heldout)} held-out -> {self.out / 'data'}",
             flush=True,
         )
         return self.prepared(model, paths)

