@@ -57,6 +57,7 @@ def loss_settings(losses) -> list[str]:
         built = build_loss(loss, **params)
         keys = [k for k in inspect.signature(type(built.rule).__init__).parameters if k != "self"]
         shown = [f"{k}={getattr(built.rule, k)!r}" for k in keys if k in ("alpha", "lam", "drop", "granularity")]
+        shown += [f"max_weight={built.max_weight:g}"] if built.max_weight is not None else []
         shown += [f"nll_mix={built.nll_mix:g}"] if built.nll_mix else []
         out.append(f"{name}: `{loss}({', '.join(shown)})`")
     return out

@@ -68,3 +68,23 @@ def test_write_summary_groups_seeds_by_the_csv_columns_not_by_names(tmp_path):
     (tmp_path / "names.csv").write_text("model,temperature,precision,recall\n" + unlabelled)
     with pytest.raises(ValueError, match="no 'nll' model"):  # nll-s0, nll-s1, ... are not "nll"
         demo_report.write_summary(tmp_path / "names.csv", tmp_path / "names.md")
+
+
+def test_loss_settings_show_what_ran_including_the_weight_cap():
+    """Every demo's "Settings:" line: the rule's parameters with its defaults, plus ``max_weight`` and
+    ``nll_mix`` when set (a capped c-Div must not read like the plain one)."""
+    from recall_dist.demo.markdown import loss_settings
+
+    assert loss_settings(
+        [
+            ("nll", "nll", {}),
+            ("cdiv-1.4", "cdiv", {"alpha": 1.4}),
+            ("cdiv-1.4-maxw2", "cdiv", {"alpha": 1.4, "max_weight": 2.0}),
+            ("mixed", "cdiv", {"alpha": 2.0, "nll_mix": 0.5}),
+        ]
+    ) == [
+        "nll: `nll()`",
+        "cdiv-1.4: `cdiv(alpha=1.4)`",
+        "cdiv-1.4-maxw2: `cdiv(alpha=1.4, max_weight=2)`",
+        "mixed: `cdiv(alpha=2.0, nll_mix=0.5)`",
+    ]
