@@ -76,7 +76,11 @@ class RandomInit:
         twin._parameters = {
             n: nn.Parameter(torch.empty(full_shape(p))) if n in names else None for n, p in module._parameters.items()
         }
-        twin._buffers = {}
+        # Buffers as CPU copies: _init_weights may set them (Gemma 3's embed_scale) but must not touch the
+        # real ones here (``reset_buffers`` owns those).
+        twin._buffers = {
+            n: None if b is None else torch.zeros(b.shape, dtype=b.dtype) for n, b in module._buffers.items()
+        }
         twin._modules = {}
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(module_seed(self.seed, module_name))
@@ -226,9 +230,23 @@ def load_weights(model: nn.Module, source) -> int:
 
 
 def reset_buffers(model: nn.Module) -> None:
-    """Recompute the non-persistent buffers (rotary ``inv_freq``) after ``to_empty``: Hugging Face's
-    ``_init_weights`` does it for modules that own buffers but no parameters."""
+    """Recompute the buffers after ``to_empty`` (which leaves them uninitialised) with Hugging Face's
+    ``_init_weights``: the rotary ``inv_freq`` of modules without parameters, and the buffers of modules
+    that also own parameters (Gemma 3's embedding scales its output by a non-persistent ``embed_scale``:
+    left uninitialised, every logit was equal and every gradient NaN).  A module with parameters is
+    re-initialised through a twin whose parameters are meta stand-ins, so its real parameters (loaded
+    or about to be) are never written."""
     with torch.no_grad():
         for module in model.modules():
-            if any(b is not None for b in module._buffers.values()) and not module._parameters:
+            if not any(b is not None for b in module._buffers.values()):
+                continue
+            if not module._parameters:
                 model._init_weights(module)
+                continue
+            twin = copy.copy(module)  # shares the module's ``_buffers`` dict: its buffers are written in place
+            twin._parameters = {
+                n: None if p is None else nn.Parameter(torch.empty(full_shape(p), device="meta"), p.requires_grad)
+                for n, p in module._parameters.items()
+            }
+            twin._modules = {}
+            model._init_weights(twin)

@@ -65,3 +65,51 @@ def test_tied_parameters_have_one_owner():
     model.lm_head.weight = model.model.embed_tokens.weight
     owners = [(m, [n for n, _ in own]) for m, _, own in owned_parameters(model)]
     assert ("model.embed_tokens", ["weight"]) in owners and all(m != "lm_head" for m, _ in owners)
+
+
+# A tiny Gemma 3: its embedding owns a parameter *and* a non-persistent buffer (embed_scale = sqrt(hidden)),
+# which to_empty leaves uninitialised; its rotary modules own per-layer-type buffers and no parameters.
+GEMMA3 = {
+    "model_type": "gemma3_text",
+    "vocab_size": 96,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 32,
+    "max_position_embeddings": 64,
+    "sliding_window": 8,
+}
+
+
+@pytest.mark.parametrize("source", ["pretrained", "init"])
+def test_buffers_of_modules_with_parameters_are_initialised(tmp_path, source):
+    """A model built on meta and materialised (the path of every backend) has the buffers and the logits of
+    the same model built by Hugging Face: loaded from a checkpoint (``from_pretrained``), or initialised from
+    a config (``embed_scale`` is sqrt(hidden) for a model the seeded initialisation builds too)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from recall_dist.train.models import build_model
+
+    params = dict(GEMMA3)
+    config = AutoConfig.for_model(params.pop("model_type"), **params)
+    torch.manual_seed(0)
+    reference = AutoModelForCausalLM.from_config(config).eval()
+    if source == "pretrained":
+        reference.save_pretrained(tmp_path / "gemma")
+        model_section = {"name_or_path": str(tmp_path / "gemma"), "attn_implementation": "eager"}
+    else:
+        model_section = {"config": GEMMA3, "tokenizer": "char:product", "attn_implementation": "eager"}
+    model = build_model(build(tiny_config_dict("unused", model=model_section)).model, seed=1).eval()
+
+    buffers = dict(model.named_buffers())
+    assert buffers["model.embed_tokens.embed_scale"].item() == pytest.approx(GEMMA3["hidden_size"] ** 0.5)
+    for name, expected in reference.named_buffers():
+        torch.testing.assert_close(buffers[name], expected, rtol=0, atol=0, msg=name)
+    ids = torch.randint(0, GEMMA3["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+        if source == "pretrained":
+            torch.testing.assert_close(logits, reference(input_ids=ids).logits)
+    assert logits.std() > 0.01  # not the uniform distribution an all-zero embedding gives
