@@ -30,16 +30,24 @@ def torchrun(*target: str) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *target]
 
 
+# Bars that are not the stage's own: Hugging Face's weight loading (one per model a sweep loads, counting
+# tensors: "236/236" read as the sweep's progress).
+_FOREIGN_BARS = ("Loading weights", "Loading checkpoint shards")
+
+
 def _tqdm_progress(log: Path) -> str:
-    """'123/500' from the last tqdm update in ``log`` (rank 0's bar), or ''."""
+    """'123/500' from the last update of the stage's own tqdm bar in ``log`` (rank 0's), or ''."""
     try:
         with open(log, "rb") as f:
             f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
             tail = f.read().decode(errors="replace")
     except OSError:
         return ""
-    found = re.findall(r"(\d+)/(\d+) \[", tail)
-    return f"{found[-1][0]}/{found[-1][1]}" if found else ""
+    for update in reversed(re.split(r"[\r\n]", tail)):
+        found = re.findall(r"(\d+)/(\d+) \[", update)
+        if found and not any(bar in update for bar in _FOREIGN_BARS):
+            return f"{found[-1][0]}/{found[-1][1]}"
+    return ""
 
 
 def _run_once(label: str, what: str, args: list[str], log: Path, demo_start: float) -> tuple[int, float]:

@@ -129,3 +129,23 @@ def test_config_overrides_round_trip_a_fragment(tmp_path):
     from recall_dist.configtree import apply_overrides
 
     assert apply_overrides({}, overrides) == fragment
+
+
+def test_stage_progress_is_read_from_the_stage_s_own_bar(tmp_path):
+    """The progress a demo stage prints is its own bar's last update, not Hugging Face's weight-loading bar
+    that the sweep's model loads write after it (Gemma 3: "236/236" tensors read as the sweep's progress)."""
+    from recall_dist.demo.stages import _tqdm_progress
+
+    log = tmp_path / "sweep.log"
+    assert _tqdm_progress(log) == ""  # no log yet
+    log.write_text(
+        "sweep shard 1/2:   3%|3         | 4/144 [00:36<20:10,  8.65s/item]\r"
+        "sweep shard 1/2:   3%|3         | 5/144 [00:49<23:56, 10.33s/item]\n"
+        "Loading weights:   0%|          | 0/236 [00:00<?, ?it/s]\r"
+        "Loading weights: 100%|##########| 236/236 [00:00<00:00, 846.20it/s]\n"
+    )
+    assert _tqdm_progress(log) == "5/144"
+    log.write_text(log.read_text() + "sweep shard 1/2:   4%|4         | 6/144 [00:54<19:30,  8.48s/item]")
+    assert _tqdm_progress(log) == "6/144"
+    log.write_text("Loading weights: 100%|##########| 236/236 [00:00<00:00, 846.20it/s]\n")
+    assert _tqdm_progress(log) == ""
