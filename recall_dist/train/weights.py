@@ -61,6 +61,14 @@ def owned_parameters(model: nn.Module) -> Iterator[tuple[str, nn.Module, list[tu
             yield name, module, own
 
 
+def _init_twin(module: nn.Module, parameters: dict, buffers: dict) -> nn.Module:
+    """A shallow copy of ``module`` (same class, so ``_init_weights`` dispatches the same way) with these
+    parameters and buffers and no children, for ``_init_weights`` to write into."""
+    twin = copy.copy(module)
+    twin._parameters, twin._buffers, twin._modules = parameters, buffers, {}
+    return twin
+
+
 class RandomInit:
     """Hugging Face's initialisation of ``model``'s architecture, one module at a time, seeded per module."""
 
@@ -70,18 +78,15 @@ class RandomInit:
         self.model, self.seed = model, int(seed)
 
     def readers(self, module_name: str, module: nn.Module, names: list[str]) -> dict[str, RowReader]:
-        # A CPU twin of this one module (same class, so _init_weights dispatches the same way) with
-        # fresh fp32 parameters of the full shape; the real module may be on meta, sharded or partitioned.
-        twin = copy.copy(module)
-        twin._parameters = {
-            n: nn.Parameter(torch.empty(full_shape(p))) if n in names else None for n, p in module._parameters.items()
-        }
-        # Buffers as CPU copies: _init_weights may set them (Gemma 3's embed_scale) but must not touch the
-        # real ones here (``reset_buffers`` owns those).
-        twin._buffers = {
-            n: None if b is None else torch.zeros(b.shape, dtype=b.dtype) for n, b in module._buffers.items()
-        }
-        twin._modules = {}
+        # A CPU twin with fresh fp32 parameters of the full shape (the real module may be on meta, sharded or
+        # partitioned) and CPU copies of the buffers: _init_weights may set them (Gemma 3's embed_scale) but
+        # must not touch the real ones here (``reset_buffers`` owns those).
+        own = module._parameters
+        twin = _init_twin(
+            module,
+            {n: nn.Parameter(torch.empty(full_shape(p))) if n in names else None for n, p in own.items()},
+            {n: None if b is None else torch.zeros(b.shape, dtype=b.dtype) for n, b in module._buffers.items()},
+        )
         with torch.random.fork_rng(devices=[]), torch.no_grad():
             torch.manual_seed(module_seed(self.seed, module_name))
             self.model._init_weights(twin)
@@ -243,10 +248,8 @@ def reset_buffers(model: nn.Module) -> None:
             if not module._parameters:
                 model._init_weights(module)
                 continue
-            twin = copy.copy(module)  # shares the module's ``_buffers`` dict: its buffers are written in place
-            twin._parameters = {
+            meta = {
                 n: None if p is None else nn.Parameter(torch.empty(full_shape(p), device="meta"), p.requires_grad)
                 for n, p in module._parameters.items()
             }
-            twin._modules = {}
-            model._init_weights(twin)
+            model._init_weights(_init_twin(module, meta, module._buffers))  # the real buffers, written in place
