@@ -18,19 +18,23 @@ sweep as ``torchrun --nproc-per-node 2`` subprocesses, logs in ``OUT/logs/``):
    supports; ``data/support_reworded.jsonl``: the swept training prompts asked in other words, never
    trained on (``iso_prompts.REWORDINGS``: "Tell me one of the regions of France."), so the report can
    tell a change that carries over to a new wording from one that needs the model to know new answers;
-   ``data/support.jsonl``: all three, the sweep's ``support`` file.
+   ``data/support_familiar.jsonl``: the "familiar" prompts, the ``familiar_prompts`` prompts no fine-tune
+   trains on (and no other group sweeps) on which the *base* model puts the most probability on the valid
+   answers (``demo/iso_familiar.py``; every candidate's score in ``data/familiar_scores.csv``): the held-out
+   prompts are answered by no model, these are the unseen prompts a model does know something of;
+   ``data/support.jsonl``: all four, the sweep's ``support`` file.
 3. **Fine-tune** the model with each loss (``pipeline.LOSSES``) on the same examples, seed, steps and
    learning rate, 2 processes on FSDP2 (``configs/demo_lm/finetune.yaml``).  The un-fine-tuned model
    adds words around a name, so the fine-tune also teaches the format.
 4. **Sweep** (``configs/demo_lm/sweep.yaml``, ``metric: known_support``): exact Precision = Q_T(support)
    and Recall@N of every model and temperature on every swept prompt, by teacher forcing each answer
    through the chat template exactly as training tokenizes it (``eval/support_file.py``).
-5. **Report** (``demo/iso_report.py``): ``summary.md`` (means over the training, reworded and held-out prompts
+5. **Report** (``demo/iso_report.py``): ``summary.md`` (means over the training, reworded, familiar and held-out prompts
    with their spread, paired margins over NLL and verdicts per Precision band) and ``samples.md``.
 
 Outputs in ``OUT``: ``pr_curve.png`` (all swept prompts), ``pr_curve_training.png``,
-``pr_curve_reworded.png``, ``pr_curve_heldout.png``, ``sweep.csv``, ``sweep_prompts.csv``, ``summary.md``,
-``samples.md``.
+``pr_curve_reworded.png``, ``pr_curve_familiar.png``, ``pr_curve_heldout.png``, ``sweep.csv``,
+``sweep_prompts.csv``, ``summary.md``, ``samples.md``.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from pathlib import Path
 from typing import ClassVar
 
 from recall_dist.demo import iso_prompts
+from recall_dist.demo.iso_familiar import familiar_prompts
 from recall_dist.demo.pipeline import (
     CONFIGS,
     LOSSES,
@@ -62,10 +67,12 @@ ISO_LOSSES = [*LOSSES, ("cdiv-1.4-maxw2", "cdiv", {"alpha": 1.4, "max_weight": 2
 # probe.md), or all of them.  The held-out prompts are never trained on either way.
 TRAIN_ON = ("swept", "all")
 # The support files of the groups the report compares, in the order it shows them: the swept training
-# prompts; the same prompts in words never trained on (``iso_prompts.REWORDINGS``); the held-out prompts.
+# prompts; the same prompts in words never trained on (``iso_prompts.REWORDINGS``); the unswept
+# prompts never trained on whose answers the base model knows best (``demo/iso_familiar.py``); the held-out prompts.
 GROUP_FILES = {
     "training": "support_train.jsonl",
     "reworded": "support_reworded.jsonl",
+    "familiar": "support_familiar.jsonl",
     "held-out": "support_heldout.jsonl",
 }
 
@@ -77,6 +84,31 @@ def sweep_subset(prompts: list[iso_prompts.Prompt], n: int | None) -> list[iso_p
     return ordered if n is None else ordered[:n]
 
 
+def swept_prompts(
+    prompts: list[iso_prompts.Prompt], train_prompts: int | None, heldout_prompts: int | None
+) -> tuple[list[iso_prompts.Prompt], list[iso_prompts.Prompt]]:
+    """The swept training prompts and the swept held-out prompts (``sweep_subset`` of each half)."""
+    training, heldout = iso_prompts.split_prompts(prompts)
+    return sweep_subset(training, train_prompts), sweep_subset(heldout, heldout_prompts)
+
+
+def unseen_prompts(
+    prompts: list[iso_prompts.Prompt],
+    train_prompts: int | None,
+    heldout_prompts: int | None,
+    train_on: str = "swept",
+) -> list[iso_prompts.Prompt]:
+    """The familiar group's candidates: the prompts no fine-tune trains on (the held-out ones, and with
+    ``train_on="swept"`` the training prompts not swept) that no other group sweeps, in hash order."""
+    if train_on not in TRAIN_ON:
+        raise DemoError(f"data: train_on = {train_on!r}; expected one of {', '.join(TRAIN_ON)}")
+    swept_training, swept_heldout = swept_prompts(prompts, train_prompts, heldout_prompts)
+    taken = {p.text for p in (*swept_training, *swept_heldout)}
+    training, heldout = iso_prompts.split_prompts(prompts)
+    pool = heldout if train_on == "all" else [*training, *heldout]
+    return sweep_subset([p for p in pool if p.text not in taken], None)
+
+
 def write_demo_data(
     out: Path,
     prompts: list[iso_prompts.Prompt],
@@ -85,24 +117,31 @@ def write_demo_data(
     heldout_prompts: int | None = None,
     seed: int = 0,
     train_on: str = "swept",
+    familiar: list[iso_prompts.Prompt] | None = None,
 ) -> dict[str, Path]:
     """The demo's data files in ``out`` (module docstring, stage 2); returns their paths by name
-    (``train``, ``support_train``, ``support_reworded``, ``support_heldout``, ``support``).  ``train_on``:
-    ``"swept"`` draws the training examples from the swept training prompts only, ``"all"`` from every
-    training prompt."""
+    (``train``, ``support_train``, ``support_reworded``, ``support_heldout``, ``support``, and
+    ``support_familiar`` when ``familiar`` is given: ``unseen_prompts`` chosen by ``demo/iso_familiar.py``).
+    ``train_on``: ``"swept"`` draws the training examples from the swept training prompts only, ``"all"``
+    from every training prompt."""
     if train_on not in TRAIN_ON:
         raise DemoError(f"data: train_on = {train_on!r}; expected one of {', '.join(TRAIN_ON)}")
     from recall_dist.eval.support_file import write_support_file
 
-    training, heldout = iso_prompts.split_prompts(prompts)
-    groups = {
-        "support_train": sweep_subset(training, train_prompts),
-        "support_heldout": sweep_subset(heldout, heldout_prompts),
-    }
+    swept_training, swept_heldout = swept_prompts(prompts, train_prompts, heldout_prompts)
+    groups = {"support_train": swept_training, "support_heldout": swept_heldout}
     for name, chosen in groups.items():
         if not chosen:
             raise DemoError(f"data: no {name[8:]} prompt to sweep (of {len(prompts)} prompts)")
     groups["support_reworded"] = [iso_prompts.reworded(p) for p in groups["support_train"]]
+    trained = {p.text for p in (groups["support_train"] if train_on == "swept" else prompts)}
+    (out / "support_familiar.jsonl").unlink(missing_ok=True)  # an earlier call's group, if this one has none
+    if familiar:
+        overlap = trained | {p.text for p in (*swept_training, *swept_heldout)}
+        clash = [p.text for p in familiar if p.text in overlap]
+        if clash:
+            raise DemoError(f"data: familiar prompts must be unseen and unswept, but {clash[:3]} are trained or swept")
+        groups["support_familiar"] = list(familiar)
     paths = {
         "train": iso_prompts.write_jsonl(
             out / "train.jsonl",
@@ -115,7 +154,12 @@ def write_demo_data(
     for name, group_rows in rows.items():
         paths[name] = write_support_file(group_rows, out / f"{name}.jsonl")
     paths["support"] = write_support_file(
-        [*rows["support_train"], *rows["support_reworded"], *rows["support_heldout"]], out / "support.jsonl"
+        [
+            row
+            for name in ("support_train", "support_reworded", "support_familiar", "support_heldout")
+            for row in rows.get(name, [])
+        ],
+        out / "support.jsonl",
     )
     return paths
 
@@ -135,6 +179,8 @@ class IsoRecipe(Recipe):
         "temperatures": [0.5, 1.0, 1.5],
         "train_prompts": 2,
         "heldout_prompts": 2,
+        "familiar_prompts": 2,
+        "familiar_candidates": 4,
         "sample_prompts": 1,
         "samples": 2,
     }
@@ -143,6 +189,10 @@ class IsoRecipe(Recipe):
     # fits 30 minutes on 2 cores (BENCHMARKS.md, demo-lm)
     train_prompts: int | None = 16
     heldout_prompts: int | None = 16
+    # the familiar group (demo/iso_familiar.py): the 16 never-trained prompts the base model knows best, of
+    # ``familiar_candidates`` candidates (None: all ~150, scored in 1-2 minutes); 0: no familiar group
+    familiar_prompts: int = 16
+    familiar_candidates: int | None = None
     sample_prompts: int = 2
     samples: int = 4
     train_on: str = "swept"  # TRAIN_ON
@@ -162,6 +212,17 @@ class IsoRecipe(Recipe):
         model = self.model_stage(progress)
         label = progress.next_label()
         prompts = iso_prompts.build_prompts()
+        familiar = []
+        if self.familiar_prompts:
+            candidates = unseen_prompts(prompts, self.train_prompts, self.heldout_prompts, self.train_on)
+            familiar = familiar_prompts(
+                model,
+                candidates[: self.familiar_candidates],
+                self.familiar_prompts,
+                self.out / "data" / "familiar_scores.csv",
+                label,
+                reuse=resume,
+            )
         paths = write_demo_data(
             self.out / "data",
             prompts,
@@ -169,12 +230,13 @@ class IsoRecipe(Recipe):
             self.train_prompts,
             self.heldout_prompts,
             train_on=self.train_on,
+            familiar=familiar,
         )
         training, heldout = iso_prompts.split_prompts(prompts)
         print(
             f"{label} prompts: {len(training)} training and {len(heldout)} held-out; the sweep scores "
-            f"{self.train_prompts or len(training)} training (and the same in other words) and "
-            f"{self.heldout_prompts or len(heldout)} held-out -> {self.out / 'data'}",
+            f"{self.train_prompts or len(training)} training (and the same in other words), {len(familiar)} "
+            f"familiar and {self.heldout_prompts or len(heldout)} held-out -> {self.out / 'data'}",
             flush=True,
         )
         return self.prepared(model, paths)
@@ -198,7 +260,7 @@ class IsoRecipe(Recipe):
         from recall_dist.demo.iso_samples import write_samples
 
         data = self.out / "data"
-        groups = {group: data / name for group, name in GROUP_FILES.items()}
+        groups = {group: data / name for group, name in GROUP_FILES.items() if (data / name).is_file()}
         models = {run.name: self.out / "runs" / run.name / "final" for run in self.runs()}
         write_samples(models, groups, self.out / "samples.md", self.temperatures, self.sample_prompts, self.samples)
         return write_summary(

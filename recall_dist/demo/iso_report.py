@@ -2,10 +2,10 @@
 here from ``sweep.csv`` and ``sweep_prompts.csv``), one PR figure per prompt group, and ``samples.md``.
 
 The groups: the sweep scores one support file that holds a fixed subset of the training prompts, the same
-prompts reworded, and the held-out prompts (``demo/iso.py``); each group's own support file says which
-prompt is whose.  A group's
-curve at T is the plain mean over its prompts of the exact Precision and Recall@N (every prompt weighs
-the same), with the spread over prompts beside it.
+prompts reworded, the familiar prompts (never trained on, known to the base model) and the held-out
+prompts (``demo/iso.py``); each group's own support file says which prompt is whose.  A group's curve at
+T is the plain mean over its prompts of the exact Precision and Recall@N (every prompt weighs the same),
+with the spread over prompts beside it.
 
 Verdicts per Precision band, stated before any run: in each band [lo, hi) of ``BANDS``, the gap at a
 Precision level p is (the loss's best Recall at Precision >= p) - (NLL's best Recall at Precision >= p),
@@ -286,7 +286,9 @@ def _intro(recipe, n_prompts: dict, n_seeds: int, recall_at_n: str, wall_seconds
         "Prompts with known answers from Debian's `iso-codes` (`demo/iso_prompts.py`: regions of a country, "
         "languages, writing systems and currencies; P uniform over each prompt's answers); one prompt in five is "
         "held out of training, and the swept training prompts are also asked in words never trained on "
-        '("reworded": "Tell me one of the regions of France."). '
+        '("reworded": "Tell me one of the regions of France."); the "familiar" prompts are never trained on '
+        "either, chosen as those whose answers the base model already puts the most probability on "
+        "(`demo/iso_familiar.py`). "
         f"Each loss fine-tunes the same model for {recipe.finetune_steps} steps of "
         f"{recipe.global_batch} chat examples of the training prompts (2 processes, FSDP2"
         + (f"; {n_seeds} fine-tuning seeds" if n_seeds > 1 else "")

@@ -55,7 +55,7 @@ def _left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tens
     return ids, mask
 
 
-def _cache_keyword(model) -> str:
+def cache_keyword(model) -> str:
     """The forward keyword of the KV cache: ``cache`` in recent transformers, ``past_key_values`` before."""
     import inspect
 
@@ -72,7 +72,7 @@ def _sample_batch(model, rows: Sequence[SampleRow], max_new_tokens: int, stop_id
     ids, mask = ids.to(device), mask.to(device)
     positions = (mask.cumsum(1) - 1).clamp_(min=0)
     cache = DynamicCache()
-    kw = _cache_keyword(model)
+    kw = cache_keyword(model)
     out = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1, **{kw: cache}
     )

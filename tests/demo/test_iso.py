@@ -1,5 +1,5 @@
 """``recall-dist demo-lm`` (``demo/iso.py``): the data files and the overrides the recipe passes (held-out
-and reworded prompts never reach the training file; the sweep scores the union of the three groups' support
+and reworded prompts never reach the training file; the sweep scores the union of the groups' support
 files), the
 shipped configs load, and a ``--quick`` run end to end on a tiny random Llama with a ChatML template
 (real torchrun x 2 fine-tunes on FSDP2 and the real sweep)."""
@@ -144,16 +144,19 @@ def test_quick_run_end_to_end(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     for name in ("sweep.csv", "sweep_prompts.csv", "summary.md", "samples.md", "pr_curve.png"):
         assert (out / name).is_file(), name
-    for group in ("training", "reworded", "heldout"):
+    for group in ("training", "reworded", "familiar", "heldout"):
         assert (out / f"pr_curve_{group}.png").is_file(), group
     with open(out / "sweep_prompts.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     quick = IsoRecipe.quick()
-    assert len(rows) == 2 * len(quick.temperatures) * (2 * quick.train_prompts + quick.heldout_prompts)
+    groups = 2 * quick.train_prompts + quick.familiar_prompts + quick.heldout_prompts
+    assert len(rows) == 2 * len(quick.temperatures) * groups
+    with open(out / "data" / "familiar_scores.csv", newline="") as f:
+        scores = list(csv.DictReader(f))
+    assert len(scores) == quick.familiar_candidates and sum(r["familiar"] == "1" for r in scores) == 2
     text = (out / "summary.md").read_text()
-    assert "## Recall over NLL at the same Precision: training prompts (2)" in text
-    assert "## Recall over NLL at the same Precision: reworded prompts (2)" in text
-    assert "## Recall over NLL at the same Precision: held-out prompts (2)" in text
+    for group in ("training", "reworded", "familiar", "held-out"):
+        assert f"## Recall over NLL at the same Precision: {group} prompts (2)" in text
     assert "| cdiv-1.4 |" in text and "## nll" in (out / "samples.md").read_text()
 
 
