@@ -14,7 +14,8 @@ One factor at a time moves away from the centre (c-Div alpha 1.4, lr 1e-4, 56 st
   for the tokens above q* = M^(1/(1-alpha)) and M (-log q) plus a constant below: c-Div where the model
   is already likely, M times NLL where it is not, so no token carries more than M times an average one;
 - ``nll_mix`` 0.5;
-- lr 3e-5 and 112 steps, each with NLL at the same lr and steps as its own reference.
+- lr 3e-5 and 112 steps, each with NLL at the same lr and steps as its own reference;
+- then the best levels combined: ``max_weight`` 2 and alpha 1.1, each at 112 steps (against NLL at 112 steps).
 
 The machinery (per-point fine-tunes and sweeps, ``--resume``, verdicts) is ``demo/recipe_grid.py``'s.
 Outputs: ``OUT/grid.csv``, ``OUT/grid.md``, one sweep per point in ``OUT/sweeps/``.
@@ -47,6 +48,10 @@ POINTS = [  # in the order they run: the settings most likely to move the verdic
     cdiv_point("cdiv-2.0", alpha=2.0),
     GridPoint("nll-lr3e-05", "nll", lr=3e-5),
     cdiv_point("cdiv-1.4-lr3e-05", lr=3e-5),
+    # combinations of the best levels above: the bounded weights (or alpha 1.1) that tie NLL at 56 steps, with
+    # the 112 steps at which c-Div 1.4 reaches the cold end (docs/demo-lm/grid.md)
+    cdiv_point("cdiv-1.4-maxw2-112steps", steps=112, max_weight=2.0),
+    cdiv_point("cdiv-1.1-112steps", steps=112, alpha=1.1),
 ]
 
 

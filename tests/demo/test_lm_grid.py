@@ -25,6 +25,9 @@ def test_every_point_has_its_nll_reference_in_the_grid():
     assert GridPoint("x", "cdiv", lr=3e-5).reference() == "nll-lr3e-05"
     assert GridPoint("x", "cdiv", steps=112).reference() == "nll-112steps"
     assert [p.name for p in select(POINTS, ["cdiv-1.4-112steps"])] == ["nll-112steps", "cdiv-1.4-112steps"]
+    combined = select(POINTS, ["cdiv-1.4-maxw2-112steps"])  # a combination runs against NLL at its steps
+    assert [p.name for p in combined] == ["nll-112steps", "cdiv-1.4-maxw2-112steps"]
+    assert (combined[1].steps, combined[1].params) == (112, {"alpha": 1.4, "max_weight": 2.0})
     assert [p.name for p in select(POINTS, ["cdiv-1.1", "cdiv-1.2"])] == ["nll", "cdiv-1.1", "cdiv-1.2"]
     with pytest.raises(DemoError, match="unknown grid point"):
         select(POINTS, ["cdiv-9"])
