@@ -6,8 +6,9 @@ Gemma 3 270M (Precision <= 0.011 at every temperature, docs/demo-lm/summary.md),
 whether a recall loss changes how a model's *other* knowledge responds to temperature.  This group can:
 of the candidate prompts (every prompt no fine-tune sees and no other group sweeps: ``iso.unseen_prompts``)
 it keeps the ``n`` on which the base model puts the most probability on the valid answers at T = 1, i.e.
-its exact Precision Q_1(answers) through the chat template, computed as the sweep computes it
-(``eval/known_support.support_log_probs``).  The choice uses only the base model, so it favours no loss.
+its exact Precision Q_1(answers) through the chat template: the sweep's teacher forcing
+(``eval/known_support.support_log_probs``) with the prompt's forward shared by its answers, equal to it within
+1e-5 (tests/demo/test_iso_familiar.py).  The choice uses only the base model, so it favours no loss.
 Ties (equal Precision) are broken by the SHA-256 of the prompt's text.
 """
 
@@ -24,7 +25,7 @@ import numpy as np
 from recall_dist.demo import iso_prompts
 
 
-def padded_log_probs(model, encoded, pad_id: int = 0) -> np.ndarray:
+def shared_prompt_log_probs(model, encoded, pad_id: int = 0) -> np.ndarray:
     """log Q_1(x_i | prompt) of every completion of ``encoded`` (``eval/known_support.EncodedPrompt``): the
     prompt's forward once, its key/value cache repeated over the completions, and the completions in one
     right-padded batch on top; float64 [S].  The sweep's ``support_log_probs`` runs prompt + completion
@@ -67,7 +68,7 @@ def base_precisions(model_path: str | Path, prompts: list[iso_prompts.Prompt]) -
     for prompt in tqdm(prompts, desc="familiar candidates", unit="prompt", mininterval=10):
         rows = enumerate(iso_prompts.support_rows([prompt]), start=1)
         (support,) = supports_from_rows(rows, f"candidate {prompt.text!r}").values()
-        logq = padded_log_probs(model, encode_support(tokenizer, support, "familiar candidates"), pad_id)
+        logq = shared_prompt_log_probs(model, encode_support(tokenizer, support, "familiar candidates"), pad_id)
         out.append(float(np.exp(np.logaddexp.reduce(logq))))
     return out
 

@@ -18,8 +18,8 @@ from recall_dist.demo.iso_familiar import (
     base_precisions,
     choose_familiar,
     familiar_prompts,
-    padded_log_probs,
     read_scores,
+    shared_prompt_log_probs,
     write_scores,
 )
 from recall_dist.demo.iso_prompts import CURRENCY_PROMPT, Prompt, split_prompts, support_rows
@@ -84,7 +84,7 @@ def test_base_precision_equals_the_sweeps_exact_computation(model_dir, tmp_path)
         (key,) = [k for k in sweep_file.prompts() if prompt.text in k]
         encoded = sweep_file.encode(tokenizer, key)
         exact = support_log_probs(model, encoded, [1.0], pad_id=tokenizer.pad_token_id)[0]
-        np.testing.assert_allclose(padded_log_probs(model, encoded, tokenizer.pad_token_id), exact, rtol=1e-5)
+        np.testing.assert_allclose(shared_prompt_log_probs(model, encoded, tokenizer.pad_token_id), exact, rtol=1e-5)
         assert value == pytest.approx(float(np.exp(exact).sum()), rel=1e-5)
         assert 0 < value < 1
 
