@@ -13,7 +13,9 @@ both interpolated along their temperature curves (``verdicts.recall_at``); the b
 gap over ``LEVELS_PER_BAND`` evenly spaced levels that both curves reach, paired with NLL of the same
 seed.  A margin within ``TIE`` = 0.01 Recall is a tie: about NLL's seed-to-seed gap measured on the
 same kind of task (issue 32: 64 steps, two seeds, gaps of 0.007-0.015), fixed in advance and not fitted
-to the run.  Levels only one curve reaches are counted and named, never averaged in.
+to the run.  Levels only one curve reaches are counted and named, never averaged in.  A group whose NLL
+never reaches ``BANDS[0]`` (the familiar prompts) is compared in ``LOW_BANDS`` instead, set after the
+first sweep of that group and stated as such in docs/demo-lm/run.md.
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ from recall_dist.demo.verdicts import Points, dominance, recall_at, spread, temp
 
 REFERENCE = "nll"
 BANDS = ((0.5, 0.8), (0.8, 0.9), (0.9, 0.95), (0.95, 0.99), (0.99, 1.0))
+# The bands of a group whose NLL never reaches BANDS[0] at any T in any seed (the familiar prompts: Precision
+# 0.03-0.2; set after the first run that swept them showed that range, the same rule for every group).
+LOW_BANDS = ((0.02, 0.05), (0.05, 0.1), (0.1, 0.2), (0.2, 0.5))
 LEVELS_PER_BAND = 20
 TIE = 0.01
 
@@ -133,11 +138,19 @@ def seed_range(seeds: dict[int, Points], band: tuple[float, float], levels: int 
     return float(np.mean(spreads)) if spreads else math.nan
 
 
+def group_bands(reference: dict[int, Points]) -> tuple:
+    """``BANDS``, or ``LOW_BANDS`` when no seed of the reference reaches Precision ``BANDS[0][0]`` at any T."""
+    top = max((p for points in reference.values() for _, p, _ in points), default=0.0)
+    return BANDS if top >= BANDS[0][0] else LOW_BANDS
+
+
 def band_statistics(curves: dict[str, dict[int, Points]]) -> dict[str, dict[tuple, list[dict]]]:
-    """family -> band -> [band_margin per seed, paired with the reference of that seed] (reference left out)."""
+    """family -> band -> [band_margin per seed, paired with the reference of that seed] (reference left out),
+    over the group's bands (``group_bands``)."""
     if REFERENCE not in curves:
         raise ValueError(f"the sweep has no {REFERENCE!r} model to compare with; models: {', '.join(curves)}")
     ref = curves[REFERENCE]
+    bands = group_bands(ref)
     stats = {}
     for family, seeds in curves.items():
         if family == REFERENCE:
@@ -145,7 +158,7 @@ def band_statistics(curves: dict[str, dict[int, Points]]) -> dict[str, dict[tupl
         missing = sorted(set(ref) - set(seeds))
         if missing:
             raise ValueError(f"model {family!r} lacks seed(s) {missing} that {REFERENCE!r} has")
-        stats[family] = {band: [band_margin(seeds[s], ref[s], band) for s in sorted(ref)] for band in BANDS}
+        stats[family] = {band: [band_margin(seeds[s], ref[s], band) for s in sorted(ref)] for band in bands}
     return stats
 
 
@@ -169,9 +182,15 @@ def band_cell(per_seed: list[dict]) -> str:
 
 
 def _band_section(group: str, stats: dict, n_prompts: int, reference: dict[int, Points]) -> Section:
-    rows = [[family, *(band_cell(per_band[band]) for band in BANDS)] for family, per_band in stats.items()]
+    bands = group_bands(reference)
+    rows = [[family, *(band_cell(per_band[band]) for band in bands)] for family, per_band in stats.items()]
     if len(reference) > 1:  # what the fixed tolerance is to be read against
-        rows.append(["(NLL's seed-to-seed range)", *(num(seed_range(reference, band)) for band in BANDS)])
+        rows.append(["(NLL's seed-to-seed range)", *(num(seed_range(reference, band)) for band in bands)])
+    low = (
+        [f"NLL never reaches Precision {BANDS[0][0]:g} on these prompts, so they are compared in lower bands.", ""]
+        if bands == LOW_BANDS
+        else []
+    )
     return Section(
         f"Recall over NLL at the same Precision: {group} prompts ({n_prompts})",
         [
@@ -180,7 +199,8 @@ def _band_section(group: str, stats: dict, n_prompts: int, reference: dict[int, 
             f"mean [min, max] of the margins paired by seed), then the verdicts: higher / lower beyond {TIE:g}, "
             "tie within; 'NLL only': the loss reaches no level of the band at any T.",
             "",
-            *table(["loss", *map(band_label, BANDS)], rows),
+            *low,
+            *table(["loss", *map(band_label, bands)], rows),
         ],
     )
 
@@ -197,9 +217,10 @@ def _general_section(stats_by_group: dict[str, dict], curves: Curves) -> Section
     for family in families:
         parts = []
         for group, stats in stats_by_group.items():
-            higher = [band_label(b) for b in BANDS if all(s["verdict"] == "higher" for s in stats[family][b])]
+            bands = list(stats[family])
+            higher = [band_label(b) for b in bands if all(s["verdict"] == "higher" for s in stats[family][b])]
             lower = [
-                band_label(b) for b in BANDS if any(s["verdict"] in ("lower", "NLL only") for s in stats[family][b])
+                band_label(b) for b in bands if any(s["verdict"] in ("lower", "NLL only") for s in stats[family][b])
             ]
             ref = curves[group][REFERENCE]
             whole = [

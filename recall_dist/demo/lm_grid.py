@@ -62,8 +62,7 @@ class LmGridRecipe(GridRecipe, IsoRecipe):
     OUT = "results/demo-lm-grid"
     POINTS: ClassVar[list[GridPoint]] = POINTS
     BANDS: ClassVar[tuple] = BANDS
-    QUICK: ClassVar[dict] = {**IsoRecipe.QUICK, "familiar_prompts": 0}
-    familiar_prompts: int = 0  # the grid sweeps the training prompts only
+    familiar_prompts: int = 0  # the grid sweeps the training prompts only (grid_main keeps this default)
 
     def tie(self) -> float:
         return TIE

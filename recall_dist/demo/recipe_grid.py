@@ -413,8 +413,9 @@ def grid_main(grid_cls: type, base_cls: type[Recipe], description: str, argv: li
     try:
         base = base_cls.quick() if args.quick else base_cls.full()
         only = args.only.split(",") if args.only else (grid_cls.QUICK_POINTS if args.quick else None)
+        own = set(vars(grid_cls).get("__annotations__", {}))  # fields the grid declares again keep its defaults
         recipe = grid_cls(
-            **{f.name: getattr(base, f.name) for f in dataclasses.fields(base_cls) if f.name != "out"},
+            **{f.name: getattr(base, f.name) for f in dataclasses.fields(base_cls) if f.name not in {"out", *own}},
             out=Path(args.out).resolve(),
             points=select(grid_cls.POINTS, only),
         )

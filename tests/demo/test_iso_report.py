@@ -15,6 +15,7 @@ from recall_dist.demo.iso_prompts import prompt_messages
 from recall_dist.demo.iso_report import (
     BANDS,
     LEVELS_PER_BAND,
+    LOW_BANDS,
     TIE,
     band_margin,
     band_statistics,
@@ -171,3 +172,23 @@ def test_summary_with_seeds_pairs_the_margins_and_shows_nll_spread(tmp_path):
     mean = (m0 + m1) / 2
     assert f"| {mean:+.3f} [{m0:+.3f}, {m1:+.3f}] higher 2/2 |" in text
     assert "| (NLL's seed-to-seed range) | 0.050 | 0.050 | 0.050 | 0.050 | 0.050 |" in text
+
+
+def test_a_group_nll_never_makes_precise_is_compared_in_the_low_bands(tmp_path):
+    """The familiar prompts' case: NLL's Precision stays under BANDS[0] at every T, so the group's table has
+    LOW_BANDS' columns, with margins equal to the independent envelope's; a group NLL does make precise keeps
+    BANDS."""
+    nll = [(0.3, 0.15, 0.05), (0.5, 0.1, 0.07), (1.0, 0.04, 0.09), (1.5, 0.01, 0.1)]
+    cdiv = [(t, p, r + 0.02) for t, p, r in nll]
+    files = write_sweep(tmp_path, {"familiar": ["Name a cat.", "Name a dog."]}, {"nll": nll, "cdiv-1.4": cdiv}, 0.0)
+    text = summary_markdown(tmp_path, files)
+    header = "| loss | " + " | ".join(f"P ∈ [{lo:g}, {hi:g})" for lo, hi in LOW_BANDS) + " |"
+    assert header in text and "NLL never reaches Precision 0.5 on these prompts" in text
+    for band in LOW_BANDS[:3]:
+        expected = np.nanmean([envelope(cdiv, p) - envelope(nll, p) for p in levels(band)])  # levels both reach
+        assert expected == pytest.approx(0.02)
+        assert band_statistics({"nll": {0: nll}, "cdiv-1.4": {0: cdiv}})["cdiv-1.4"][band][0]["margin"] == (
+            pytest.approx(expected)
+        )
+    assert "| cdiv-1.4 | +0.020 higher | +0.020 higher | +0.020 higher | neither |" in text
+    assert list(band_statistics({"nll": {0: NLL}, "cdiv-1.4": {0: CDIV}})["cdiv-1.4"]) == list(BANDS)

@@ -124,6 +124,8 @@ def test_quick_grid_end_to_end_and_resume(tmp_path):
     root = Path(__file__).resolve().parents[2]
     done = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=900, cwd=root)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    # the grid sweeps the training prompts only: no familiar group is scored (its own default beats demo-lm's)
+    assert "familiar prompts: scoring" not in done.stdout and not (out / "data" / "familiar_scores.csv").exists()
     with open(out / "grid.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     quick = IsoRecipe.quick()
