@@ -134,11 +134,10 @@ def write_demo_data(
         if not chosen:
             raise DemoError(f"data: no {name[8:]} prompt to sweep (of {len(prompts)} prompts)")
     groups["support_reworded"] = [iso_prompts.reworded(p) for p in groups["support_train"]]
-    trained = {p.text for p in (groups["support_train"] if train_on == "swept" else prompts)}
     (out / "support_familiar.jsonl").unlink(missing_ok=True)  # an earlier call's group, if this one has none
     if familiar:
-        overlap = trained | {p.text for p in (*swept_training, *swept_heldout)}
-        clash = [p.text for p in familiar if p.text in overlap]
+        unseen = {p.text for p in unseen_prompts(prompts, train_prompts, heldout_prompts, train_on)}
+        clash = [p.text for p in familiar if p.text not in unseen]
         if clash:
             raise DemoError(f"data: familiar prompts must be unseen and unswept, but {clash[:3]} are trained or swept")
         groups["support_familiar"] = list(familiar)
@@ -154,11 +153,7 @@ def write_demo_data(
     for name, group_rows in rows.items():
         paths[name] = write_support_file(group_rows, out / f"{name}.jsonl")
     paths["support"] = write_support_file(
-        [
-            row
-            for name in ("support_train", "support_reworded", "support_familiar", "support_heldout")
-            for row in rows.get(name, [])
-        ],
+        [row for file in GROUP_FILES.values() for row in rows.get(Path(file).stem, [])],  # the report's order
         out / "support.jsonl",
     )
     return paths

@@ -60,10 +60,11 @@ def base_precisions(model_path: str | Path, prompts: list[iso_prompts.Prompt]) -
 
     from recall_dist.data import load_tokenizer
     from recall_dist.eval.support_file import encode_support, supports_from_rows
+    from recall_dist.eval.tokens import pad_token_id
 
     tokenizer = load_tokenizer(str(model_path))
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(tokenizer)
     out = []
     for prompt in tqdm(prompts, desc="familiar candidates", unit="prompt", mininterval=10):
         rows = enumerate(iso_prompts.support_rows([prompt]), start=1)
