@@ -23,9 +23,10 @@ sweep as ``torchrun --nproc-per-node 2`` subprocesses, logs in ``OUT/logs/``):
    answers (``demo/iso_familiar.py``; every candidate's score in ``data/familiar_scores.csv``): the held-out
    prompts are answered by no model, these are the unseen prompts a model does know something of;
    ``data/support.jsonl``: all four, the sweep's ``support`` file.
-3. **Fine-tune** the model with each loss (``pipeline.LOSSES``) on the same examples, seed, steps and
+3. **Fine-tune** the model with each loss (``ISO_LOSSES``) on the same examples, seed, steps and
    learning rate, 2 processes on FSDP2 (``configs/demo_lm/finetune.yaml``).  The un-fine-tuned model
-   adds words around a name, so the fine-tune also teaches the format.
+   adds words around a name, so the fine-tune also teaches the format.  The recipe grid's best setting
+   trains twice as long (112 steps, whatever ``--steps`` says), and so does its own NLL reference.
 4. **Sweep** (``configs/demo_lm/sweep.yaml``, ``metric: known_support``): exact Precision = Q_T(support)
    and Recall@N of every model and temperature on every swept prompt, by teacher forcing each answer
    through the chat template exactly as training tokenizes it (``eval/support_file.py``).
@@ -55,13 +56,19 @@ from recall_dist.demo.pipeline import (
     Progress,
     Recipe,
     Result,
+    loss_references,
     pretrained_lm_main,
 )
 
 CONFIG_DIR = CONFIGS / "demo_lm"
-# The losses every demo trains, plus the best c-Div setting of demo-lm's recipe grid (docs/demo-lm/grid.md: the
-# weight capped at 2, which ties NLL where c-Div 1.4 alone loses by 0.09-0.12 Recall@100).
-ISO_LOSSES = [*LOSSES, ("cdiv-1.4-maxw2", "cdiv", {"alpha": 1.4, "max_weight": 2.0})]
+# The losses every demo trains, plus the best setting of demo-lm's recipe grid (docs/demo-lm/grid.md: c-Div
+# alpha 1.1 for twice the demo's steps, higher than NLL trained as long in every band and seed) with NLL
+# trained as long as its reference (``pipeline.loss_references``).
+ISO_LOSSES = [
+    *LOSSES,
+    ("nll-112steps", "nll", {}, 112),
+    ("cdiv-1.1-112steps", "cdiv", {"alpha": 1.1}, 112),
+]
 # Which training prompts the fine-tunes see: only the swept ones (the default: SmolLM2-135M learns their ~250
 # answers in 56 steps; spread over all 142 training prompts it learns the format but not the names, docs/demo-lm/
 # probe.md), or all of them.  The held-out prompts are never trained on either way.
@@ -196,7 +203,9 @@ class IsoRecipe(Recipe):
     def banner(self) -> str:
         return (
             f"recall-dist demo-lm: {len(self.losses)} losses x {self.seeds} seed(s), 2 processes (FSDP2), "
-            f"{self.finetune_steps} steps of {self.global_batch} chat examples each; output in {self.out}"
+            f"{self.finetune_steps} steps of {self.global_batch} chat examples each"
+            + "".join(f", {e[0]} {e[3]}" for e in self.losses if len(e) == 4)
+            + f"; output in {self.out}"
         )
 
     def prepare_stages(self) -> int:
@@ -221,7 +230,7 @@ class IsoRecipe(Recipe):
         paths = write_demo_data(
             self.out / "data",
             prompts,
-            self.finetune_steps * self.global_batch,
+            self.max_steps() * self.global_batch,
             self.train_prompts,
             self.heldout_prompts,
             train_on=self.train_on,
@@ -259,7 +268,12 @@ class IsoRecipe(Recipe):
         models = {run.name: self.out / "runs" / run.name / "final" for run in self.runs()}
         write_samples(models, groups, self.out / "samples.md", self.temperatures, self.sample_prompts, self.samples)
         return write_summary(
-            self.out, groups, recipe=self, wall_seconds=result.wall_seconds, stage_seconds=result.stage_seconds
+            self.out,
+            groups,
+            recipe=self,
+            references=loss_references(self.losses),
+            wall_seconds=result.wall_seconds,
+            stage_seconds=result.stage_seconds,
         )
 
 

@@ -144,20 +144,32 @@ def group_bands(reference: dict[int, Points]) -> tuple:
     return BANDS if top >= BANDS[0][0] else LOW_BANDS
 
 
-def band_statistics(curves: dict[str, dict[int, Points]]) -> dict[str, dict[tuple, list[dict]]]:
-    """family -> band -> [band_margin per seed, paired with the reference of that seed] (reference left out),
-    over the group's bands (``group_bands``)."""
+def reference_of(family: str, references: dict[str, str] | None) -> str:
+    """The NLL model ``family`` is read against: ``references[family]`` (NLL trained as long:
+    ``pipeline.loss_references``) or ``REFERENCE``."""
+    return (references or {}).get(family, REFERENCE)
+
+
+def band_statistics(
+    curves: dict[str, dict[int, Points]], references: dict[str, str] | None = None
+) -> dict[str, dict[tuple, list[dict]]]:
+    """family -> band -> [band_margin per seed, paired with its reference (``reference_of``) of that seed]
+    (``REFERENCE`` left out), over the group's bands (``group_bands`` of ``REFERENCE``: one set of bands per
+    group, whatever a family's reference)."""
     if REFERENCE not in curves:
         raise ValueError(f"the sweep has no {REFERENCE!r} model to compare with; models: {', '.join(curves)}")
-    ref = curves[REFERENCE]
-    bands = group_bands(ref)
+    bands = group_bands(curves[REFERENCE])
     stats = {}
     for family, seeds in curves.items():
         if family == REFERENCE:
             continue
+        name = reference_of(family, references)
+        if name not in curves:
+            raise ValueError(f"model {family!r} is read against {name!r}, which the sweep lacks")
+        ref = curves[name]
         missing = sorted(set(ref) - set(seeds))
         if missing:
-            raise ValueError(f"model {family!r} lacks seed(s) {missing} that {REFERENCE!r} has")
+            raise ValueError(f"model {family!r} lacks seed(s) {missing} that {name!r} has")
         stats[family] = {band: [band_margin(seeds[s], ref[s], band) for s in sorted(ref)] for band in bands}
     return stats
 
@@ -181,9 +193,15 @@ def band_cell(per_seed: list[dict]) -> str:
     return f"{text} {counts}"
 
 
-def _band_section(group: str, stats: dict, n_prompts: int, reference: dict[int, Points]) -> Section:
+def _band_section(
+    group: str, stats: dict, n_prompts: int, reference: dict[int, Points], references: dict[str, str] | None
+) -> Section:
     bands = group_bands(reference)
-    rows = [[family, *(band_cell(per_band[band]) for band in bands)] for family, per_band in stats.items()]
+    rows = [
+        [family + ("" if reference_of(family, references) == REFERENCE else f" (vs {references[family]})")]
+        + [band_cell(per_band[band]) for band in bands]
+        for family, per_band in stats.items()
+    ]
     if len(reference) > 1:  # what the fixed tolerance is to be read against
         rows.append(["(NLL's seed-to-seed range)", *(num(seed_range(reference, band)) for band in bands)])
     low = (
@@ -197,7 +215,8 @@ def _band_section(group: str, stats: dict, n_prompts: int, reference: dict[int, 
             "Per Precision band: the loss's Recall minus NLL's at the same Precision (both interpolated along "
             f"their T curves; mean over {LEVELS_PER_BAND} levels of the band both reach; with several seeds "
             f"mean [min, max] of the margins paired by seed), then the verdicts: higher / lower beyond {TIE:g}, "
-            "tie within; 'NLL only': the loss reaches no level of the band at any T.",
+            "tie within; 'NLL only': the loss reaches no level of the band at any T. A loss trained for more "
+            "steps than the others is read against NLL trained as long ('vs'), in the same bands.",
             "",
             *low,
             *table(["loss", *map(band_label, bands)], rows),
@@ -205,7 +224,7 @@ def _band_section(group: str, stats: dict, n_prompts: int, reference: dict[int, 
     )
 
 
-def _general_section(stats_by_group: dict[str, dict], curves: Curves) -> Section:
+def _general_section(stats_by_group: dict[str, dict], curves: Curves, references: dict[str, str] | None) -> Section:
     """Does the loss help only on the prompts it trained on?  Bands where it is higher, per group, and the
     whole-curve verdict (``verdicts.dominance`` at NLL's temperature points, tolerance ``TIE``)."""
     lines = [
@@ -222,7 +241,7 @@ def _general_section(stats_by_group: dict[str, dict], curves: Curves) -> Section
             lower = [
                 band_label(b) for b in bands if any(s["verdict"] in ("lower", "NLL only") for s in stats[family][b])
             ]
-            ref = curves[group][REFERENCE]
+            ref = curves[group][reference_of(family, references)]
             whole = [
                 dominance(points, ref[seed], TIE)["verdict"] for seed, points in sorted(curves[group][family].items())
             ]
@@ -231,7 +250,8 @@ def _general_section(stats_by_group: dict[str, dict], curves: Curves) -> Section
                 f"on {group} prompts higher in every seed at {', '.join(higher) or 'no band'}, lower or never as "
                 f"precise in some seed at {', '.join(lower) or 'no band'}; whole curve: {counts}"
             )
-        lines.append(f"- {family}: " + "; ".join(parts) + ".")
+        vs = reference_of(family, references)
+        lines.append(f"- {family}" + ("" if vs == REFERENCE else f" (vs {vs})") + ": " + "; ".join(parts) + ".")
     return Section("Where it was trained, or in general?", lines)
 
 
@@ -310,8 +330,8 @@ def _intro(recipe, n_prompts: dict, n_seeds: int, recall_at_n: str, wall_seconds
         '("reworded": "Tell me one of the regions of France."); the "familiar" prompts are never trained on '
         "either, chosen as those whose answers the base model already puts the most probability on "
         "(`demo/iso_familiar.py`). "
-        f"Each loss fine-tunes the same model for {recipe.finetune_steps} steps of "
-        f"{recipe.global_batch} chat examples of the training prompts (2 processes, FSDP2"
+        f"Each loss fine-tunes the same model for {recipe.finetune_steps} steps (unless Settings says "
+        f"otherwise) of {recipe.global_batch} chat examples of the training prompts (2 processes, FSDP2"
         + (f"; {n_seeds} fine-tuning seeds" if n_seeds > 1 else "")
         + "). Sweep: exact Precision = Q_T(answers) and Recall@"
         + recall_at_n
@@ -326,15 +346,16 @@ def _intro(recipe, n_prompts: dict, n_seeds: int, recall_at_n: str, wall_seconds
 
 
 def summary_markdown(
-    out: Path, support_files: dict[str, Path], recipe=None, wall_seconds=None, stage_seconds=None
+    out: Path, support_files: dict[str, Path], recipe=None, references=None, wall_seconds=None, stage_seconds=None
 ) -> str:
     """The text of summary.md from ``out``'s ``sweep.csv`` and ``sweep_prompts.csv``; writes one PR figure
-    per group (``pr_curve_<group>.png``) beside them."""
+    per group (``pr_curve_<group>.png``) beside them.  ``references``: family -> the NLL family it is read
+    against when not ``REFERENCE`` (``pipeline.loss_references``)."""
     labels = model_labels(out / "sweep.csv")
     values = read_prompt_values(out / "sweep_prompts.csv", read_groups(support_files))
     values = {g: values[g] for g in support_files if g in values}
     curves = group_curves(values, labels)
-    stats = {group: band_statistics(families) for group, families in curves.items()}
+    stats = {group: band_statistics(families, references) for group, families in curves.items()}
     n_prompts = {g: len(next(iter(next(iter(v.values())).values()))) for g, v in values.items()}
     with open(out / "sweep.csv", newline="") as f:
         recall_at_n = next(csv.DictReader(f)).get("recall_at_n") or "N"
@@ -343,8 +364,8 @@ def summary_markdown(
         plot_group(group, models, labels, recall_at_n, out / f"pr_curve_{group.replace('-', '')}.png")
     sections = [
         _temperature_section(curves),
-        *(_band_section(g, stats[g], n_prompts[g], curves[g][REFERENCE]) for g in stats),
-        _general_section(stats, curves),
+        *(_band_section(g, stats[g], n_prompts[g], curves[g][REFERENCE], references) for g in stats),
+        _general_section(stats, curves, references),
         *(_curve_section(g, values[g], labels) for g in values),
         _training_section(out / "runs", list(labels)) if (out / "runs").is_dir() else None,
         _time_section(stage_seconds) if stage_seconds else None,

@@ -91,6 +91,7 @@ class Run:
     params: dict
     seed: int
     seeded: bool
+    steps: int | None = None  # None: the recipe's ``finetune_steps``
 
     def model_entry(self, path: Path) -> str:
         """This model's entry of the sweep's ``models`` (YAML flow)."""
@@ -98,14 +99,48 @@ class Run:
         return f"{{name: {self.name}, path: {path}{labels}}}"
 
 
+def entry_steps(entry: tuple) -> int | None:
+    """The steps of a recipe's loss entry: ``(name, loss, params)`` trains the recipe's ``finetune_steps``
+    (None), ``(name, loss, params, steps)`` trains ``steps``."""
+    if len(entry) not in (3, 4):
+        raise DemoError(f"a loss entry is (name, loss, params) or (name, loss, params, steps); got {entry!r}")
+    return entry[3] if len(entry) == 4 else None
+
+
 def seed_runs(losses: list[tuple], seeds: int) -> list[Run]:
     """Every fine-tune of ``losses`` x ``seeds``, seed-major.  Seed 0 keeps the loss's bare name whatever
     ``seeds`` is, so ``--seeds 3 --resume`` reuses the fine-tunes of an earlier one-seed run."""
+    steps = [entry_steps(entry) for entry in losses]  # checks every entry's shape
     return [
-        Run(name if seed == 0 else f"{name}-s{seed}", name, loss, params, seed, seeds > 1)
+        Run(name if seed == 0 else f"{name}-s{seed}", name, loss, params, seed, seeds > 1, n)
         for seed in range(seeds)
-        for name, loss, params in losses
+        for (name, loss, params, *_), n in zip(losses, steps, strict=True)
     ]
+
+
+def loss_references(losses: list[tuple]) -> dict[str, str]:
+    """name -> the NLL entry the loss is read against: the ``"nll"`` entry that trains as many steps
+    (``entry_steps``), so that a loss trained longer is compared with NLL trained as long, never with
+    NLL at the recipe's steps.  An NLL entry with its own steps is read against NLL at the recipe's steps
+    (what training longer does alone); NLL at the recipe's steps has no reference (it is the reference)."""
+    by_steps: dict[int | None, str] = {}
+    for entry in losses:
+        if entry[1] == "nll":
+            by_steps.setdefault(entry_steps(entry), entry[0])
+    references = {}
+    for entry in losses:
+        steps, name = entry_steps(entry), entry[0]
+        if steps not in by_steps:
+            raise DemoError(
+                f"loss {name!r} trains {steps} steps and no NLL entry does: add "
+                f"('nll-{steps}steps', 'nll', {{}}, {steps}) to the losses as its reference"
+            )
+        reference = by_steps[steps]
+        if reference == name:  # an NLL reference itself: read against NLL at the recipe's steps
+            reference = by_steps.get(None) if steps is not None else None
+        if reference is not None:
+            references[name] = reference
+    return references
 
 
 def prepare_model(model: str | None = None) -> str:
@@ -183,6 +218,15 @@ class Recipe(ABC):
     def runs(self) -> list[Run]:
         return seed_runs(self.losses, self.seeds)
 
+    def steps_of(self, run: Run) -> int:
+        """How many steps ``run`` fine-tunes: its own, or the recipe's ``finetune_steps``."""
+        return run.steps or self.finetune_steps
+
+    def max_steps(self) -> int:
+        """The steps of the longest fine-tune: the training data holds enough examples for it (a shorter one
+        reads its first rows)."""
+        return max((self.steps_of(r) for r in self.runs()), default=self.finetune_steps)
+
     def lora_overrides(self) -> list[str]:
         """The overrides ``CONFIG_DIR/lora.yaml`` puts over every fine-tune (none without ``lora``)."""
         return config_overrides(self.CONFIG_DIR / LORA_CONFIG) if self.lora else []
@@ -225,8 +269,8 @@ class Recipe(ABC):
             f"loss.name={run.loss}",
             f"loss.params={yaml_flow(run.params)}",
             f"train.output_dir={run_dir}",
-            f"train.max_steps={self.finetune_steps}",
-            f"data.num_samples={self.finetune_steps * self.global_batch}",
+            f"train.max_steps={self.steps_of(run)}",
+            f"data.num_samples={self.steps_of(run) * self.global_batch}",
             f"train.seed={self.train_seed + run.seed}",
             *([f"data.seed={self.data_seed + run.seed}"] if self.data_seed is not None else []),
             *self.lora_overrides(),
@@ -260,11 +304,11 @@ def run_pipeline(recipe: Recipe, resume: bool = False) -> Path:
     for run in runs:
         run_dir = recipe.out / "runs" / run.name
         progress.train(
-            f"fine-tune {run.name} ({recipe.finetune_steps} steps)",
+            f"fine-tune {run.name} ({recipe.steps_of(run)} steps)",
             recipe.CONFIG_DIR / "finetune.yaml",
             recipe.finetune_overrides(prepared, run, run_dir),
             run_dir,
-            recipe.finetune_steps,
+            recipe.steps_of(run),
             resume,
             key=f"fine-tune {run.name}",
         )
@@ -344,7 +388,12 @@ def add_common_arguments(p, recipe_cls: type[Recipe], quick_help: str) -> None:
     """--out, --seeds, --steps, --quick, --resume: the options of every demo."""
     p.add_argument("--out", default=None, help=f"output directory (default: {recipe_cls.OUT})")
     p.add_argument("--seeds", type=int, default=1, help="fine-tuning seeds per loss (default: 1)")
-    p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per loss (default: the demo's config)")
+    p.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="fine-tuning steps per loss (default: the demo's config; a loss that sets its own steps keeps them)",
+    )
     p.add_argument("--quick", action="store_true", help=quick_help)
     p.add_argument(
         "--resume",

@@ -102,7 +102,7 @@ class GridRecipe(ABC):
         """Seed-major; seed 0 keeps the point's name (so ``--seeds 3 --resume`` reuses a one-seed grid's
         runs), seed k > 0 is ``NAME-sK``."""
         return [
-            Run(p.name if s == 0 else f"{p.name}-s{s}", p.name, p.loss, p.params, s, self.seeds > 1)
+            Run(p.name if s == 0 else f"{p.name}-s{s}", p.name, p.loss, p.params, s, self.seeds > 1, p.steps)
             for s in range(self.seeds)
             for p in self.points
         ]
@@ -110,20 +110,15 @@ class GridRecipe(ABC):
     def point(self, run: Run) -> GridPoint:
         return next(p for p in self.points if p.name == run.family)
 
-    def steps_of(self, run: Run) -> int:
-        return self.point(run).steps or self.finetune_steps
-
     def lr_of(self, point: GridPoint) -> float:
         from recall_dist.configtree import load_yaml
 
         return point.lr if point.lr is not None else float(load_yaml(self.CONFIG_DIR / "finetune.yaml")["optim"]["lr"])
 
     def finetune_overrides(self, prepared: Prepared, run: Run, run_dir: Path) -> list[str]:
-        point, steps = self.point(run), self.steps_of(run)
+        point = self.point(run)  # its steps are the run's (``Recipe.finetune_overrides``)
         return [
             *super().finetune_overrides(prepared, run, run_dir),
-            f"train.max_steps={steps}",
-            f"data.num_samples={steps * self.global_batch}",
             *([f"optim.lr={point.lr}"] if point.lr is not None else []),
         ]
 
@@ -132,15 +127,13 @@ def run_grid(recipe: GridRecipe, resume: bool) -> Path:
     """Prepare once, then per run: fine-tune (reused when finished and ``resume``) and sweep (reused when the
     fine-tune was and its sweep exists); then ``grid.csv`` and ``grid.md``."""
     runs = recipe.runs()
-    max_steps = max(recipe.steps_of(r) for r in runs)
     progress = Progress(recipe.prepare_stages() + 2 * len(runs))
     print(
         f"recall-dist {recipe.COMMAND} --grid: {len(recipe.points)} settings x {recipe.seeds} seed(s); "
         f"output in {recipe.out}",
         flush=True,
     )
-    # the training data holds enough examples for the longest point; a shorter one reads its first rows
-    prepared = dataclasses.replace(recipe, finetune_steps=max_steps).prepare(progress, resume)
+    prepared = recipe.prepare(progress, resume)  # data for the longest point (``Recipe.max_steps``)
     for run in runs:
         run_dir = recipe.out / "runs" / run.name
         steps = recipe.steps_of(run)

@@ -11,7 +11,8 @@ centre (c-Div alpha 1.4, lr 2e-5, 30 steps of 32 examples):
 - alpha in {1.1, 1.2, 1.4, 2.0};
 - ``max_weight`` 2 (the bounded-weight variant: its derivation is in ``demo/lm_grid.py``);
 - ``nll_mix`` 0.5;
-- lr 6e-6 and 2e-6, and 60 steps, each with NLL at the same lr and steps as its own reference.
+- lr 6e-6 and 2e-6, and 60 steps, each with NLL at the same lr and steps as its own reference;
+- alpha 1.1 at 60 steps: the analogue of the demo-lm grid's finalist (alpha 1.1 at twice the default steps).
 
 Ties: margins within 0.5 / sqrt(num_texts) (0.029 for 300 texts, the demo's tolerance:
 ``demo/fortunes_report.tie_tolerance``).  The machinery is ``demo/recipe_grid.py``'s.  Outputs:
@@ -45,6 +46,7 @@ POINTS = [  # in the order they run
     cdiv_point("cdiv-1.4-lr2e-06", lr=2e-6),
     GridPoint("nll-60steps", "nll", steps=60),
     cdiv_point("cdiv-1.4-60steps", steps=60),
+    cdiv_point("cdiv-1.1-60steps", steps=60, alpha=1.1),  # demo-lm's finalist (alpha 1.1, twice the steps)
 ]
 
 

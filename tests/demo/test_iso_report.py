@@ -192,3 +192,27 @@ def test_a_group_nll_never_makes_precise_is_compared_in_the_low_bands(tmp_path):
         )
     assert "| cdiv-1.4 | +0.020 higher | +0.020 higher | +0.020 higher | neither |" in text
     assert list(band_statistics({"nll": {0: NLL}, "cdiv-1.4": {0: CDIV}})["cdiv-1.4"]) == list(BANDS)
+
+
+def test_a_loss_trained_longer_is_read_against_nll_trained_as_long(tmp_path):
+    """``references``: cdiv-long's margins are against nll-long's curve of the same seed (the independent
+    envelope), not against NLL's; nll-long itself is read against NLL; the bands stay NLL's."""
+    nll_long = shifted(NLL, 0.05)
+    cdiv_long = shifted(NLL, 0.08)  # +0.03 over nll-long everywhere, +0.08 over NLL
+    curves = {"nll": {0: NLL}, "nll-long": {0: nll_long}, "cdiv-long": {0: cdiv_long}}
+    references = {"nll-long": "nll", "cdiv-long": "nll-long"}
+    stats = band_statistics(curves, references)
+    for band in BANDS[:3]:
+        expected = np.mean([envelope(cdiv_long, p) - envelope(nll_long, p) for p in levels(band)])
+        assert expected == pytest.approx(0.03)
+        assert stats["cdiv-long"][band][0]["margin"] == pytest.approx(expected)
+        assert stats["nll-long"][band][0]["margin"] == pytest.approx(0.05)
+    assert band_statistics(curves)["cdiv-long"][BANDS[0]][0]["margin"] == pytest.approx(0.08)  # no references
+    with pytest.raises(ValueError, match="read against 'nll-long', which the sweep lacks"):
+        band_statistics({"nll": {0: NLL}, "cdiv-long": {0: cdiv_long}}, references)
+    groups = {"training": ["Name a red thing."], "held-out": ["Name a cat."]}
+    files = write_sweep(tmp_path, groups, {"nll": NLL, "nll-long": nll_long, "cdiv-long": cdiv_long}, 0.0)
+    text = summary_markdown(tmp_path, files, references=references)
+    assert text.count("| cdiv-long (vs nll-long) | +0.030 higher | +0.030 higher | +0.030 higher |") == 2
+    assert text.count("| nll-long | +0.050 higher | +0.050 higher | +0.050 higher |") == 2
+    assert "- cdiv-long (vs nll-long): on training prompts higher in every seed at" in text

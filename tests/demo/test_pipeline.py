@@ -72,6 +72,34 @@ def test_finetune_overrides_shift_the_seeds_by_the_run():
     assert not any(o.startswith("data.seed=") for o in text.finetune_overrides(prepared, run, text.out))
 
 
+def test_a_loss_entry_with_its_own_steps_trains_them_and_is_read_against_nll_as_long():
+    losses = [*pipeline.LOSSES[:2], ("nll-9steps", "nll", {}, 9), ("cdiv-1.1-9steps", "cdiv", {"alpha": 1.1}, 9)]
+    recipe = dataclasses.replace(ProductRecipe.full(), losses=losses, seeds=2)
+    runs = recipe.runs()
+    assert [(r.name, r.steps) for r in runs[4:]] == [
+        ("nll-s1", None),
+        ("cdiv-1.4-s1", None),
+        ("nll-9steps-s1", 9),
+        ("cdiv-1.1-9steps-s1", 9),
+    ]
+    assert [recipe.steps_of(r) for r in runs[:4]] == [recipe.finetune_steps] * 2 + [9, 9]
+    assert recipe.max_steps() == max(9, recipe.finetune_steps)
+    prepared = pipeline.Prepared(model="/pretrained")
+    overrides = recipe.finetune_overrides(prepared, runs[3], recipe.out / "runs" / runs[3].name)
+    assert "train.max_steps=9" in overrides and f"data.num_samples={9 * recipe.global_batch}" in overrides
+    assert "loss.params={alpha: 1.1}" in overrides
+    # each loss against NLL trained as long; NLL at the recipe's steps is the reference itself
+    assert pipeline.loss_references(losses) == {
+        "cdiv-1.4": "nll",
+        "nll-9steps": "nll",
+        "cdiv-1.1-9steps": "nll-9steps",
+    }
+    with pytest.raises(pipeline.DemoError, match=r"trains 9 steps and no NLL entry does: add \('nll-9steps'"):
+        pipeline.loss_references([pipeline.LOSSES[0], ("cdiv-1.1-9steps", "cdiv", {"alpha": 1.1}, 9)])
+    with pytest.raises(pipeline.DemoError, match="a loss entry is"):
+        pipeline.seed_runs([("nll", "nll")], 1)
+
+
 def test_common_options(tmp_path):
     args = argparse.Namespace(quick=True, steps=0, seeds=1, out=None)
     assert pipeline.recipe_from_args(ProductRecipe, args) == "--steps = 0: must be >= 1"
