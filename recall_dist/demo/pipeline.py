@@ -104,6 +104,8 @@ def entry_steps(entry: tuple) -> int | None:
     (None), ``(name, loss, params, steps)`` trains ``steps``."""
     if len(entry) not in (3, 4):
         raise DemoError(f"a loss entry is (name, loss, params) or (name, loss, params, steps); got {entry!r}")
+    if len(entry) == 4 and (not isinstance(entry[3], int) or entry[3] < 1):
+        raise DemoError(f"loss {entry[0]!r}: steps = {entry[3]!r}; expected a positive integer")
     return entry[3] if len(entry) == 4 else None
 
 

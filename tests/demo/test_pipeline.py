@@ -98,6 +98,8 @@ def test_a_loss_entry_with_its_own_steps_trains_them_and_is_read_against_nll_as_
         pipeline.loss_references([pipeline.LOSSES[0], ("cdiv-1.1-9steps", "cdiv", {"alpha": 1.1}, 9)])
     with pytest.raises(pipeline.DemoError, match="a loss entry is"):
         pipeline.seed_runs([("nll", "nll")], 1)
+    with pytest.raises(pipeline.DemoError, match="'nll-long': steps = 0; expected a positive integer"):
+        pipeline.seed_runs([("nll-long", "nll", {}, 0)], 1)
 
 
 def test_common_options(tmp_path):
