@@ -150,6 +150,12 @@ def reference_of(family: str, references: dict[str, str] | None) -> str:
     return (references or {}).get(family, REFERENCE)
 
 
+def family_label(family: str, references: dict[str, str] | None) -> str:
+    """``family``, with ``(vs REF)`` when it is read against another NLL model than ``REFERENCE``."""
+    vs = reference_of(family, references)
+    return family if vs == REFERENCE else f"{family} (vs {vs})"
+
+
 def band_statistics(
     curves: dict[str, dict[int, Points]], references: dict[str, str] | None = None
 ) -> dict[str, dict[tuple, list[dict]]]:
@@ -198,8 +204,7 @@ def _band_section(
 ) -> Section:
     bands = group_bands(reference)
     rows = [
-        [family + ("" if reference_of(family, references) == REFERENCE else f" (vs {references[family]})")]
-        + [band_cell(per_band[band]) for band in bands]
+        [family_label(family, references), *(band_cell(per_band[band]) for band in bands)]
         for family, per_band in stats.items()
     ]
     if len(reference) > 1:  # what the fixed tolerance is to be read against
@@ -250,8 +255,7 @@ def _general_section(stats_by_group: dict[str, dict], curves: Curves, references
                 f"on {group} prompts higher in every seed at {', '.join(higher) or 'no band'}, lower or never as "
                 f"precise in some seed at {', '.join(lower) or 'no band'}; whole curve: {counts}"
             )
-        vs = reference_of(family, references)
-        lines.append(f"- {family}" + ("" if vs == REFERENCE else f" (vs {vs})") + ": " + "; ".join(parts) + ".")
+        lines.append(f"- {family_label(family, references)}: " + "; ".join(parts) + ".")
     return Section("Where it was trained, or in general?", lines)
 
 
