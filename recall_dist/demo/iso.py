@@ -56,6 +56,7 @@ from recall_dist.demo.pipeline import (
     Progress,
     Recipe,
     Result,
+    entry_steps,
     loss_references,
     pretrained_lm_main,
 )
@@ -204,7 +205,7 @@ class IsoRecipe(Recipe):
         return (
             f"recall-dist demo-lm: {len(self.losses)} losses x {self.seeds} seed(s), 2 processes (FSDP2), "
             f"{self.finetune_steps} steps of {self.global_batch} chat examples each"
-            + "".join(f", {e[0]} {e[3]}" for e in self.losses if len(e) == 4)
+            + "".join(f", {e[0]}: {entry_steps(e)} steps" for e in self.losses if entry_steps(e))
             + f"; output in {self.out}"
         )
 
