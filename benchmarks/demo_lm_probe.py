@@ -72,7 +72,7 @@ def margins(curves: dict, reference: str = "nll") -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="results/demo-lm-probe")
-    ap.add_argument("--losses", nargs="+", default=["nll", "cdiv-1.4"], help=f"of {[n for n, *_ in LOSSES]}")
+    ap.add_argument("--losses", nargs="+", default=["nll", "cdiv-1.4"], help=f"of {[s.name for s in LOSSES]}")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--cdiv-nll-mix", type=float, default=None, help="also c-Div 1.4 with this nll_mix")
     args = ap.parse_args()
@@ -80,7 +80,7 @@ def main() -> None:
     model = prepare_model(None)
     paths = write_demo_data(out / "data", iso_prompts.build_prompts(), STEPS * BATCH, 16, 16)
     train = focused_examples(paths["support_train"], out / "data" / "train_focused.jsonl", STEPS * BATCH)
-    losses = {name: (loss, params) for name, loss, params in LOSSES}
+    losses = {s.name: (s.loss, s.params) for s in LOSSES}
     if args.cdiv_nll_mix is not None:
         name = f"cdiv-1.4-mix{args.cdiv_nll_mix:g}"
         losses[name] = ("cdiv", {"alpha": 1.4, "nll_mix": args.cdiv_nll_mix})

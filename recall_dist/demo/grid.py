@@ -24,17 +24,18 @@ import json
 import math
 from pathlib import Path
 
+from recall_dist.demo.pipeline import Setting
 from recall_dist.demo.report import PRECISION_LEVELS
 from recall_dist.demo.verdicts import PRECISION_TOLERANCE, TOLERANCE, dominance, read_curves, recall_at
 
-REFERENCES = [("nll", "nll", {}), ("cdiv-1.4", "cdiv", {"alpha": 1.4})]
+REFERENCES = [Setting("nll", "nll"), Setting("cdiv-1.4", "cdiv", {"alpha": 1.4})]
 TRUNCR = [
-    (f"truncr-{granularity[:3]}-{drop:g}", "truncr", {"drop": drop, "granularity": granularity})
+    Setting(f"truncr-{granularity[:3]}-{drop:g}", "truncr", {"drop": drop, "granularity": granularity})
     for granularity in ("token", "sequence")
     for drop in (0.1, 0.2, 0.3, 0.5)
 ]
 LAMBDA_PR = [
-    (f"lambda_pr-{lam:g}-mix{mix:g}", "lambda_pr", {"lam": lam, "nll_mix": mix})
+    Setting(f"lambda_pr-{lam:g}-mix{mix:g}", "lambda_pr", {"lam": lam, "nll_mix": mix})
     for lam in (0.3, 0.5, 0.8, 0.95)
     for mix in (0.0, 0.5, 0.9)
 ]
@@ -46,20 +47,22 @@ def softened_lam(lam: float, beta: float) -> float:
 
 
 LAMBDA_PR += [
-    (f"lambda_pr-soft{beta:g}-mix{mix:g}", "lambda_pr", {"lam": round(softened_lam(0.3, beta), 4), "nll_mix": mix})
+    Setting(
+        f"lambda_pr-soft{beta:g}-mix{mix:g}", "lambda_pr", {"lam": round(softened_lam(0.3, beta), 4), "nll_mix": mix}
+    )
     for beta in (0.5, 0.75)
     for mix in (0.5, 0.9)
 ]
 # Precision-side rules: each down-weights targets the model finds unlikely.
 PRECISION = [
-    ("dft", "dft", {}),
-    *[(f"prob_power-{alpha:g}", "prob_power", {"alpha": alpha}) for alpha in (3.0, 10.0)],
+    Setting("dft", "dft"),
+    *[Setting(f"prob_power-{alpha:g}", "prob_power", {"alpha": alpha}) for alpha in (3.0, 10.0)],
     *[
-        (f"prob_threshold-{objective}-top-{tau:g}", "prob_threshold", {"tau": tau, "objective": objective})
+        Setting(f"prob_threshold-{objective}-top-{tau:g}", "prob_threshold", {"tau": tau, "objective": objective})
         for objective in ("p", "log_p")
         for tau in (0.1,)
     ],
-    *[(f"cdiv-{alpha:g}", "cdiv", {"alpha": alpha}) for alpha in (0.5, 0.8)],
+    *[Setting(f"cdiv-{alpha:g}", "cdiv", {"alpha": alpha}) for alpha in (0.5, 0.8)],
 ]
 GRID = REFERENCES + TRUNCR + LAMBDA_PR + PRECISION
 FAMILIES = {"truncr": TRUNCR, "lambda_pr": LAMBDA_PR}
@@ -76,11 +79,11 @@ def grid_rows(curves: dict, reference: str = "nll") -> list[dict]:
     over ``reference`` at each level and the dominance verdict."""
     ref = curves[reference]
     rows = []
-    for name, loss, params in GRID:
-        if name not in curves:
+    for s in GRID:
+        if s.name not in curves:
             continue
-        points = curves[name]
-        row = {"model": name, "loss": loss, "params": json.dumps(params, sort_keys=True)}
+        name, points = s.name, curves[s.name]
+        row = {"model": name, "loss": s.loss, "params": json.dumps(s.params, sort_keys=True)}
         for p in PRECISION_LEVELS:
             row[f"recall_at_p{p:g}"] = recall_at(points, p)
             row[f"margin_at_p{p:g}"] = recall_at(points, p) - recall_at(ref, p)
@@ -93,7 +96,7 @@ def grid_rows(curves: dict, reference: str = "nll") -> list[dict]:
 def best_of(curves: dict, family: str) -> str | None:
     """The family's best grid model by (Recall at P >= 0.99, then at P >= 0.995); ties within the
     demo's tolerance at 0.99 go to the better 0.995 value."""
-    names = [name for name, *_ in FAMILIES[family] if name in curves]
+    names = [s.name for s in FAMILIES[family] if s.name in curves]
     if not names:
         return None
     top = max(_score(curves[n])[0] for n in names)
@@ -164,17 +167,17 @@ def precision_rows(curves: dict, reference: str = "nll") -> list[dict]:
     ref = curves[reference]
     ref_p, ref_r = _at_t1(ref)
     rows = []
-    for name, loss, params in [REFERENCES[0], *PRECISION]:
-        if name not in curves:
+    for s in [REFERENCES[0], *PRECISION]:
+        if s.name not in curves:
             continue
-        points = curves[name]
+        name, points = s.name, curves[s.name]
         p1, r1 = _at_t1(points)
         r99 = recall_at(points, RANK_LEVEL)
         rows.append(
             {
                 "model": name,
-                "loss": loss,
-                "params": json.dumps(params, sort_keys=True),
+                "loss": s.loss,
+                "params": json.dumps(s.params, sort_keys=True),
                 "precision_t1": p1,
                 "recall_t1": r1,
                 "max_recall": max(r for _, _, r in points),
@@ -192,7 +195,7 @@ def precision_rows(curves: dict, reference: str = "nll") -> list[dict]:
 
 def reproduce_command(curves: dict) -> str:
     """The command that trains and sweeps the grid models of ``curves`` (nll is always included)."""
-    names = [name for name, *_ in GRID if name in curves]
+    names = [s.name for s in GRID if s.name in curves]
     if len(names) == len(GRID):
         return "make demo-grid"
     return "recall-dist demo --grid --only " + ",".join(n for n in names if n != "nll")
@@ -279,7 +282,7 @@ def write_grid_report(csv_path: Path, out_dir: Path, recipe=None) -> Path:
     _write_csv(out_dir / "grid.csv", grid_rows(curves))
     path = out_dir / "grid.md"
     path.write_text(grid_markdown(curves, recipe))
-    if any(name in curves for name, *_ in PRECISION):
+    if any(s.name in curves for s in PRECISION):
         _write_csv(out_dir / "precision_rules.csv", precision_rows(curves))
         (out_dir / "precision_rules.md").write_text(precision_markdown(curves, recipe))
     return path

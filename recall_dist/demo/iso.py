@@ -56,19 +56,19 @@ from recall_dist.demo.pipeline import (
     Progress,
     Recipe,
     Result,
-    entry_steps,
-    loss_references,
+    Setting,
     pretrained_lm_main,
+    references,
 )
 
 CONFIG_DIR = CONFIGS / "demo_lm"
 # The losses every demo trains, plus the best setting of demo-lm's recipe grid (docs/demo-lm/grid.md: c-Div
 # alpha 1.1 for twice the demo's steps, higher than NLL trained as long in every band and seed) with NLL
-# trained as long as its reference (``pipeline.loss_references``).
+# trained as long as its reference (``pipeline.references``).
 ISO_LOSSES = [
     *LOSSES,
-    ("nll-112steps", "nll", {}, 112),
-    ("cdiv-1.1-112steps", "cdiv", {"alpha": 1.1}, 112),
+    Setting("nll-112steps", "nll", steps=112),
+    Setting("cdiv-1.1-112steps", "cdiv", {"alpha": 1.1}, steps=112),
 ]
 # Which training prompts the fine-tunes see: only the swept ones (the default: SmolLM2-135M learns their ~250
 # answers in 56 steps; spread over all 142 training prompts it learns the format but not the names, docs/demo-lm/
@@ -199,13 +199,13 @@ class IsoRecipe(Recipe):
     sample_prompts: int = 2
     samples: int = 4
     train_on: str = "swept"  # TRAIN_ON
-    losses: list[tuple] = field(default_factory=lambda: list(ISO_LOSSES))
+    losses: list[Setting] = field(default_factory=lambda: list(ISO_LOSSES))
 
     def banner(self) -> str:
         return (
             f"recall-dist demo-lm: {len(self.losses)} losses x {self.seeds} seed(s), 2 processes (FSDP2), "
             f"{self.finetune_steps} steps of {self.global_batch} chat examples each"
-            + "".join(f", {e[0]}: {entry_steps(e)} steps" for e in self.losses if entry_steps(e))
+            + "".join(f", {s.name}: {s.steps} steps" for s in self.losses if s.steps)
             + f"; output in {self.out}"
         )
 
@@ -272,7 +272,7 @@ class IsoRecipe(Recipe):
             self.out,
             groups,
             recipe=self,
-            references=loss_references(self.losses),
+            references=references(self.losses),
             wall_seconds=result.wall_seconds,
             stage_seconds=result.stage_seconds,
         )

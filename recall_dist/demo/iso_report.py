@@ -146,7 +146,7 @@ def group_bands(reference: dict[int, Points]) -> tuple:
 
 def reference_of(family: str, references: dict[str, str] | None) -> str:
     """The NLL model ``family`` is read against: ``references[family]`` (NLL trained as long:
-    ``pipeline.loss_references``) or ``REFERENCE``."""
+    ``pipeline.references``) or ``REFERENCE``."""
     return (references or {}).get(family, REFERENCE)
 
 
@@ -354,7 +354,7 @@ def summary_markdown(
 ) -> str:
     """The text of summary.md from ``out``'s ``sweep.csv`` and ``sweep_prompts.csv``; writes one PR figure
     per group (``pr_curve_<group>.png``) beside them.  ``references``: family -> the NLL family it is read
-    against when not ``REFERENCE`` (``pipeline.loss_references``)."""
+    against when not ``REFERENCE`` (``pipeline.references``)."""
     labels = model_labels(out / "sweep.csv")
     values = read_prompt_values(out / "sweep_prompts.csv", read_groups(support_files))
     values = {g: values[g] for g in support_files if g in values}

@@ -30,23 +30,23 @@ from typing import ClassVar
 from recall_dist.demo.iso import IsoRecipe
 from recall_dist.demo.iso_report import BANDS as SUMMARY_BANDS
 from recall_dist.demo.iso_report import TIE
-from recall_dist.demo.pipeline import Prepared
-from recall_dist.demo.recipe_grid import GridPoint, GridRecipe, cdiv_point, grid_main
+from recall_dist.demo.pipeline import Prepared, Setting
+from recall_dist.demo.recipe_grid import GridRecipe, cdiv_point, grid_main
 
 # demo-lm's summary bands plus one below them: at 56 steps NLL's Precision spans about 0-0.85 (docs/demo-lm/probe.md)
 BANDS = ((0.25, 0.5), *SUMMARY_BANDS)
 
 POINTS = [  # in the order they run: the settings most likely to move the verdict first
-    GridPoint("nll", "nll"),
+    Setting("nll", "nll"),
     cdiv_point("cdiv-1.4"),
     cdiv_point("cdiv-1.1", alpha=1.1),
     cdiv_point("cdiv-1.4-maxw2", max_weight=2.0),
-    GridPoint("nll-112steps", "nll", steps=112),
+    Setting("nll-112steps", "nll", steps=112),
     cdiv_point("cdiv-1.4-112steps", steps=112),
     cdiv_point("cdiv-1.2", alpha=1.2),
     cdiv_point("cdiv-1.4-mix0.5", nll_mix=0.5),
     cdiv_point("cdiv-2.0", alpha=2.0),
-    GridPoint("nll-lr3e-05", "nll", lr=3e-5),
+    Setting("nll-lr3e-05", "nll", lr=3e-5),
     cdiv_point("cdiv-1.4-lr3e-05", lr=3e-5),
     # combinations of the best levels above: the bounded weights (or alpha 1.1) that tie NLL at 56 steps, with
     # the 112 steps at which c-Div 1.4 reaches the cold end (docs/demo-lm/grid.md)
@@ -60,7 +60,7 @@ class LmGridRecipe(GridRecipe, IsoRecipe):
     """demo-lm's recipe with the grid's points as its fine-tunes, swept on the training prompts only."""
 
     OUT = "results/demo-lm-grid"
-    POINTS: ClassVar[list[GridPoint]] = POINTS
+    POINTS: ClassVar[list[Setting]] = POINTS
     BANDS: ClassVar[tuple] = BANDS
     familiar_prompts: int = 0  # the grid sweeps the training prompts only (grid_main keeps this default)
 

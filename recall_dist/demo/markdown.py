@@ -46,21 +46,20 @@ def wall_time_sentence(wall_seconds: float | None) -> str:
 
 
 def loss_settings(losses) -> list[str]:
-    """'model: rule(param=value, ...)' of every (model, loss, params[, steps]) (``pipeline.entry_steps``),
-    the rule's defaults filled in from the rule itself (so the report shows what ran, not what the demo passed)."""
+    """'model: rule(param=value, ...)' of every ``pipeline.Setting`` (and its own steps and lr, when it sets
+    them), the rule's defaults filled in from the rule itself (so the report shows what ran, not what the demo
+    passed)."""
     import inspect
 
-    from recall_dist.demo.pipeline import entry_steps
     from recall_dist.losses import build_loss
 
     out = []
-    for entry in losses:
-        name, loss, params = entry[:3]
-        built = build_loss(loss, **params)
+    for s in losses:
+        built = build_loss(s.loss, **s.params)
         keys = [k for k in inspect.signature(type(built.rule).__init__).parameters if k != "self"]
         shown = [f"{k}={getattr(built.rule, k)!r}" for k in keys if k in ("alpha", "lam", "drop", "granularity")]
         shown += [f"max_weight={built.max_weight:g}"] if built.max_weight is not None else []
         shown += [f"nll_mix={built.nll_mix:g}"] if built.nll_mix else []
-        steps = entry_steps(entry)
-        out.append(f"{name}: `{loss}({', '.join(shown)})`" + (f" for {steps} steps" if steps else ""))
+        own = ([f"for {s.steps} steps"] if s.steps else []) + ([f"at lr {s.lr:g}"] if s.lr is not None else [])
+        out.append(f"{s.name}: `{s.loss}({', '.join(shown)})`" + "".join(" " + x for x in own))
     return out

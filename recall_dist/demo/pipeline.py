@@ -47,14 +47,43 @@ from recall_dist.demo.stages import DemoError, fmt_time, run_stage
 # The demos' configs ship inside the package (package data), so an installed ``recall-dist demo`` finds them.
 CONFIGS = Path(__file__).resolve().parent / "configs"
 
-# (model name, loss name, loss params): the models a demo trains, NLL first (the reference).
+
+@dataclass(frozen=True)
+class Setting:
+    """One fine-tuning setting of a demo or of its recipe grid: the model name, the loss and its params, and
+    the steps and lr when they differ from the demo's config (None: the config's).  The one shape of a
+    demo's ``losses`` and a grid's ``points``."""
+
+    name: str
+    loss: str
+    params: dict = field(default_factory=dict)
+    steps: int | None = None
+    lr: float | None = None
+
+    def __post_init__(self):
+        if self.steps is not None and (
+            isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1
+        ):
+            raise DemoError(f"setting {self.name!r}: steps = {self.steps!r}; expected a positive integer (or None)")
+        if self.lr is not None and (
+            isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0
+        ):
+            raise DemoError(f"setting {self.name!r}: lr = {self.lr!r}; expected a positive number (or None)")
+
+    def nll_reference(self) -> Setting:
+        """NLL with this setting's steps and lr, named as the grids name it (``nll-lr6e-06-60steps``)."""
+        suffix = (f"-lr{self.lr:g}" if self.lr is not None else "") + (f"-{self.steps}steps" if self.steps else "")
+        return Setting("nll" + suffix, "nll", steps=self.steps, lr=self.lr)
+
+
+# The models a demo trains, NLL first (the reference).
 # TruncR and lambda-PR run at their defaults, the best settings of the demo's grid (README).
 LOSSES = [
-    ("nll", "nll", {}),
-    ("cdiv-1.4", "cdiv", {"alpha": 1.4}),
-    ("cdiv-2.0", "cdiv", {"alpha": 2.0}),
-    ("truncr", "truncr", {}),
-    ("lambda_pr", "lambda_pr", {"nll_mix": 0.5}),  # nll_mix is a shared option: not part of the rule's defaults
+    Setting("nll", "nll"),
+    Setting("cdiv-1.4", "cdiv", {"alpha": 1.4}),
+    Setting("cdiv-2.0", "cdiv", {"alpha": 2.0}),
+    Setting("truncr", "truncr"),
+    Setting("lambda_pr", "lambda_pr", {"nll_mix": 0.5}),  # nll_mix is a shared option: not part of the rule's defaults
 ]
 
 
@@ -81,9 +110,10 @@ def config_overrides(path: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class Run:
-    """One fine-tune: its model name (the loss's; ``-s<k>`` for seeds k > 0, so names stay distinct),
-    the loss, its params, the seed index ``seed`` (added to the configs' seeds) and ``seeded`` (the
-    recipe repeats every loss over several seeds: the sweep's model entry then carries the seed)."""
+    """One fine-tune of a ``Setting``: its model name (the setting's; ``-s<k>`` for seeds k > 0, so names stay
+    distinct), the setting's name (``family``), loss, params, steps and lr, the seed index ``seed`` (added to
+    the configs' seeds) and ``seeded`` (the recipe repeats every setting over several seeds: the sweep's
+    model entry then carries the seed)."""
 
     name: str
     family: str
@@ -92,6 +122,7 @@ class Run:
     seed: int
     seeded: bool
     steps: int | None = None  # None: the recipe's ``finetune_steps``
+    lr: float | None = None  # None: the config's ``optim.lr``
 
     def model_entry(self, path: Path) -> str:
         """This model's entry of the sweep's ``models`` (YAML flow)."""
@@ -99,50 +130,47 @@ class Run:
         return f"{{name: {self.name}, path: {path}{labels}}}"
 
 
-def entry_steps(entry: tuple) -> int | None:
-    """The steps of a recipe's loss entry: ``(name, loss, params)`` trains the recipe's ``finetune_steps``
-    (None), ``(name, loss, params, steps)`` trains ``steps``."""
-    if len(entry) not in (3, 4):
-        raise DemoError(f"a loss entry is (name, loss, params) or (name, loss, params, steps); got {entry!r}")
-    if len(entry) == 4 and (not isinstance(entry[3], int) or entry[3] < 1):
-        raise DemoError(f"loss {entry[0]!r}: steps = {entry[3]!r}; expected a positive integer")
-    return entry[3] if len(entry) == 4 else None
-
-
-def seed_runs(losses: list[tuple], seeds: int) -> list[Run]:
-    """Every fine-tune of ``losses`` x ``seeds``, seed-major.  Seed 0 keeps the loss's bare name whatever
+def seed_runs(settings: list[Setting], seeds: int) -> list[Run]:
+    """Every fine-tune of ``settings`` x ``seeds``, seed-major.  Seed 0 keeps the setting's bare name whatever
     ``seeds`` is, so ``--seeds 3 --resume`` reuses the fine-tunes of an earlier one-seed run."""
-    steps = [entry_steps(entry) for entry in losses]  # checks every entry's shape
+    for s in settings:
+        if not isinstance(s, Setting):
+            raise DemoError(f"a demo's losses are Settings (demo/pipeline.py); got {s!r}")
     return [
-        Run(name if seed == 0 else f"{name}-s{seed}", name, loss, params, seed, seeds > 1, n)
+        Run(s.name if seed == 0 else f"{s.name}-s{seed}", s.name, s.loss, s.params, seed, seeds > 1, s.steps, s.lr)
         for seed in range(seeds)
-        for (name, loss, params, *_), n in zip(losses, steps, strict=True)
+        for s in settings
     ]
 
 
-def loss_references(losses: list[tuple]) -> dict[str, str]:
-    """name -> the NLL entry the loss is read against: the ``"nll"`` entry that trains as many steps
-    (``entry_steps``), so that a loss trained longer is compared with NLL trained as long, never with
-    NLL at the recipe's steps.  An NLL entry with its own steps is read against NLL at the recipe's steps
-    (what training longer does alone); NLL at the recipe's steps has no reference (it is the reference)."""
-    by_steps: dict[int | None, str] = {}
-    for entry in losses:
-        if entry[1] == "nll":
-            by_steps.setdefault(entry_steps(entry), entry[0])
-    references = {}
-    for entry in losses:
-        steps, name = entry_steps(entry), entry[0]
-        if steps not in by_steps:
+def references(settings: list[Setting], strict: bool = True) -> dict[str, str]:
+    """name -> the NLL setting it is read against: the NLL setting with the same steps and lr, so that a loss
+    trained longer (or at another lr) is compared with NLL trained the same way, never with NLL at the
+    config's.  An NLL setting with its own steps or lr is read against NLL at the config's (what training
+    longer, or that lr, does alone); NLL at the config's has no reference (it is the reference).  A setting
+    without its NLL reference is an error that names the setting to add (``strict``), or is left out (the
+    report of the runs an interrupted call finished)."""
+    nll: dict[tuple, str] = {}
+    for s in settings:
+        if s.loss == "nll":
+            nll.setdefault((s.steps, s.lr), s.name)
+    out = {}
+    for s in settings:
+        key = (s.steps, s.lr)
+        if key not in nll:
+            if not strict:
+                continue
+            steps, lr = s.steps or "the config's", s.lr or "the config's"
             raise DemoError(
-                f"loss {name!r} trains {steps} steps and no NLL entry does: add "
-                f"('nll-{steps}steps', 'nll', {{}}, {steps}) to the losses as its reference"
+                f"{s.name!r} trains {steps} steps at lr {lr} and no NLL setting does: add {s.nll_reference()!r} "
+                "as its reference"
             )
-        reference = by_steps[steps]
-        if reference == name:  # an NLL reference itself: read against NLL at the recipe's steps
-            reference = by_steps.get(None) if steps is not None else None
+        reference = nll[key]
+        if reference == s.name:  # an NLL reference itself: read against NLL at the config's steps and lr
+            reference = nll.get((None, None)) if key != (None, None) else None
         if reference is not None:
-            references[name] = reference
-    return references
+            out[s.name] = reference
+    return out
 
 
 def prepare_model(model: str | None = None) -> str:
@@ -190,7 +218,7 @@ class Recipe(ABC):
     temperatures: list[float]
     train_seed: int = 0
     data_seed: int | None = None  # None: the fine-tunes keep the config's data seed, whatever the run's seed
-    losses: list[tuple] = field(default_factory=lambda: list(LOSSES))
+    losses: list[Setting] = field(default_factory=lambda: list(LOSSES))
     seeds: int = 1
     model: str | None = None  # None: the demo's own model (pre-trained or converted by ``prepare``)
     lora: bool = False  # fine-tune LoRA adapters: CONFIG_DIR/lora.yaml over every fine-tune's config
@@ -223,6 +251,12 @@ class Recipe(ABC):
     def steps_of(self, run: Run) -> int:
         """How many steps ``run`` fine-tunes: its own, or the recipe's ``finetune_steps``."""
         return run.steps or self.finetune_steps
+
+    def lr_of(self, setting: Setting | Run) -> float:
+        """The lr ``setting`` fine-tunes at: its own, or ``CONFIG_DIR/finetune.yaml``'s."""
+        return (
+            setting.lr if setting.lr is not None else float(load_yaml(self.CONFIG_DIR / "finetune.yaml")["optim"]["lr"])
+        )
 
     def max_steps(self) -> int:
         """The steps of the longest fine-tune: the training data holds enough examples for it (a shorter one
@@ -276,6 +310,7 @@ class Recipe(ABC):
             f"train.seed={self.train_seed + run.seed}",
             *([f"data.seed={self.data_seed + run.seed}"] if self.data_seed is not None else []),
             *self.lora_overrides(),
+            *([f"optim.lr={run.lr}"] if run.lr is not None else []),  # after lora.yaml's: the setting's own
         ]
 
     def sweep_overrides(self, prepared: Prepared, runs: list[Run]) -> list[str]:

@@ -1,13 +1,14 @@
 """The recipe grids of the demos on a pretrained LM (``recall-dist demo-lm --grid``, ``recall-dist demo-text
 --grid``): which settings, if any, let a recall loss beat NLL + temperature?
 
-A grid is a list of ``GridPoint``s: a loss and its params, and the lr / steps when they differ from the
-demo's config.  ``GridRecipe`` turns a demo's recipe (``demo/pipeline.py``) into one whose fine-tunes are
-the points; ``run_grid`` fine-tunes and sweeps each point on its own (so the grid can grow a point at a
-time: with ``--resume`` finished fine-tunes, ``pipeline.finished_run``, and their sweeps are reused), then
-writes ``grid.csv`` (every point x temperature) and ``grid.md``.
+A grid is a list of points, ``pipeline.Setting``s (the shape of a demo's losses): a loss and its params,
+and the lr / steps when they differ from the demo's config.  ``GridRecipe`` turns a demo's recipe
+(``demo/pipeline.py``) into one whose fine-tunes are the points; ``run_grid`` fine-tunes and sweeps each
+point on its own (so the grid can grow a point at a time: with ``--resume`` finished fine-tunes,
+``pipeline.finished_run``, and their sweeps are reused), then writes ``grid.csv`` (every point x
+temperature) and ``grid.md``.
 
-Each point is read against the NLL point of the same lr, steps and seed (``GridPoint.reference``): its
+Each point is read against the NLL point of the same lr, steps and seed (``pipeline.references``): its
 Recall minus NLL's at the same Precision per Precision band (``demo/iso_report.band_margin``, with the
 demo's bands and tie tolerance, fixed before the runs), its highest Precision and Recall over the
 temperatures, and the training diagnostics of its ``metrics.jsonl``.  A setting *gains* when some band is
@@ -31,43 +32,36 @@ from typing import ClassVar
 import numpy as np
 
 from recall_dist.demo.iso_report import band_label, band_margin, seed_range
-from recall_dist.demo.pipeline import DemoError, Prepared, Progress, Recipe, Run, yaml_flow
+from recall_dist.demo.pipeline import (
+    DemoError,
+    Prepared,
+    Progress,
+    Recipe,
+    Run,
+    Setting,
+    references,
+    seed_runs,
+    yaml_flow,
+)
 from recall_dist.demo.verdicts import Points
 
 
-@dataclass(frozen=True)
-class GridPoint:
-    """One setting: a model name, the loss and its params, and the lr / steps when they differ from the demo's."""
-
-    name: str
-    loss: str
-    params: dict = field(default_factory=dict)
-    lr: float | None = None
-    steps: int | None = None
-
-    def reference(self) -> str:
-        """The NLL point with this point's lr and steps."""
-        suffix = (f"-lr{self.lr:g}" if self.lr is not None else "") + (f"-{self.steps}steps" if self.steps else "")
-        return "nll" + suffix
-
-
-def cdiv_point(name: str, lr: float | None = None, steps: int | None = None, **params) -> GridPoint:
+def cdiv_point(name: str, lr: float | None = None, steps: int | None = None, **params) -> Setting:
     """A c-Div point: alpha 1.4 unless ``params`` says otherwise."""
-    return GridPoint(name, "cdiv", {"alpha": 1.4, **params}, lr, steps)
+    return Setting(name, "cdiv", {"alpha": 1.4, **params}, steps=steps, lr=lr)
 
 
-def select(points: list[GridPoint], only: list[str] | None) -> list[GridPoint]:
-    """``points`` named in ``only`` (all when None) plus the NLL references they need, in grid order."""
+def select(points: list[Setting], only: list[str] | None) -> list[Setting]:
+    """``points`` named in ``only`` (all when None) plus the NLL references they need (``pipeline.references``),
+    in grid order."""
     if not only:
         return list(points)
     by_name = {p.name: p for p in points}
     unknown = [n for n in only if n not in by_name]
     if unknown:
         raise DemoError(f"--only: unknown grid point(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
-    missing = sorted({by_name[n].reference() for n in only} - set(by_name))
-    if missing:
-        raise DemoError(f"--only: the grid has no reference point {', '.join(missing)}")
-    wanted = set(only) | {by_name[n].reference() for n in only}
+    refs = references(points)
+    wanted = set(only) | {refs[n] for n in only if n in refs}
     return [p for p in points if p.name in wanted]
 
 
@@ -76,11 +70,11 @@ class GridRecipe(ABC):
     """Mixed in before a demo's recipe: its fine-tunes are ``points`` (lr and steps per point).  A demo's grid
     sets ``POINTS`` (the default grid), ``QUICK_POINTS`` (``--quick``), ``BANDS`` and ``tie()``."""
 
-    POINTS: ClassVar[list[GridPoint]] = []
+    POINTS: ClassVar[list[Setting]] = []
     QUICK_POINTS: ClassVar[list[str]] = ["cdiv-1.4"]
     BANDS: ClassVar[tuple[tuple[float, float], ...]] = ()
 
-    points: list[GridPoint] = field(default_factory=list)  # empty: POINTS
+    points: list[Setting] = field(default_factory=list)  # empty: POINTS
 
     def __post_init__(self):
         if not self.points:
@@ -99,28 +93,9 @@ class GridRecipe(ABC):
         return list(prepared.sweep)
 
     def runs(self) -> list[Run]:
-        """Seed-major; seed 0 keeps the point's name (so ``--seeds 3 --resume`` reuses a one-seed grid's
-        runs), seed k > 0 is ``NAME-sK``."""
-        return [
-            Run(p.name if s == 0 else f"{p.name}-s{s}", p.name, p.loss, p.params, s, self.seeds > 1, p.steps)
-            for s in range(self.seeds)
-            for p in self.points
-        ]
-
-    def point(self, run: Run) -> GridPoint:
-        return next(p for p in self.points if p.name == run.family)
-
-    def lr_of(self, point: GridPoint) -> float:
-        from recall_dist.configtree import load_yaml
-
-        return point.lr if point.lr is not None else float(load_yaml(self.CONFIG_DIR / "finetune.yaml")["optim"]["lr"])
-
-    def finetune_overrides(self, prepared: Prepared, run: Run, run_dir: Path) -> list[str]:
-        point = self.point(run)  # its steps are the run's (``Recipe.finetune_overrides``)
-        return [
-            *super().finetune_overrides(prepared, run, run_dir),
-            *([f"optim.lr={point.lr}"] if point.lr is not None else []),
-        ]
+        """The points' runs (``pipeline.seed_runs``: seed 0 keeps the point's name, so ``--seeds 3 --resume``
+        reuses a one-seed grid's runs; seed k > 0 is ``NAME-sK``)."""
+        return seed_runs(self.points, self.seeds)
 
 
 def run_grid(recipe: GridRecipe, resume: bool) -> Path:
@@ -244,21 +219,21 @@ def verdict(per_band: dict[tuple, list[dict]]) -> str:
     return "ties" if "tie" in verdicts else "n/a"
 
 
-def point_statistics(
-    points: list[GridPoint], data: dict[str, dict[int, Points]], bands: tuple, tie: float
-) -> list[dict]:
-    """Per non-reference point: band margins paired by seed with its NLL reference, the verdict, and its and
-    the reference's highest Precision and Recall over the temperatures."""
+def point_statistics(points: list[Setting], data: dict[str, dict[int, Points]], bands: tuple, tie: float) -> list[dict]:
+    """Per non-NLL point: band margins paired by seed with its NLL reference (``pipeline.references``), the
+    verdict, and its and the reference's highest Precision and Recall over the temperatures."""
+    refs = references(points, strict=False)
     out = []
     for p in points:
-        if p.loss == "nll" or p.name not in data or p.reference() not in data:
+        if p.loss == "nll" or p.name not in data or refs.get(p.name) not in data:
             continue
-        ref, seeds = data[p.reference()], data[p.name]
+        ref, seeds = data[refs[p.name]], data[p.name]
         common = sorted(set(ref) & set(seeds))
         per_band = {band: [band_margin(seeds[s], ref[s], band, tie=tie) for s in common] for band in bands}
         out.append(
             {
                 "point": p,
+                "reference": refs[p.name],
                 "bands": per_band,
                 "verdict": verdict(per_band),
                 "seeds": len(common),
@@ -301,7 +276,7 @@ def _num(values: list[float], signed: bool = False) -> str:
     return f"{np.mean(values):{fmt}} [{min(values):{fmt}}, {max(values):{fmt}}]"
 
 
-def describe(p: GridPoint, recipe: GridRecipe) -> str:
+def describe(p: Setting, recipe: GridRecipe) -> str:
     params = yaml_flow(p.params) if p.params else "{}"
     return f"{p.loss} {params}, lr {recipe.lr_of(p):g}, {p.steps or recipe.finetune_steps} steps"
 
@@ -345,7 +320,7 @@ def grid_markdown(recipe: GridRecipe, rows: list[dict], diagnostics: dict[str, d
             + f" | {_num(s['max_precision'])} ({_num(s['ref_max_precision'])}) | {_num(s['max_recall'])} "
             f"({_num(s['ref_max_recall'])}) | **{s['verdict']}** |"
         )
-    for ref in dict.fromkeys(s["point"].reference() for s in stats):
+    for ref in dict.fromkeys(s["reference"] for s in stats):
         if len(data.get(ref, {})) > 1:  # what the fixed tolerance is to be read against
             spreads = [seed_range(data[ref], band) for band in recipe.BANDS]
             lines.append(

@@ -80,7 +80,7 @@ def _intro(recipe, wall_seconds: float | None) -> list[str]:
         + "; ".join(loss_settings(recipe.losses))
         + (
             ". TruncR and lambda-PR run at their grid-best settings (`make demo-grid`, docs/demo/grid.md)."
-            if {"truncr", "lambda_pr"} & {entry[1] for entry in recipe.losses}
+            if {"truncr", "lambda_pr"} & {s.loss for s in recipe.losses}
             else "."
         ),
         "",

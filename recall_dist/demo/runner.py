@@ -46,6 +46,7 @@ from recall_dist.demo.pipeline import (
     Progress,
     Recipe,
     Result,
+    Setting,
     add_common_arguments,
     recipe_from_args,
     run_command,
@@ -137,18 +138,18 @@ class ProductRecipe(Recipe):
         return write_summary(csv_path, self.out / "summary.md", recipe=self, wall_seconds=result.wall_seconds)
 
 
-def select_models(losses: list[tuple], only: str) -> list[tuple] | str:
-    """The (name, loss, params) entries of ``losses`` named in the comma-separated ``only``, in the
+def select_models(losses: list[Setting], only: str) -> list[Setting] | str:
+    """The settings of ``losses`` named in the comma-separated ``only``, in the
     order of ``losses``, and the ``nll`` reference (every report compares with it); an error message
     if no name is given or one is not among them."""
     names = [n.strip() for n in only.split(",") if n.strip()]
-    known = [name for name, *_ in losses]
+    known = [s.name for s in losses]
     unknown = [n for n in names if n not in known]
     if not names:
         return "no model named"
     if unknown:
         return f"unknown model {unknown[0]!r}; choices: {', '.join(known)}"
-    return [entry for entry in losses if entry[0] == "nll" or entry[0] in names]
+    return [s for s in losses if s.name == "nll" or s.name in names]
 
 
 def _parser() -> argparse.ArgumentParser:

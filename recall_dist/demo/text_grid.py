@@ -27,24 +27,25 @@ from typing import ClassVar
 
 from recall_dist.demo.fortunes import FortunesRecipe
 from recall_dist.demo.fortunes_report import tie_tolerance
-from recall_dist.demo.recipe_grid import GridPoint, GridRecipe, cdiv_point, grid_main
+from recall_dist.demo.pipeline import Setting
+from recall_dist.demo.recipe_grid import GridRecipe, cdiv_point, grid_main
 
 # k-NN Precision of the demo's NLL runs spans 0.76-0.96 over T 0.6-1.6 (docs/demo-text/sweep.csv)
 BANDS = ((0.75, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 1.0))
 
 POINTS = [  # in the order they run
-    GridPoint("nll", "nll"),
+    Setting("nll", "nll"),
     cdiv_point("cdiv-1.4"),
     cdiv_point("cdiv-1.1", alpha=1.1),
     cdiv_point("cdiv-1.4-maxw2", max_weight=2.0),
     cdiv_point("cdiv-1.2", alpha=1.2),
     cdiv_point("cdiv-1.4-mix0.5", nll_mix=0.5),
     cdiv_point("cdiv-2.0", alpha=2.0),
-    GridPoint("nll-lr6e-06", "nll", lr=6e-6),
+    Setting("nll-lr6e-06", "nll", lr=6e-6),
     cdiv_point("cdiv-1.4-lr6e-06", lr=6e-6),
-    GridPoint("nll-lr2e-06", "nll", lr=2e-6),
+    Setting("nll-lr2e-06", "nll", lr=2e-6),
     cdiv_point("cdiv-1.4-lr2e-06", lr=2e-6),
-    GridPoint("nll-60steps", "nll", steps=60),
+    Setting("nll-60steps", "nll", steps=60),
     cdiv_point("cdiv-1.4-60steps", steps=60),
     cdiv_point("cdiv-1.1-60steps", steps=60, alpha=1.1),  # demo-lm's finalist (alpha 1.1, twice the steps)
 ]
@@ -55,7 +56,7 @@ class TextGridRecipe(GridRecipe, FortunesRecipe):
     """demo-text's recipe with the grid's points as its fine-tunes."""
 
     OUT = "results/demo-text-grid"
-    POINTS: ClassVar[list[GridPoint]] = POINTS
+    POINTS: ClassVar[list[Setting]] = POINTS
     BANDS: ClassVar[tuple] = BANDS
 
     def tie(self) -> float:

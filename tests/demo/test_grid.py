@@ -58,15 +58,15 @@ def test_mixed_reference_is_lambda_pr_at_a_smaller_lam(lam, beta):
 
 
 def test_grid_settings():
-    names = [name for name, *_ in demo_grid.GRID]
+    names = [s.name for s in demo_grid.GRID]
     assert len(names) == len(set(names)) == 2 + 8 + 12 + 4 + 7
     from recall_dist import build_loss
 
-    for _, loss, params in demo_grid.PRECISION:  # every Precision-side setting builds
-        build_loss(loss, **params)
-    assert {loss for _, loss, _ in demo_grid.PRECISION} == {"dft", "prob_power", "prob_threshold", "cdiv"}
-    assert all(p["alpha"] < 1 for _, loss, p in demo_grid.PRECISION if loss == "cdiv")
-    soft = {name: params for name, _, params in demo_grid.LAMBDA_PR if "soft" in name}
+    for s in demo_grid.PRECISION:  # every Precision-side setting builds
+        build_loss(s.loss, **s.params)
+    assert {s.loss for s in demo_grid.PRECISION} == {"dft", "prob_power", "prob_threshold", "cdiv"}
+    assert all(s.params["alpha"] < 1 for s in demo_grid.PRECISION if s.loss == "cdiv")
+    soft = {s.name: s.params for s in demo_grid.LAMBDA_PR if "soft" in s.name}
     assert soft["lambda_pr-soft0.5-mix0.5"] == {"lam": 0.1765, "nll_mix": 0.5}
     assert soft["lambda_pr-soft0.75-mix0.9"] == {"lam": 0.0968, "nll_mix": 0.9}
 
@@ -90,7 +90,7 @@ def test_precision_report_from_hand_made_curves():
     assert "Higher Precision at T = 1 than NLL (by more than 0.0001): 1 of 2 (dft)." in text
     assert "Both (the expected Precision-side trade at T = 1): 1 of 2." in text
     assert "`recall-dist demo --grid --only dft,cdiv-0.8`" in text
-    assert demo_grid.reproduce_command({name: nll for name, *_ in demo_grid.GRID}) == "make demo-grid"
+    assert demo_grid.reproduce_command({s.name: nll for s in demo_grid.GRID}) == "make demo-grid"
 
 
 def test_only_selects_models_and_keeps_the_reference():
@@ -98,7 +98,7 @@ def test_only_selects_models_and_keeps_the_reference():
     from recall_dist.demo.runner import select_models
 
     chosen = select_models(demo_grid.GRID, "cdiv-0.5, dft")
-    assert [name for name, *_ in chosen] == ["nll", "dft", "cdiv-0.5"]  # the grid's order
-    assert [name for name, *_ in select_models(LOSSES, "cdiv-2.0")] == ["nll", "cdiv-2.0"]
+    assert [s.name for s in chosen] == ["nll", "dft", "cdiv-0.5"]  # the grid's order
+    assert [s.name for s in select_models(LOSSES, "cdiv-2.0")] == ["nll", "cdiv-2.0"]
     assert select_models(LOSSES, "dft").startswith("unknown model 'dft'; choices: nll, cdiv-1.4")
     assert select_models(LOSSES, " , ") == "no model named"

@@ -17,7 +17,7 @@ import pytest
 
 from recall_dist.demo.iso import CONFIG_DIR, IsoRecipe, sweep_subset, write_demo_data
 from recall_dist.demo.iso_prompts import CURRENCY_PROMPT, Prompt, is_heldout, reworded, split_prompts
-from recall_dist.demo.pipeline import LOSSES, DemoError, Run, loss_references
+from recall_dist.demo.pipeline import LOSSES, DemoError, Run, references
 
 # 30 prompts: the hash split holds some of them out (checked below, so the test fails loudly if not)
 PROMPTS = [
@@ -84,13 +84,13 @@ def test_recipe_overrides(data, tmp_path):
     sweep = recipe.sweep_overrides(prepared, recipe.runs())
     assert f"support={data['support']}" in sweep
     assert sweep[0].startswith("models=[{name: nll, path: ")
-    assert [r.name for r in recipe.runs()] == [name for name, _, _ in LOSSES] + ["nll-112steps", "cdiv-1.1-112steps"]
+    assert [r.name for r in recipe.runs()] == [s.name for s in LOSSES] + ["nll-112steps", "cdiv-1.1-112steps"]
     # the grid's finalist trains twice the steps, against NLL trained as long; the data holds enough for both
     long = recipe.runs()[-1]
     overrides = recipe.finetune_overrides(prepared, long, tmp_path / "runs" / long.name)
     assert "train.max_steps=112" in overrides and f"data.num_samples={112 * recipe.global_batch}" in overrides
     assert recipe.max_steps() == 112 == 2 * recipe.finetune_steps
-    assert loss_references(recipe.losses)["cdiv-1.1-112steps"] == "nll-112steps"
+    assert references(recipe.losses)["cdiv-1.1-112steps"] == "nll-112steps"
 
 
 def test_shipped_configs_and_sizes(tmp_path):

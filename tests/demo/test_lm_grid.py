@@ -14,16 +14,17 @@ import pytest
 from recall_dist.demo.iso import CONFIG_DIR, IsoRecipe
 from recall_dist.demo.iso_report import TIE
 from recall_dist.demo.lm_grid import BANDS, POINTS, LmGridRecipe
-from recall_dist.demo.pipeline import DemoError, Prepared
-from recall_dist.demo.recipe_grid import GridPoint, point_statistics, select, verdict
+from recall_dist.demo.pipeline import DemoError, Prepared, Setting, references
+from recall_dist.demo.recipe_grid import point_statistics, select, verdict
 from tests.demo.test_iso import tiny_chat_model
 
 
 def test_every_point_has_its_nll_reference_in_the_grid():
     names = {p.name for p in POINTS}
-    assert all(p.reference() in names for p in POINTS)
-    assert GridPoint("x", "cdiv", lr=3e-5).reference() == "nll-lr3e-05"
-    assert GridPoint("x", "cdiv", steps=112).reference() == "nll-112steps"
+    refs = references(POINTS)  # raises for a point without one
+    assert set(refs.values()) <= names and set(refs) == names - {"nll"}
+    assert refs["cdiv-1.4-lr3e-05"] == "nll-lr3e-05" and refs["cdiv-1.1-112steps"] == "nll-112steps"
+    assert refs["nll-112steps"] == "nll"  # what training longer does alone
     assert [p.name for p in select(POINTS, ["cdiv-1.4-112steps"])] == ["nll-112steps", "cdiv-1.4-112steps"]
     combined = select(POINTS, ["cdiv-1.4-maxw2-112steps"])  # a combination runs against NLL at its steps
     assert [p.name for p in combined] == ["nll-112steps", "cdiv-1.4-maxw2-112steps"]
@@ -85,8 +86,8 @@ def _curve(shift: float) -> list[tuple[float, float, float]]:
 def test_verdicts_against_worked_curves():
     nll, higher, lower = _curve(0.0), _curve(0.05), _curve(-0.05)
     data = {"nll": {0: nll}, "cdiv-1.4": {0: higher}, "cdiv-2.0": {0: lower}, "cdiv-1.1": {0: _curve(0.004)}}
-    points = [GridPoint("nll", "nll"), GridPoint("cdiv-1.4", "cdiv"), GridPoint("cdiv-2.0", "cdiv")]
-    points.append(GridPoint("cdiv-1.1", "cdiv"))
+    points = [Setting("nll", "nll"), Setting("cdiv-1.4", "cdiv"), Setting("cdiv-2.0", "cdiv")]
+    points.append(Setting("cdiv-1.1", "cdiv"))
     stats = {s["point"].name: s for s in point_statistics(points, data, BANDS, TIE)}
     # Recall at Precision >= p is the best over the curve's temperatures, so the margin is the shift exactly
     for band in BANDS[:-1]:
@@ -100,7 +101,7 @@ def test_verdicts_against_worked_curves():
     # a curve that is higher where both are precise but never reaches NLL's top Precision: mixed
     capped = [x for x in _curve(0.05) if x[1] < 0.9]
     data["cdiv-1.2"] = {0: capped}
-    mixed = point_statistics([GridPoint("nll", "nll"), GridPoint("cdiv-1.2", "cdiv")], data, BANDS, TIE)[0]
+    mixed = point_statistics([Setting("nll", "nll"), Setting("cdiv-1.2", "cdiv")], data, BANDS, TIE)[0]
     assert mixed["bands"][BANDS[-2]][0]["verdict"] == "NLL only" and mixed["verdict"] == "mixed"
     assert verdict({b: [{"verdict": "neither"}] for b in BANDS}) == "n/a"
 

@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from recall_dist.configtree import load_config
+from recall_dist.configtree import load_config, load_yaml
 from recall_dist.demo import pipeline
 from recall_dist.demo.fortunes import FortunesRecipe
 from recall_dist.demo.runner import ProductRecipe
@@ -72,34 +72,56 @@ def test_finetune_overrides_shift_the_seeds_by_the_run():
     assert not any(o.startswith("data.seed=") for o in text.finetune_overrides(prepared, run, text.out))
 
 
-def test_a_loss_entry_with_its_own_steps_trains_them_and_is_read_against_nll_as_long():
-    losses = [*pipeline.LOSSES[:2], ("nll-9steps", "nll", {}, 9), ("cdiv-1.1-9steps", "cdiv", {"alpha": 1.1}, 9)]
+def test_a_setting_with_its_own_steps_and_lr_trains_them_and_is_read_against_nll_trained_alike():
+    Setting = pipeline.Setting
+    losses = [
+        *pipeline.LOSSES[:2],
+        Setting("nll-9steps", "nll", steps=9),
+        Setting("cdiv-1.1-9steps", "cdiv", {"alpha": 1.1}, steps=9),
+        Setting("nll-lr3e-05", "nll", lr=3e-5),
+        Setting("cdiv-1.4-lr3e-05", "cdiv", {"alpha": 1.4}, lr=3e-5),
+    ]
     recipe = dataclasses.replace(ProductRecipe.full(), losses=losses, seeds=2)
     runs = recipe.runs()
-    assert [(r.name, r.steps) for r in runs[4:]] == [
-        ("nll-s1", None),
-        ("cdiv-1.4-s1", None),
-        ("nll-9steps-s1", 9),
-        ("cdiv-1.1-9steps-s1", 9),
+    assert [(r.name, r.steps, r.lr) for r in runs[6:]] == [
+        ("nll-s1", None, None),
+        ("cdiv-1.4-s1", None, None),
+        ("nll-9steps-s1", 9, None),
+        ("cdiv-1.1-9steps-s1", 9, None),
+        ("nll-lr3e-05-s1", None, 3e-5),
+        ("cdiv-1.4-lr3e-05-s1", None, 3e-5),
     ]
-    assert [recipe.steps_of(r) for r in runs[:4]] == [recipe.finetune_steps] * 2 + [9, 9]
+    assert [recipe.steps_of(r) for r in runs[:6]] == [recipe.finetune_steps] * 2 + [9, 9] + [recipe.finetune_steps] * 2
     assert recipe.max_steps() == max(9, recipe.finetune_steps)
+    config_lr = float(load_yaml(ProductRecipe.CONFIG_DIR / "finetune.yaml")["optim"]["lr"])
+    assert [recipe.lr_of(r) for r in runs[:6]] == [config_lr] * 4 + [3e-5] * 2
     prepared = pipeline.Prepared(model="/pretrained")
     overrides = recipe.finetune_overrides(prepared, runs[3], recipe.out / "runs" / runs[3].name)
     assert "train.max_steps=9" in overrides and f"data.num_samples={9 * recipe.global_batch}" in overrides
-    assert "loss.params={alpha: 1.1}" in overrides
-    # each loss against NLL trained as long; NLL at the recipe's steps is the reference itself
-    assert pipeline.loss_references(losses) == {
+    assert "loss.params={alpha: 1.1}" in overrides and not any(o.startswith("optim.lr=") for o in overrides)
+    overrides = recipe.finetune_overrides(prepared, runs[5], recipe.out / "runs" / runs[5].name)
+    assert overrides[-1] == "optim.lr=3e-05"  # last: over whatever a config fragment (lora.yaml) set
+    # each loss against NLL trained alike; NLL at the config's steps and lr is the reference itself
+    assert pipeline.references(losses) == {
         "cdiv-1.4": "nll",
         "nll-9steps": "nll",
         "cdiv-1.1-9steps": "nll-9steps",
+        "nll-lr3e-05": "nll",
+        "cdiv-1.4-lr3e-05": "nll-lr3e-05",
     }
-    with pytest.raises(pipeline.DemoError, match=r"trains 9 steps and no NLL entry does: add \('nll-9steps'"):
-        pipeline.loss_references([pipeline.LOSSES[0], ("cdiv-1.1-9steps", "cdiv", {"alpha": 1.1}, 9)])
-    with pytest.raises(pipeline.DemoError, match="a loss entry is"):
-        pipeline.seed_runs([("nll", "nll")], 1)
+    lone = [pipeline.LOSSES[0], Setting("cdiv-1.1-9steps", "cdiv", {"alpha": 1.1}, steps=9, lr=1e-5)]
+    with pytest.raises(pipeline.DemoError, match=r"trains 9 steps at lr 1e-05 and no NLL setting does: add Setting"):
+        pipeline.references(lone)
+    assert pipeline.references(lone, strict=False) == {}  # a report of what an interrupted call finished
+    assert Setting("x", "cdiv", lr=1e-5, steps=9).nll_reference() == Setting(
+        "nll-lr1e-05-9steps", "nll", lr=1e-5, steps=9
+    )
+    with pytest.raises(pipeline.DemoError, match="a demo's losses are Settings"):
+        pipeline.seed_runs([("nll", "nll", {})], 1)
     with pytest.raises(pipeline.DemoError, match="'nll-long': steps = 0; expected a positive integer"):
-        pipeline.seed_runs([("nll-long", "nll", {}, 0)], 1)
+        Setting("nll-long", "nll", steps=0)
+    with pytest.raises(pipeline.DemoError, match=r"'nll-fast': lr = -1\.0; expected a positive number"):
+        Setting("nll-fast", "nll", lr=-1.0)
 
 
 def test_common_options(tmp_path):

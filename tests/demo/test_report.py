@@ -72,19 +72,22 @@ def test_write_summary_groups_seeds_by_the_csv_columns_not_by_names(tmp_path):
 
 def test_loss_settings_show_what_ran_including_the_weight_cap():
     """Every demo's "Settings:" line: the rule's parameters with its defaults, plus ``max_weight`` and
-    ``nll_mix`` when set (a capped c-Div must not read like the plain one)."""
+    ``nll_mix`` when set (a capped c-Div must not read like the plain one), and a setting's own steps / lr."""
     from recall_dist.demo.markdown import loss_settings
+    from recall_dist.demo.pipeline import Setting
 
     assert loss_settings(
         [
-            ("nll", "nll", {}),
-            ("cdiv-1.4", "cdiv", {"alpha": 1.4}),
-            ("cdiv-1.4-maxw2", "cdiv", {"alpha": 1.4, "max_weight": 2.0}),
-            ("mixed", "cdiv", {"alpha": 2.0, "nll_mix": 0.5}),
+            Setting("nll", "nll"),
+            Setting("cdiv-1.4", "cdiv", {"alpha": 1.4}),
+            Setting("cdiv-1.4-maxw2", "cdiv", {"alpha": 1.4, "max_weight": 2.0}),
+            Setting("mixed", "cdiv", {"alpha": 2.0, "nll_mix": 0.5}),
+            Setting("long", "cdiv", {"alpha": 1.1}, steps=112, lr=3e-5),
         ]
     ) == [
         "nll: `nll()`",
         "cdiv-1.4: `cdiv(alpha=1.4)`",
         "cdiv-1.4-maxw2: `cdiv(alpha=1.4, max_weight=2)`",
         "mixed: `cdiv(alpha=2.0, nll_mix=0.5)`",
+        "long: `cdiv(alpha=1.1)` for 112 steps at lr 3e-05",
     ]

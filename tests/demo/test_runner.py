@@ -31,5 +31,5 @@ def test_recipe_comes_from_the_demo_configs():
     recipe.seeds = 3
     runs = recipe.runs()
     assert len(runs) == 3 * len(recipe.losses) and len({run.name for run in runs}) == len(runs)
-    assert {run.seed for run in runs} == {0, 1, 2} and runs[-1].name == f"{recipe.losses[-1][0]}-s2"
+    assert {run.seed for run in runs} == {0, 1, 2} and runs[-1].name == f"{recipe.losses[-1].name}-s2"
     assert recipe.data_seed == finetune["data"]["seed"] and recipe.train_seed == finetune["train"]["seed"]

@@ -65,7 +65,7 @@ def test_quick_demo_writes_the_three_files(quick_demo: Path):
     for name in ("pr_curve.png", "pr_curve_zoom.png", "sweep.csv", "summary.md"):
         assert (quick_demo / name).is_file(), name
     rows = _rows(quick_demo / "sweep.csv")
-    models = [name for name, *_ in recipe.losses]
+    models = [s.name for s in recipe.losses]
     assert sorted((r["model"], float(r["temperature"])) for r in rows) == sorted(
         (m, t) for m in models for t in recipe.temperatures
     )
