@@ -188,8 +188,8 @@ class IsoRecipe(Recipe):
         "samples": 2,
     }
 
-    # 16 + 16 of the 142 training and 31 held-out prompts: the two means have the same noise, and one seed
-    # fits 30 minutes on 2 cores (BENCHMARKS.md, demo-lm)
+    # 16 + 16 of the 142 training and 31 held-out prompts: the two means have the same noise, and the sweep
+    # stays a small part of a seed (its fine-tunes are most of it: BENCHMARKS.md, "`make demo-lm` on 2 cores")
     train_prompts: int | None = 16
     heldout_prompts: int | None = 16
     # the familiar group (demo/iso_familiar.py): the 16 never-trained prompts the base model knows best, of

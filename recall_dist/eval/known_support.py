@@ -63,9 +63,14 @@ def support_log_probs(
     completion's numbers do not depend on which others share its batch (padded attention rounds
     differently, ~1e-6 relative on a 30-layer fp32 model); the log-softmax runs in fp32 on the model's
     logits divided by T, the sum over tokens in float64.
+
+    Only the positions that predict a completion token (or its eos) get logits (``logits_to_keep``) and
+    a log-softmax per T: the prompt's positions, most of a chat turn, would cost a ``V``-wide softmax per
+    temperature for nothing.  The numbers are those of the whole sequence's logits to the last digit
+    (each position's logits and softmax do not depend on the others'; tests/eval/test_known_support.py),
+    at less than half the time (benchmarks/sweep_scoring_bench.py).
     """
     device = next(model.parameters()).device
-    n_prompt = len(encoded.prompt_ids)
     temps = torch.tensor(list(temperatures), dtype=torch.float32, device=device)
     out = np.empty((len(temps), len(encoded.completions)), dtype=np.float64)
     by_length: dict[int, list[int]] = {}
@@ -73,17 +78,16 @@ def support_log_probs(
         by_length.setdefault(len(c), []).append(i)
     batches = [g[s : s + batch_size] for g in by_length.values() for s in range(0, len(g), batch_size)]
     for batch in batches:
+        scored = len(encoded.completions[batch[0]])  # every row of a batch has this many scored tokens
         rows = [encoded.prompt_ids + list(encoded.completions[i]) for i in batch]
-        ids, mask = pad_batch(rows, pad_id)
+        ids, mask = pad_batch(rows, pad_id)  # same length: no padding, the mask is all ones
         ids, mask = ids.to(device), mask.to(device)
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()  # predicts ids[:, 1:]
-        targets = ids[:, 1:]
-        # Only completion and eos tokens are scored: position j predicts token j+1.
-        scored = mask[:, 1:].bool()
-        scored[:, : n_prompt - 1] = False
+        # The last ``scored + 1`` positions; the last of them predicts past the eos and is dropped.
+        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=scored + 1).logits[:, :-1].float()
+        targets = ids[:, -scored:]
         for k, t in enumerate(temps):
             logp = torch.log_softmax(logits / t, dim=-1).gather(-1, targets[..., None])[..., 0]
-            out[k, batch] = (logp.double() * scored).sum(dim=1).cpu().numpy()
+            out[k, batch] = logp.double().sum(dim=1).cpu().numpy()
     return out
 
 

@@ -129,3 +129,27 @@ def test_one_forward_serves_every_temperature(setup, monkeypatch):
     for t, record in zip(temps, together, strict=True):
         assert record == known_support.evaluate_prompt(model, encoded, [t], seeds=[0], **kw)[0]
     assert len(calls) == 4 * -(-len(encoded.completions) // batch)
+
+
+def test_scored_positions_only_equal_the_whole_sequence_logits():
+    """Logits for the scored positions only (``logits_to_keep``) give the numbers of the whole sequence's
+    logits to the last digit: a random 2-layer Llama (context matters, unlike the bigram), a prompt of
+    several tokens, completions of two lengths, against a plain loop over full-sequence forwards."""
+    import torch
+
+    from tests.eval.models import random_llama
+
+    model = random_llama(TOKENIZER.vocab_size, seed=3).eval()
+    encoded = known_support.encode_prompt(TOKENIZER, "3412", TASK.target_distribution(""))
+    assert {len(c) for c in encoded.completions} == {2, 3}  # one or two digits, then eos
+    temps = [0.4, 1.0, 2.5]
+    # One completion per forward on both sides: batching rounds the body's matmuls differently (~1e-8).
+    got = known_support.support_log_probs(model, encoded, temps, batch_size=1)
+    prompt = encoded.prompt_ids
+    for i, completion in enumerate(encoded.completions):
+        ids = torch.tensor([prompt + list(completion)])
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()  # every position, prompt included
+        for k, t in enumerate(temps):
+            logp = torch.log_softmax(logits / t, dim=-1)[len(prompt) - 1 :].gather(-1, ids[0, len(prompt) :, None])
+            assert got[k, i] == logp[:, 0].double().sum().item()
