@@ -110,19 +110,35 @@ def config_overrides(path: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class Run:
-    """One fine-tune of a ``Setting``: its model name (the setting's; ``-s<k>`` for seeds k > 0, so names stay
-    distinct), the setting's name (``family``), loss, params, steps and lr, the seed index ``seed`` (added to
-    the configs' seeds) and ``seeded`` (the recipe repeats every setting over several seeds: the sweep's
-    model entry then carries the seed)."""
+    """One fine-tune of ``setting``: its model name (the setting's; ``-s<k>`` for seeds k > 0, so names stay
+    distinct), the seed index ``seed`` (added to the configs' seeds) and ``seeded`` (the recipe repeats every
+    setting over several seeds: the sweep's model entry then carries the seed).  The setting's name
+    (``family``), loss, params, steps and lr are read from the setting itself."""
 
     name: str
-    family: str
-    loss: str
-    params: dict
+    setting: Setting
     seed: int
     seeded: bool
-    steps: int | None = None  # None: the recipe's ``finetune_steps``
-    lr: float | None = None  # None: the config's ``optim.lr``
+
+    @property
+    def family(self) -> str:
+        return self.setting.name
+
+    @property
+    def loss(self) -> str:
+        return self.setting.loss
+
+    @property
+    def params(self) -> dict:
+        return self.setting.params
+
+    @property
+    def steps(self) -> int | None:  # None: the recipe's ``finetune_steps``
+        return self.setting.steps
+
+    @property
+    def lr(self) -> float | None:  # None: the config's ``optim.lr``
+        return self.setting.lr
 
     def model_entry(self, path: Path) -> str:
         """This model's entry of the sweep's ``models`` (YAML flow)."""
@@ -137,9 +153,7 @@ def seed_runs(settings: list[Setting], seeds: int) -> list[Run]:
         if not isinstance(s, Setting):
             raise DemoError(f"a demo's losses are Settings (demo/pipeline.py); got {s!r}")
     return [
-        Run(s.name if seed == 0 else f"{s.name}-s{seed}", s.name, s.loss, s.params, seed, seeds > 1, s.steps, s.lr)
-        for seed in range(seeds)
-        for s in settings
+        Run(s.name if seed == 0 else f"{s.name}-s{seed}", s, seed, seeds > 1) for seed in range(seeds) for s in settings
     ]
 
 

@@ -127,13 +127,13 @@ def test_summary_numbers_and_verdicts(tmp_path):
 
 def _overrides(root, loss="nll", seed=0, model="/models/lm", steps=None):
     """The fine-tune overrides demo-text passes for one run under ``root`` (quick recipe)."""
-    from recall_dist.demo.pipeline import Run
+    from recall_dist.demo.pipeline import Run, Setting
 
     recipe = FortunesRecipe.quick()
     recipe.finetune_steps = steps or recipe.finetune_steps
     run_dir = root / "runs" / "nll-s0"
     prepared = recipe.prepared(model, root / "train.jsonl", root / "heldout.jsonl")
-    return run_dir, recipe.finetune_overrides(prepared, Run("nll-s0", "nll", loss, {}, seed, True), run_dir)
+    return run_dir, recipe.finetune_overrides(prepared, Run("nll-s0", Setting("nll", loss), seed, True), run_dir)
 
 
 def _trained(root, steps: int, final: bool = True, **run):

@@ -17,7 +17,7 @@ import pytest
 
 from recall_dist.demo.iso import CONFIG_DIR, IsoRecipe, sweep_subset, write_demo_data
 from recall_dist.demo.iso_prompts import CURRENCY_PROMPT, Prompt, is_heldout, reworded, split_prompts
-from recall_dist.demo.pipeline import LOSSES, DemoError, Run, references
+from recall_dist.demo.pipeline import LOSSES, DemoError, Run, Setting, references
 
 # 30 prompts: the hash split holds some of them out (checked below, so the test fails loudly if not)
 PROMPTS = [
@@ -75,7 +75,7 @@ def test_recipe_overrides(data, tmp_path):
     recipe = IsoRecipe.full()
     recipe.out = tmp_path
     prepared = recipe.prepared("/models/lm", data)
-    run = Run("cdiv-1.4", "cdiv-1.4", "cdiv", {"alpha": 1.4}, 0, False)
+    run = Run("cdiv-1.4", Setting("cdiv-1.4", "cdiv", {"alpha": 1.4}), 0, False)
     overrides = recipe.finetune_overrides(prepared, run, tmp_path / "runs" / run.name)
     assert f"data.source={data['train']}" in overrides
     assert "model.name_or_path=/models/lm" in overrides
