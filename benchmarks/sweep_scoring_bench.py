@@ -3,8 +3,8 @@ sequence's logits, on a real model and the demo-lm prompts.
 
 Baseline (``whole_sequence``, written here): what the sweep did before: logits at every position of prompt +
 completion and a ``V``-wide log-softmax per position and temperature, the prompt's positions masked out
-of the sum afterwards.  Now: logits and softmaxes only at the positions that predict a completion token
-(``logits_to_keep``).  Both run the same batches (completions of equal length, ``--batch`` at most), so the
+of the sum afterwards.  Now: the same logits, and the softmaxes only at the positions that predict a
+completion token.  Both run the same batches (completions of equal length, ``--batch`` at most), so the
 numbers must agree to the last digit: the script prints the largest difference and fails if it is not 0.
 
 The prompts: the first ``--prompts`` of demo-lm's (``demo/iso_prompts.build_prompts``, Debian's iso-codes),

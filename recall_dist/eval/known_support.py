@@ -64,11 +64,13 @@ def support_log_probs(
     differently, ~1e-6 relative on a 30-layer fp32 model); the log-softmax runs in fp32 on the model's
     logits divided by T, the sum over tokens in float64.
 
-    Only the positions that predict a completion token (or its eos) get logits (``logits_to_keep``) and
-    a log-softmax per T: the prompt's positions, most of a chat turn, would cost a ``V``-wide softmax per
-    temperature for nothing.  The numbers are those of the whole sequence's logits to the last digit
-    (each position's logits and softmax do not depend on the others'; tests/eval/test_known_support.py),
-    at less than half the time (benchmarks/sweep_scoring_bench.py).
+    Only the positions that predict a completion token (or its eos) get a log-softmax per T: the prompt's
+    positions, most of a chat turn, would cost a ``V``-wide softmax per temperature for nothing.  The logits
+    themselves come from the whole sequence, as a plain forward computes them: asking the model for the
+    scored positions only (``logits_to_keep``) gives the output layer's matmul other shapes, which round
+    differently (~1e-6 relative in Q_T, measured), and the numbers here equal a plain teacher-forced
+    forward's to the last digit (tests/eval/test_known_support.py); the softmaxes were most of the time
+    (benchmarks/sweep_scoring_bench.py).
     """
     device = next(model.parameters()).device
     temps = torch.tensor(list(temperatures), dtype=torch.float32, device=device)
@@ -82,8 +84,9 @@ def support_log_probs(
         rows = [encoded.prompt_ids + list(encoded.completions[i]) for i in batch]
         ids, mask = pad_batch(rows, pad_id)  # same length: no padding, the mask is all ones
         ids, mask = ids.to(device), mask.to(device)
-        # The last ``scored + 1`` positions; the last of them predicts past the eos and is dropped.
-        logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=scored + 1).logits[:, :-1].float()
+        # Position j predicts token j + 1: the scored tokens are the last ``scored``, predicted by the
+        # ``scored`` positions before the last (which predicts past the eos).
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, -scored - 1 : -1].float()
         targets = ids[:, -scored:]
         for k, t in enumerate(temps):
             logp = torch.log_softmax(logits / t, dim=-1).gather(-1, targets[..., None])[..., 0]

@@ -131,10 +131,10 @@ def test_one_forward_serves_every_temperature(setup, monkeypatch):
     assert len(calls) == 4 * -(-len(encoded.completions) // batch)
 
 
-def test_scored_positions_only_equal_the_whole_sequence_logits():
-    """Logits for the scored positions only (``logits_to_keep``) give the numbers of the whole sequence's
-    logits to the last digit: a random 2-layer Llama (context matters, unlike the bigram), a prompt of
-    several tokens, completions of two lengths, against a plain loop over full-sequence forwards."""
+def test_scored_positions_only_equal_the_whole_sequence_softmax():
+    """The log-softmax at the scored positions only gives the numbers of the whole sequence's log-softmax
+    to the last digit: a random 2-layer Llama (context matters, unlike the bigram), a prompt of several
+    tokens, completions of two lengths, against a plain loop over full-sequence forwards."""
     import torch
 
     from tests.eval.models import random_llama
