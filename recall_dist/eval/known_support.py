@@ -69,8 +69,8 @@ def support_log_probs(
     themselves come from the whole sequence, as a plain forward computes them: asking the model for the
     scored positions only (``logits_to_keep``) gives the output layer's matmul other shapes, which round
     differently (~1e-6 relative in Q_T, measured), and the numbers here equal a plain teacher-forced
-    forward's to the last digit (tests/eval/test_known_support.py); the softmaxes were most of the time
-    (benchmarks/sweep_scoring_bench.py).
+    forward's to the last digit (tests/eval/test_known_support.py); the prompt's softmaxes were ~40% of the
+    time on the demo-lm prompts (benchmarks/sweep_scoring_bench.py: 1.63x).
     """
     device = next(model.parameters()).device
     temps = torch.tensor(list(temperatures), dtype=torch.float32, device=device)
