@@ -88,8 +88,10 @@ class SweepConfig:
     generate_batch_size: int = 100  # samples per generate call (known_support: part of the seed, keep it
     # fixed; text: rows of one KV-cache decode batch, not part of any seed)
     # Compute dtype of the swept models: "auto" = the dtype they were saved in on a GPU, float32 on a
-    # CPU; "bfloat16" is several times faster on CPUs with AVX512-BF16 (metrics stay fp32).
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    # CPU; "bfloat16" is several times faster on CPUs with AVX512-BF16 (metrics stay fp32) and several
+    # times slower on CPUs without it (emulated); "bfloat16_if_native" = bfloat16 where the device computes
+    # it natively (the rule of the trainer's ``backend.bf16: auto``, train/precision.py), else float32.
+    dtype: Literal["auto", "float32", "bfloat16", "bfloat16_if_native"] = "auto"
     num_shards: int | None = None  # default: the world size of the run that computes them
     seed: int = 0
     # What identifies a model's content in the shard keys: "content" = sha256 of every file of the
