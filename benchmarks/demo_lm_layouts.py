@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -61,7 +60,6 @@ def run(name: str, nproc: int, overrides: list[str], args, work: Path) -> list[d
         raise SystemExit(f"{name}: exit {rc}, see {log}")
     with open(out / "metrics.jsonl") as f:
         rows = [json.loads(line) for line in f if '"step"' in line]
-    shutil.rmtree(out / "final", ignore_errors=True)
     return rows
 
 
